@@ -1,0 +1,18 @@
+"""acckv_triton: Triton kernels for AccKV-style KV-cache compression in audio-video LLM inference.
+
+Importing the package patches nothing and registers nothing global. The only side effect is the execution mode:
+with no CUDA device, ``TRITON_INTERPRET=1`` is set (unless already set) so kernels run on the CPU through
+Triton's interpreter; see :mod:`acckv_triton.tuning`.
+"""
+from . import tuning  # first: decides the execution mode before any kernel is defined
+from .modality import NUM_MODALITIES, Modality
+from .ops import DecodeAttentionOutput, decode_attention
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DecodeAttentionOutput",
+    "Modality",
+    "NUM_MODALITIES",
+    "decode_attention",
+]

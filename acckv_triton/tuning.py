@@ -1,0 +1,201 @@
+"""Where every kernel gets its launch config: the one place for execution mode and tuning.
+
+Execution mode
+    With no CUDA device the package runs every Triton kernel through Triton's interpreter. Importing this
+    module sets ``TRITON_INTERPRET=1`` before any ``@triton.jit`` function is defined (the kernel modules import
+    it first), unless the user already set the variable. ``INTERPRET`` tells the kernels which mode they are in,
+    so they can upcast 16-bit loads (the interpreter stores bf16 as uint16 and silently corrupts its arithmetic).
+
+Config resolution, for a kernel launched at a given tuning key (dtype, head_dim, group size, flags; never a
+sequence length):
+    1. a tuned table ``<autotune dir>/<gpu name>/<kernel>.json`` whose entry matches the key exactly;
+    2. live autotuning over the kernel's config space with ``triton.autotune`` (``ACCKV_AUTOTUNE=0`` disables it);
+    3. the space's first config, which is always a safe default.
+    Under the interpreter only the first config is used: more than one fails there with "0 active drivers".
+
+Tuned-table format (written by ``autotune/tune.py``)::
+
+    {"kernel": "decode_attention", "device": "NVIDIA H100 80GB HBM3", "triton": "3.6.0", "torch": "2.11.0",
+     "date": "2026-11-26", "key": ["dtype", "HEAD_DIM", ...],
+     "entries": [{"key": {"dtype": "bfloat16", "HEAD_DIM": 128, ...},
+                  "config": {"kwargs": {"BLOCK_N": 64}, "num_warps": 4, "num_stages": 2}}]}
+
+The autotune directory is ``$ACCKV_AUTOTUNE_DIR`` if set, else the ``autotune/`` folder of the source tree.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+
+if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import triton  # noqa: E402  (must follow the environment set-up above)
+
+INTERPRET: bool = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+"""True when kernels run through Triton's interpreter (no CUDA device, or the user asked for it)."""
+
+__all__ = [
+    "CONFIG_SPACES",
+    "INTERPRET",
+    "TunedKernel",
+    "autotune_dir",
+    "device_folder",
+    "load_table",
+    "live_tuning_enabled",
+]
+
+
+CONFIG_SPACES: dict[str, list[triton.Config]] = {
+    # Split-K decode: one program per (GQA group, split); BLOCK_N tokens per K/V tile. Memory-bound, so the space
+    # trades tile size against pipelining depth. The first entry is the safe default.
+    "decode_attention": [
+        triton.Config({"BLOCK_N": 64}, num_warps=4, num_stages=2),
+        triton.Config({"BLOCK_N": 32}, num_warps=4, num_stages=3),
+        triton.Config({"BLOCK_N": 64}, num_warps=4, num_stages=3),
+        triton.Config({"BLOCK_N": 64}, num_warps=8, num_stages=4),
+        triton.Config({"BLOCK_N": 128}, num_warps=8, num_stages=3),
+    ],
+    # Second decode pass: logits -> probabilities -> token_mass += group sum; BLOCK_T tokens per program.
+    "decode_token_mass": [
+        triton.Config({"BLOCK_T": 256}, num_warps=4, num_stages=1),
+        triton.Config({"BLOCK_T": 512}, num_warps=4, num_stages=1),
+        triton.Config({"BLOCK_T": 1024}, num_warps=8, num_stages=1),
+    ],
+}
+"""Config spaces per kernel name, keyed at launch on head_dim, group size, dtype and flags (never length)."""
+
+
+def autotune_dir() -> Path:
+    """The folder holding per-GPU tuned tables: ``$ACCKV_AUTOTUNE_DIR`` or ``<source tree>/autotune``."""
+    env = os.environ.get("ACCKV_AUTOTUNE_DIR")
+    return Path(env) if env else Path(__file__).resolve().parent.parent / "autotune"
+
+
+def device_folder(device_name: str) -> str:
+    """Folder name for a GPU: ``"NVIDIA H100 80GB HBM3"`` -> ``"NVIDIA_H100_80GB_HBM3"``."""
+    return re.sub(r"[^A-Za-z0-9.-]+", "_", device_name.strip()).strip("_")
+
+
+def live_tuning_enabled() -> bool:
+    """Live autotuning runs unless ``ACCKV_AUTOTUNE=0``; it never runs under the interpreter."""
+    return not INTERPRET and os.environ.get("ACCKV_AUTOTUNE", "1") != "0"
+
+
+def _key_string(key: dict[str, Any]) -> str:
+    return "|".join(f"{name}={key[name]}" for name in sorted(key))
+
+
+@lru_cache(maxsize=None)
+def _load_table_cached(path: str, mtime: float) -> dict[str, triton.Config]:
+    with open(path) as f:
+        table = json.load(f)
+    entries: dict[str, triton.Config] = {}
+    for entry in table.get("entries", []):
+        cfg = entry["config"]
+        entries[_key_string(entry["key"])] = triton.Config(
+            dict(cfg.get("kwargs", {})), num_warps=int(cfg.get("num_warps", 4)), num_stages=int(cfg.get("num_stages", 2))
+        )
+    return entries
+
+
+def load_table(kernel: str, device_name: str, root: Path | None = None) -> dict[str, triton.Config]:
+    """Tuned configs of ``kernel`` for the GPU called ``device_name``, keyed by their key string.
+
+    Returns an empty dict when no table exists for that device. A malformed table raises ``ValueError`` naming
+    the file, rather than silently falling back.
+    """
+    path = (root or autotune_dir()) / device_folder(device_name) / f"{kernel}.json"
+    if not path.is_file():
+        return {}
+    try:
+        return _load_table_cached(str(path), path.stat().st_mtime)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"tuned table {path} is malformed: {exc}") from exc
+
+
+@lru_cache(maxsize=None)
+def _device_name(index: int) -> str:
+    return torch.cuda.get_device_name(index)
+
+
+@dataclass
+class _Resolved:
+    config: triton.Config
+    source: str  # "table", "live" or "default"
+
+
+class TunedKernel:
+    """A ``@triton.jit`` kernel with its config space, tuned tables and live autotuning.
+
+    Launch it like a Triton kernel, with every argument by name: ``kernel[grid](x_ptr=x, ..., HEAD_DIM=128)``.
+    The meta-parameters of the configs (``BLOCK_N``, ...) must not be passed; they come from the resolution order
+    in this module's docstring. ``key`` names the arguments that change the best tile (constexprs such as
+    ``HEAD_DIM``); ``dtype_arg`` names the tensor argument whose dtype joins the key. ``restore_value`` and
+    ``reset_to_zero`` name the buffers the kernel writes in place, so live tuning never corrupts them.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        fn,
+        configs: Sequence[triton.Config],
+        key: Iterable[str],
+        dtype_arg: str,
+        *,
+        restore_value: Iterable[str] = (),
+        reset_to_zero: Iterable[str] = (),
+    ):
+        if not configs:
+            raise ValueError(f"{name}: the config space must hold at least one config")
+        self.name = name
+        self.fn = fn
+        self.configs = list(configs)
+        self.key = list(key)
+        self.dtype_arg = dtype_arg
+        self._autotuned = triton.autotune(
+            self.configs,
+            key=self.key,
+            restore_value=list(restore_value) or None,
+            reset_to_zero=list(reset_to_zero) or None,
+        )(fn)
+        self.last_source: str | None = None  # how the last launch got its config (for the bench and tests)
+
+    def tuning_key(self, args: dict[str, Any]) -> dict[str, Any]:
+        """The key a tuned table entry must match for these launch arguments."""
+        key = {name: args[name] for name in self.key}
+        key["dtype"] = str(args[self.dtype_arg].dtype).removeprefix("torch.")
+        return key
+
+    def resolve(self, args: dict[str, Any], device_name: str | None) -> _Resolved | None:
+        """The config a launch with ``args`` uses, or None when live autotuning decides."""
+        if INTERPRET or device_name is None:
+            return _Resolved(self.configs[0], "default")
+        table = load_table(self.name, device_name)
+        config = table.get(_key_string(self.tuning_key(args)))
+        if config is not None:
+            return _Resolved(config, "table")
+        if live_tuning_enabled():
+            return None
+        return _Resolved(self.configs[0], "default")
+
+    def __getitem__(self, grid) -> Callable[..., Any]:
+        def launch(**args):
+            tensor = args[self.dtype_arg]
+            device_name = _device_name(tensor.device.index or 0) if tensor.is_cuda else None
+            resolved = self.resolve(args, device_name)
+            if resolved is None:
+                self.last_source = "live"
+                return self._autotuned[grid](**args)
+            self.last_source = resolved.source
+            cfg = resolved.config
+            return self.fn[grid](**args, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+        return launch
