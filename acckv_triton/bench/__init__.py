@@ -1,0 +1,1 @@
+"""The benchmark behind ``python -m acckv_triton.bench``; suites live in their own modules (``decode``, ...)."""

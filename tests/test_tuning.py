@@ -1,0 +1,109 @@
+"""The tuning layer: execution mode, tuned-table loading and matching, and the fallback order."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+import triton
+
+from acckv_triton import tuning
+from acckv_triton.ops.decode_attention import _split_kernel
+
+
+def test_interpreter_is_on_without_cuda():
+    if torch.cuda.is_available():
+        assert not tuning.INTERPRET or os.environ.get("TRITON_INTERPRET") == "1"
+    else:
+        assert tuning.INTERPRET and os.environ["TRITON_INTERPRET"] == "1"
+
+
+@pytest.mark.parametrize("name,folder", [
+    pytest.param("NVIDIA H100 80GB HBM3", "NVIDIA_H100_80GB_HBM3", id="h100"),
+    pytest.param("  NVIDIA H200 ", "NVIDIA_H200", id="h200-spaces"),
+    pytest.param("NVIDIA A100-SXM4-40GB", "NVIDIA_A100-SXM4-40GB", id="a100-dash"),
+])
+def test_device_folder(name, folder):
+    assert tuning.device_folder(name) == folder
+
+
+def _write_table(root, device, kernel, entries):
+    path = root / tuning.device_folder(device) / f"{kernel}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"kernel": kernel, "device": device, "entries": entries}))
+    return path
+
+
+ARGS = dict(k_ptr=torch.empty(1, dtype=torch.bfloat16), HEAD_DIM=128, GROUP_SIZE=7, HAS_MODALITY=True,
+            HAS_TOKEN_MASS=False)
+ENTRY = {"key": {"dtype": "bfloat16", "HEAD_DIM": 128, "GROUP_SIZE": 7, "HAS_MODALITY": True,
+                 "HAS_TOKEN_MASS": False},
+         "config": {"kwargs": {"BLOCK_N": 128}, "num_warps": 8, "num_stages": 3}}
+
+
+def test_table_match_wins(tmp_path, monkeypatch):
+    monkeypatch.setenv("ACCKV_AUTOTUNE_DIR", str(tmp_path))
+    _write_table(tmp_path, "Fake GPU 9000", "decode_attention", [ENTRY])
+    monkeypatch.setattr(tuning, "INTERPRET", False)  # as on a GPU
+    assert _split_kernel.tuning_key(ARGS) == ENTRY["key"]
+    resolved = _split_kernel.resolve(ARGS, "Fake GPU 9000")
+    assert resolved.source == "table"
+    assert resolved.config.kwargs == {"BLOCK_N": 128}
+    assert (resolved.config.num_warps, resolved.config.num_stages) == (8, 3)
+
+
+@pytest.mark.parametrize("device,args", [
+    pytest.param("Other GPU", ARGS, id="other-device"),
+    pytest.param("Fake GPU 9000", {**ARGS, "GROUP_SIZE": 4}, id="other-group-size"),
+    pytest.param("Fake GPU 9000", {**ARGS, "k_ptr": torch.empty(1, dtype=torch.float16)}, id="other-dtype"),
+])
+def test_no_match_falls_back(tmp_path, monkeypatch, device, args):
+    monkeypatch.setenv("ACCKV_AUTOTUNE_DIR", str(tmp_path))
+    _write_table(tmp_path, "Fake GPU 9000", "decode_attention", [ENTRY])
+    # live tuning when allowed (on a GPU) ...
+    monkeypatch.setattr(tuning, "INTERPRET", False)
+    monkeypatch.setenv("ACCKV_AUTOTUNE", "1")
+    assert _split_kernel.resolve(args, device) is None
+    # ... else the safe default, the first config of the space
+    monkeypatch.setenv("ACCKV_AUTOTUNE", "0")
+    resolved = _split_kernel.resolve(args, device)
+    assert resolved.source == "default" and resolved.config is _split_kernel.configs[0]
+
+
+def test_interpreter_always_uses_default(tmp_path, monkeypatch):
+    monkeypatch.setenv("ACCKV_AUTOTUNE_DIR", str(tmp_path))
+    _write_table(tmp_path, "Fake GPU 9000", "decode_attention", [ENTRY])
+    monkeypatch.setattr(tuning, "INTERPRET", True)
+    assert _split_kernel.resolve(ARGS, "Fake GPU 9000").source == "default"
+    assert not tuning.live_tuning_enabled()
+
+
+def test_malformed_table_names_the_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("ACCKV_AUTOTUNE_DIR", str(tmp_path))
+    path = _write_table(tmp_path, "Broken GPU", "decode_attention", [{"key": ENTRY["key"]}])  # no "config"
+    with pytest.raises(ValueError, match="malformed"):
+        tuning.load_table("decode_attention", "Broken GPU")
+    assert str(path) in str(pytest.raises(ValueError, tuning.load_table, "decode_attention", "Broken GPU").value)
+
+
+def test_missing_table_is_empty(tmp_path, monkeypatch):
+    monkeypatch.setenv("ACCKV_AUTOTUNE_DIR", str(tmp_path))
+    assert tuning.load_table("decode_attention", "Nothing Here") == {}
+
+
+def test_every_space_starts_with_a_config():
+    for name, space in tuning.CONFIG_SPACES.items():
+        assert space and all(isinstance(c, triton.Config) for c in space), name
+
+
+def test_launch_records_config_source():
+    import acckv_triton as ak
+    from tests.conftest import DEVICE
+
+    q = torch.randn(1, 2, 64, device=DEVICE)
+    k = torch.randn(1, 1, 10, 64, device=DEVICE)
+    ak.decode_attention(q, k, k, torch.full((1, 1), 10, dtype=torch.int32, device=DEVICE))
+    assert _split_kernel.last_source in ("table", "live", "default")
+    if tuning.INTERPRET:
+        assert _split_kernel.last_source == "default"
