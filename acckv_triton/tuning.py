@@ -24,6 +24,7 @@ The autotune directory is ``$ACCKV_AUTOTUNE_DIR`` if set, else the ``autotune/``
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -129,7 +130,7 @@ def _device_name(index: int) -> str:
 @dataclass
 class _Resolved:
     config: triton.Config
-    source: str  # "table", "live" or "default"
+    source: str  # "forced", "table" or "default" ("live" when triton.autotune decides)
 
 
 class TunedKernel:
@@ -167,6 +168,16 @@ class TunedKernel:
             reset_to_zero=list(reset_to_zero) or None,
         )(fn)
         self.last_source: str | None = None  # how the last launch got its config (for the bench and tests)
+        self._forced: triton.Config | None = None
+
+    @contextlib.contextmanager
+    def forcing(self, config: triton.Config):
+        """Launch with ``config`` inside the ``with`` block, whatever the tables say (tuning scripts, tests)."""
+        previous, self._forced = self._forced, config
+        try:
+            yield
+        finally:
+            self._forced = previous
 
     def tuning_key(self, args: dict[str, Any]) -> dict[str, Any]:
         """The key a tuned table entry must match for these launch arguments."""
@@ -176,6 +187,8 @@ class TunedKernel:
 
     def resolve(self, args: dict[str, Any], device_name: str | None) -> _Resolved | None:
         """The config a launch with ``args`` uses, or None when live autotuning decides."""
+        if self._forced is not None:
+            return _Resolved(self._forced, "forced")
         if INTERPRET or device_name is None:
             return _Resolved(self.configs[0], "default")
         table = load_table(self.name, device_name)

@@ -1,0 +1,3 @@
+from autotune.tune import main
+
+raise SystemExit(main())

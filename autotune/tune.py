@@ -1,0 +1,139 @@
+"""Sweep every kernel's config space on this GPU and write ``autotune/<gpu>/<kernel>.json``.
+
+    python autotune/tune.py                 # all kernels, all keys
+    python autotune/tune.py --quick         # one length bucket and batch, for a first table in a minute
+
+For each kernel and each tuning key (dtype, head_dim, group size, flags) the public op is timed end to end with
+each config of the space forced on that one kernel (the op's other kernels resolve as usual), over a few length
+buckets and batch sizes. The config with the lowest geometric-mean time over those shapes wins. Sequence length
+never enters the key: one config serves every length, chosen to be good across the buckets.
+
+The library loads these tables at first use, matching the GPU name (see ``acckv_triton/tuning.py``).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import itertools
+import json
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import triton
+
+import acckv_triton as ak
+from acckv_triton import tuning
+from acckv_triton.ops import decode_attention as decode_module
+
+
+@dataclass
+class Target:
+    """One tunable kernel: its TunedKernel, the keys to tune, and how to build a timed call for a key."""
+
+    kernel: tuning.TunedKernel
+    keys: list[dict]
+    make_call: Callable[[dict, int, int, torch.device], Callable[[], object]]
+
+
+def _decode_call(key: dict, length: int, batch: int, device: torch.device) -> Callable[[], object]:
+    dtype = getattr(torch, key["dtype"])
+    D, G = key["HEAD_DIM"], key["GROUP_SIZE"]
+    Hkv = 4
+    q = torch.randn(batch, Hkv * G, D, device=device, dtype=dtype)
+    k = torch.randn(batch, Hkv, length, D, device=device, dtype=dtype)
+    v = torch.randn_like(k)
+    lengths = torch.full((batch, Hkv), length, dtype=torch.int32, device=device)
+    mod = torch.randint(0, ak.NUM_MODALITIES, (batch, Hkv, length), dtype=torch.uint8, device=device)
+    mass = torch.zeros(batch, Hkv, length, device=device)
+    has_mod = key.get("HAS_MODALITY", True)
+    has_mass = key.get("HAS_TOKEN_MASS", True)
+    return lambda: ak.decode_attention(q, k, v, lengths, modality=mod if has_mod else None,
+                                       token_mass=mass if has_mass else None, check_lengths=False)
+
+
+def _decode_keys(dtypes, head_dims, groups) -> list[dict]:
+    keys = []
+    for dtype, D, G, flags in itertools.product(dtypes, head_dims, groups, [(False, False), (True, True)]):
+        keys.append({"dtype": dtype, "HEAD_DIM": D, "GROUP_SIZE": G, "HAS_MODALITY": flags[0],
+                     "HAS_TOKEN_MASS": flags[1]})
+    return keys
+
+
+def targets(dtypes=("bfloat16", "float16"), head_dims=(64, 128), groups=(1, 2, 4, 7, 8)) -> list[Target]:
+    """Every kernel the library tunes, with the keys worth tuning."""
+    keys = _decode_keys(dtypes, head_dims, groups)
+    return [
+        Target(decode_module._split_kernel, keys, _decode_call),
+        Target(decode_module._mass_kernel, [k for k in keys if k["HAS_TOKEN_MASS"]], _decode_call),
+    ]
+
+
+def tune_target(target: Target, lengths, batches, device, timer) -> list[dict]:
+    """Best config per key for one kernel, as table entries ``{"key", "config", "ms"}``."""
+    entries = []
+    for key in target.keys:
+        calls = [target.make_call(key, L, B, device) for L in lengths for B in batches]
+        best = None
+        for config in target.kernel.configs:
+            try:
+                with target.kernel.forcing(config):
+                    times = [timer(call) for call in calls]
+            except (triton.runtime.errors.OutOfResources, RuntimeError) as exc:
+                print(f"  {target.kernel.name} {config}: skipped ({type(exc).__name__})", file=sys.stderr)
+                continue
+            score = math.exp(sum(math.log(t) for t in times) / len(times))
+            if best is None or score < best[0]:
+                best = (score, config, times)
+        if best is None:
+            continue
+        _, config, times = best
+        table_key = {name: key[name] for name in target.kernel.key}
+        table_key["dtype"] = key["dtype"]
+        entries.append({
+            "key": table_key,
+            "config": {"kwargs": dict(config.kwargs), "num_warps": config.num_warps, "num_stages": config.num_stages},
+            "ms": dict(zip([f"L{L}xB{B}" for L in lengths for B in batches], times)),
+        })
+    # one entry per key: keys differing only in flags this kernel ignores collapse to the first found
+    unique = {json.dumps(e["key"], sort_keys=True): e for e in reversed(entries)}
+    return list(reversed(list(unique.values())))
+
+
+def write_table(root: Path, device_name: str, kernel: str, entries: list[dict]) -> Path:
+    """Write a tuned table in the format ``acckv_triton.tuning.load_table`` reads."""
+    path = root / tuning.device_folder(device_name) / f"{kernel}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    table = {
+        "kernel": kernel, "device": device_name, "date": datetime.date.today().isoformat(),
+        "torch": torch.__version__, "triton": triton.__version__,
+        "key": sorted(entries[0]["key"]) if entries else [], "entries": entries,
+    }
+    path.write_text(json.dumps(table, indent=1) + "\n")
+    return path
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="one length bucket (32k) and batch 1")
+    p.add_argument("--out", type=Path, default=tuning.autotune_dir(), help="root folder of the tables")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available() or tuning.INTERPRET:
+        print("autotune/tune.py needs a CUDA GPU: under the interpreter every kernel uses its default config.")
+        return 2
+    device = torch.device("cuda")
+    name = torch.cuda.get_device_name(device)
+    lengths, batches = ((32768,), (1,)) if args.quick else ((4096, 32768), (1, 8))
+    from acckv_triton.bench.machine import gpu_timer
+
+    for target in targets():
+        entries = tune_target(target, lengths, batches, device, gpu_timer)
+        print(f"{target.kernel.name}: {len(entries)} keys -> {write_table(args.out, name, target.kernel.name, entries)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,40 @@
+"""autotune/tune.py on CPU with a stand-in timer: the table it writes is the one the library then loads."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from acckv_triton import tuning
+from acckv_triton.ops.decode_attention import _split_kernel
+from autotune import tune
+
+
+def test_tune_writes_a_table_the_library_matches(tmp_path, monkeypatch):
+    def timer(call):  # runs the forced config for real, then pretends BLOCK_N=32 is fastest
+        call()
+        return 1.0 if _split_kernel._forced.kwargs["BLOCK_N"] == 32 else 2.0
+
+    target = tune.Target(_split_kernel, tune._decode_keys(["float32"], [64], [2])[:1], tune._decode_call)
+    entries = tune.tune_target(target, lengths=[40], batches=[1], device=torch.device("cpu"), timer=timer)
+    assert len(entries) == 1 and entries[0]["config"]["kwargs"] == {"BLOCK_N": 32}
+    path = tune.write_table(tmp_path, "Fake GPU 9000", "decode_attention", entries)
+    assert path.parent.name == "Fake_GPU_9000"
+
+    monkeypatch.setenv("ACCKV_AUTOTUNE_DIR", str(tmp_path))
+    monkeypatch.setattr(tuning, "INTERPRET", False)
+    args = dict(k_ptr=torch.empty(1), HEAD_DIM=64, GROUP_SIZE=2, HAS_MODALITY=False, HAS_TOKEN_MASS=False)
+    resolved = _split_kernel.resolve(args, "Fake GPU 9000")
+    assert resolved.source == "table" and resolved.config.kwargs == {"BLOCK_N": 32}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU main() really tunes; run the script there")
+def test_main_refuses_without_gpu(capsys):
+    assert tune.main(["--quick"]) == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().out
+
+
+def test_forcing_is_scoped():
+    config = _split_kernel.configs[-1]
+    with _split_kernel.forcing(config):
+        assert _split_kernel.resolve({}, None).config is config
+    assert _split_kernel.resolve({}, None).source == "default"
