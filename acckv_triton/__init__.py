@@ -6,7 +6,7 @@ Triton's interpreter; see :mod:`acckv_triton.tuning`.
 """
 from . import tuning  # first: decides the execution mode before any kernel is defined
 from .modality import NUM_MODALITIES, Modality
-from .ops import DecodeAttentionOutput, decode_attention
+from .ops import DecodeAttentionOutput, WindowScores, decode_attention, window_scores
 
 __version__ = "0.1.0"
 
@@ -14,5 +14,7 @@ __all__ = [
     "DecodeAttentionOutput",
     "Modality",
     "NUM_MODALITIES",
+    "WindowScores",
     "decode_attention",
+    "window_scores",
 ]

@@ -12,7 +12,7 @@ import torch
 
 from .modality import NUM_MODALITIES
 
-__all__ = ["DecodeAttentionOutput", "decode_attention"]
+__all__ = ["DecodeAttentionOutput", "WindowScores", "decode_attention", "pool_scores", "window_scores"]
 
 
 class DecodeAttentionOutput(NamedTuple):
@@ -70,3 +70,102 @@ def decode_attention(
     if token_mass is not None:
         token_mass += p.view(B, Hkv, G, C).sum(dim=2).float()
     return DecodeAttentionOutput(out.to(q.dtype), lse.float(), modality_mass)
+
+
+class WindowScores(NamedTuple):
+    """Result of the prefill window scoring. ``modality_mass`` is None when no modality ids were given."""
+
+    scores: torch.Tensor  # [B, Hkv, N] float32
+    modality_mass: torch.Tensor | None  # [B, Hq, NUM_MODALITIES] float32
+
+
+def window_scores(
+    q_window: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    scale: float | None = None,
+    modality: torch.Tensor | None = None,
+    lse: torch.Tensor | None = None,
+    key_start: torch.Tensor | None = None,
+) -> WindowScores:
+    """SnapKV-style observation-window scores (Step 0 of ACCKV.md), computed in float64.
+
+    Window query ``i`` sits at position ``N - W + i`` and sees the keys ``key_start[b] <= t <= N - W + i``.
+
+    Args:
+        q_window: ``[B, Hq, W, D]``, the last W prompt queries (RoPE applied).
+        k: ``[B, Hkv, N, D]``; query head ``hq`` reads kv head ``hq // (Hq // Hkv)``.
+        scale: softmax scale, default ``D ** -0.5``.
+        modality: optional ``[B, Hkv, N]`` modality ids.
+        lse: optional ``[B, Hq, W]`` natural-log logsumexp of each window row; computed here when None.
+        key_start: optional ``[B]`` int; keys ``t < key_start[b]`` are left padding, excluded from every softmax.
+
+    Returns:
+        ``scores [B, Hkv, N]`` float32 with ``scores[b, h, t] = sum_w sum_g p[b, h*G + g, w, t]`` and
+        ``modality_mass [B, Hq, NUM_MODALITIES]`` float32 with ``modality_mass[b, hq, m] = sum_w sum_{t: m(t)=m} p``
+        (None without ``modality``). Rows that see no key (window queries inside the padding) contribute 0.
+    """
+    B, Hq, W, D = q_window.shape
+    Hkv, N = k.shape[1], k.shape[2]
+    G = Hq // Hkv
+    scale = D**-0.5 if scale is None else scale
+
+    keys = k.double().repeat_interleave(G, dim=1)  # [B, Hq, N, D]
+    logits = torch.einsum("bhwd,bhtd->bhwt", q_window.double(), keys) * scale  # [B, Hq, W, N]
+    t = torch.arange(N, device=k.device)
+    query_pos = N - W + torch.arange(W, device=k.device)
+    start = key_start.long() if key_start is not None else torch.zeros(B, dtype=torch.long, device=k.device)
+    visible = (t[None, None, :] <= query_pos[None, :, None]) & (t[None, None, :] >= start[:, None, None])  # [B,W,N]
+    visible = visible[:, None].expand(B, Hq, W, N)
+    logits = logits.masked_fill(~visible, float("-inf"))
+    row_lse = torch.logsumexp(logits, dim=-1) if lse is None else lse.double()  # [B, Hq, W]
+    row_seen = visible.any(dim=-1) & torch.isfinite(row_lse)
+    p = torch.where(visible & row_seen[..., None], torch.exp(logits - row_lse[..., None]), torch.zeros_like(logits))
+
+    scores = p.sum(dim=2).view(B, Hkv, G, N).sum(dim=2)
+    modality_mass = None
+    if modality is not None:
+        onehot = torch.nn.functional.one_hot(modality.long(), NUM_MODALITIES).double()  # [B, Hkv, N, M]
+        modality_mass = torch.einsum("bht,bhtm->bhm", p.sum(dim=2), onehot.repeat_interleave(G, dim=1)).float()
+    return WindowScores(scores.float(), modality_mass)
+
+
+def pool_scores(scores: torch.Tensor, modality: torch.Tensor, kernel: int = 7, mode: str = "max") -> torch.Tensor:
+    """1-D pooling of token scores along each modality's own token order; modalities are never mixed.
+
+    For every token t of modality m, the neighbourhood is the ``kernel // 2`` tokens of modality m right before t
+    and right after t in token order (tokens of other modalities in between are skipped, not counted). ``"max"``
+    takes their maximum, ``"avg"`` their mean over the neighbours that exist (no zero padding at the ends).
+
+    Args:
+        scores: ``[..., N]`` floating scores (e.g. ``[B, Hkv, N]`` from :func:`window_scores`).
+        modality: ``[..., N]`` integer modality ids, same shape as ``scores``.
+        kernel: odd positive window size (ACCKV default 7); 1 returns a copy.
+        mode: ``"max"`` or ``"avg"``.
+
+    Returns:
+        a new tensor shaped and typed like ``scores``.
+    """
+    if scores.shape != modality.shape:
+        raise ValueError(f"modality must have the shape of scores {tuple(scores.shape)}, got {tuple(modality.shape)}")
+    if not (isinstance(kernel, int) and kernel >= 1 and kernel % 2 == 1):
+        raise ValueError(f"kernel must be an odd positive int, got {kernel!r}")
+    if mode not in ("max", "avg"):
+        raise ValueError(f"mode must be 'max' or 'avg', got {mode!r}")
+    N = scores.shape[-1]
+    if N == 0 or kernel == 1:
+        return scores.clone()
+    r = kernel // 2
+    # Sort tokens by (modality, position): each modality becomes one contiguous run in its own token order.
+    order = torch.argsort(modality.long() * N + torch.arange(N, device=scores.device), dim=-1)
+    s_sorted = torch.gather(scores, -1, order)
+    m_sorted = torch.gather(modality.long(), -1, order)
+    s_pad = torch.nn.functional.pad(s_sorted, (r, r))
+    m_pad = torch.nn.functional.pad(m_sorted, (r, r), value=-1)  # -1 never equals a modality id
+    s_win = s_pad.unfold(-1, kernel, 1)  # [..., N, kernel]
+    same = m_pad.unfold(-1, kernel, 1) == m_sorted[..., None]
+    if mode == "max":
+        pooled = torch.where(same, s_win, torch.full_like(s_win, float("-inf"))).amax(dim=-1)
+    else:
+        pooled = torch.where(same, s_win, torch.zeros_like(s_win)).sum(dim=-1) / same.sum(dim=-1).to(scores.dtype)
+    return torch.empty_like(scores).scatter_(-1, order, pooled)

@@ -70,6 +70,18 @@ CONFIG_SPACES: dict[str, list[triton.Config]] = {
         triton.Config({"BLOCK_T": 512}, num_warps=4, num_stages=1),
         triton.Config({"BLOCK_T": 1024}, num_warps=8, num_stages=1),
     ],
+    # Window scores, pass 1 (per-row logsumexp partials) and pass 2 (probabilities summed per key tile): one
+    # program per (GQA group, split of N); BLOCK_N keys per K tile, window rows in launcher-chosen row blocks.
+    "window_scores_lse": [
+        triton.Config({"BLOCK_N": 64}, num_warps=4, num_stages=2),
+        triton.Config({"BLOCK_N": 128}, num_warps=8, num_stages=2),
+        triton.Config({"BLOCK_N": 32}, num_warps=4, num_stages=3),
+    ],
+    "window_scores": [
+        triton.Config({"BLOCK_N": 64}, num_warps=4, num_stages=2),
+        triton.Config({"BLOCK_N": 128}, num_warps=8, num_stages=2),
+        triton.Config({"BLOCK_N": 32}, num_warps=4, num_stages=3),
+    ],
 }
 """Config spaces per kernel name, keyed at launch on head_dim, group size, dtype and flags (never length)."""
 

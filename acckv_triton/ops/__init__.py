@@ -1,4 +1,5 @@
 """Triton kernels, one file each: ``_kernel``(s) plus one validating launcher. Ops know nothing of policies."""
 from .decode_attention import DecodeAttentionOutput, decode_attention
+from .window_scores import WindowScores, window_scores
 
-__all__ = ["DecodeAttentionOutput", "decode_attention"]
+__all__ = ["DecodeAttentionOutput", "WindowScores", "decode_attention", "window_scores"]
