@@ -32,6 +32,7 @@ def decode_attention(
     scale: float | None = None,
     modality: torch.Tensor | None = None,
     token_mass: torch.Tensor | None = None,
+    multiplicity: torch.Tensor | None = None,
 ) -> DecodeAttentionOutput:
     """One decode step of GQA attention over a ragged cache, with per-token and per-modality attention mass.
 
@@ -43,6 +44,8 @@ def decode_attention(
         modality: optional ``[B, Hkv, C]`` modality ids.
         token_mass: optional ``[B, Hkv, C]`` float32, updated in place:
             ``token_mass[b, h, t] += sum_g p[b, h*G + g, t]`` for ``t < lengths[b, h]``.
+        multiplicity: optional ``[B, Hkv, C]`` float > 0: slot t weighs ``multiplicity[t]`` in the softmax
+            (``p_t ∝ n_t exp(s_t)``), so a merged slot keeps the attention mass of the tokens it stands for.
 
     Returns:
         ``out [B, Hq, D]`` in q's dtype, ``lse [B, Hq]`` float32 and ``modality_mass [B, Hq, NUM_MODALITIES]``
@@ -58,6 +61,8 @@ def decode_attention(
     valid = torch.arange(C, device=q.device) < lengths.long().repeat_interleave(G, dim=1)[..., None]  # [B, Hq, C]
 
     logits = torch.einsum("bhd,bhtd->bht", q.double(), k) * scale
+    if multiplicity is not None:
+        logits = logits + multiplicity.double().log().repeat_interleave(G, dim=1)
     logits = logits.masked_fill(~valid, float("-inf"))
     lse = torch.logsumexp(logits, dim=-1)  # -inf where the row is empty
     p = torch.where(valid, torch.exp(logits - lse[..., None]), torch.zeros_like(logits))

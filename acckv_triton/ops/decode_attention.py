@@ -42,7 +42,7 @@ _MAX_SPLITS = 128
 
 @triton.jit(do_not_specialize=["C"])
 def _decode_split_kernel(
-    q_ptr, k_ptr, v_ptr, lengths_ptr, modality_ptr, logits_ptr,
+    q_ptr, k_ptr, v_ptr, lengths_ptr, modality_ptr, multiplicity_ptr, logits_ptr,
     o_part_ptr, lse_part_ptr, mass_part_ptr,
     C, Hkv, qk_scale,
     stride_qb, stride_qh,
@@ -50,10 +50,11 @@ def _decode_split_kernel(
     stride_vb, stride_vh, stride_vt,
     stride_lb, stride_lh,
     stride_mb, stride_mh, stride_mt,
+    stride_cb, stride_ch, stride_ct,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     GROUP_SIZE: tl.constexpr, BLOCK_G: tl.constexpr,
     NUM_MOD: tl.constexpr,
-    HAS_MODALITY: tl.constexpr, HAS_TOKEN_MASS: tl.constexpr,
+    HAS_MODALITY: tl.constexpr, HAS_TOKEN_MASS: tl.constexpr, HAS_MULTIPLICITY: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -98,6 +99,10 @@ def _decode_split_kernel(
             k = k.to(tl.float32)
             v = v.to(tl.float32)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # log2-domain logits
+        if HAS_MULTIPLICITY:  # a slot standing for n tokens weighs n: exp2(s + log2 n) = n * exp2(s)
+            mult = tl.load(multiplicity_ptr + b * stride_cb + h * stride_ch + offs_n * stride_ct, mask=n_mask,
+                           other=1.0)
+            s += tl.log2(mult)[None, :]
         s = tl.where(n_mask[None, :], s, float("-inf"))
         if HAS_TOKEN_MASS:
             tl.store(logits_ptr + row[:, None] * C + offs_n[None, :], s, mask=g_mask[:, None] & n_mask[None, :])
@@ -271,6 +276,7 @@ def decode_attention(
     scale: float | None = None,
     modality: torch.Tensor | None = None,
     token_mass: torch.Tensor | None = None,
+    multiplicity: torch.Tensor | None = None,
     num_splits: int | None = None,
     check_lengths: bool = True,
 ) -> DecodeAttentionOutput:
@@ -285,6 +291,9 @@ def decode_attention(
         modality: optional ``[B, Hkv, C]`` uint8 modality ids (< ``NUM_MODALITIES``).
         token_mass: optional ``[B, Hkv, C]`` float32, updated in place with
             ``token_mass[b, h, t] += sum_g p[b, h*G + g, t]`` for ``t < lengths[b, h]``; other entries untouched.
+        multiplicity: optional ``[B, Hkv, C]`` float32 > 0, how many original tokens each slot stands for (merged
+            slots hold several): slot t weighs ``multiplicity[t]`` in the softmax, ``p_t ∝ n_t · exp(s_t)``
+            (proportional attention; all ones is plain attention).
         num_splits: split-K factor; default :func:`default_num_splits`.
         check_lengths: verify ``0 <= lengths <= C`` on the host (one sync). Callers that maintain lengths
             themselves, or capture CUDA graphs, pass False; the kernels clamp lengths to ``[0, C]`` regardless.
@@ -321,6 +330,9 @@ def decode_attention(
     if token_mass is not None:
         _check_tensor("token_mass", token_mass, rank=3, dtypes=(torch.float32,), device=device)
         _check_shape("token_mass", token_mass, (B, Hkv, C), "[B, Hkv, C]")
+    if multiplicity is not None:
+        _check_tensor("multiplicity", multiplicity, rank=3, dtypes=(torch.float32,), device=device)
+        _check_shape("multiplicity", multiplicity, (B, Hkv, C), "[B, Hkv, C]")
     if scale is None:
         scale = D**-0.5
     elif not (isinstance(scale, (int, float)) and math.isfinite(scale)):
@@ -350,12 +362,15 @@ def decode_attention(
     logits = torch.empty((B * Hq, C), dtype=torch.float32, device=device) if token_mass is not None else lse_part
     mod_arg = modality if modality is not None else lengths
     mod_strides = modality.stride() if modality is not None else (0, 0, 0)
+    mult_arg = multiplicity if multiplicity is not None else lengths
+    mult_strides = multiplicity.stride() if multiplicity is not None else (0, 0, 0)
     flags = dict(
         NUM_MOD=NUM_MODALITIES, HAS_MODALITY=modality is not None, GROUP_SIZE=G, BLOCK_G=BLOCK_G,
     )
 
     _split_kernel[(B * Hkv, num_splits)](
-        q_ptr=q, k_ptr=k_cache, v_ptr=v_cache, lengths_ptr=lengths, modality_ptr=mod_arg, logits_ptr=logits,
+        q_ptr=q, k_ptr=k_cache, v_ptr=v_cache, lengths_ptr=lengths, modality_ptr=mod_arg,
+        multiplicity_ptr=mult_arg, logits_ptr=logits,
         o_part_ptr=o_part, lse_part_ptr=lse_part, mass_part_ptr=mass_part,
         C=C, Hkv=Hkv, qk_scale=float(scale) * _LOG2E,
         stride_qb=q.stride(0), stride_qh=q.stride(1),
@@ -363,7 +378,9 @@ def decode_attention(
         stride_vb=v_cache.stride(0), stride_vh=v_cache.stride(1), stride_vt=v_cache.stride(2),
         stride_lb=lengths.stride(0), stride_lh=lengths.stride(1),
         stride_mb=mod_strides[0], stride_mh=mod_strides[1], stride_mt=mod_strides[2],
+        stride_cb=mult_strides[0], stride_ch=mult_strides[1], stride_ct=mult_strides[2],
         HEAD_DIM=D, BLOCK_D=BLOCK_D, HAS_TOKEN_MASS=token_mass is not None,
+        HAS_MULTIPLICITY=multiplicity is not None,
         UPCAST=tuning.INTERPRET, DOT_PRECISION="ieee" if q.dtype == torch.float32 else None,
         **flags,
     )

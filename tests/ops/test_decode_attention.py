@@ -31,11 +31,13 @@ def make_inputs(B, Hq, Hkv, C, D, lengths, dtype, *, seed=0, modality=True, toke
     return to(q), to(k), to(v), to(lengths), to(mod), to(mass)
 
 
-def check_against_reference(q, k, v, lengths, mod, mass, *, scale=None, num_splits=None):
+def check_against_reference(q, k, v, lengths, mod, mass, *, scale=None, num_splits=None, multiplicity=None):
     dtype = q.dtype
     ref_mass = None if mass is None else mass.clone()
-    got = ak.decode_attention(q, k, v, lengths, scale=scale, modality=mod, token_mass=mass, num_splits=num_splits)
-    want = reference.decode_attention(q, k, v, lengths, scale=scale, modality=mod, token_mass=ref_mass)
+    got = ak.decode_attention(q, k, v, lengths, scale=scale, modality=mod, token_mass=mass, num_splits=num_splits,
+                              multiplicity=multiplicity)
+    want = reference.decode_attention(q, k, v, lengths, scale=scale, modality=mod, token_mass=ref_mass,
+                                      multiplicity=multiplicity)
 
     atol, rtol = TOL[dtype]
     matol, mrtol = MASS_TOL[dtype]
@@ -91,6 +93,25 @@ def test_optional_outputs(with_modality, with_mass, poison_empty):
     inputs = make_inputs(2, 4, 2, 70, 64, [70, 3, 0, 41], torch.float16, seed=5, modality=with_modality,
                          token_mass=with_mass)
     check_against_reference(*inputs)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_multiplicity_weighs_merged_slots(dtype, poison_empty):
+    """Proportional attention: a slot of multiplicity n weighs like n identical tokens."""
+    q, k, v, lengths, mod, mass = make_inputs(2, 8, 2, 90, 64, [90, 33, 0, 61], dtype, seed=41)
+    g = torch.Generator().manual_seed(42)
+    mult = (1.0 + torch.randint(0, 4, (2, 2, 90), generator=g).float()).to(DEVICE)
+    check_against_reference(q, k, v, lengths, mod, mass, multiplicity=mult)
+    # n copies of a token and one slot of multiplicity n give the same attention
+    k1, v1 = k[:1, :1, :3], v[:1, :1, :3]
+    dup_k, dup_v = torch.cat([k1, k1[:, :, 2:].expand(-1, -1, 3, -1)], 2), torch.cat([v1, v1[:, :, 2:].expand(-1, -1, 3, -1)], 2)
+    one = torch.tensor([[[1.0, 1.0, 4.0]]], device=DEVICE)
+    a = ak.decode_attention(q[:1, :4], k1.contiguous(), v1.contiguous(), torch.full((1, 1), 3, dtype=torch.int32,
+                            device=DEVICE), multiplicity=one)
+    b = ak.decode_attention(q[:1, :4], dup_k.contiguous(), dup_v.contiguous(),
+                            torch.full((1, 1), 6, dtype=torch.int32, device=DEVICE))
+    torch.testing.assert_close(a.out.float(), b.out.float(), atol=TOL[dtype][0], rtol=TOL[dtype][1])
+    torch.testing.assert_close(a.lse, b.lse, atol=1e-4, rtol=1e-4)
 
 
 def test_custom_scale(poison_empty):
@@ -188,6 +209,10 @@ BAD = [
                  id="token-mass-dtype"),
     pytest.param(lambda a: {"token_mass": a["token_mass"][:1]}, ValueError, "token_mass must have shape",
                  id="token-mass-shape"),
+    pytest.param(lambda a: {"multiplicity": a["token_mass"][:, :1]}, ValueError, "multiplicity must have shape",
+                 id="multiplicity-shape"),
+    pytest.param(lambda a: {"multiplicity": a["token_mass"].half()}, TypeError, "multiplicity must have dtype float32",
+                 id="multiplicity-dtype"),
     pytest.param(lambda a: {"scale": float("nan")}, ValueError, "scale must be a finite float", id="scale-nan"),
     pytest.param(lambda a: {"num_splits": 0}, ValueError, "num_splits must be a positive int", id="splits-zero"),
 ]
