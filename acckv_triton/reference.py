@@ -12,7 +12,7 @@ import torch
 
 from .modality import NUM_MODALITIES
 
-__all__ = ["DecodeAttentionOutput", "WindowScores", "decode_attention", "pool_scores", "window_scores"]
+__all__ = ["DecodeAttentionOutput", "WindowScores", "compact_kv_", "decode_attention", "pool_scores", "window_scores"]
 
 
 class DecodeAttentionOutput(NamedTuple):
@@ -174,3 +174,58 @@ def pool_scores(scores: torch.Tensor, modality: torch.Tensor, kernel: int = 7, m
     else:
         pooled = torch.where(same, s_win, torch.zeros_like(s_win)).sum(dim=-1) / same.sum(dim=-1).to(scores.dtype)
     return torch.empty_like(scores).scatter_(-1, order, pooled)
+
+
+def compact_kv_(
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    lengths: torch.Tensor,
+    keep: torch.Tensor,
+    keep_lengths: torch.Tensor,
+    *,
+    merge_target: torch.Tensor | None = None,
+    merge_weight: torch.Tensor | None = None,
+    token_data=(),
+    token_sums=(),
+) -> None:
+    """Apply a compaction plan in place, one (sequence, kv head) at a time, in float64.
+
+    Args:
+        k_cache, v_cache: ``[B, Hkv, C, D]``, updated in place.
+        lengths: ``[B, Hkv]`` int, valid tokens per (b, h); set to ``keep_lengths`` on return.
+        keep: ``[B, Hkv, K]`` int; ``keep[b, h, :keep_lengths[b, h]]`` are strictly increasing kept token indices.
+        keep_lengths: ``[B, Hkv]`` int, slots kept per (b, h).
+        merge_target: optional ``[B, Hkv, C]`` int: for an evicted token t < lengths, the slot it merges into or -1.
+        merge_weight: ``[B, Hkv, C]`` float, > 0 for kept and merged tokens; required with ``merge_target``.
+        token_data: ``[B, Hkv, C]`` tensors gathered from the kept token: ``X[j] = X_old[keep[j]]``.
+        token_sums: ``[B, Hkv, C]`` float tensors summed over the merge set: ``X[j] = sum_{t in S_j} X_old[t]``.
+
+    With ``S_j = {keep[j]} | {evicted t : merge_target[t] == j}``, slot j < keep_lengths becomes
+    ``k[j] = sum_{t in S_j} w_t k_old[t] / sum_{t in S_j} w_t`` (likewise v); without ``merge_target`` this is
+    exactly ``k_old[keep[j]]``. Entries at or beyond the new lengths are left as they were.
+    """
+    B, Hkv = lengths.shape
+    device = k_cache.device
+    for b in range(B):
+        for h in range(Hkv):
+            length, n = int(lengths[b, h]), int(keep_lengths[b, h])
+            kept = keep[b, h, :n].long()
+            # slot[t]: the slot old token t lands in, -1 when it is dropped.
+            slot = torch.full((length,), -1, dtype=torch.long, device=device)
+            if merge_target is not None:
+                slot = merge_target[b, h, :length].long().clone()
+            slot[kept] = torch.arange(n, device=device)
+            members = (slot[None, :] == torch.arange(n, device=device)[:, None]).double()  # [n, length]: t in S_j
+            for cache in (k_cache, v_cache):
+                old = cache[b, h, :length].double()
+                if merge_target is None:
+                    new = old[kept]
+                else:
+                    weights = members * merge_weight[b, h, :length].double()[None, :]
+                    new = (weights @ old) / weights.sum(dim=1, keepdim=True)
+                cache[b, h, :n] = new.to(cache.dtype)
+            for x in token_data:
+                x[b, h, :n] = x[b, h, kept].clone()
+            for x in token_sums:
+                x[b, h, :n] = (members @ x[b, h, :length].double()).to(x.dtype)
+    lengths.copy_(keep_lengths)

@@ -82,6 +82,25 @@ CONFIG_SPACES: dict[str, list[triton.Config]] = {
         triton.Config({"BLOCK_N": 128}, num_warps=8, num_stages=2),
         triton.Config({"BLOCK_N": 32}, num_warps=4, num_stages=3),
     ],
+    # Compaction phase 1: gather or weighted-merge BLOCK_K slots of one (b, h) from the old cache into a strip or
+    # the out buffers. A row move (memory-bound): the space trades slots per program against warps.
+    "compact_kv": [
+        triton.Config({"BLOCK_K": 16}, num_warps=4, num_stages=1),
+        triton.Config({"BLOCK_K": 32}, num_warps=4, num_stages=1),
+        triton.Config({"BLOCK_K": 64}, num_warps=8, num_stages=1),
+        triton.Config({"BLOCK_K": 8}, num_warps=2, num_stages=1),
+    ],
+    # Compaction phase 2 (in place): copy the moved slots of the strip back into the cache.
+    "compact_kv_copy_back": [
+        triton.Config({"BLOCK_K": 32}, num_warps=4, num_stages=1),
+        triton.Config({"BLOCK_K": 64}, num_warps=8, num_stages=1),
+        triton.Config({"BLOCK_K": 16}, num_warps=4, num_stages=1),
+    ],
+    # Compaction of one [B, Hkv, C] metadata tensor (gather, or sum over each merge set); BLOCK_T slots per program.
+    "compact_kv_metadata": [
+        triton.Config({"BLOCK_T": 256}, num_warps=4, num_stages=1),
+        triton.Config({"BLOCK_T": 1024}, num_warps=4, num_stages=1),
+    ],
 }
 """Config spaces per kernel name, keyed at launch on head_dim, group size, dtype and flags (never length)."""
 
