@@ -6,15 +6,21 @@ Triton's interpreter; see :mod:`acckv_triton.tuning`.
 """
 from . import tuning  # first: decides the execution mode before any kernel is defined
 from .modality import NUM_MODALITIES, Modality
-from .ops import DecodeAttentionOutput, WindowScores, decode_attention, window_scores
+from .cache import LayerKVCache
+from .ops import DecodeAttentionOutput, WindowScores, compact_kv, compact_kv_, decode_attention, window_scores
+from .plan import CompactionPlan
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CompactionPlan",
     "DecodeAttentionOutput",
+    "LayerKVCache",
     "Modality",
     "NUM_MODALITIES",
     "WindowScores",
+    "compact_kv",
+    "compact_kv_",
     "decode_attention",
     "window_scores",
 ]

@@ -1,0 +1,326 @@
+"""The compressed per-layer KV cache: storage, ragged lengths, token metadata and the upkeep of its memory.
+
+A :class:`LayerKVCache` holds one transformer layer's keys and values for a batch, and for every stored token the
+metadata the AccKV policy needs:
+
+    k, v         [B, Hkv, capacity, D]  model dtype
+    lengths      [B, Hkv]               int32, stored tokens per (sequence, kv head); rows become ragged after compress
+    modality     [B, Hkv, capacity]     uint8 (:class:`acckv_triton.Modality`)
+    time         [B, Hkv, capacity]     int32 temporal position (TMRoPE row; text: its 1-D position)
+    spatial      [B, Hkv, capacity, 2]  int32 (h, w) of video / image tokens, -1 elsewhere
+    position     [B, Hkv, capacity]     int32 original token position
+    token_mass   [B, Hkv, capacity]     float32 accumulated attention mass (merges add it up)
+    multiplicity [B, Hkv, capacity]     float32 original tokens a slot stands for (1, merges add it up)
+    seen         int                    tokens seen per sequence (continuation position), >= every stored length
+
+Memory:
+    * ``append`` writes at ``lengths`` and advances them. When a row would overflow, every buffer is reallocated to
+      ``max(needed, growth * capacity)`` rounded up to ``align`` tokens, so headroom grows geometrically and appends
+      cost O(1) amortised. The first append (the prefill) allocates just what it needs, so prefill peaks at one
+      layer's full KV on top of the layers already compressed.
+    * ``compress(plan)`` applies a :class:`~acckv_triton.plan.CompactionPlan` through the compaction kernel, which
+      carries the metadata (gathered: modality, time, spatial, position; summed over merges: token_mass and
+      multiplicity). When the
+      kept tokens plus ``headroom`` fit in less than the current capacity, it compacts out of place into fresh buffers
+      of that size (one read and one write per kept row) and drops the old ones, releasing the prefill-size buffer;
+      otherwise it compacts in place.
+    * ``nbytes()``, ``stored_nbytes()``, ``stored_tokens()`` and ``seen`` report what is held.
+
+Data flows one way: this class calls ops; it knows nothing of policies (they emit plans) or of transformers.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .modality import Modality
+from .ops.compact_kv import compact_kv, compact_kv_
+from .ops.decode_attention import DecodeAttentionOutput, decode_attention
+from .plan import CompactionPlan
+
+__all__ = ["LayerKVCache"]
+
+_KV_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_METADATA = ("modality", "time", "spatial", "position", "token_mass", "multiplicity")
+
+
+def _round_up(x: int, multiple: int) -> int:
+    return -(-x // multiple) * multiple
+
+
+class LayerKVCache:
+    """One layer's compressed KV cache for a batch: ragged per (sequence, kv head), with per-token metadata.
+
+    Storage is allocated lazily by the first :meth:`append`, which fixes B, Hkv, D, dtype and device.
+
+    Args:
+        headroom: free slots per row kept after :meth:`compress` for the next decode steps (default 64).
+        growth: capacity factor when an append overflows (> 1; default 1.5).
+        align: capacities are multiples of this many tokens (default 16).
+        proportional: decode attention weighs each slot by its multiplicity, so a merged slot keeps the attention
+            mass of the tokens it holds (AccKV's proportional attention); False attends to slots as plain tokens.
+    """
+
+    def __init__(self, *, headroom: int = 64, growth: float = 1.5, align: int = 16, proportional: bool = False):
+        if not (isinstance(headroom, int) and headroom >= 0):
+            raise ValueError(f"headroom must be an int >= 0, got {headroom!r}")
+        if not (isinstance(growth, (int, float)) and math.isfinite(growth) and growth > 1):
+            raise ValueError(f"growth must be a finite float > 1, got {growth!r}")
+        if not (isinstance(align, int) and align >= 1):
+            raise ValueError(f"align must be a positive int, got {align!r}")
+        self.headroom, self.growth, self.align = headroom, float(growth), align
+        self.proportional = bool(proportional)
+        self.k: torch.Tensor | None = None
+        self.v: torch.Tensor | None = None
+        self.lengths: torch.Tensor | None = None
+        self.modality: torch.Tensor | None = None
+        self.time: torch.Tensor | None = None
+        self.spatial: torch.Tensor | None = None
+        self.position: torch.Tensor | None = None
+        self.token_mass: torch.Tensor | None = None
+        self.multiplicity: torch.Tensor | None = None
+        self.seen = 0
+        self._min_length = 0  # host copies of min / max of lengths: appends and views need no sync
+        self._max_length = 0
+
+    # ------------------------------------------------------------------------------------------------- reporting
+    @property
+    def initialized(self) -> bool:
+        """True once the first append has allocated the storage."""
+        return self.k is not None
+
+    @property
+    def capacity(self) -> int:
+        """Allocated token slots per (sequence, kv head)."""
+        return 0 if self.k is None else self.k.shape[2]
+
+    @property
+    def max_length(self) -> int:
+        """The longest stored row (host-side, no sync)."""
+        return self._max_length
+
+    def stored_tokens(self) -> torch.Tensor:
+        """``[B, Hkv]`` int32 tokens stored per (sequence, kv head) (a copy of ``lengths``)."""
+        if self.lengths is None:
+            raise ValueError("the cache is empty: append tokens first")
+        return self.lengths.clone()
+
+    def _buffers(self) -> list[torch.Tensor]:
+        if self.k is None:
+            return []
+        return [self.k, self.v, self.lengths] + [getattr(self, name) for name in _METADATA]
+
+    def nbytes(self) -> int:
+        """Bytes allocated by the cache: K, V, lengths and metadata at full capacity."""
+        return sum(x.numel() * x.element_size() for x in self._buffers())
+
+    @property
+    def bytes_per_token(self) -> int:
+        """Bytes one stored token takes in one (sequence, kv head) row: K, V and its metadata."""
+        if self.k is None:
+            return 0
+        return sum(x[0, 0, 0].numel() * x.element_size() for x in
+                   [self.k, self.v] + [getattr(self, name) for name in _METADATA])
+
+    def stored_nbytes(self) -> int:
+        """Bytes the stored tokens need (sum of lengths times :attr:`bytes_per_token`; one host sync)."""
+        return 0 if self.k is None else int(self.lengths.sum()) * self.bytes_per_token
+
+    # --------------------------------------------------------------------------------------------------- storage
+    def _allocate(self, B: int, Hkv: int, D: int, capacity: int, dtype: torch.dtype, device: torch.device) -> dict:
+        shape = (B, Hkv, capacity)
+        return dict(
+            k=torch.empty(shape + (D,), dtype=dtype, device=device),
+            v=torch.empty(shape + (D,), dtype=dtype, device=device),
+            modality=torch.empty(shape, dtype=torch.uint8, device=device),
+            time=torch.empty(shape, dtype=torch.int32, device=device),
+            spatial=torch.empty(shape + (2,), dtype=torch.int32, device=device),
+            position=torch.empty(shape, dtype=torch.int32, device=device),
+            token_mass=torch.empty(shape, dtype=torch.float32, device=device),
+            multiplicity=torch.empty(shape, dtype=torch.float32, device=device),
+        )
+
+    def _resize(self, capacity: int) -> None:
+        """Move every buffer to a new capacity (>= max_length), keeping the stored tokens."""
+        B, Hkv, _, D = self.k.shape
+        fresh = self._allocate(B, Hkv, D, capacity, self.k.dtype, self.k.device)
+        n = self._max_length
+        for name, buf in fresh.items():
+            buf[:, :, :n] = getattr(self, name)[:, :, :n]
+            setattr(self, name, buf)  # the old buffer is released here
+
+    def _token_data(self, capacity_view: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The metadata as the compaction kernel takes it, over the first ``capacity_view`` slots."""
+        w = capacity_view
+        spatial_bits = self.spatial.view(torch.int64).squeeze(-1)  # (h, w) moves as one 64-bit word
+        data = [self.modality[:, :, :w], self.time[:, :, :w], spatial_bits[:, :, :w], self.position[:, :, :w]]
+        return data, [self.token_mass[:, :, :w], self.multiplicity[:, :, :w]]
+
+    # --------------------------------------------------------------------------------------------------- append
+    def _token_meta(self, x, name: str, default, dtype: torch.dtype, shape: tuple) -> torch.Tensor:
+        """Metadata given as ``[T]``, ``[B, T]`` or ``[B, Hkv, T]`` (plus trailing dims), as a ``shape`` view."""
+        device = self.k.device
+        if x is None:
+            x = default
+        x = torch.as_tensor(x, device=device)
+        extra = len(shape) - 3
+        if x.dim() == 0:  # a scalar default
+            x = x.view((1,) * len(shape))
+        elif x.dim() == 1 + extra:
+            x = x.view((1, 1) + tuple(x.shape))
+        elif x.dim() == 2 + extra:
+            x = x.unsqueeze(1)
+        if x.dim() != len(shape) or any(a not in (1, b) for a, b in zip(x.shape, shape)):
+            what = "[T], [B, T] or [B, Hkv, T]" + (" with a trailing 2" if extra else "")
+            raise ValueError(f"{name} must have shape {what} for B, Hkv, T = {shape[:3]}, got {tuple(x.shape)}")
+        return x.to(dtype).expand(shape)
+
+    def append(self, k: torch.Tensor, v: torch.Tensor, *, modality=None, time=None, spatial=None,
+               position=None) -> None:
+        """Store T new tokens per (sequence, kv head) at ``lengths`` and advance ``lengths`` and ``seen`` by T.
+
+        Args:
+            k, v: ``[B, Hkv, T, D]`` float16, bfloat16 or float32 (the first call fixes shape, dtype and device).
+            modality: ids ``[T]``, ``[B, T]`` or ``[B, Hkv, T]``; default ``Modality.TEXT``.
+            time: temporal positions, same shapes; default ``position``.
+            spatial: ``(h, w)`` as ``[T, 2]``, ``[B, T, 2]`` or ``[B, Hkv, T, 2]``; default -1 (none).
+            position: original positions, same shapes as modality; default ``seen + arange(T)``.
+
+        Grows the capacity geometrically when a row would overflow; new tokens start with token_mass 0.
+        """
+        for name, x in (("k", k), ("v", v)):
+            if not isinstance(x, torch.Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+            if x.dim() != 4 or x.dtype not in _KV_DTYPES:
+                raise ValueError(f"{name} must be a [B, Hkv, T, D] float16, bfloat16 or float32 tensor, got "
+                                 f"{tuple(x.shape)} {x.dtype}")
+        if v.shape != k.shape or v.dtype != k.dtype or v.device != k.device:
+            raise ValueError(f"v must match k in shape, dtype and device, got {tuple(v.shape)} {v.dtype} {v.device}")
+        B, Hkv, T, D = k.shape
+        if self.k is None:
+            for name, buf in self._allocate(B, Hkv, D, _round_up(max(T, 1), self.align), k.dtype, k.device).items():
+                setattr(self, name, buf)
+            self.lengths = torch.zeros((B, Hkv), dtype=torch.int32, device=k.device)
+        elif (B, Hkv, D) != (self.k.shape[0], self.k.shape[1], self.k.shape[3]) or k.dtype != self.k.dtype \
+                or k.device != self.k.device:
+            raise ValueError(f"k must be [B, Hkv, T, D] = [{self.k.shape[0]}, {self.k.shape[1]}, T, {self.k.shape[3]}] "
+                             f"{self.k.dtype} on {self.k.device} like the cache, got {tuple(k.shape)} {k.dtype} "
+                             f"on {k.device}")
+        if T == 0:
+            return
+        device = k.device
+        shape = (B, Hkv, T)
+        position = self._token_meta(position, "position", self.seen + torch.arange(T, device=device),
+                                    torch.int32, shape)
+        meta = dict(
+            modality=self._token_meta(modality, "modality", int(Modality.TEXT), torch.uint8, shape),
+            time=self._token_meta(time, "time", position, torch.int32, shape),
+            spatial=self._token_meta(spatial, "spatial", -1, torch.int32, shape + (2,)),
+            position=position,
+            token_mass=torch.zeros(shape, dtype=torch.float32, device=device),
+            multiplicity=torch.ones(shape, dtype=torch.float32, device=device),
+        )
+        needed = self._max_length + T
+        if needed > self.capacity:
+            self._resize(_round_up(max(needed, math.ceil(self.capacity * self.growth)), self.align))
+        new = dict(k=k, v=v, **meta)
+        if self._min_length == self._max_length:  # every row has the same length: a plain slice
+            start = self._max_length
+            for name, x in new.items():
+                getattr(self, name)[:, :, start:start + T] = x
+        else:  # ragged rows: each writes at its own length
+            idx = self.lengths.long()[..., None] + torch.arange(T, device=device)  # [B, Hkv, T]
+            for name, x in new.items():
+                buf = getattr(self, name)
+                index = idx.view(shape + (1,) * (buf.dim() - 3)).expand(x.shape)
+                buf.scatter_(2, index, x)
+        self.lengths += T
+        self._min_length += T
+        self._max_length += T
+        self.seen += T
+
+    # ------------------------------------------------------------------------------------------------- compress
+    def compress(self, plan: CompactionPlan, *, check_plan: bool = True) -> None:
+        """Apply a compaction plan to every stored row; shrink the storage to the kept tokens plus headroom.
+
+        Args:
+            plan: keep ``[B, Hkv, K]``, keep_lengths ``[B, Hkv]`` and optional merges (see :class:`CompactionPlan`);
+                its ``merge_target`` / ``merge_weight`` may be narrower than the capacity but must cover
+                :attr:`max_length`.
+            check_plan: validate every value of the plan (one host sync); pass False for plans valid by
+                construction.
+
+        K and V slots become the weighted means of their merge sets; modality, time, spatial and position follow the
+        kept token; token_mass and multiplicity are summed over each merge set; ``lengths`` becomes ``keep_lengths``; ``seen`` is
+        unchanged. If ``max(keep_lengths) + headroom`` (rounded up to ``align``) is below the capacity, the result
+        goes into fresh buffers of that capacity and the old ones are released; otherwise it is compacted in place.
+
+        Raises:
+            ValueError / TypeError for an invalid plan, before anything in the cache changes.
+        """
+        if self.k is None:
+            raise ValueError("the cache is empty: append tokens before compressing")
+        if not isinstance(plan, CompactionPlan):
+            raise TypeError(f"plan must be a CompactionPlan, got {type(plan).__name__}")
+        keep_lengths = plan.keep_lengths
+        if not isinstance(keep_lengths, torch.Tensor) or keep_lengths.numel() != self.lengths.numel():
+            raise ValueError(f"plan.keep_lengths must be a [B, Hkv] = {tuple(self.lengths.shape)} tensor")
+        n_min, n_max = (int(x) for x in torch.stack(torch.aminmax(keep_lengths.long())).tolist())
+        width = self.capacity
+        if plan.merge_target is not None:
+            width = plan.merge_target.shape[-1] if plan.merge_target.dim() == 3 else -1
+            if not self._max_length <= width <= self.capacity:
+                raise ValueError(f"plan.merge_target must be [B, Hkv, W] with max_length={self._max_length} <= W <= "
+                                 f"capacity={self.capacity}, got shape {tuple(plan.merge_target.shape)}")
+        keep = plan.keep[..., :max(n_max, 0)] if plan.keep.dim() == 3 else plan.keep  # later entries are ignored
+        data, sums = self._token_data(width)
+        k, v = self.k[:, :, :width], self.v[:, :, :width]
+        merges = dict(merge_target=plan.merge_target, merge_weight=plan.merge_weight)
+        new_capacity = _round_up(max(n_max, 0) + self.headroom, self.align)
+        if new_capacity < self.capacity:
+            B, Hkv, _, D = self.k.shape
+            fresh = self._allocate(B, Hkv, D, new_capacity, self.k.dtype, self.k.device)
+            out_data = [fresh["modality"], fresh["time"], fresh["spatial"].view(torch.int64).squeeze(-1),
+                        fresh["position"]]
+            compact_kv(k, v, self.lengths, keep, keep_lengths, out_k=fresh["k"], out_v=fresh["v"], **merges,
+                       token_data=data, token_sums=sums, out_token_data=out_data,
+                       out_token_sums=[fresh["token_mass"], fresh["multiplicity"]], check_plan=check_plan)
+            del k, v, data, sums
+            for name, buf in fresh.items():
+                setattr(self, name, buf)  # the prefill-size buffers are released here
+            self.lengths.copy_(keep_lengths)
+        else:
+            compact_kv_(k, v, self.lengths, keep, keep_lengths, **merges, token_data=data, token_sums=sums,
+                        check_plan=check_plan)
+        self._min_length, self._max_length = n_min, n_max
+
+    # --------------------------------------------------------------------------------------------------- decode
+    def decode_attention(self, q: torch.Tensor, *, scale: float | None = None, accumulate_mass: bool = True,
+                         num_splits: int | None = None) -> DecodeAttentionOutput:
+        """One decode step of attention over the stored tokens (:func:`acckv_triton.decode_attention`).
+
+        Args:
+            q: ``[B, Hq, D]`` in the cache dtype, ``Hq`` a multiple of Hkv.
+            scale, num_splits: as in :func:`acckv_triton.decode_attention`.
+            accumulate_mass: add each stored token's attention probability (summed over its GQA group) into
+                ``token_mass`` in place.
+
+        Returns:
+            ``DecodeAttentionOutput(out [B, Hq, D], lse [B, Hq], modality_mass [B, Hq, NUM_MODALITIES])``.
+        """
+        if self.k is None:
+            raise ValueError("the cache is empty: append tokens before attending")
+        w = self._max_length  # views over the stored part keep the kernel's scratch sized by what is stored
+        return decode_attention(
+            q, self.k[:, :, :w], self.v[:, :, :w], self.lengths, scale=scale, modality=self.modality[:, :, :w],
+            token_mass=self.token_mass[:, :, :w] if accumulate_mass else None, num_splits=num_splits,
+            multiplicity=self.multiplicity[:, :, :w] if self.proportional else None, check_lengths=False,
+        )
+
+    def __repr__(self) -> str:
+        if self.k is None:
+            return "LayerKVCache(empty)"
+        B, Hkv, C, D = self.k.shape
+        return (f"LayerKVCache(B={B}, Hkv={Hkv}, D={D}, dtype={str(self.k.dtype).removeprefix('torch.')}, "
+                f"capacity={C}, max_length={self._max_length}, seen={self.seen}, nbytes={self.nbytes()})")

@@ -1,0 +1,264 @@
+"""LayerKVCache: append, grow, compress (in place and shrinking), metadata carried, decode attention, bytes."""
+from __future__ import annotations
+
+import gc
+import weakref
+
+import pytest
+import torch
+
+import acckv_triton as ak
+from acckv_triton import reference
+from acckv_triton.cache import LayerKVCache
+from acckv_triton.plan import CompactionPlan
+from tests.conftest import DEVICE, TOL
+
+B, HKV, D = 2, 2, 64
+
+
+def rand_kv(T, dtype=torch.float32, g=None):
+    k = torch.randn(B, HKV, T, D, generator=g).to(dtype).to(DEVICE)
+    v = torch.randn(B, HKV, T, D, generator=g).to(dtype).to(DEVICE)
+    return k, v
+
+
+def prefill(T, dtype=torch.float32, seed=0, **cache_kwargs):
+    """A cache holding T prompt tokens with random metadata; returns it and the appended tensors."""
+    g = torch.Generator().manual_seed(seed)
+    cache = LayerKVCache(**cache_kwargs)
+    k, v = rand_kv(T, dtype, g)
+    meta = dict(
+        modality=torch.randint(0, ak.NUM_MODALITIES, (B, T), generator=g, dtype=torch.uint8),
+        time=torch.randint(0, 500, (B, T), generator=g, dtype=torch.int32),
+        spatial=torch.randint(0, 30, (B, T, 2), generator=g, dtype=torch.int32),
+    )
+    cache.append(k, v, **{n: x.to(DEVICE) for n, x in meta.items()})
+    return cache, k, v, meta
+
+
+def snapshot(cache):
+    return {n: getattr(cache, n).clone() for n in ("k", "v", "lengths", "modality", "time", "spatial", "position",
+                                                     "token_mass", "multiplicity")}
+
+
+def random_plan(lengths, K, *, merge, seed=0):
+    """A valid plan keeping a random sorted subset (<= K) per row; evicted tokens merge into random slots or drop."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = lengths.cpu()
+    C = int(lengths.max())
+    keep = torch.zeros(B, HKV, K, dtype=torch.int32)
+    keep_lengths = torch.zeros(B, HKV, dtype=torch.int32)
+    target = torch.full((B, HKV, C), -1, dtype=torch.int32)
+    for b in range(B):
+        for h in range(HKV):
+            L = int(lengths[b, h])
+            n = int(torch.randint(1, min(K, L) + 1, (1,), generator=g))
+            row = torch.randperm(L, generator=g)[:n].sort().values
+            keep[b, h, :n], keep_lengths[b, h] = row.int(), n
+            target[b, h, :L] = torch.randint(-1, n, (L,), generator=g).int()
+    to = lambda x: x.to(DEVICE)  # noqa: E731
+    if not merge:
+        return CompactionPlan(to(keep), to(keep_lengths))
+    return CompactionPlan(to(keep), to(keep_lengths), to(target), to(torch.rand(B, HKV, C, generator=g) + 0.1))
+
+
+def expected_after(cache_state, plan, width):
+    """The float64 reference applied to a snapshot of the cache (metadata carried as the cache carries it)."""
+    s = {n: x[:, :, :width].clone() for n, x in cache_state.items() if n != "lengths"}
+    s["lengths"] = cache_state["lengths"].clone()
+    reference.compact_kv_(
+        s["k"], s["v"], s["lengths"], plan.keep, plan.keep_lengths, merge_target=plan.merge_target,
+        merge_weight=plan.merge_weight,
+        token_data=[s["modality"], s["time"], s["position"], s["spatial"][..., 0], s["spatial"][..., 1]],
+        token_sums=[s["token_mass"], s["multiplicity"]],
+    )
+    return s
+
+
+def rows(x, lengths):
+    """The stored entries of a [B, Hkv, C, ...] tensor, flattened."""
+    return x[torch.arange(x.shape[2], device=x.device) < lengths[..., None]]
+
+
+def test_append_prefill_then_decode_grows_geometrically(poison_empty):
+    cache, k0, v0, meta = prefill(37)
+    assert cache.capacity == 48 and cache.seen == 37  # the prefill allocates what it needs (rounded to align=16)
+    ks, vs, capacities = [k0], [v0], {cache.capacity}
+    for _ in range(100):
+        k, v = rand_kv(1)
+        cache.append(k, v, modality=torch.full((1,), int(ak.Modality.AUDIO)))
+        ks.append(k), vs.append(v), capacities.add(cache.capacity)
+    assert cache.seen == 137 and cache.max_length == 137
+    assert torch.all(cache.lengths == 137)
+    assert len(capacities) <= 4  # 48 -> 80 -> 128 -> 192: reallocations are rare
+    assert sorted(capacities) == [48, 80, 128, 192]
+    k_all, v_all = torch.cat(ks, dim=2), torch.cat(vs, dim=2)
+    assert torch.equal(cache.k[:, :, :137], k_all) and torch.equal(cache.v[:, :, :137], v_all)
+    assert torch.equal(cache.modality[:, :, :37], meta["modality"].to(DEVICE)[:, None].expand(B, HKV, 37))
+    assert torch.all(cache.modality[:, :, 37:137] == ak.Modality.AUDIO)
+    positions = torch.arange(137, dtype=torch.int32, device=DEVICE).expand(B, HKV, -1)
+    assert torch.equal(cache.position[:, :, :137], positions)
+    assert torch.equal(cache.time[:, :, 37:137], cache.position[:, :, 37:137])  # time defaults to position
+    assert torch.all(cache.spatial[:, :, 37:137] == -1)
+    assert torch.all(cache.token_mass[:, :, :137] == 0)
+
+
+@pytest.mark.parametrize("dtype,merge", [
+    pytest.param(torch.float32, False, id="fp32-gather"),
+    pytest.param(torch.bfloat16, True, id="bf16-merge"),
+    pytest.param(torch.float16, True, id="fp16-merge"),
+])
+def test_compress_carries_everything_and_shrinks(dtype, merge, poison_empty):
+    cache, *_ = prefill(300, dtype)
+    cache.token_mass[:, :, :300] = torch.rand(B, HKV, 300, device=DEVICE)
+    plan = random_plan(cache.lengths, 40, merge=merge)
+    before = snapshot(cache)
+    want = expected_after(before, plan, cache.capacity)
+    old_k = weakref.ref(cache.k)
+    old_nbytes = cache.nbytes()
+
+    cache.compress(plan)
+
+    gc.collect()
+    assert old_k() is None  # the prefill-size buffer is released
+    n_max = int(plan.keep_lengths.max())
+    assert cache.capacity == -(-(n_max + cache.headroom) // 16) * 16 < 300
+    assert cache.nbytes() < old_nbytes / 2
+    assert torch.equal(cache.stored_tokens(), plan.keep_lengths) and cache.max_length == n_max
+    assert cache.seen == 300  # seen tokens are not forgotten
+    n = plan.keep_lengths
+    atol, rtol = TOL[dtype] if merge else (0.0, 0.0)
+    for name in ("k", "v"):
+        torch.testing.assert_close(rows(getattr(cache, name), n).float(), rows(want[name], n).float(),
+                                   atol=atol, rtol=rtol)
+    for name in ("modality", "time", "position"):
+        assert torch.equal(rows(getattr(cache, name), n), rows(want[name], n)), name
+    assert torch.equal(rows(cache.spatial, n), rows(want["spatial"], n))
+    torch.testing.assert_close(rows(cache.token_mass, n), rows(want["token_mass"], n), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(rows(cache.multiplicity, n), rows(want["multiplicity"], n), atol=0, rtol=0)
+    if merge:  # multiplicities count every token held: each kept token plus those merged into its slot
+        C = plan.merge_target.shape[-1]
+        kept = torch.zeros(B, HKV, C + 1, dtype=torch.bool, device=DEVICE)
+        slot_ok = torch.arange(plan.keep.shape[-1], device=DEVICE) < plan.keep_lengths[..., None]
+        kept.scatter_(2, torch.where(slot_ok, plan.keep.long(), C), True)
+        merged = (plan.merge_target >= 0) & ~kept[..., :C] & (torch.arange(C, device=DEVICE) < 300)
+        held = torch.where(torch.arange(cache.capacity, device=DEVICE) < n[..., None], cache.multiplicity, 0.0)
+        assert torch.equal(held.sum(-1).long(), plan.keep_lengths.long() + merged.sum(-1))
+
+
+def test_proportional_decode_weighs_merged_slots(poison_empty):
+    """A proportional cache attends with multiplicity: merging n identical tokens leaves attention unchanged."""
+    cache = LayerKVCache(proportional=True)
+    g = torch.Generator().manual_seed(3)
+    k = torch.randn(1, 1, 4, 64, generator=g)
+    k = torch.cat([k, k[:, :, 3:].expand(-1, -1, 3, -1)], 2).to(DEVICE)  # tokens 3..6 identical
+    v = torch.cat([k[:, :, :4], k[:, :, 3:4].expand(-1, -1, 3, -1)], 2) * 0.5
+    cache.append(k, v.contiguous())
+    q = torch.randn(1, 2, 64, generator=g).to(DEVICE)
+    before = cache.decode_attention(q, accumulate_mass=False)
+    full = lambda x: torch.tensor(x, dtype=torch.int32, device=DEVICE).view(1, 1, -1)  # noqa: E731
+    cache.compress(CompactionPlan(full([0, 1, 2, 3]), full([4]).view(1, 1), full([-1, -1, -1, -1, 3, 3, 3]),
+                                  torch.ones(1, 1, 7, device=DEVICE)))
+    assert cache.multiplicity[0, 0, :4].tolist() == [1.0, 1.0, 1.0, 4.0]
+    after = cache.decode_attention(q, accumulate_mass=False)
+    torch.testing.assert_close(after.out, before.out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(after.lse, before.lse, atol=1e-5, rtol=1e-5)
+
+
+def test_compress_in_place_when_nothing_would_be_released(poison_empty):
+    cache, *_ = prefill(40)  # capacity 48; keeping 30 + headroom 64 would not shrink it
+    plan = random_plan(cache.lengths, 30, merge=True, seed=3)
+    want = expected_after(snapshot(cache), plan, cache.capacity)
+    ptr, capacity = cache.k.data_ptr(), cache.capacity
+    cache.compress(plan)
+    assert cache.k.data_ptr() == ptr and cache.capacity == capacity
+    n = plan.keep_lengths
+    torch.testing.assert_close(rows(cache.k, n), rows(want["k"], n), atol=TOL[torch.float32][0],
+                               rtol=TOL[torch.float32][1])
+    assert torch.equal(rows(cache.position, n), rows(want["position"], n))
+
+
+def test_append_after_ragged_compress_writes_at_each_length(poison_empty):
+    cache, *_ = prefill(100, headroom=8)
+    plan = random_plan(cache.lengths, 20, merge=False, seed=5)
+    cache.compress(plan)
+    kept_k = cache.k.clone()
+    n = plan.keep_lengths.clone()
+    assert not torch.all(n == n[0, 0])  # the rows are ragged now
+    ks = []
+    for step in range(40):  # runs past the headroom: the capacity grows and the rows survive the move
+        k, v = rand_kv(1)
+        cache.append(k, v, position=torch.full((1,), 100 + step))
+        ks.append(k)
+    new_k = torch.cat(ks, dim=2)
+    assert torch.equal(cache.lengths, n + 40) and cache.seen == 140
+    assert cache.capacity >= int(n.max()) + 40
+    for b in range(B):
+        for h in range(HKV):
+            m = int(n[b, h])
+            assert torch.equal(cache.k[b, h, :m], kept_k[b, h, :m])
+            assert torch.equal(cache.k[b, h, m:m + 40], new_k[b, h])
+            assert torch.equal(cache.position[b, h, m:m + 40], torch.arange(100, 140, dtype=torch.int32,
+                                                                            device=DEVICE))
+
+
+def test_decode_attention_accumulates_mass_into_the_cache(poison_empty):
+    cache, *_ = prefill(90)
+    cache.compress(random_plan(cache.lengths, 25, merge=True, seed=7))
+    cache.append(*rand_kv(1))
+    q = torch.randn(B, HKV * 3, D, device=DEVICE)
+    mass_before = cache.token_mass.clone()
+    got = cache.decode_attention(q)
+    n = cache.lengths
+    stored = torch.arange(cache.capacity, device=DEVICE) < n[..., None]
+    k = torch.where(stored[..., None], cache.k, 0.0)
+    v = torch.where(stored[..., None], cache.v, 0.0)
+    want_mass = torch.where(stored, mass_before, 0.0)
+    want = reference.decode_attention(q, k, v, n, modality=torch.where(stored, cache.modality, 0),
+                                      token_mass=want_mass)
+    atol, rtol = TOL[torch.float32]
+    torch.testing.assert_close(got.out, want.out, atol=atol, rtol=rtol)
+    torch.testing.assert_close(got.modality_mass, want.modality_mass, atol=atol, rtol=rtol)
+    torch.testing.assert_close(rows(cache.token_mass, n), rows(want_mass, n), atol=atol, rtol=rtol)
+    added = torch.where(stored, cache.token_mass - mass_before, 0.0).sum(dim=2)  # [B, Hkv]
+    torch.testing.assert_close(added, torch.full((B, HKV), 3.0, device=DEVICE))  # G = 3 heads' probabilities each
+
+
+def test_invalid_plan_leaves_the_cache_unchanged():
+    cache, *_ = prefill(60)
+    plan = random_plan(cache.lengths, 12, merge=True, seed=9)
+    keep = plan.keep.clone()
+    keep[1, 0, :2] = keep[1, 0, :2].flip(0)  # unsorted
+    before, capacity, seen = snapshot(cache), cache.capacity, cache.seen
+    with pytest.raises(ValueError, match="keep"):
+        cache.compress(CompactionPlan(keep, plan.keep_lengths, plan.merge_target, plan.merge_weight))
+    after = snapshot(cache)
+    assert cache.capacity == capacity and cache.seen == seen and cache.max_length == 60
+    for name, x in before.items():
+        assert torch.equal(x.contiguous().view(torch.uint8), after[name].contiguous().view(torch.uint8)), name
+    with pytest.raises(ValueError, match="merge_target"):
+        cache.compress(CompactionPlan(plan.keep, plan.keep_lengths, plan.merge_target[..., :50], plan.merge_weight))
+
+
+def test_bytes_are_accounted():
+    cache = LayerKVCache()
+    assert cache.nbytes() == 0 and cache.capacity == 0
+    cache.append(*rand_kv(20, torch.bfloat16))
+    per_token = 2 * D * 2 + 1 + 4 + 2 * 4 + 4 + 4 + 4  # K, V bf16; modality, time, (h, w), position, mass, multiplicity
+    assert cache.bytes_per_token == per_token
+    assert cache.nbytes() == B * HKV * (cache.capacity * per_token + 4)  # + lengths int32
+    assert cache.stored_nbytes() == B * HKV * 20 * per_token
+    cache.append(*rand_kv(300, torch.bfloat16))
+    cache.compress(random_plan(cache.lengths, 10, merge=False))
+    assert cache.nbytes() == B * HKV * (cache.capacity * per_token + 4)
+    assert cache.stored_nbytes() == int(cache.lengths.sum()) * per_token < cache.nbytes()
+    assert cache.seen == 320
+
+
+def test_append_rejects_mismatched_tokens():
+    cache, *_ = prefill(8)
+    with pytest.raises(ValueError, match="k must be"):
+        cache.append(torch.randn(B, HKV, 1, D + 1, device=DEVICE), torch.randn(B, HKV, 1, D + 1, device=DEVICE))
+    with pytest.raises(ValueError, match="modality"):
+        cache.append(*rand_kv(2), modality=torch.zeros(3, dtype=torch.uint8))
+    assert cache.seen == 8 and torch.all(cache.lengths == 8)
