@@ -11,7 +11,8 @@ sequence length):
     1. a tuned table ``<autotune dir>/<gpu name>/<kernel>.json`` whose entry matches the key exactly;
     2. live autotuning over the kernel's config space with ``triton.autotune`` (``ACCKV_AUTOTUNE=0`` disables it);
     3. the space's first config, which is always a safe default.
-    Under the interpreter only the first config is used: more than one fails there with "0 active drivers".
+    Under the interpreter one config is used (``INTERPRETER_CONFIGS`` or the first): more than one fails there with
+    "0 active drivers".
 
 Tuned-table format (written by ``autotune/tune.py``)::
 
@@ -103,6 +104,15 @@ CONFIG_SPACES: dict[str, list[triton.Config]] = {
     ],
 }
 """Config spaces per kernel name, keyed at launch on head_dim, group size, dtype and flags (never length)."""
+
+INTERPRETER_CONFIGS: dict[str, triton.Config] = {
+    # The interpreter runs programs one after another, so fewer, larger programs run faster there. Kernels not
+    # named here use the first config of their space.
+    "compact_kv": triton.Config({"BLOCK_K": 64}, num_warps=4, num_stages=1),
+    "compact_kv_copy_back": triton.Config({"BLOCK_K": 64}, num_warps=4, num_stages=1),
+    "compact_kv_metadata": triton.Config({"BLOCK_T": 1024}, num_warps=4, num_stages=1),
+}
+"""Configs used under Triton's interpreter instead of a space's first config."""
 
 
 def autotune_dir() -> Path:
@@ -220,7 +230,9 @@ class TunedKernel:
         """The config a launch with ``args`` uses, or None when live autotuning decides."""
         if self._forced is not None:
             return _Resolved(self._forced, "forced")
-        if INTERPRET or device_name is None:
+        if INTERPRET:
+            return _Resolved(INTERPRETER_CONFIGS.get(self.name, self.configs[0]), "default")
+        if device_name is None:
             return _Resolved(self.configs[0], "default")
         table = load_table(self.name, device_name)
         config = table.get(_key_string(self.tuning_key(args)))
