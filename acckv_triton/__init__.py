@@ -6,21 +6,30 @@ Triton's interpreter; see :mod:`acckv_triton.tuning`.
 """
 from . import tuning  # first: decides the execution mode before any kernel is defined
 from .modality import NUM_MODALITIES, Modality
-from .cache import LayerKVCache
+from .cache import BudgetedLayerCache, LayerKVCache
+from .config import METHODS, AccKVConfig
 from .ops import DecodeAttentionOutput, WindowScores, compact_kv, compact_kv_, decode_attention, window_scores
 from .plan import CompactionPlan
+from .policy import LayerTokens, PolicyResult, budget_tokens, plan_layer
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AccKVConfig",
+    "BudgetedLayerCache",
     "CompactionPlan",
     "DecodeAttentionOutput",
     "LayerKVCache",
+    "LayerTokens",
+    "METHODS",
     "Modality",
     "NUM_MODALITIES",
+    "PolicyResult",
     "WindowScores",
+    "budget_tokens",
     "compact_kv",
     "compact_kv_",
     "decode_attention",
+    "plan_layer",
     "window_scores",
 ]

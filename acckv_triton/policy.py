@@ -1,0 +1,354 @@
+"""The AccKV decisions, and the baselines, as one pipeline: scores -> focusing -> redistribution -> calibration -> plan.
+
+A policy never touches a kernel: it reads one layer's token evidence (:class:`LayerTokens`: scores, modality, time,
+spatial ids, keys) and emits a :class:`~acckv_triton.plan.CompactionPlan` that the cache applies through
+``compact_kv``. Every decision is a batched tensor operation over ``[B, Hkv, N]`` rows (sorts, scatters, cumulative
+sums); nothing loops over tokens or rows in Python. docs/algorithm.md states exactly what runs, step by step.
+
+Methods (``AccKVConfig.method``), all at the same budget per (layer, sequence, kv head):
+    acckv      protected tokens, then per-modality budgets from the layer's attention shares (focusing), ranking
+               relative to the modality mean (redistribution), merging of similar neighbours within a modality and
+               time-bin alignment of the low-priority modality to the high-priority one (cross-calibration)
+    snapkv     observation window + top-k of pooled window scores
+    pyramidkv  snapkv with a layer pyramid of budgets
+    h2o        recent tokens + top-k of accumulated attention (no pooling)
+    streaming  sink tokens + the most recent tokens
+    lookm      text first, then top-k of pooled scores, then every evicted token merges into its nearest kept key
+    full       keep everything
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+
+from .config import AccKVConfig
+from .modality import NUM_MODALITIES, Modality
+from .plan import CompactionPlan
+from .reference import pool_scores
+
+__all__ = ["LayerTokens", "PolicyResult", "budget_tokens", "plan_layer"]
+
+_AV = (int(Modality.AUDIO), int(Modality.VIDEO), int(Modality.IMAGE))
+_EPS = 1e-12
+_POOLED = ("acckv", "snapkv", "pyramidkv", "lookm")
+
+
+@dataclass
+class LayerTokens:
+    """One layer's evidence about its cached tokens, one row per (sequence, kv head).
+
+    Attributes:
+        scores: ``[B, Hkv, N]`` float, >= 0: window scores after prefill, accumulated decode mass later.
+        modality: ``[B, Hkv, N]`` uint8 :class:`Modality` ids.
+        lengths: ``[B, Hkv]`` int32 valid tokens per row (slots are in original order).
+        time: ``[B, Hkv, N]`` int32 TMRoPE time index (needed by cross-alignment).
+        keys: ``[B, Hkv, N, D]`` cached keys (needed by merging).
+        spatial: ``[B, Hkv, N, 2]`` int32 (h, w) of video/image patches, -1 elsewhere (needed by video merging).
+        window: ``[B, Hkv, N]`` bool, the observation window; default: the last ``cfg.window`` valid tokens.
+        valid: ``[B, Hkv, N]`` bool, extra validity (e.g. left padding); default: all slots below ``lengths``.
+    """
+
+    scores: torch.Tensor
+    modality: torch.Tensor
+    lengths: torch.Tensor
+    time: torch.Tensor | None = None
+    keys: torch.Tensor | None = None
+    spatial: torch.Tensor | None = None
+    window: torch.Tensor | None = None
+    valid: torch.Tensor | None = None
+
+
+class PolicyResult(NamedTuple):
+    """A plan plus what the decision saw, for the bench: shares per modality and the priority modality."""
+
+    plan: CompactionPlan
+    rho: torch.Tensor  # [B, NUM_MODALITIES] float32 focusing shares of the AV modalities (0 elsewhere)
+    priority: torch.Tensor  # [B] int64 high-priority modality P (-1 when fewer than two of audio/video)
+    kept_per_modality: torch.Tensor  # [B, Hkv, NUM_MODALITIES] int64 slots kept
+    merged: torch.Tensor  # [B, Hkv] int64 evicted tokens merged into a kept slot
+
+
+def budget_tokens(cfg: AccKVConfig, n_valid: torch.Tensor, layer: int, num_layers: int) -> torch.Tensor:
+    """Tokens kept per row for ``layer``: ``cfg.layer_budget`` applied to each row's valid count ``n_valid``."""
+    if cfg.is_full:
+        return n_valid.clone()
+    n = n_valid.double()
+    base = torch.ceil(cfg.budget * n) if isinstance(cfg.budget, float) else torch.full_like(n, float(cfg.budget))
+    if cfg.layer_budgets == "pyramid" or cfg.method == "pyramidkv":
+        p = cfg.pyramid_strength
+        frac = 1.0 if num_layers <= 1 else 1.0 + p * (1.0 - 2.0 * layer / (num_layers - 1))
+        base = torch.ceil(base * frac)
+    return torch.minimum(base, n).to(n_valid.dtype)
+
+
+def _topk_mask(score: torch.Tensor, k: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+    """Per row, the ``k[row]`` candidates with the highest score (ties: earlier token first)."""
+    masked = torch.where(candidates, score, torch.full_like(score, float("-inf")))
+    order = torch.argsort(masked, dim=-1, descending=True, stable=True)
+    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(score.shape[-1], device=score.device)
+                                             .expand_as(order).contiguous())
+    return candidates & (rank < k[..., None])
+
+
+def _per_modality_sum(x: torch.Tensor, mod: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``[B, Hkv, N]`` -> ``[B, M]``: sum of ``x`` over heads and masked tokens of each modality."""
+    onehot = torch.nn.functional.one_hot(mod.long().clamp(0, NUM_MODALITIES - 1), NUM_MODALITIES).to(x.dtype)
+    return torch.einsum("bhn,bhnm->bm", x * mask, onehot)
+
+
+def _merge_groups(cfg: AccKVConfig, x: LayerTokens, rank_score: torch.Tensor, cand: torch.Tensor):
+    """Step 3a: group similar neighbours inside a modality. Returns ``rep [B,Hkv,N]`` (the index of each token's
+    group representative, itself for singletons) for candidate audio and video tokens.
+
+    Audio tokens link to the previous candidate audio token in time order, video patches to the same (h, w) patch
+    of the previous frame; a link holds when the keys' cosine reaches θ. Chains are cut every ``max_group`` tokens.
+    The representative is the member with the highest rank score.
+    """
+    B, H, N = rank_score.shape
+    dev = rank_score.device
+    ar = torch.arange(N, device=dev).expand(B, H, N)
+    mod = x.modality.long()
+    audio = cand & (mod == Modality.AUDIO)
+    video = cand & (mod == Modality.VIDEO)
+    if x.spatial is not None:
+        hw = (x.spatial[..., 0].long().clamp(0, 4095) << 12) | x.spatial[..., 1].long().clamp(0, 4095)
+    else:
+        hw = torch.zeros_like(mod)
+    # one sort brings each chain together: class (audio, video, rest), then the video patch, then token order
+    cls = torch.where(audio, 0, torch.where(video, 1, 2))
+    key = (cls << 58) | (torch.where(video, hw, 0) << 32) | ar
+    order = torch.argsort(key, dim=-1)
+    kn = torch.nn.functional.normalize(x.keys.float(), dim=-1)
+    kn_sorted = torch.gather(kn, 2, order[..., None].expand(-1, -1, -1, kn.shape[-1]))
+    cos = (kn_sorted[:, :, 1:] * kn_sorted[:, :, :-1]).sum(-1)
+    cls_s, hw_s = torch.gather(cls, 2, order), torch.gather(hw, 2, order)
+    theta = torch.where(cls_s[:, :, 1:] == 0, cfg.theta_audio, cfg.theta_video)
+    link = (cls_s[:, :, 1:] == cls_s[:, :, :-1]) & (cls_s[:, :, 1:] < 2) & (hw_s[:, :, 1:] == hw_s[:, :, :-1]) \
+        & (cos >= theta)
+    brk = torch.cat([torch.ones_like(link[:, :, :1]), ~link], dim=-1)  # [B,H,N] in sorted order
+    pos = torch.arange(N, device=dev).expand(B, H, N)
+    start = torch.cummax(torch.where(brk, pos, torch.zeros_like(pos)), dim=-1).values
+    brk = brk | ((pos - start) % cfg.max_group == 0)
+    gid = torch.cumsum(brk.long(), dim=-1) - 1  # group id per sorted position, < N
+    # representative: the member with the highest rank score (first such in sorted order)
+    s_sorted = torch.gather(rank_score, 2, order)
+    gmax = torch.full_like(s_sorted, float("-inf")).scatter_reduce(2, gid, s_sorted, "amax")
+    is_best = s_sorted >= torch.gather(gmax, 2, gid)
+    best_pos = torch.full_like(gid, N).scatter_reduce(2, gid, torch.where(is_best, pos, N), "amin")
+    rep_sorted = torch.gather(order, 2, torch.gather(best_pos, 2, gid))
+    rep = torch.empty_like(order).scatter_(2, order, rep_sorted)
+    grouped = audio | video
+    return torch.where(grouped, rep, ar)
+
+
+def _alignment_boost(cfg, time, P_mask, P_kept_mass, L_mask):
+    """Step 3b: ``(1 + λ (n_bins · I_P(bin) − 1))₊`` for the L tokens, from P's kept score mass per time bin."""
+    B, H, N = time.shape
+    t = time.long()
+    t0 = torch.where(P_mask | L_mask, t, torch.full_like(t, 2**62)).amin(dim=-1, keepdim=True)
+    bins = ((t - t0).clamp(min=0) // cfg.time_bin)
+    nb = int(torch.where(P_mask | L_mask, bins, 0).max()) + 1
+    bins = bins.clamp(max=nb - 1)
+    mass = torch.zeros(B, H, nb, device=time.device, dtype=torch.float64)
+    mass.scatter_add_(2, bins, P_kept_mass.double())
+    total = mass.sum(-1, keepdim=True)
+    share = torch.where(total > 0, mass / total.clamp(min=_EPS), torch.zeros_like(mass))
+    has_p = torch.zeros(B, H, nb + 1, device=time.device, dtype=torch.bool)  # the spare bin takes non-P tokens
+    has_p.scatter_(2, torch.where(P_mask, bins, nb), True)
+    n_bins = has_p[..., :nb].sum(-1, keepdim=True).clamp(min=1).double()
+    factor = (1.0 + cfg.align_lambda * (n_bins * torch.gather(share, 2, bins) - 1.0)).clamp(min=0.0)
+    return torch.where(L_mask & (total > 0), factor, torch.ones_like(factor)).float()
+
+
+def plan_layer(cfg: AccKVConfig, x: LayerTokens, layer: int = 0, num_layers: int = 1,
+               target: torch.Tensor | None = None) -> PolicyResult:
+    """Decide which tokens of one layer to keep and where evicted tokens merge.
+
+    Args:
+        cfg: method, switches and constants.
+        x: the layer's token evidence (see :class:`LayerTokens`).
+        layer, num_layers: position in depth (pyramid budgets, depth prior).
+        target: ``[B, Hkv]`` slots to keep per row; default :func:`budget_tokens` of the valid counts.
+
+    Returns:
+        :class:`PolicyResult` whose plan keeps exactly ``min(target, valid)`` slots per row (fewer only when
+        merging leaves fewer candidates), never an invalid slot, and merges only within a modality (except
+        ``lookm``, which merges into the nearest kept key as LOOK-M does).
+    """
+    s_raw = x.scores.float()
+    B, H, N = s_raw.shape
+    dev = s_raw.device
+    ar = torch.arange(N, device=dev).expand(B, H, N)
+    valid = ar < x.lengths[..., None].long()
+    if x.valid is not None:
+        valid = valid & x.valid
+    s_raw = torch.where(valid, torch.nan_to_num(s_raw, nan=0.0).clamp(min=0.0), torch.zeros_like(s_raw))
+    mod = x.modality.long()
+    n_valid = valid.sum(-1)
+    if target is None:
+        target = budget_tokens(cfg, n_valid, layer, num_layers)
+    target = torch.minimum(target.long(), n_valid)
+    rho = torch.zeros(B, NUM_MODALITIES, device=dev)
+    priority = torch.full((B,), -1, dtype=torch.long, device=dev)
+
+    # ---- Step 0: pooled rank scores (never across modalities) ----
+    method = cfg.method
+    s_rank = s_raw
+    if method in _POOLED and cfg.pool_kernel > 1:
+        pooled = pool_scores(s_raw, torch.where(valid, mod, 255), cfg.pool_kernel, cfg.pool_mode)
+        s_rank = torch.where(valid, pooled, torch.zeros_like(pooled))
+
+    # ---- protected tokens, by priority: sinks > window > recent > text ----
+    rank_valid = torch.cumsum(valid.long(), -1) - 1
+    sink = valid & (rank_valid < cfg.sink)
+    window = (x.window & valid) if x.window is not None else valid & (rank_valid >= n_valid[..., None] - cfg.window)
+    recent = valid & (rank_valid >= n_valid[..., None] - cfg.recent)
+    has_av = (valid & (mod != Modality.TEXT)).flatten(1).any(-1)[:, None, None]  # [B,1,1]
+    text = valid & (mod == Modality.TEXT) & has_av
+    none = torch.zeros_like(valid)
+    protect = {
+        "acckv": (sink, window, recent, text if cfg.protect_text else none),
+        "snapkv": (none, window, none, none),
+        "pyramidkv": (none, window, none, none),
+        "h2o": (none, none, recent, none),
+        "streaming": (sink, none, none, none),
+        "lookm": (none, window, none, text),
+        "full": (valid, none, none, none),
+    }[method]
+    level = torch.stack([(4 - i) * p.float() for i, p in enumerate(protect)]).amax(0) * valid  # 4 sink .. 1 text
+    protected = level > 0
+    kept = _topk_mask(level * N + rank_valid.float(), target, protected)  # newest first within a level
+    cand = valid & ~protected
+    free = target - kept.sum(-1)
+
+    if method == "streaming":
+        kept |= _topk_mask(rank_valid.float(), free, cand)
+        return _finish(kept, None, s_raw, mod, valid, rho, priority)
+    if method in ("full", "snapkv", "pyramidkv", "h2o") or (method == "lookm"):
+        kept |= _topk_mask(s_rank, free, cand)
+        merge_to = _nearest_kept(x.keys, kept, valid) if method == "lookm" else None
+        return _finish(kept, merge_to, s_raw, mod, valid, rho, priority)
+
+    # ---- AccKV ----
+    # Step 2 (redistribution): scores relative to the modality mean; sinks and text left out of A
+    a_mask = valid & ~sink & (mod != Modality.TEXT) if cfg.redistribution else valid
+    A = _per_modality_sum(s_raw, mod, a_mask)  # [B, M]
+    n_m = _per_modality_sum(torch.ones_like(s_raw), mod, valid)
+    s_hat = s_rank
+    if cfg.redistribution:
+        mean = (A / n_m.clamp(min=1)).clamp(min=_EPS)  # [B, M]
+        mean_all = _per_modality_sum(s_raw, mod, valid) / n_m.clamp(min=1)  # text keeps its own mean
+        mean = torch.where(A > 0, mean, mean_all.clamp(min=_EPS))
+        s_hat = s_rank / torch.gather(mean, 1, mod.flatten(1)).view(B, H, N)
+    if cfg.head_renorm:
+        s_hat = s_hat / (s_hat * valid).sum(-1, keepdim=True).clamp(min=_EPS)
+
+    # Step 3a (intra-modal integration): group reps carry their group's summed score
+    rep = ar
+    if cfg.intra_merge:
+        if x.keys is None:
+            raise ValueError("x.keys is required when cfg.intra_merge is on")
+        rep = _merge_groups(cfg, x, s_hat, cand)
+    if cfg.merge_frees_budget:
+        is_rep = cand & (rep == ar)
+        group_score = torch.zeros_like(s_hat).scatter_add_(2, rep, torch.where(cand, s_hat, torch.zeros_like(s_hat)))
+        group_mass = torch.zeros_like(s_raw).scatter_add_(2, rep, torch.where(cand, s_raw, torch.zeros_like(s_raw)))
+    else:
+        is_rep, group_score, group_mass = cand, s_hat, s_raw
+
+    # Step 1 (focusing): budget shares of the AV modalities present, from their attention mass
+    av = torch.zeros(NUM_MODALITIES, dtype=torch.bool, device=dev)
+    av[list(_AV)] = True
+    present = (n_m > 0) & av
+    A_av = torch.where(present, A.clamp(min=0) ** cfg.gamma, torch.zeros_like(A))
+    rho = torch.where(present, A_av / A_av.sum(-1, keepdim=True).clamp(min=_EPS), torch.zeros_like(A))
+    n_present = present.sum(-1, keepdim=True)
+    rho = torch.where(present & (n_present > 1), rho.clamp(min=cfg.rho_min), rho)
+    rho = rho / rho.sum(-1, keepdim=True).clamp(min=_EPS)
+    audio_i, video_i = int(Modality.AUDIO), int(Modality.VIDEO)
+    both = present[:, audio_i] & present[:, video_i]
+    priority = torch.where(both, torch.where(rho[:, video_i] >= rho[:, audio_i], video_i, audio_i), -1)
+    if cfg.video_from_layer is not None and layer >= cfg.video_from_layer:
+        priority = torch.where(both, video_i, priority)
+        lo, hi = torch.minimum(rho[:, audio_i], rho[:, video_i]), torch.maximum(rho[:, audio_i], rho[:, video_i])
+        rho[:, audio_i], rho[:, video_i] = torch.where(both, lo, rho[:, audio_i]), torch.where(both, hi, rho[:, video_i])
+
+    if cfg.focusing:
+        # unprotected text (text-only prompts, or protect_text off) takes its raw mass share first
+        text_mass = _per_modality_sum(s_raw, mod, cand)[:, int(Modality.TEXT)]
+        total_mass = _per_modality_sum(s_raw, mod, cand).sum(-1)
+        text_share = torch.where(total_mass > 0, text_mass / total_mass.clamp(min=_EPS), torch.zeros_like(total_mass))
+        share = rho * (1.0 - text_share[:, None])
+        share[:, int(Modality.TEXT)] = torch.where(present.any(-1), text_share, torch.ones_like(text_share))
+        budgets = torch.floor(share[:, None, :] * free[..., None].double()).long()  # [B, H, M]
+    else:
+        budgets = torch.zeros(B, H, NUM_MODALITIES, dtype=torch.long, device=dev)
+
+    # Step 3b + 4: P first, then the others, L last with scores calibrated on P's kept time bins
+    P = priority[:, None, None]
+    score = group_score.clone()
+    for step in ("P", "rest", "L"):
+        for m in range(NUM_MODALITIES):
+            is_P = (P == m) & (P >= 0)
+            is_L = (P >= 0) & (P != m) & (m in (audio_i, video_i))
+            sel_step = is_P if step == "P" else (is_L if step == "L" else ~is_P & ~is_L)
+            pick = is_rep & (mod == m) & sel_step
+            kept |= _topk_mask(score, budgets[..., m], pick)
+        if step == "P" and cfg.cross_align and x.time is not None:
+            P_mask = valid & (mod == P) & (P >= 0)
+            L_mask = valid & (mod != P) & (P >= 0) & ((mod == audio_i) | (mod == video_i))
+            P_kept_mass = torch.where(kept & P_mask & is_rep, group_mass, torch.zeros_like(group_mass))
+            if bool(P_mask.any()) and bool(L_mask.any()):
+                score = score * _alignment_boost(cfg, x.time, P_mask, P_kept_mass, L_mask)
+    # leftover budget (rounding, modalities short of candidates, focusing off): best remaining, reps by group
+    # score and unmerged members by their own score
+    rest = target - kept.sum(-1)
+    kept |= _topk_mask(torch.where(is_rep, score, s_hat), rest, cand & ~kept)
+
+    merge_to = None
+    if cfg.intra_merge:
+        rep_kept = torch.gather(kept, 2, rep)
+        merge_to = torch.where(cand & ~kept & rep_kept & (rep != ar), rep, torch.full_like(rep, -1))
+    return _finish(kept, merge_to, s_raw, mod, valid, rho, priority)
+
+
+def _nearest_kept(keys: torch.Tensor | None, kept: torch.Tensor, valid: torch.Tensor, chunk: int = 4096):
+    """LOOK-M merging: each evicted valid token's nearest kept key by cosine (any modality), as a token index."""
+    if keys is None:
+        raise ValueError("x.keys is required by method 'lookm'")
+    kn = torch.nn.functional.normalize(keys.float(), dim=-1)
+    B, H, N, D = kn.shape
+    out = torch.full((B, H, N), -1, dtype=torch.long, device=kn.device)
+    for c0 in range(0, N, chunk):  # bounded memory: [B, H, chunk, N] similarities at a time
+        sim = torch.matmul(kn[:, :, c0:c0 + chunk], kn.transpose(-1, -2))
+        sim = sim.masked_fill(~kept[:, :, None, :], float("-inf"))
+        best = sim.argmax(-1)
+        ok = torch.isfinite(sim.amax(-1)) & valid[:, :, c0:c0 + chunk] & ~kept[:, :, c0:c0 + chunk]
+        out[:, :, c0:c0 + chunk] = torch.where(ok, best, -1)
+    return out
+
+
+def _finish(kept, merge_to, s_raw, mod, valid, rho, priority) -> PolicyResult:
+    """Turn a kept mask and per-token merge destinations (token indices, -1 = drop) into a CompactionPlan."""
+    B, H, N = kept.shape
+    kept = kept & valid
+    keep_lengths = kept.sum(-1)
+    K = max(1, int(keep_lengths.max())) if kept.numel() else 1
+    ar = torch.arange(N, device=kept.device).expand(B, H, N)
+    keep = torch.sort(torch.where(kept, ar, N), dim=-1).values[..., :K]
+    keep = torch.where(keep < N, keep, 0).to(torch.int32)
+    merge_target = merge_weight = None
+    merged = torch.zeros(B, H, dtype=torch.long, device=kept.device)
+    if merge_to is not None:
+        slot = torch.cumsum(kept.long(), -1) - 1
+        target_slot = torch.gather(slot, 2, merge_to.clamp(min=0))
+        merging = (merge_to >= 0) & valid & ~kept
+        merge_target = torch.where(merging, target_slot, -1).to(torch.int32)
+        merge_weight = s_raw.clamp(min=1e-6).float()
+        merged = merging.sum(-1)
+    kept_per_mod = torch.nn.functional.one_hot(mod.clamp(0, NUM_MODALITIES - 1), NUM_MODALITIES)
+    kept_per_mod = (kept_per_mod * kept[..., None]).sum(2)
+    plan = CompactionPlan(keep, keep_lengths.to(torch.int32), merge_target, merge_weight)
+    return PolicyResult(plan, rho.float(), priority, kept_per_mod, merged)

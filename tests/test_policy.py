@@ -1,0 +1,198 @@
+"""The policy's properties: exact budgets, protected tokens, merges inside a modality, switches, determinism."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import acckv_triton as ak
+from acckv_triton import reference, workloads
+from acckv_triton.bench.av import layer_inputs
+from acckv_triton.config import METHODS, AccKVConfig
+from acckv_triton.modality import Modality
+from acckv_triton.policy import LayerTokens, _alignment_boost, _merge_groups, budget_tokens, plan_layer
+
+W = workloads.generate_av_workload(num_chunks=3, grid_h=4, grid_w=4, batch=2, num_layers=2, seed=1)
+N = W.num_tokens
+SCORES = [reference.window_scores(lt.q_window, lt.k, modality=W.token_modality()).scores for lt in W.layers]
+ALL = [pytest.param(AccKVConfig(method=m), id=m) for m in METHODS] + \
+    [pytest.param(c, id=name) for name, c in AccKVConfig().ablations().items()]
+
+
+def tokens(layer=1, lengths=None) -> LayerTokens:
+    x = layer_inputs(W, layer, SCORES[layer])
+    if lengths is not None:
+        x.lengths = torch.tensor(lengths, dtype=torch.int32).view(2, 2)
+    return x
+
+
+def kept_mask(plan, n=N):
+    B, H, K = plan.keep.shape
+    m = torch.zeros(B, H, n + 1, dtype=torch.bool)
+    ok = torch.arange(K) < plan.keep_lengths[..., None]
+    m.scatter_(2, torch.where(ok, plan.keep.long(), n), True)
+    return m[..., :n]
+
+
+@pytest.mark.parametrize("cfg", ALL)
+@pytest.mark.parametrize("budget", [pytest.param(0.25, id="25%"), pytest.param(0.1, id="10%"),
+                                    pytest.param(37, id="37-tokens")])
+def test_budget_exact_valid_plan_and_applies(cfg, budget):
+    x = tokens(lengths=[N, 201, 63, N])  # ragged rows: budgets follow each row's valid count
+    cfg = cfg.replace(budget=budget)
+    plan = plan_layer(cfg, x, 1, 2).plan
+    want = budget_tokens(cfg, x.lengths.long(), 1, 2)
+    if cfg.method == "full":
+        want = x.lengths.long()
+    assert torch.equal(plan.keep_lengths.long(), want)
+    keep = plan.keep.long()
+    for b in range(2):
+        for h in range(2):
+            row = keep[b, h, :int(plan.keep_lengths[b, h])]
+            assert torch.all(row[1:] > row[:-1]) and int(row.max()) < int(x.lengths[b, h])
+    k, v, lengths = x.keys.clone(), W.layers[1].v.clone(), x.lengths.clone()
+    ak.compact_kv_(k, v, lengths, plan.keep, plan.keep_lengths, merge_target=plan.merge_target,
+                   merge_weight=plan.merge_weight)  # validates the plan
+    assert torch.equal(lengths, plan.keep_lengths)
+
+
+@pytest.mark.parametrize("budget", [pytest.param(1.0, id="fraction-1.0"), pytest.param(10**6, id="huge-int")])
+def test_full_budget_keeps_everything(budget):
+    plan = plan_layer(AccKVConfig(budget=budget), tokens(), 1, 2).plan
+    assert torch.equal(plan.keep_lengths, torch.full((2, 2), N, dtype=torch.int32))
+    assert torch.equal(plan.keep.long(), torch.arange(N).expand(2, 2, N))
+    assert plan.merge_target is None or not bool((plan.merge_target >= 0).any())
+
+
+def test_protected_tokens_are_kept():
+    cfg = AccKVConfig(budget=0.3)
+    x = tokens()
+    kept = kept_mask(plan_layer(cfg, x, 1, 2).plan)
+    text = W.modality == Modality.TEXT
+    assert torch.all(kept[..., :cfg.sink])  # sinks
+    assert torch.all(kept[..., N - cfg.window:])  # observation window (= recent tokens here)
+    assert torch.all(kept[..., text])  # text of an AV prompt
+    # streaming keeps sinks plus the newest tokens, nothing else
+    s_kept = kept_mask(plan_layer(cfg.replace(method="streaming"), x, 1, 2).plan)
+    K = int(budget_tokens(cfg, torch.tensor(N), 1, 2))
+    assert torch.all(s_kept[..., :cfg.sink]) and torch.all(s_kept[..., N - (K - cfg.sink):])
+    assert int(s_kept[0, 0].sum()) == K
+
+
+def test_protection_beyond_budget_keeps_priority_order():
+    cfg = AccKVConfig(budget=12)  # fewer slots than sinks + window + text
+    kept = kept_mask(plan_layer(cfg, tokens(), 1, 2).plan)
+    assert torch.all(kept[..., :cfg.sink])  # sinks first
+    assert torch.all(kept[..., N - 8:])  # then the newest window tokens
+    assert int(kept[0, 0].sum()) == 12
+
+
+def test_merges_stay_inside_a_modality_and_carry_multiplicity():
+    plan = plan_layer(AccKVConfig(budget=0.2), tokens(), 1, 2).plan
+    mt = plan.merge_target.long()
+    merging = mt >= 0
+    assert bool(merging.any())
+    dest_token = torch.gather(plan.keep.long(), 2, mt.clamp(min=0))
+    mod = W.modality.long().expand(2, 2, N)
+    assert torch.equal(torch.gather(mod, 2, dest_token)[merging], mod[merging])
+    assert torch.all(plan.merge_weight[merging] > 0)
+    assert not bool(merging[kept_mask(plan)].any())  # kept tokens never merge elsewhere
+
+
+def test_lookm_merges_every_evicted_token_into_its_nearest_kept_key():
+    plan = plan_layer(AccKVConfig(budget=0.2, method="lookm"), tokens(), 1, 2).plan
+    kept = kept_mask(plan)
+    assert torch.all(plan.merge_target[~kept] >= 0)
+
+
+def test_text_only_prompt_is_compressed():
+    """With no audio/video, text is not protected wholesale (else nothing could be evicted)."""
+    x = tokens()
+    x.modality = torch.zeros_like(x.modality)
+    plan = plan_layer(AccKVConfig(budget=0.25), x, 1, 2).plan
+    assert int(plan.keep_lengths.max()) == int(budget_tokens(AccKVConfig(budget=0.25), torch.tensor(N), 1, 2))
+
+
+def test_padding_is_never_kept():
+    x = tokens()
+    x.valid = torch.arange(N).expand(2, 2, N) >= 40  # 40 left-padding slots
+    kept = kept_mask(plan_layer(AccKVConfig(budget=0.5), x, 1, 2).plan)
+    assert not bool(kept[..., :40].any())
+    assert int(kept[0, 0].sum()) == -(-(N - 40) // 2)
+
+
+@pytest.mark.parametrize("switch,base", [
+    pytest.param("focusing", {}, id="focusing"),
+    pytest.param("redistribution", {"focusing": False}, id="redistribution-without-focusing"),
+    pytest.param("intra_merge", {}, id="intra-merge"),
+    pytest.param("cross_align", {"align_lambda": 1.0}, id="cross-align"),
+])
+def test_each_switch_changes_the_plan(switch, base):
+    cfg = AccKVConfig(budget=0.2, **base)
+    on = plan_layer(cfg, tokens(), 1, 2).plan
+    off = plan_layer(cfg.replace(**{switch: False}), tokens(), 1, 2).plan
+    assert not torch.equal(kept_mask(on), kept_mask(off)) or (on.merge_target is None) != (off.merge_target is None)
+
+
+def test_deterministic():
+    a = plan_layer(AccKVConfig(budget=0.2), tokens(), 1, 2)
+    b = plan_layer(AccKVConfig(budget=0.2), tokens(), 1, 2)
+    assert torch.equal(a.plan.keep, b.plan.keep) and torch.equal(a.plan.merge_target, b.plan.merge_target)
+    assert torch.equal(a.rho, b.rho)
+
+
+def test_focusing_shares_follow_depth():
+    """O1 measured on the workload: the video share grows with depth and video becomes the priority."""
+    w = workloads.generate_av_workload(num_chunks=3, grid_h=4, grid_w=4, num_layers=4, seed=2)
+    mod = w.token_modality()
+    rhos, prio = [], []
+    for layer, lt in enumerate(w.layers):
+        s = reference.window_scores(lt.q_window, lt.k, modality=mod).scores
+        res = plan_layer(AccKVConfig(), layer_inputs(w, layer, s), layer, 4)
+        rhos.append(float(res.rho[0, Modality.VIDEO]))
+        prio.append(int(res.priority[0]))
+    assert rhos == sorted(rhos) and rhos[-1] > 0.5 > rhos[0]
+    assert prio[-1] == Modality.VIDEO
+
+
+def test_merge_groups_chain_similar_neighbours_only():
+    """Audio: identical neighbours group (at most max_group); video: the same patch across frames groups."""
+    B, H, n, D = 1, 1, 12, 8
+    mod = torch.tensor([[[1] * 6 + [2] * 6]], dtype=torch.uint8)
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(3, D, generator=g)
+    keys = torch.stack([base[0]] * 5 + [base[1]] + [base[2], -base[2], base[2], -base[2], base[2], base[2]])
+    spatial = torch.tensor([[-1, -1]] * 6 + [[0, 0], [0, 1], [0, 0], [0, 1], [0, 0], [1, 1]]).view(1, 1, n, 2)
+    x = LayerTokens(scores=torch.arange(n, dtype=torch.float32).view(1, 1, n), modality=mod,
+                    lengths=torch.tensor([[n]], dtype=torch.int32), keys=keys.view(1, 1, n, D), spatial=spatial)
+    rep = _merge_groups(AccKVConfig(max_group=4), x, x.scores, torch.ones(B, H, n, dtype=torch.bool))[0, 0]
+    # audio 0..4 identical: groups {0..3} (capped at 4, rep = highest score 3) and {4}; 5 differs
+    assert rep[:6].tolist() == [3, 3, 3, 3, 4, 5]
+    # video (0,0) at 6, 8, 10 identical across frames -> one group with rep 10; (0,1) at 7, 9 -> rep 9; (1,1) alone
+    assert rep[6:].tolist() == [10, 9, 10, 9, 10, 11]
+
+
+def test_alignment_boosts_low_priority_tokens_in_the_high_priority_bins():
+    cfg = AccKVConfig(align_lambda=0.5, time_bin=10)
+    t = torch.tensor([[[0, 0, 10, 10, 0, 5, 15, 12]]], dtype=torch.int32)
+    P = torch.tensor([[[1, 1, 1, 1, 0, 0, 0, 0]]], dtype=torch.bool)
+    L = ~P
+    mass = torch.tensor([[[3.0, 1.0, 0.0, 0.0, 0, 0, 0, 0]]])  # all of P's kept mass in bin 0
+    f = _alignment_boost(cfg, t, P, mass, L)[0, 0]
+    assert f[:4].tolist() == [1.0] * 4  # P untouched
+    assert torch.allclose(f[4:], torch.tensor([1.5, 1.5, 0.5, 0.5]))  # 1 + λ(2·1 − 1) and 1 + λ(2·0 − 1)
+
+
+@pytest.mark.parametrize("kwargs,exc,msg", [
+    pytest.param({"budget": 0.0}, ValueError, "budget as a float", id="budget-zero"),
+    pytest.param({"budget": 1.5}, ValueError, "budget as a float", id="budget-above-one"),
+    pytest.param({"budget": 0}, ValueError, "budget as an int", id="budget-int-zero"),
+    pytest.param({"budget": "half"}, TypeError, "budget must be", id="budget-str"),
+    pytest.param({"method": "magic"}, ValueError, "method must be one of", id="method"),
+    pytest.param({"pool_kernel": 4}, ValueError, "pool_kernel", id="pool-even"),
+    pytest.param({"rho_min": 0.6}, ValueError, "rho_min", id="rho-min"),
+    pytest.param({"backend": "cuda"}, ValueError, "backend", id="backend"),
+    pytest.param({"window": -1}, ValueError, "window", id="window-negative"),
+])
+def test_config_rejects_bad_values(kwargs, exc, msg):
+    with pytest.raises(exc, match=msg):
+        AccKVConfig(**kwargs)
