@@ -26,7 +26,9 @@ Memory:
       otherwise it compacts in place.
     * ``nbytes()``, ``stored_nbytes()``, ``stored_tokens()`` and ``seen`` report what is held.
 
-Data flows one way: this class calls ops; it knows nothing of policies (they emit plans) or of transformers.
+:class:`BudgetedLayerCache` wraps a :class:`LayerKVCache` and holds it at an AccKV budget: it asks the policy for a
+plan after each prefill (or streaming chunk) and whenever decoding has grown a row past budget + slack, and applies
+the plan through the store. Data flows one way: cache -> policy -> ops; nothing here knows transformers.
 """
 from __future__ import annotations
 
@@ -34,12 +36,14 @@ import math
 
 import torch
 
+from .config import AccKVConfig
 from .modality import Modality
 from .ops.compact_kv import compact_kv, compact_kv_
 from .ops.decode_attention import DecodeAttentionOutput, decode_attention
 from .plan import CompactionPlan
+from .policy import LayerTokens, PolicyResult, budget_tokens, plan_layer
 
-__all__ = ["LayerKVCache"]
+__all__ = ["BudgetedLayerCache", "LayerKVCache"]
 
 _KV_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _METADATA = ("modality", "time", "spatial", "position", "token_mass", "multiplicity")
@@ -177,7 +181,7 @@ class LayerKVCache:
         return x.to(dtype).expand(shape)
 
     def append(self, k: torch.Tensor, v: torch.Tensor, *, modality=None, time=None, spatial=None,
-               position=None) -> None:
+               position=None, token_mass=None) -> None:
         """Store T new tokens per (sequence, kv head) at ``lengths`` and advance ``lengths`` and ``seen`` by T.
 
         Args:
@@ -186,8 +190,9 @@ class LayerKVCache:
             time: temporal positions, same shapes; default ``position``.
             spatial: ``(h, w)`` as ``[T, 2]``, ``[B, T, 2]`` or ``[B, Hkv, T, 2]``; default -1 (none).
             position: original positions, same shapes as modality; default ``seen + arange(T)``.
+            token_mass: initial attention mass (e.g. prefill window scores), same shapes; default 0.
 
-        Grows the capacity geometrically when a row would overflow; new tokens start with token_mass 0.
+        Grows the capacity geometrically when a row would overflow; new tokens start with multiplicity 1.
         """
         for name, x in (("k", k), ("v", v)):
             if not isinstance(x, torch.Tensor):
@@ -218,7 +223,7 @@ class LayerKVCache:
             time=self._token_meta(time, "time", position, torch.int32, shape),
             spatial=self._token_meta(spatial, "spatial", -1, torch.int32, shape + (2,)),
             position=position,
-            token_mass=torch.zeros(shape, dtype=torch.float32, device=device),
+            token_mass=self._token_meta(token_mass, "token_mass", 0.0, torch.float32, shape),
             multiplicity=torch.ones(shape, dtype=torch.float32, device=device),
         )
         needed = self._max_length + T
@@ -324,3 +329,107 @@ class LayerKVCache:
         B, Hkv, C, D = self.k.shape
         return (f"LayerKVCache(B={B}, Hkv={Hkv}, D={D}, dtype={str(self.k.dtype).removeprefix('torch.')}, "
                 f"capacity={C}, max_length={self._max_length}, seen={self.seen}, nbytes={self.nbytes()})")
+
+
+class BudgetedLayerCache:
+    """One layer's KV cache held at an AccKV budget: compressed after prefill, re-compressed as decoding grows it.
+
+    The budget is ``cfg.layer_budget`` of the prompt tokens seen so far per (b, kv head) (padding excluded). Each
+    token's ``token_mass`` starts at its prefill window score and accumulates decode attention mass through
+    :meth:`decode_attention`; re-compression ranks by that blend (window queries and decode steps weigh alike, one
+    unit of mass per query head each). Streaming chunks go through :meth:`prefill` again and raise the budget with
+    the prompt. The observation window of the latest prefill stays protected across re-compressions.
+
+    Attributes:
+        store: the :class:`LayerKVCache` holding K, V and metadata.
+        target: ``[B, Hkv]`` int64 slots kept by a compression (None before the first prefill).
+        last: the :class:`~acckv_triton.policy.PolicyResult` of the latest compression (plan, shares, priority).
+        compressions: how many times this layer was compressed.
+    """
+
+    def __init__(self, cfg: AccKVConfig, layer: int = 0, num_layers: int = 1):
+        if not isinstance(cfg, AccKVConfig):
+            raise TypeError(f"cfg must be an AccKVConfig, got {type(cfg).__name__}")
+        if not (0 <= layer < num_layers):
+            raise ValueError(f"layer must lie in [0, num_layers={num_layers}), got {layer}")
+        self.cfg, self.layer, self.num_layers = cfg, layer, num_layers
+        self.store = LayerKVCache(headroom=cfg.slack, proportional=cfg.uses_multiplicity)
+        self.target: torch.Tensor | None = None
+        self.prompt_tokens: torch.Tensor | None = None  # [B, Hkv] prompt tokens seen, padding excluded
+        self.window = (0, 0)  # positions [start, end) of the latest prefill's observation window
+        self.last: PolicyResult | None = None
+        self.compressions = 0
+        self._valid: torch.Tensor | None = None  # [B, Hkv, stored] False at padding not yet compressed away
+
+    def prefill(self, k: torch.Tensor, v: torch.Tensor, *, scores: torch.Tensor, valid: torch.Tensor | None = None,
+                **metadata) -> None:
+        """Store a prompt (or a streaming chunk) and compress the layer to its budget.
+
+        Args:
+            k, v: ``[B, Hkv, T, D]`` the chunk's keys (RoPE applied) and values.
+            scores: ``[B, Hkv, T]`` float32 window scores of these tokens (:func:`acckv_triton.window_scores`).
+            valid: optional ``[B, T]`` or ``[B, Hkv, T]`` bool, False at left padding (never kept, not counted in
+                the budget).
+            metadata: ``modality``, ``time``, ``spatial``, ``position`` as :meth:`LayerKVCache.append` takes them.
+        """
+        B, Hkv, T = k.shape[:3]
+        if not isinstance(scores, torch.Tensor) or tuple(scores.shape) != (B, Hkv, T):
+            raise ValueError(f"scores must be a [B, Hkv, T] = {(B, Hkv, T)} tensor, got "
+                             f"{tuple(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__}")
+        if valid is None:
+            valid = torch.ones(B, Hkv, T, dtype=torch.bool, device=k.device)
+        elif valid.dim() == 2:
+            valid = valid[:, None, :].expand(B, Hkv, T)
+        if tuple(valid.shape) != (B, Hkv, T) or valid.dtype != torch.bool:
+            raise ValueError(f"valid must be a bool [B, T] or [B, Hkv, T] tensor for {(B, Hkv, T)}, "
+                             f"got {tuple(valid.shape)} {valid.dtype}")
+        before = None if self.store.lengths is None else self.store.lengths.long().clone()
+        self.store.append(k, v, token_mass=torch.where(valid, scores.float(), 0.0), **metadata)
+        if self._valid is not None or not bool(valid.all()):
+            self._mark_valid(before, valid)
+        chunk = valid.sum(-1)
+        self.prompt_tokens = chunk if self.prompt_tokens is None else self.prompt_tokens + chunk
+        self.window = (self.store.seen - self.cfg.window, self.store.seen)
+        self.target = budget_tokens(self.cfg, self.prompt_tokens, self.layer, self.num_layers)
+        self.compress()
+
+    def _mark_valid(self, before: torch.Tensor | None, valid: torch.Tensor) -> None:
+        """Record which stored slots are padding (until a compression drops them); rows may be ragged."""
+        B, Hkv, T = valid.shape
+        marks = torch.ones(B, Hkv, self.store.max_length, dtype=torch.bool, device=valid.device)
+        if self._valid is not None:
+            marks[..., :self._valid.shape[-1]] = self._valid
+        start = before if before is not None else torch.zeros(B, Hkv, dtype=torch.long, device=valid.device)
+        marks.scatter_(2, start[..., None] + torch.arange(T, device=valid.device), valid)
+        self._valid = marks
+
+    def append(self, k: torch.Tensor, v: torch.Tensor, **metadata) -> None:
+        """Store decode tokens ``[B, Hkv, T, D]``; re-compress once a row holds more than budget + slack."""
+        self.store.append(k, v, **metadata)
+        if self.target is not None and self.needs_upkeep():
+            self.compress()
+
+    def needs_upkeep(self) -> bool:
+        """True when some row holds more than its budget plus ``cfg.slack`` tokens (one host sync)."""
+        return not self.cfg.is_full and bool((self.store.lengths.long() > self.target + self.cfg.slack).any())
+
+    def compress(self) -> None:
+        """Run the policy on the stored tokens and apply its plan (nothing to do at budget 1.0 / method full)."""
+        st = self.store
+        if self.cfg.is_full or st.k is None:
+            return
+        w = st.max_length
+        x = LayerTokens(
+            scores=st.token_mass[:, :, :w], modality=st.modality[:, :, :w], lengths=st.lengths,
+            time=st.time[:, :, :w], keys=st.k[:, :, :w], spatial=st.spatial[:, :, :w],
+            window=(st.position[:, :, :w] >= self.window[0]) & (st.position[:, :, :w] < self.window[1]),
+            valid=None if self._valid is None else self._valid[..., :w],
+        )
+        self.last = plan_layer(self.cfg, x, self.layer, self.num_layers, target=self.target)
+        st.compress(self.last.plan, check_plan=False)
+        self._valid = None
+        self.compressions += 1
+
+    def decode_attention(self, q: torch.Tensor, *, scale: float | None = None) -> DecodeAttentionOutput:
+        """Attend over the stored tokens and accumulate their decode mass (see :meth:`LayerKVCache.decode_attention`)."""
+        return self.store.decode_attention(q, scale=scale)

@@ -1,0 +1,97 @@
+"""BudgetedLayerCache: prefill compression, decode-time upkeep within budget + slack, streaming, padding."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from acckv_triton import reference, workloads
+from acckv_triton.cache import BudgetedLayerCache
+from acckv_triton.config import AccKVConfig
+from tests.conftest import DEVICE
+
+W = workloads.generate_av_workload(num_chunks=3, grid_h=4, grid_w=4, batch=2, num_layers=2, seed=3)
+N = W.num_tokens
+LT = W.layers[1]
+META = dict(modality=W.modality, time=W.time, spatial=W.spatial)
+
+
+def prefilled(cfg, valid=None, upto=N):
+    cache = BudgetedLayerCache(cfg, layer=1, num_layers=2)
+    s = reference.window_scores(LT.q_window, LT.k, modality=W.token_modality()).scores
+    cache.prefill(LT.k[:, :, :upto].to(DEVICE), LT.v[:, :, :upto].to(DEVICE), scores=s[:, :, :upto].to(DEVICE),
+                  valid=valid, **{n: x[:upto] for n, x in META.items()})
+    return cache
+
+
+def test_prefill_compresses_to_budget_and_releases_memory():
+    cache = prefilled(AccKVConfig(budget=0.25))
+    want = -(-N // 4)
+    assert torch.equal(cache.store.lengths.long(), torch.full((2, 2), want))
+    assert cache.store.capacity < N and cache.compressions == 1
+    assert cache.store.proportional  # AccKV weighs merged slots by their multiplicity
+    held = cache.store.multiplicity[:, :, :want].sum(-1)
+    assert torch.all(held >= want) and torch.all(held <= N)  # merged slots hold several tokens
+
+
+@pytest.mark.parametrize("cfg", [
+    pytest.param(AccKVConfig(budget=0.2, slack=16), id="acckv"),
+    pytest.param(AccKVConfig(budget=0.2, slack=16, method="h2o"), id="h2o"),
+])
+def test_decode_upkeep_holds_budget_plus_slack(cfg):
+    cache = prefilled(cfg)
+    target = cache.target.clone()
+    window = torch.arange(N - cfg.window, N)
+    g = torch.Generator().manual_seed(0)
+    Hq, D = W.config.num_query_heads, W.config.head_dim
+    for step in range(40):
+        q = torch.randn(2, Hq, D, generator=g).to(DEVICE)
+        res = cache.decode_attention(q)
+        assert torch.isfinite(res.out).all()
+        kv = torch.randn(2, 2, 1, D, generator=g).to(DEVICE)
+        cache.append(kv, kv.clone())
+        lengths = cache.store.lengths.long()
+        assert torch.all(lengths <= target + cfg.slack)
+    assert cache.compressions >= 2  # prefill plus at least one upkeep
+    assert not cache.store.proportional or cfg.method == "acckv"
+    for b in range(2):
+        for h in range(2):
+            pos = cache.store.position[b, h, :int(cache.store.lengths[b, h])].cpu()
+            if cfg.method == "acckv":
+                assert torch.isin(window, pos).all()  # the question stays protected
+            assert int(pos.max()) == N + 39  # the newest decode token is kept (recent)
+            assert torch.all(pos[1:] > pos[:-1])  # slots stay in original order
+
+
+def test_budget_one_never_compresses():
+    cache = prefilled(AccKVConfig(budget=1.0))
+    assert cache.compressions == 0 and torch.all(cache.store.lengths == N)
+
+
+def test_streaming_chunks_raise_the_budget():
+    cfg = AccKVConfig(budget=0.25)
+    cache = BudgetedLayerCache(cfg, layer=1, num_layers=2)
+    s = reference.window_scores(LT.q_window, LT.k, modality=W.token_modality()).scores
+    half = N // 2
+    for lo, hi in ((0, half), (half, N)):
+        cache.prefill(LT.k[:, :, lo:hi].contiguous(), LT.v[:, :, lo:hi].contiguous(), scores=s[:, :, lo:hi],
+                      **{n: x[lo:hi] for n, x in META.items()})
+        assert torch.equal(cache.store.lengths.long(), torch.full((2, 2), -(-hi // 4)))
+    assert cache.store.seen == N
+
+
+def test_left_padding_is_dropped_and_not_budgeted():
+    valid = torch.ones(2, N, dtype=torch.bool)
+    valid[0, :30] = False  # sequence 0 is left-padded by 30 slots
+    cache = prefilled(AccKVConfig(budget=0.5), valid=valid)
+    assert cache.store.lengths[0].tolist() == [-(-(N - 30) // 2)] * 2
+    assert cache.store.lengths[1].tolist() == [-(-N // 2)] * 2
+    pos0 = cache.store.position[0, :, :int(cache.store.lengths[0, 0])]
+    assert int(pos0.min()) >= 30
+
+
+def test_prefill_rejects_bad_scores():
+    cache = BudgetedLayerCache(AccKVConfig())
+    with pytest.raises(ValueError, match="scores must be a"):
+        cache.prefill(LT.k, LT.v, scores=torch.zeros(2, 2, 5))
+    with pytest.raises(TypeError, match="cfg must be an AccKVConfig"):
+        BudgetedLayerCache({"budget": 0.5})
