@@ -334,7 +334,7 @@ class LayerKVCache:
 class BudgetedLayerCache:
     """One layer's KV cache held at an AccKV budget: compressed after prefill, re-compressed as decoding grows it.
 
-    The budget is ``cfg.layer_budget`` of the prompt tokens seen so far per (b, kv head) (padding excluded). Each
+    The budget is :func:`~acckv_triton.policy.budget_tokens` of the prompt tokens seen so far per (b, kv head) (padding excluded). Each
     token's ``token_mass`` starts at its prefill window score and accumulates decode attention mass through
     :meth:`decode_attention`; re-compression ranks by that blend (window queries and decode steps weigh alike, one
     unit of mass per query head each). Streaming chunks go through :meth:`prefill` again and raise the budget with

@@ -1,7 +1,6 @@
 """``AccKVConfig``: every switch and constant of the method, with the defaults docs/algorithm.md documents."""
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, fields, replace
 
 __all__ = ["AccKVConfig", "METHODS"]
@@ -40,7 +39,7 @@ class AccKVConfig:
     time_bin: int = 50  # time bin in TMRoPE units (25 per second): 2 s, Qwen2.5-Omni's chunk
     sink: int = 4  # S: first tokens always kept
     recent: int = 32  # R: most recent tokens always kept (decode and streaming)
-    protect_text: bool = True  # keep every text token of a prompt that has audio/video/image tokens
+    protect_text: bool = False  # keep every text token of an AV prompt (the question is the window, kept anyway)
     slack: int = 64  # decode/streaming: re-compress once a head holds budget + slack tokens
     head_renorm: bool = False  # Step 2.3: renormalise scores per head
     video_from_layer: int | None = None  # depth prior: video is high-priority from this layer on (off: None)
@@ -84,17 +83,6 @@ class AccKVConfig:
     def is_full(self) -> bool:
         """True when nothing is evicted: method "full" or a budget of 1.0 keeps the exact model."""
         return self.method == "full" or (isinstance(self.budget, float) and self.budget >= 1.0)
-
-    def layer_budget(self, prompt_length: int, layer: int, num_layers: int) -> int:
-        """Tokens kept per (b, kv head) in ``layer`` for a prompt of ``prompt_length`` valid tokens."""
-        if self.is_full:
-            return prompt_length
-        base = math.ceil(self.budget * prompt_length) if isinstance(self.budget, float) else self.budget
-        if self.layer_budgets == "pyramid" or self.method == "pyramidkv":
-            p = self.pyramid_strength
-            frac = 1.0 if num_layers <= 1 else 1.0 + p * (1.0 - 2.0 * layer / (num_layers - 1))
-            base = math.ceil(base * frac)
-        return max(0, min(prompt_length, base))
 
     @property
     def uses_multiplicity(self) -> bool:

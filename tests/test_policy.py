@@ -64,7 +64,7 @@ def test_full_budget_keeps_everything(budget):
 
 
 def test_protected_tokens_are_kept():
-    cfg = AccKVConfig(budget=0.3)
+    cfg = AccKVConfig(budget=0.3, protect_text=True)
     x = tokens()
     kept = kept_mask(plan_layer(cfg, x, 1, 2).plan)
     text = W.modality == Modality.TEXT
@@ -79,7 +79,7 @@ def test_protected_tokens_are_kept():
 
 
 def test_protection_beyond_budget_keeps_priority_order():
-    cfg = AccKVConfig(budget=12)  # fewer slots than sinks + window + text
+    cfg = AccKVConfig(budget=12, protect_text=True)  # fewer slots than sinks + window + text
     kept = kept_mask(plan_layer(cfg, tokens(), 1, 2).plan)
     assert torch.all(kept[..., :cfg.sink])  # sinks first
     assert torch.all(kept[..., N - 8:])  # then the newest window tokens
