@@ -47,3 +47,38 @@ def test_cli_writes_json_and_csv(tmp_path, capsys):
     rows = results["tables"]["decode_accuracy"]
     assert rows and all(r["max|Δlse|"] < 1e-4 for r in rows)
     assert (tmp_path / "decode_accuracy.csv").read_text().startswith("dtype,")
+
+
+def test_av_fidelity_through_the_kernels():
+    from acckv_triton import workloads
+    from acckv_triton.bench import av
+    from acckv_triton.config import AccKVConfig
+
+    w = workloads.generate_av_workload(num_chunks=2, grid_h=4, grid_w=4, num_decode_queries=4, num_layers=2)
+    scores, full = av.prefill_scores(w), av.full_outputs(w)
+    exact = av.evaluate(w, AccKVConfig(budget=1.0), scores, full)
+    assert exact["out err"] < 1e-5 and exact["recall"] == 1.0 and exact["KV kept %"] == 100.0
+    rows = av.fidelity_rows(w, budgets=(0.25,))
+    names = [r["method"] for r in rows]
+    assert names[0] == "acckv" and {"snapkv", "h2o", "streaming", "pyramidkv", "lookm"} <= set(names)
+    assert all(abs(r["KV kept %"] - 25.0) < 1.0 for r in rows if r["method"] != "pyramidkv")
+    by = {r["method"]: r for r in rows}
+    assert by["streaming"]["out err"] > by["acckv"]["out err"]  # sinks + recent lose the planted events
+
+
+def test_memory_rows_follow_the_budget():
+    from acckv_triton.bench import av
+
+    rows = av.memory_rows(prompt_tokens=32768, budgets=(0.5, 0.1))
+    full = 28 * 4 * 32768 * 2 * 128 * 2 / 2**30
+    assert abs(rows[0]["full KV GiB"] - full) < 1e-9
+    assert rows[0]["kept tokens"] == 16384 and rows[1]["kept tokens"] == 3277
+    assert 40 < rows[0]["saved %"] < 50 < 85 < rows[1]["saved %"] < 90  # metadata and headroom cost a little
+
+
+def test_cli_fidelity_suite(tmp_path, capsys):
+    assert main(["--suite", "fidelity", "--quick", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "AV workload fidelity" in out and "Focusing shares" in out and "Memory held" in out
+    results = json.loads((tmp_path / "bench.json").read_text())
+    assert len(results["tables"]["av_fidelity"]) == 3 * 11

@@ -1,9 +1,16 @@
-"""``python -m acckv_triton.bench``: what the kernels cost and how exact they are, on the machine at hand.
+"""``python -m acckv_triton.bench``: what KV compression buys, and what the kernels cost, on the machine at hand.
 
-With no GPU the kernels run through Triton's interpreter at small sizes against their float64 references, and
-no timing is printed (interpreter timings say nothing about GPU speed). With a GPU the decode kernel is swept
-over batch, heads and length, against SDPA and an SDPA-plus-eager-score baseline, relative to the measured copy
-bandwidth.
+Suites:
+  kernels   every kernel against its float64 reference; on a GPU also the decode sweep against SDPA and against
+            SDPA plus an eager score pass, relative to the measured copy bandwidth
+  fidelity  AccKV, each of its ablations and the baselines (SnapKV, PyramidKV, H2O, LOOK-M, StreamingLLM) at
+            budgets 50/25/10% on a synthetic audio-video workload laid out like Qwen2.5-Omni, through the kernels:
+            decode-output error, salient-token recall, attention mass kept, KV kept; the per-layer modality
+            shares (observation O1); and the bytes a compressed cache holds for real model shapes
+  all       both (the default)
+
+With no GPU the kernels run through Triton's interpreter at small sizes and no timing is printed: interpreter
+time says nothing about GPU speed.
 """
 from __future__ import annotations
 
@@ -17,11 +24,11 @@ import torch
 from tabulate import tabulate
 
 from ..tuning import INTERPRET
-from . import decode
+from . import av, decode
 from .machine import machine_header
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-SUITES = ("kernels", "all")
+SUITES = ("kernels", "fidelity", "all")
 
 
 def _ints(text: str) -> list[int]:
@@ -34,9 +41,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--suite", choices=SUITES, default="all",
-                   help="kernels: kernel accuracy (and GPU speed sweeps); all: every suite available")
-    p.add_argument("--quick", action="store_true", help="fewer shapes: one batch, one head layout, two lengths")
+    p.add_argument("--suite", choices=SUITES, default="all", help="which suite to run (see above)")
+    p.add_argument("--quick", action="store_true",
+                   help="fewer shapes: one batch, one head layout, two lengths; a smaller AV workload")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="dtype of the GPU speed sweep")
     p.add_argument("--lengths", type=_ints, default=None, help="comma-separated cache lengths for the GPU sweep")
     p.add_argument("--batch", type=_ints, default=None, help="comma-separated batch sizes for the GPU sweep")
@@ -44,12 +51,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _progress(items):
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return items
-    return tqdm(list(items), desc="decode sweep", leave=False, file=sys.stderr)
+def _progress(desc):
+    def wrap(items):
+        try:
+            from tqdm import tqdm
+        except ImportError:
+            return items
+        return tqdm(list(items), desc=desc, leave=False, file=sys.stderr)
+    return wrap
 
 
 def _table(title: str, rows: list[dict]) -> str:
@@ -70,6 +79,26 @@ def _write(out: Path, results: dict) -> None:
             w.writerows(rows)
 
 
+def _fidelity(args, device, tables) -> None:
+    from ..workloads import generate_av_workload
+
+    size = dict(num_chunks=4, grid_h=4, grid_w=4, num_decode_queries=8) if args.quick else \
+        dict(num_chunks=6, num_decode_queries=8)
+    w = av.workload_to(generate_av_workload(**size), device)
+    cfg = w.config
+    shape = (f"N={w.num_tokens} tokens ({cfg.num_chunks} chunks of 2 s: {cfg.video_per_chunk} video + "
+             f"{cfg.audio_per_chunk} audio), {cfg.num_layers} layers, {cfg.num_kv_heads} kv heads x G={cfg.group_size}, "
+             f"D={cfg.head_dim}, {cfg.num_decode_queries} decode queries, {str(cfg.dtype).removeprefix('torch.')}")
+    tables["av_fidelity"] = av.fidelity_rows(w, progress=_progress("AV fidelity"))
+    print(_table(f"AV workload fidelity per budget (lower out err is better; {shape})", tables["av_fidelity"]))
+    tables["modality_shares"] = av.modality_share_rows(w)
+    print(_table("Focusing shares per layer (observation O1: higher layers shift toward video)",
+                 tables["modality_shares"]))
+    tables["memory"] = av.memory_rows()
+    print(_table("Memory held per sequence at a 32k-token prompt (bf16; K, V and AccKV metadata)",
+                 tables["memory"]))
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     device = torch.device("cuda") if torch.cuda.is_available() and not INTERPRET else torch.device("cpu")
@@ -81,15 +110,19 @@ def main(argv=None) -> int:
     if device.type != "cuda":
         print("\nNo GPU: kernels run through Triton's interpreter on small shapes. These are accuracy checks;"
               " no timing is reported because interpreter time says nothing about GPU speed.")
-    tables["decode_accuracy"] = decode.accuracy_rows(device, DTYPES.values())
-    print(_table("decode_attention vs float64 reference (max abs error)", tables["decode_accuracy"]))
+    if args.suite in ("fidelity", "all"):
+        _fidelity(args, device, tables)
+    if args.suite in ("kernels", "all"):
+        tables["decode_accuracy"] = decode.accuracy_rows(device, DTYPES.values())
+        print(_table("decode_attention vs float64 reference (max abs error)", tables["decode_accuracy"]))
 
-    if device.type == "cuda":
+    if device.type == "cuda" and args.suite in ("kernels", "all"):
         batches = args.batch or ((1,) if args.quick else decode.DEFAULT_BATCHES)
         heads = decode.DEFAULT_HEADS[:1] if args.quick else decode.DEFAULT_HEADS
         lengths = args.lengths or ((4096, 32768) if args.quick else decode.DEFAULT_LENGTHS)
         tables["decode_speed"] = decode.speed_rows(
-            device, DTYPES[args.dtype], batches, heads, lengths, copy_gbs=header.get("copy_gbs"), progress=_progress,
+            device, DTYPES[args.dtype], batches, heads, lengths, copy_gbs=header.get("copy_gbs"),
+            progress=_progress("decode sweep"),
         )
         print(_table(f"decode_attention speed ({args.dtype}, D=128; bandwidth over K/V + q + out bytes)",
                      tables["decode_speed"]))

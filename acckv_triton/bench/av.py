@@ -1,0 +1,178 @@
+"""The audio-video fidelity suite: every method at equal budgets on the synthetic AV workload, through the kernels.
+
+Per layer the prefill scores come from ``window_scores`` (computed once, shared by every method), the policy emits a
+plan, ``compact_kv`` applies it out of place, and ``decode_attention`` (with multiplicity where the method weighs
+merged slots) answers the workload's decode queries on the compressed cache. Rows report, averaged over layers:
+    out err       relative L2 error of the decode attention output against the full cache (float64 reference)
+    recall        share of the planted salient tokens kept or merged into a kept slot
+    mass          share of the full cache's decode attention mass that falls on kept or merged tokens
+    KV kept %     bytes of K/V stored after compression relative to the full cache
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Iterable
+
+import torch
+
+from .. import reference, workloads
+from ..config import AccKVConfig
+from ..ops import compact_kv, decode_attention, window_scores
+from ..policy import LayerTokens, budget_tokens, plan_layer
+
+DEFAULT_BUDGETS = (0.5, 0.25, 0.1)
+
+
+def method_configs(budget: float | int, base: AccKVConfig | None = None) -> dict[str, AccKVConfig]:
+    """AccKV, each ablation and every baseline at ``budget``, by display name."""
+    base = (base or AccKVConfig()).replace(budget=budget)
+    configs = {"acckv": base, **base.ablations()}
+    for method in ("snapkv", "pyramidkv", "h2o", "lookm", "streaming"):
+        configs[method] = base.replace(method=method)
+    return configs
+
+
+def workload_to(w: workloads.AVWorkload, device: torch.device) -> workloads.AVWorkload:
+    """The same workload with every tensor on ``device`` (the kernels need CUDA tensors on a GPU)."""
+    moved = {name: getattr(w, name).to(device) for name in ("modality", "time", "spatial", "position", "chunk", "event")}
+    layers = [workloads.LayerTrace(*(t.to(device) for t in (lt.k, lt.v, lt.q_window, lt.q_decode))) for lt in w.layers]
+    return dataclasses.replace(w, **moved, layers=layers)
+
+
+def layer_inputs(w: workloads.AVWorkload, layer: int, scores: torch.Tensor) -> LayerTokens:
+    """The policy's view of one workload layer (metadata broadcast over batch and kv heads)."""
+    cfg = w.config
+    B, H, N = cfg.batch, cfg.num_kv_heads, w.num_tokens
+    lt = w.layers[layer]
+    return LayerTokens(
+        scores=scores,
+        modality=w.token_modality(),
+        lengths=torch.full((B, H), N, dtype=torch.int32, device=lt.k.device),
+        time=w.time.view(1, 1, N).expand(B, H, N).to(torch.int32),
+        keys=lt.k,
+        spatial=w.spatial.view(1, 1, N, 2).expand(B, H, N, 2).to(torch.int32),
+    )
+
+
+def prefill_scores(w: workloads.AVWorkload) -> list[torch.Tensor]:
+    """Window scores of every layer, from the ``window_scores`` kernel."""
+    mod = w.token_modality()
+    return [window_scores(lt.q_window, lt.k, modality=mod).scores for lt in w.layers]
+
+
+def _decode_on(k, v, lengths, q_decode, multiplicity=None) -> torch.Tensor:
+    """Decode outputs ``[B, Hq, Qd, D]`` for every decode query, as one kernel call over a batch of B*Qd."""
+    B, Hq, Qd, D = q_decode.shape
+    fold = lambda x: x.unsqueeze(1).expand(-1, Qd, *x.shape[1:]).reshape(B * Qd, *x.shape[1:])  # noqa: E731
+    q = q_decode.permute(0, 2, 1, 3).reshape(B * Qd, Hq, D).contiguous()
+    res = decode_attention(q, fold(k), fold(v), fold(lengths).contiguous(),
+                           multiplicity=None if multiplicity is None else fold(multiplicity))
+    return res.out.view(B, Qd, Hq, D).permute(0, 2, 1, 3)
+
+
+def full_outputs(w: workloads.AVWorkload) -> list[torch.Tensor]:
+    """Float64 reference decode outputs ``[B, Hq, Qd, D]`` of every layer on the full cache."""
+    outs = []
+    for lt in w.layers:
+        full = torch.full(lt.k.shape[:2], lt.k.shape[2], dtype=torch.int32, device=lt.k.device)
+        outs.append(torch.stack([reference.decode_attention(lt.q_decode[:, :, j].double(), lt.k.double(),
+                                                            lt.v.double(), full).out
+                                 for j in range(lt.q_decode.shape[2])], dim=2))
+    return outs
+
+
+def evaluate(w: workloads.AVWorkload, cfg: AccKVConfig, scores: list[torch.Tensor],
+             full_out: list[torch.Tensor] | None = None) -> dict:
+    """Compress every layer of ``w`` with ``cfg`` and measure fidelity against the full cache.
+
+    ``scores`` are the layers' prefill window scores (:func:`prefill_scores`); ``full_out`` the reference outputs
+    (:func:`full_outputs`), computed here when not given.
+    """
+    full_out = full_out if full_out is not None else full_outputs(w)
+    B, H, N, D = w.layers[0].k.shape
+    dev = w.layers[0].k.device
+    num_layers = len(w.layers)
+    errs, recalls, masses, kept, merged = [], [], [], [], []
+    rho = []
+    for layer, lt in enumerate(w.layers):
+        x = layer_inputs(w, layer, scores[layer])
+        res = plan_layer(cfg, x, layer, num_layers)
+        plan = res.plan
+        K = plan.keep.shape[-1]
+        k_c = torch.zeros(B, H, K, D, dtype=lt.k.dtype, device=dev)
+        v_c = torch.zeros_like(k_c)
+        pos = torch.arange(N, dtype=torch.int32, device=dev).expand(B, H, N).contiguous()
+        count = torch.ones(B, H, N, device=dev)
+        pos_c = torch.zeros(B, H, K, dtype=torch.int32, device=dev)
+        count_c = torch.zeros(B, H, K, device=dev)
+        compact_kv(lt.k, lt.v, x.lengths, plan.keep, plan.keep_lengths, out_k=k_c, out_v=v_c,
+                   merge_target=plan.merge_target, merge_weight=plan.merge_weight,
+                   token_data=(pos,), token_sums=(count,), out_token_data=(pos_c,), out_token_sums=(count_c,))
+        lens = plan.keep_lengths
+        mult = count_c if cfg.uses_multiplicity else None
+        out_c = _decode_on(k_c, v_c, lens, lt.q_decode, mult).double()
+        out = full_out[layer]
+        errs.append(float(((out_c - out).norm(dim=-1) / out.norm(dim=-1)).mean()))
+        recalls.append(float(workloads.salient_recall(w.salient, pos_c, lens, merged_into=plan.merge_target)))
+        masses.append(float(workloads.attention_mass_retained(lt.q_decode, lt.k, pos_c, lens,
+                                                              merged_into=plan.merge_target)))
+        kept.append(float(lens.double().mean()))
+        merged.append(float(res.merged.double().mean()))
+        rho.append(res.rho.mean(0))
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    return {"out err": mean(errs), "recall": mean(recalls), "mass": mean(masses),
+            "KV kept %": 100.0 * mean(kept) / N, "merged/head": mean(merged), "rho": torch.stack(rho)}
+
+
+def fidelity_rows(w: workloads.AVWorkload, budgets: Iterable[float] = DEFAULT_BUDGETS,
+                  progress: Callable[[Iterable], Iterable] = lambda x: x) -> list[dict]:
+    """One row per (budget, method): fidelity and bytes kept on the workload ``w``."""
+    scores, full_out = prefill_scores(w), full_outputs(w)
+    jobs = [(b, name, cfg) for b in budgets for name, cfg in method_configs(b).items()]
+    rows = []
+    for budget, name, cfg in progress(jobs):
+        r = evaluate(w, cfg, scores, full_out)
+        rows.append({"budget": budget, "method": name, **{k: v for k, v in r.items() if k != "rho"}})
+    return rows
+
+
+def modality_share_rows(w: workloads.AVWorkload) -> list[dict]:
+    """Observation O1 measured: per layer, the focusing shares ρ(audio), ρ(video) and the window mass shares."""
+    from ..modality import Modality
+
+    scores = prefill_scores(w)
+    rows = []
+    for layer in range(len(w.layers)):
+        res = plan_layer(AccKVConfig(), layer_inputs(w, layer, scores[layer]), layer, len(w.layers))
+        rho = res.rho.mean(0)
+        rows.append({"layer": layer, "rho audio": float(rho[Modality.AUDIO]), "rho video": float(rho[Modality.VIDEO]),
+                     "priority": Modality(int(res.priority[0])).name.lower() if int(res.priority[0]) >= 0 else "-"})
+    return rows
+
+
+# (name, layers, kv heads, head dim) of the models whose KV memory the memory table states, bf16.
+MODEL_SHAPES = (("Qwen2.5-Omni-7B thinker", 28, 4, 128), ("Qwen2.5-Omni-3B thinker", 36, 2, 128))
+
+
+def memory_rows(prompt_tokens: int = 32768, budgets: Iterable[float] = DEFAULT_BUDGETS) -> list[dict]:
+    """Bytes a compressed cache holds per sequence for real model shapes against the full bf16 KV.
+
+    Held bytes count what a :class:`~acckv_triton.cache.LayerKVCache` allocates after compression: the kept tokens
+    plus the decode headroom (rounded to its alignment), with K, V and every metadata field of each token.
+    """
+    from ..cache import LayerKVCache
+
+    rows = []
+    for name, layers, hkv, d in MODEL_SHAPES:
+        probe = LayerKVCache()
+        probe.append(torch.zeros(1, 1, 1, d, dtype=torch.bfloat16), torch.zeros(1, 1, 1, d, dtype=torch.bfloat16))
+        per_token = probe.bytes_per_token  # K, V and the AccKV metadata of one token of one kv head
+        full = layers * hkv * prompt_tokens * 2 * d * 2
+        for budget in budgets:
+            kept = budget_tokens(AccKVConfig(budget=budget), torch.tensor(prompt_tokens), 0, 1).item()
+            allocated = -(-(kept + probe.headroom) // probe.align) * probe.align  # capacity after compress
+            held = layers * hkv * allocated * per_token
+            rows.append({"model": name, "prompt": prompt_tokens, "budget": budget, "kept tokens": kept,
+                         "full KV GiB": full / 2**30, "held GiB": held / 2**30,
+                         "saved %": 100.0 * (1 - held / full)})
+    return rows
