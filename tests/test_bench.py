@@ -82,3 +82,4 @@ def test_cli_fidelity_suite(tmp_path, capsys):
     assert "AV workload fidelity" in out and "Focusing shares" in out and "Memory held" in out
     results = json.loads((tmp_path / "bench.json").read_text())
     assert len(results["tables"]["av_fidelity"]) == 3 * 11
+    assert "AV workload fidelity" in (tmp_path / "bench.md").read_text()  # the printed report, kept

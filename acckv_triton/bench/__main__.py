@@ -61,6 +61,15 @@ def _progress(desc):
     return wrap
 
 
+_REPORT: list[str] = []
+
+
+def _say(text: str) -> None:
+    """Print a block of the report and keep it for ``bench.md``."""
+    print(text)
+    _REPORT.append(text)
+
+
 def _table(title: str, rows: list[dict]) -> str:
     floatfmt = ".3g"
     return f"\n## {title}\n" + tabulate(rows, headers="keys", floatfmt=floatfmt, tablefmt="github")
@@ -69,6 +78,7 @@ def _table(title: str, rows: list[dict]) -> str:
 def _write(out: Path, results: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.json").write_text(json.dumps(results, indent=2, default=str))
+    (out / "bench.md").write_text("\n".join(_REPORT) + "\n")
     for name, rows in results["tables"].items():
         if not rows:
             continue
@@ -90,31 +100,32 @@ def _fidelity(args, device, tables) -> None:
              f"{cfg.audio_per_chunk} audio), {cfg.num_layers} layers, {cfg.num_kv_heads} kv heads x G={cfg.group_size}, "
              f"D={cfg.head_dim}, {cfg.num_decode_queries} decode queries, {str(cfg.dtype).removeprefix('torch.')}")
     tables["av_fidelity"] = av.fidelity_rows(w, progress=_progress("AV fidelity"))
-    print(_table(f"AV workload fidelity per budget (lower out err is better; {shape})", tables["av_fidelity"]))
+    _say(_table(f"AV workload fidelity per budget (lower out err is better; {shape})", tables["av_fidelity"]))
     tables["modality_shares"] = av.modality_share_rows(w)
-    print(_table("Focusing shares per layer (observation O1: higher layers shift toward video)",
+    _say(_table("Focusing shares per layer (observation O1: higher layers shift toward video)",
                  tables["modality_shares"]))
     tables["memory"] = av.memory_rows()
-    print(_table("Memory held per sequence at a 32k-token prompt (bf16; K, V and AccKV metadata)",
+    _say(_table("Memory held per sequence at a 32k-token prompt (bf16; K, V and AccKV metadata)",
                  tables["memory"]))
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    _REPORT.clear()
     device = torch.device("cuda") if torch.cuda.is_available() and not INTERPRET else torch.device("cpu")
     header = machine_header(device)
-    print("# acckv_triton bench")
-    print(tabulate(list(header.items()), tablefmt="plain"))
+    _say("# acckv_triton bench")
+    _say(tabulate(list(header.items()), tablefmt="plain"))
     tables: dict[str, list[dict]] = {}
 
     if device.type != "cuda":
-        print("\nNo GPU: kernels run through Triton's interpreter on small shapes. These are accuracy checks;"
+        _say("\nNo GPU: kernels run through Triton's interpreter on small shapes. These are accuracy checks;"
               " no timing is reported because interpreter time says nothing about GPU speed.")
     if args.suite in ("fidelity", "all"):
         _fidelity(args, device, tables)
     if args.suite in ("kernels", "all"):
         tables["decode_accuracy"] = decode.accuracy_rows(device, DTYPES.values())
-        print(_table("decode_attention vs float64 reference (max abs error)", tables["decode_accuracy"]))
+        _say(_table("decode_attention vs float64 reference (max abs error)", tables["decode_accuracy"]))
 
     if device.type == "cuda" and args.suite in ("kernels", "all"):
         batches = args.batch or ((1,) if args.quick else decode.DEFAULT_BATCHES)
@@ -124,12 +135,12 @@ def main(argv=None) -> int:
             device, DTYPES[args.dtype], batches, heads, lengths, copy_gbs=header.get("copy_gbs"),
             progress=_progress("decode sweep"),
         )
-        print(_table(f"decode_attention speed ({args.dtype}, D=128; bandwidth over K/V + q + out bytes)",
+        _say(_table(f"decode_attention speed ({args.dtype}, D=128; bandwidth over K/V + q + out bytes)",
                      tables["decode_speed"]))
 
     if args.out:
         _write(args.out, {"header": header, "args": {k: str(v) for k, v in vars(args).items()}, "tables": tables})
-        print(f"\nwrote {args.out}/bench.json and one CSV per table")
+        print(f"\nwrote {args.out}/bench.json, bench.md and one CSV per table")
     return 0
 
 
