@@ -92,7 +92,7 @@ def _write(out: Path, results: dict) -> None:
 def _fidelity(args, device, tables) -> None:
     from ..workloads import generate_av_workload
 
-    size = dict(num_chunks=4, grid_h=4, grid_w=4, num_decode_queries=8) if args.quick else \
+    size = dict(num_chunks=3, grid_h=4, grid_w=4, num_decode_queries=4, num_layers=2) if args.quick else \
         dict(num_chunks=6, num_decode_queries=8)
     w = av.workload_to(generate_av_workload(**size), device)
     cfg = w.config
