@@ -83,3 +83,29 @@ def test_cli_fidelity_suite(tmp_path, capsys):
     results = json.loads((tmp_path / "bench.json").read_text())
     assert len(results["tables"]["av_fidelity"]) == 3 * 11
     assert "AV workload fidelity" in (tmp_path / "bench.md").read_text()  # the printed report, kept
+
+
+def test_prefill_cost_and_compaction_rows_with_a_stand_in_timer():
+    from acckv_triton.bench import prefill
+
+    def timer(fn):
+        fn()
+        return 4.0
+
+    (row,) = prefill.cost_rows(torch.device("cpu"), torch.float32, lengths=[400], heads=(4, 2), head_dim=32,
+                               window=8, timer=timer)
+    assert row["scores % attn"] == 100.0 and row["N"] == 400
+    (crow,) = prefill.compaction_rows(torch.device("cpu"), torch.float32, batches=[2], num_kv_heads=2, capacity=64,
+                                      head_dim=32, timer=timer, copy_gbs=10.0)
+    assert crow["kept"] == 16 and crow["compact_kv vs torch ×"] == 1.0
+    moved = 2 * 2 * 2 * 2 * 16 * 32 * 4
+    assert abs(crow["compact_kv GB/s"] - moved / 4e-3 / 1e9) < 1e-12
+
+
+def test_av_metadata_has_the_requested_length():
+    from acckv_triton.bench import prefill
+    from acckv_triton.modality import Modality
+
+    mod, time, spatial = prefill._av_metadata(1000, torch.device("cpu"))
+    assert mod.numel() == time.numel() == spatial.shape[0] == 1000
+    assert set(mod.unique().tolist()) == {int(Modality.TEXT), int(Modality.AUDIO), int(Modality.VIDEO)}

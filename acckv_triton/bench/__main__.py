@@ -24,7 +24,7 @@ import torch
 from tabulate import tabulate
 
 from ..tuning import INTERPRET
-from . import av, decode
+from . import av, decode, prefill
 from .machine import machine_header
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -137,6 +137,13 @@ def main(argv=None) -> int:
         )
         _say(_table(f"decode_attention speed ({args.dtype}, D=128; bandwidth over K/V + q + out bytes)",
                      tables["decode_speed"]))
+        tables["prefill_cost"] = prefill.cost_rows(device, DTYPES[args.dtype],
+                                                   lengths=(8192,) if args.quick else (8192, 32768))
+        _say(_table(f"End-of-prefill cost of AccKV per layer vs its SDPA causal attention ({args.dtype}, 28/4 heads, "
+                    "D=128, W=32, budget 20%)", tables["prefill_cost"]))
+        tables["compaction_speed"] = prefill.compaction_rows(device, DTYPES[args.dtype], copy_gbs=header.get("copy_gbs"))
+        _say(_table(f"Compaction ({args.dtype}, 4 kv heads, C=32k, keep 25%; GB/s over K/V rows read once and "
+                    "written once)", tables["compaction_speed"]))
 
     if args.out:
         _write(args.out, {"header": header, "args": {k: str(v) for k, v in vars(args).items()}, "tables": tables})

@@ -1,0 +1,117 @@
+"""What compression costs at the end of prefill, and how fast the compaction kernel moves bytes (GPU suite).
+
+``cost_rows``: per prompt length, one layer of a Qwen2.5-Omni-7B-shaped thinker (28/4 heads, D 128) with an AV
+token layout. It times the layer's causal prefill attention (SDPA, the baseline every ratio refers to), then what
+AccKV adds: ``window_scores`` (W = 32, with its own logsumexp pass), the policy (``plan_layer``) and ``compact_kv``
+into new storage. Targets: window scores <= 5% of the attention at 32k; the policy a few small kernels.
+
+``compaction_rows``: ``compact_kv`` (out of place, what the cache uses when it shrinks) and ``compact_kv_`` (in
+place, through a strip) on a random plan keeping 25% of every row, against ``torch.gather`` + ``copy_`` on the same
+plan, with GB/s over the minimal bytes (each kept K/V row read once and written once) and % of the copy bandwidth.
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+
+from .. import workloads
+from ..config import AccKVConfig
+from ..ops import compact_kv, compact_kv_, window_scores
+from ..policy import LayerTokens, plan_layer
+
+
+def _av_metadata(n: int, device: torch.device):
+    """Modality, time and (h, w) of an n-token AV prompt laid out as Qwen2.5-Omni lays it out (12x12 patches)."""
+    per_chunk = 2 * 12 * 12 + 50
+    cfg = workloads.AVWorkloadConfig(grid_h=12, grid_w=12, num_chunks=max(1, (n - 48) // per_chunk), num_events=0)
+    modality, time, spatial, *_ = workloads._layout(cfg, torch.Generator().manual_seed(0))
+    pad = n - modality.numel()  # fill up with text so the prompt has exactly n tokens
+    modality = torch.cat([modality, torch.zeros(pad, dtype=modality.dtype)])
+    time = torch.cat([time, time[-1] + 1 + torch.arange(pad)])
+    spatial = torch.cat([spatial, torch.full((pad, 2), -1, dtype=spatial.dtype)])
+    return modality.to(device), time.to(device), spatial.to(device)
+
+
+def cost_rows(device: torch.device, dtype: torch.dtype, lengths: Iterable[int] = (8192, 32768),
+              heads: tuple[int, int] = (28, 4), head_dim: int = 128, window: int = 32,
+              timer: Callable[[Callable], float] | None = None) -> list[dict]:
+    """Per prompt length: prefill attention time and AccKV's additions, each also as % of the attention."""
+    if timer is None:
+        from .machine import gpu_timer as timer
+    Hq, Hkv = heads
+    cfg = AccKVConfig(budget=0.2, window=window)
+    rows = []
+    for n in lengths:
+        g = torch.Generator(device=device).manual_seed(n)
+        q = torch.randn(1, Hq, n, head_dim, generator=g, device=device, dtype=dtype)
+        k = torch.randn(1, Hkv, n, head_dim, generator=g, device=device, dtype=dtype)
+        v = torch.randn_like(k)
+        modality, time, spatial = _av_metadata(n, device)
+        mod = modality.view(1, 1, n).expand(1, Hkv, n).contiguous()
+        t_attn = timer(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True))
+        t_scores = timer(lambda: window_scores(q[:, :, -window:], k, modality=mod))
+        scores = window_scores(q[:, :, -window:], k, modality=mod).scores
+        x = LayerTokens(scores=scores, modality=mod, lengths=torch.full((1, Hkv), n, dtype=torch.int32, device=device),
+                        time=time.view(1, 1, n).expand(1, Hkv, n).to(torch.int32), keys=k,
+                        spatial=spatial.view(1, 1, n, 2).expand(1, Hkv, n, 2).to(torch.int32))
+        t_policy = timer(lambda: plan_layer(cfg, x))
+        plan = plan_layer(cfg, x).plan
+        K = plan.keep.shape[-1]
+        out_k = torch.empty(1, Hkv, K, head_dim, device=device, dtype=dtype)
+        out_v = torch.empty_like(out_k)
+        t_compact = timer(lambda: compact_kv(k, v, x.lengths, plan.keep, plan.keep_lengths, out_k=out_k, out_v=out_v,
+                                             merge_target=plan.merge_target, merge_weight=plan.merge_weight,
+                                             check_plan=False))
+        rows.append({
+            "N": n, "Hq/Hkv": f"{Hq}/{Hkv}", "attention ms": t_attn,
+            "window_scores ms": t_scores, "scores % attn": 100 * t_scores / t_attn,
+            "policy ms": t_policy, "policy % attn": 100 * t_policy / t_attn,
+            "compact ms": t_compact, "compact % attn": 100 * t_compact / t_attn,
+        })
+    return rows
+
+
+def compaction_rows(device: torch.device, dtype: torch.dtype, batches: Iterable[int] = (1, 32), num_kv_heads: int = 4,
+                    capacity: int = 32768, head_dim: int = 128, keep_fraction: float = 0.25,
+                    timer: Callable[[Callable], float] | None = None, copy_gbs: float | None = None) -> list[dict]:
+    """compact_kv / compact_kv_ against torch.gather + copy_ on one random plan per batch size."""
+    if timer is None:
+        from .machine import gpu_timer as timer
+    rows = []
+    for B in batches:
+        Hkv, C, D = num_kv_heads, capacity, head_dim
+        K = max(1, int(C * keep_fraction))
+        g = torch.Generator(device=device).manual_seed(B)
+        k = torch.randn(B, Hkv, C, D, generator=g, device=device, dtype=dtype)
+        v = torch.randn_like(k)
+        keep = torch.rand(B, Hkv, C, generator=g, device=device).argsort(-1)[..., :K].sort(-1).values.to(torch.int32)
+        keep_lengths = torch.full((B, Hkv), K, dtype=torch.int32, device=device)
+        lengths = torch.full((B, Hkv), C, dtype=torch.int32, device=device)
+        out_k, out_v = torch.empty(B, Hkv, K, D, device=device, dtype=dtype), torch.empty(B, Hkv, K, D, device=device,
+                                                                                        dtype=dtype)
+        idx = keep.long()[..., None].expand(-1, -1, -1, D)
+
+        def torch_gather():
+            out_k.copy_(torch.gather(k, 2, idx))
+            out_v.copy_(torch.gather(v, 2, idx))
+
+        def in_place():
+            lengths.fill_(C)  # the previous call set lengths to K; the bytes moved are the same every time
+            compact_kv_(k, v, lengths, keep, keep_lengths, check_plan=False)
+
+        t_out = timer(lambda: compact_kv(k, v, lengths, keep, keep_lengths, out_k=out_k, out_v=out_v,
+                                         check_plan=False))
+        t_in = timer(in_place)
+        t_torch = timer(torch_gather)
+        moved = 2 * 2 * B * Hkv * K * D * dtype.itemsize  # K and V rows, each read once and written once
+        row = {"B": B, "Hkv": Hkv, "C": C, "kept": K, "compact_kv ms": t_out, "compact_kv_ ms": t_in,
+               "gather+copy ms": t_torch, "compact_kv GB/s": moved / (t_out * 1e-3) / 1e9,
+               "compact_kv_ GB/s": moved / (t_in * 1e-3) / 1e9, "compact_kv vs torch ×": t_torch / t_out}
+        if copy_gbs:
+            row["compact_kv % copy"] = 100 * row["compact_kv GB/s"] / copy_gbs
+            row["compact_kv_ % copy (4 passes: strip)"] = 100 * 2 * row["compact_kv_ GB/s"] / copy_gbs
+        rows.append(row)
+        del k, v, out_k, out_v
+    return rows
