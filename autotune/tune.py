@@ -27,7 +27,10 @@ import triton
 
 import acckv_triton as ak
 from acckv_triton import tuning
-from acckv_triton.ops import decode_attention as decode_module
+import importlib
+
+decode_module = importlib.import_module("acckv_triton.ops.decode_attention")  # the modules; the package exports
+window_module = importlib.import_module("acckv_triton.ops.window_scores")  # functions of the same names
 
 
 @dataclass
@@ -63,12 +66,33 @@ def _decode_keys(dtypes, head_dims, groups) -> list[dict]:
     return keys
 
 
+WINDOW = 32  # the observation window the tables are tuned for (AccKVConfig.window)
+
+
+def _window_call(key: dict, length: int, batch: int, device: torch.device) -> Callable[[], object]:
+    dtype = getattr(torch, key["dtype"])
+    D, G, Hkv = key["HEAD_DIM"], key["GROUP_SIZE"], 4
+    q = torch.randn(batch, Hkv * G, WINDOW, D, device=device, dtype=dtype)
+    k = torch.randn(batch, Hkv, length, D, device=device, dtype=dtype)
+    mod = torch.randint(0, ak.NUM_MODALITIES, (batch, Hkv, length), dtype=torch.uint8, device=device)
+    return lambda: ak.window_scores(q, k, modality=mod if key["HAS_MODALITY"] else None)
+
+
+def _window_keys(dtypes, head_dims, groups) -> list[dict]:
+    block_r = lambda g: min(64, max(16, 1 << (WINDOW * g - 1).bit_length()))  # noqa: E731  (the launcher's rule)
+    return [{"dtype": dtype, "HEAD_DIM": D, "GROUP_SIZE": G, "BLOCK_R": block_r(G), "HAS_MODALITY": True,
+             "HAS_KEY_START": False} for dtype, D, G in itertools.product(dtypes, head_dims, groups)]
+
+
 def targets(dtypes=("bfloat16", "float16"), head_dims=(64, 128), groups=(1, 2, 4, 7, 8)) -> list[Target]:
     """Every kernel the library tunes, with the keys worth tuning."""
     keys = _decode_keys(dtypes, head_dims, groups)
+    window_keys = _window_keys(dtypes, head_dims, groups)
     return [
         Target(decode_module._split_kernel, keys, _decode_call),
         Target(decode_module._mass_kernel, [k for k in keys if k["HAS_TOKEN_MASS"]], _decode_call),
+        Target(window_module._lse_kernel, window_keys, _window_call),
+        Target(window_module._scores_kernel, window_keys, _window_call),
     ]
 
 

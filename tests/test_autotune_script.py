@@ -38,3 +38,22 @@ def test_forcing_is_scoped():
     with _split_kernel.forcing(config):
         assert _split_kernel.resolve({}, None).config is config
     assert _split_kernel.resolve({}, None).source == "default"
+
+
+def test_window_scores_target_keys_match_the_launcher(monkeypatch):
+    """The key tune.py writes for window_scores is the key the launcher then looks up."""
+    target = next(t for t in tune.targets(dtypes=("float32",), head_dims=(64,), groups=(2,))
+                  if t.kernel.name == "window_scores")
+    looked_up = []
+    resolve = target.kernel.resolve
+
+    def recording_resolve(args, device_name):
+        looked_up.append(target.kernel.tuning_key(args))
+        return resolve(args, device_name)
+
+    monkeypatch.setattr(target.kernel, "resolve", recording_resolve)
+    entries = tune.tune_target(target, lengths=[64], batches=[1], device=torch.device("cpu"),
+                               timer=lambda call: (call(), 1.0)[1])
+    assert looked_up and all(k == entries[0]["key"] for k in looked_up)
+    assert entries[0]["key"] == {"dtype": "float32", "HEAD_DIM": 64, "GROUP_SIZE": 2, "BLOCK_R": 64,
+                                 "HAS_MODALITY": True, "HAS_KEY_START": False}
