@@ -186,6 +186,9 @@ def plan_layer(cfg: AccKVConfig, x: LayerTokens, layer: int = 0, num_layers: int
         valid = valid & x.valid
     s_raw = torch.where(valid, torch.nan_to_num(s_raw, nan=0.0).clamp(min=0.0), torch.zeros_like(s_raw))
     mod = x.modality.long()
+    if bool((valid & ((mod < 0) | (mod >= NUM_MODALITIES))).any()):
+        raise ValueError(f"x.modality must hold Modality ids in [0, {NUM_MODALITIES}) at every valid token")
+    mod = torch.where(valid, mod, 0)  # slots past lengths / padding may hold leftover memory: never index with it
     n_valid = valid.sum(-1)
     if target is None:
         target = budget_tokens(cfg, n_valid, layer, num_layers)

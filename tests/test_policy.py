@@ -120,6 +120,30 @@ def test_padding_is_never_kept():
     assert int(kept[0, 0].sum()) == -(-(N - 40) // 2)
 
 
+@pytest.mark.parametrize("cfg", ALL)
+def test_metadata_beyond_lengths_and_at_padding_is_ignored(cfg):
+    """Slots past a row's length or marked invalid hold leftover memory (any modality id): the plan ignores them."""
+    x = tokens(lengths=[N, 201, 63, N])
+    x.valid = torch.arange(N).expand(2, 2, N) >= 5
+    clean = plan_layer(cfg, x, 1, 2)
+    stale = ~x.valid | (torch.arange(N) >= x.lengths[..., None].long())
+    x.modality = torch.where(stale, torch.full_like(x.modality, 200), x.modality)
+    got = plan_layer(cfg, x, 1, 2)
+    assert torch.equal(got.plan.keep, clean.plan.keep) and torch.equal(got.plan.keep_lengths, clean.plan.keep_lengths)
+    assert (got.plan.merge_target is None) == (clean.plan.merge_target is None)
+    if got.plan.merge_target is not None:
+        assert torch.equal(got.plan.merge_target, clean.plan.merge_target)
+    assert torch.equal(got.kept_per_modality, clean.kept_per_modality)
+
+
+def test_unknown_modality_id_at_a_valid_token_is_rejected():
+    x = tokens()
+    x.modality = x.modality.clone()
+    x.modality[1, 0, 7] = 9
+    with pytest.raises(ValueError, match="x.modality must hold Modality ids"):
+        plan_layer(AccKVConfig(), x, 1, 2)
+
+
 @pytest.mark.parametrize("switch,base", [
     pytest.param("focusing", {}, id="focusing"),
     pytest.param("redistribution", {"focusing": False}, id="redistribution-without-focusing"),
