@@ -162,9 +162,9 @@ class LayerKVCache:
         return data, [self.token_mass[:, :, :w], self.multiplicity[:, :, :w]]
 
     # --------------------------------------------------------------------------------------------------- append
-    def _token_meta(self, x, name: str, default, dtype: torch.dtype, shape: tuple) -> torch.Tensor:
+    @staticmethod
+    def _token_meta(x, name: str, default, dtype: torch.dtype, shape: tuple, device: torch.device) -> torch.Tensor:
         """Metadata given as ``[T]``, ``[B, T]`` or ``[B, Hkv, T]`` (plus trailing dims), as a ``shape`` view."""
-        device = self.k.device
         if x is None:
             x = default
         x = torch.as_tensor(x, device=device)
@@ -203,29 +203,30 @@ class LayerKVCache:
         if v.shape != k.shape or v.dtype != k.dtype or v.device != k.device:
             raise ValueError(f"v must match k in shape, dtype and device, got {tuple(v.shape)} {v.dtype} {v.device}")
         B, Hkv, T, D = k.shape
-        if self.k is None:
-            for name, buf in self._allocate(B, Hkv, D, _round_up(max(T, 1), self.align), k.dtype, k.device).items():
-                setattr(self, name, buf)
-            self.lengths = torch.zeros((B, Hkv), dtype=torch.int32, device=k.device)
-        elif (B, Hkv, D) != (self.k.shape[0], self.k.shape[1], self.k.shape[3]) or k.dtype != self.k.dtype \
-                or k.device != self.k.device:
+        if self.k is not None and ((B, Hkv, D) != (self.k.shape[0], self.k.shape[1], self.k.shape[3])
+                                   or k.dtype != self.k.dtype or k.device != self.k.device):
             raise ValueError(f"k must be [B, Hkv, T, D] = [{self.k.shape[0]}, {self.k.shape[1]}, T, {self.k.shape[3]}] "
                              f"{self.k.dtype} on {self.k.device} like the cache, got {tuple(k.shape)} {k.dtype} "
                              f"on {k.device}")
-        if T == 0:
-            return
         device = k.device
         shape = (B, Hkv, T)
+        # Every argument is checked before the cache changes: a rejected first append leaves it empty.
         position = self._token_meta(position, "position", self.seen + torch.arange(T, device=device),
-                                    torch.int32, shape)
+                                    torch.int32, shape, device)
         meta = dict(
-            modality=self._token_meta(modality, "modality", int(Modality.TEXT), torch.uint8, shape),
-            time=self._token_meta(time, "time", position, torch.int32, shape),
-            spatial=self._token_meta(spatial, "spatial", -1, torch.int32, shape + (2,)),
+            modality=self._token_meta(modality, "modality", int(Modality.TEXT), torch.uint8, shape, device),
+            time=self._token_meta(time, "time", position, torch.int32, shape, device),
+            spatial=self._token_meta(spatial, "spatial", -1, torch.int32, shape + (2,), device),
             position=position,
-            token_mass=self._token_meta(token_mass, "token_mass", 0.0, torch.float32, shape),
+            token_mass=self._token_meta(token_mass, "token_mass", 0.0, torch.float32, shape, device),
             multiplicity=torch.ones(shape, dtype=torch.float32, device=device),
         )
+        if self.k is None:
+            for name, buf in self._allocate(B, Hkv, D, _round_up(max(T, 1), self.align), k.dtype, device).items():
+                setattr(self, name, buf)
+            self.lengths = torch.zeros((B, Hkv), dtype=torch.int32, device=device)
+        if T == 0:
+            return
         needed = self._max_length + T
         if needed > self.capacity:
             self._resize(_round_up(max(needed, math.ceil(self.capacity * self.growth)), self.align))

@@ -262,3 +262,14 @@ def test_append_rejects_mismatched_tokens():
     with pytest.raises(ValueError, match="modality"):
         cache.append(*rand_kv(2), modality=torch.zeros(3, dtype=torch.uint8))
     assert cache.seen == 8 and torch.all(cache.lengths == 8)
+
+
+def test_rejected_first_append_leaves_the_cache_empty():
+    """A first append whose metadata is rejected must not fix the shape, dtype or device of the cache."""
+    cache = LayerKVCache()
+    with pytest.raises(ValueError, match="modality"):
+        cache.append(*rand_kv(4), modality=torch.zeros(3, dtype=torch.uint8, device=DEVICE))
+    assert not cache.initialized and cache.capacity == 0 and cache.lengths is None and cache.seen == 0
+    k, v = torch.randn(1, 3, 5, 32, device=DEVICE), torch.randn(1, 3, 5, 32, device=DEVICE)
+    cache.append(k, v)  # another shape is still welcome
+    assert cache.k.shape[:2] == (1, 3) and torch.all(cache.lengths == 5)
