@@ -159,7 +159,7 @@ def load_table(kernel: str, device_name: str, root: Path | None = None) -> dict[
         return {}
     try:
         return _load_table_cached(str(path), path.stat().st_mtime)
-    except (KeyError, TypeError, ValueError) as exc:
+    except (AttributeError, IndexError, KeyError, TypeError, ValueError) as exc:  # wrong structure or values
         raise ValueError(f"tuned table {path} is malformed: {exc}") from exc
 
 

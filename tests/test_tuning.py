@@ -87,6 +87,21 @@ def test_malformed_table_names_the_file(tmp_path, monkeypatch):
     assert str(path) in str(pytest.raises(ValueError, tuning.load_table, "decode_attention", "Broken GPU").value)
 
 
+@pytest.mark.parametrize("text", [
+    pytest.param('{"entries": [{"key": {"HEAD_DIM": 128}, "config": [64, 4, 2]}]}', id="config-not-an-object"),
+    pytest.param('[{"key": {}, "config": {}}]', id="table-not-an-object"),
+    pytest.param('{"entries": [{"key": [1, 2], "config": {}}]}', id="key-not-an-object"),
+])
+def test_malformed_table_structure_names_the_file(tmp_path, monkeypatch, text):
+    monkeypatch.setenv("ACCKV_AUTOTUNE_DIR", str(tmp_path))
+    path = tmp_path / tuning.device_folder("Odd GPU") / "decode_attention.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(text)
+    with pytest.raises(ValueError, match="malformed") as info:
+        tuning.load_table("decode_attention", "Odd GPU")
+    assert str(path) in str(info.value)
+
+
 def test_missing_table_is_empty(tmp_path, monkeypatch):
     monkeypatch.setenv("ACCKV_AUTOTUNE_DIR", str(tmp_path))
     assert tuning.load_table("decode_attention", "Nothing Here") == {}
