@@ -56,9 +56,10 @@ def decode_attention(
     G = Hq // Hkv
     scale = D**-0.5 if scale is None else scale
 
-    k = k_cache.double().repeat_interleave(G, dim=1)  # [B, Hq, C, D]
-    v = v_cache.double().repeat_interleave(G, dim=1)
     valid = torch.arange(C, device=q.device) < lengths.long().repeat_interleave(G, dim=1)[..., None]  # [B, Hq, C]
+    # slots past each length hold leftover memory (possibly NaN/inf): they must not reach the result, even as 0 * NaN
+    k = torch.where(valid[..., None], k_cache.double().repeat_interleave(G, dim=1), 0.0)  # [B, Hq, C, D]
+    v = torch.where(valid[..., None], v_cache.double().repeat_interleave(G, dim=1), 0.0)
 
     logits = torch.einsum("bhd,bhtd->bht", q.double(), k) * scale
     if multiplicity is not None:
@@ -70,7 +71,9 @@ def decode_attention(
 
     modality_mass = None
     if modality is not None:
-        onehot = torch.nn.functional.one_hot(modality.long(), NUM_MODALITIES).double()  # [B, Hkv, C, M]
+        stored = torch.arange(C, device=q.device) < lengths.long()[..., None]  # [B, Hkv, C]
+        ids = torch.where(stored, modality.long(), 0)  # any id past a length is ignored, as p is 0 there
+        onehot = torch.nn.functional.one_hot(ids, NUM_MODALITIES).double()  # [B, Hkv, C, M]
         modality_mass = torch.einsum("bht,bhtm->bhm", p, onehot.repeat_interleave(G, dim=1)).float()
     if token_mass is not None:
         token_mass += p.view(B, Hkv, G, C).sum(dim=2).float()

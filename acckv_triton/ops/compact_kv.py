@@ -60,6 +60,8 @@ import triton
 import triton.language as tl
 
 from .. import tuning
+from . import _common
+from ._common import check_last_dim_contiguous, check_tensor, dtype_name, next_pow2
 
 __all__ = ["compact_kv", "compact_kv_"]
 
@@ -233,34 +235,13 @@ _metadata = tuning.TunedKernel(
 
 
 # -------------------------------------------------------------------------------------------------------- validation
-def _name(x: torch.dtype) -> str:
-    return str(x).removeprefix("torch.")
-
-
-def _check_tensor(name: str, x, *, shape: tuple, what: str, dtypes=None, device=None) -> None:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dim() != len(shape) or tuple(x.shape) != tuple(shape):
-        raise ValueError(f"{name} must have shape {what} = {tuple(shape)}, got {tuple(x.shape)}")
-    if dtypes is not None and x.dtype not in dtypes:
-        expected = " or ".join(_name(d) for d in dtypes)
-        raise ValueError(f"{name} must have dtype {expected}, got {_name(x.dtype)}")
-    if device is not None and x.device != device:
-        raise ValueError(f"{name} must be on {device} like the K/V source, got {x.device}")
+_SOURCE = "the K/V source"
 
 
 def _check_kv(name: str, x, device=None, dtype=None) -> None:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dim() != 4:
-        raise ValueError(f"{name} must have rank 4 [B, Hkv, C, D], got shape {tuple(x.shape)}")
-    dtypes = _KV_DTYPES if dtype is None else (dtype,)
-    if x.dtype not in dtypes:
-        raise ValueError(f"{name} must have dtype {' or '.join(_name(d) for d in dtypes)}, got {_name(x.dtype)}")
-    if device is not None and x.device != device:
-        raise ValueError(f"{name} must be on {device} like the K/V source, got {x.device}")
-    if x.stride(-1) != 1:
-        raise ValueError(f"{name} must be contiguous in its last dim (stride 1), got strides {x.stride()}")
+    check_tensor(name, x, rank=4, what="[B, Hkv, C, D]", dtypes=_KV_DTYPES if dtype is None else (dtype,),
+                 device=device, like=_SOURCE)
+    check_last_dim_contiguous(name, x)
 
 
 def _span(x: torch.Tensor) -> tuple[int, int]:
@@ -297,7 +278,7 @@ def _bits(x: torch.Tensor, name: str) -> torch.Tensor:
     """x viewed as same-width integers, so a gather moves its bits exactly whatever the dtype."""
     bits = _BITS_BY_SIZE.get(x.element_size())
     if bits is None:
-        raise ValueError(f"{name} must have an element size of 1, 2, 4 or 8 bytes, got {_name(x.dtype)}")
+        raise TypeError(f"{name} must have an element size of 1, 2, 4 or 8 bytes, got {dtype_name(x.dtype)}")
     return x if x.dtype == bits else x.view(bits)
 
 
@@ -391,51 +372,45 @@ def _validate(
     k_name, v_name = names
     _check_kv(k_name, k_src)
     device = k_src.device
-    if not tuning.INTERPRET and device.type != "cuda":
-        raise ValueError(f"{k_name} must be on a CUDA device (or run with TRITON_INTERPRET=1), got {device}")
+    _common.check_kernel_device(k_name, device)
     B, Hkv, C, D = k_src.shape
     _check_kv(v_name, v_src, device, k_src.dtype)
     if tuple(v_src.shape) != (B, Hkv, C, D):
         raise ValueError(f"{v_name} must have shape [B, Hkv, C, D] like {k_name} = {(B, Hkv, C, D)}, "
                          f"got {tuple(v_src.shape)}")
-    _check_tensor("lengths", lengths, shape=(B, Hkv), what="[B, Hkv]", dtypes=(torch.int32,), device=device)
-    if not isinstance(keep, torch.Tensor):
-        raise TypeError(f"keep must be a torch.Tensor, got {type(keep).__name__}")
-    if keep.dim() != 3:
-        raise ValueError(f"keep must have rank 3 [B, Hkv, K], got shape {tuple(keep.shape)}")
+    check_tensor("lengths", lengths, shape=(B, Hkv), what="[B, Hkv]", dtypes=(torch.int32,), device=device,
+                 like=_SOURCE)
+    check_tensor("keep", keep, rank=3, what="[B, Hkv, K]")
     K = keep.shape[2]
-    _check_tensor("keep", keep, shape=(B, Hkv, K), what="[B, Hkv, K]", dtypes=(torch.int32,), device=device)
+    check_tensor("keep", keep, shape=(B, Hkv, K), what="[B, Hkv, K]", dtypes=(torch.int32,), device=device,
+                 like=_SOURCE)
     if K > C:
         raise ValueError(f"keep must have K <= C={C} slots (the capacity of {k_name}), got K={K}")
-    _check_tensor("keep_lengths", keep_lengths, shape=(B, Hkv), what="[B, Hkv]", dtypes=(torch.int32,),
-                  device=device)
+    check_tensor("keep_lengths", keep_lengths, shape=(B, Hkv), what="[B, Hkv]", dtypes=(torch.int32,),
+                 device=device, like=_SOURCE)
     if (merge_target is None) != (merge_weight is None):
         raise ValueError("merge_target and merge_weight must be given together, got only "
                          f"{'merge_target' if merge_weight is None else 'merge_weight'}")
     if merge_target is not None:
-        _check_tensor("merge_target", merge_target, shape=(B, Hkv, C), what="[B, Hkv, C]", dtypes=(torch.int32,),
-                      device=device)
-        _check_tensor("merge_weight", merge_weight, shape=(B, Hkv, C), what="[B, Hkv, C]",
-                      dtypes=(torch.float32,), device=device)
+        check_tensor("merge_target", merge_target, shape=(B, Hkv, C), what="[B, Hkv, C]", dtypes=(torch.int32,),
+                     device=device, like=_SOURCE)
+        check_tensor("merge_weight", merge_weight, shape=(B, Hkv, C), what="[B, Hkv, C]",
+                     dtypes=(torch.float32,), device=device, like=_SOURCE)
     if isinstance(token_data, torch.Tensor) or isinstance(token_sums, torch.Tensor):
         raise TypeError("token_data and token_sums must be sequences of tensors, not a tensor")
     token_data, token_sums = tuple(token_data), tuple(token_sums)
     for i, x in enumerate(token_data):
-        _check_tensor(f"token_data[{i}]", x, shape=(B, Hkv, C), what="[B, Hkv, C]", device=device)
+        check_tensor(f"token_data[{i}]", x, shape=(B, Hkv, C), what="[B, Hkv, C]", device=device, like=_SOURCE)
         _bits(x, f"token_data[{i}]")
     for i, x in enumerate(token_sums):
-        _check_tensor(f"token_sums[{i}]", x, shape=(B, Hkv, C), what="[B, Hkv, C]", dtypes=_SUM_DTYPES,
-                      device=device)
+        check_tensor(f"token_sums[{i}]", x, shape=(B, Hkv, C), what="[B, Hkv, C]", dtypes=_SUM_DTYPES,
+                     device=device, like=_SOURCE)
     if check_plan:
         _check_values(lengths, keep, keep_lengths, merge_target, merge_weight, C)
     return token_data, token_sums
 
 
 # --------------------------------------------------------------------------------------------------------- launchers
-def _next_pow2(x: int) -> int:
-    return 1 << max(0, (x - 1).bit_length())
-
-
 def _phase1(k_src, v_src, k_dst, v_dst, plan: _Plan, *, skip_unmoved: bool) -> None:
     B, Hkv, C, D = k_src.shape
     K = plan.keep.shape[2]
@@ -451,7 +426,7 @@ def _phase1(k_src, v_src, k_dst, v_dst, plan: _Plan, *, skip_unmoved: bool) -> N
         stride_vsb=v_src.stride(0), stride_vsh=v_src.stride(1), stride_vst=v_src.stride(2),
         stride_kdb=k_dst.stride(0), stride_kdh=k_dst.stride(1), stride_kdt=k_dst.stride(2),
         stride_vdb=v_dst.stride(0), stride_vdh=v_dst.stride(1), stride_vdt=v_dst.stride(2),
-        HEAD_DIM=D, BLOCK_D=_next_pow2(D), HAS_MERGE=plan.has_merge, SKIP_UNMOVED=skip_unmoved,
+        HEAD_DIM=D, BLOCK_D=next_pow2(D), HAS_MERGE=plan.has_merge, SKIP_UNMOVED=skip_unmoved,
     )
 
 
@@ -511,9 +486,9 @@ def compact_kv_(
         Race-free by construction: see the module docstring. Uses a scratch strip ``[B, Hkv, K, D]`` for K and V.
 
     Raises:
-        ValueError naming the argument for a wrong shape, dtype, device or stride, tensors that share written memory,
-        or (with ``check_plan``) an invalid plan; TypeError for a non-tensor argument. Raised before any tensor is
-        modified, so nothing is lost.
+        ValueError naming the argument for a wrong shape, device or stride, tensors that share written memory, or
+        (with ``check_plan``) an invalid plan; TypeError for a non-tensor argument or a wrong dtype. Raised before any
+        tensor is modified, so nothing is lost.
     """
     token_data, token_sums = _validate(
         k_cache, v_cache, lengths, keep, keep_lengths, merge_target, merge_weight, token_data, token_sums, check_plan,
@@ -546,7 +521,7 @@ def compact_kv_(
             C=C, K=K, Hkv=Hkv,
             stride_kb=k_cache.stride(0), stride_kh=k_cache.stride(1), stride_kt=k_cache.stride(2),
             stride_vb=v_cache.stride(0), stride_vh=v_cache.stride(1), stride_vt=v_cache.stride(2),
-            HEAD_DIM=D, BLOCK_D=_next_pow2(D), HAS_MERGE=plan.has_merge,
+            HEAD_DIM=D, BLOCK_D=next_pow2(D), HAS_MERGE=plan.has_merge,
         )
     lengths.copy_(keep_lengths)
 
@@ -608,8 +583,8 @@ def compact_kv(
         if len(outs) != len(srcs):
             raise ValueError(f"{name} must hold one tensor per {name[4:]} entry ({len(srcs)}), got {len(outs)}")
         for i, (out, src) in enumerate(zip(outs, srcs)):
-            _check_tensor(f"{name}[{i}]", out, shape=(B, Hkv, C_out), what="[B, Hkv, C_out]", dtypes=(src.dtype,),
-                          device=device)
+            check_tensor(f"{name}[{i}]", out, shape=(B, Hkv, C_out), what="[B, Hkv, C_out]", dtypes=(src.dtype,),
+                         device=device, like=_SOURCE)
     outs = [("out_k", out_k), ("out_v", out_v)] + [(f"out_token_data[{i}]", x) for i, x in enumerate(out_token_data)] \
         + [(f"out_token_sums[{i}]", x) for i, x in enumerate(out_token_sums)]
     _check_no_overlap(outs)

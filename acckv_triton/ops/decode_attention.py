@@ -23,21 +23,20 @@ call performs no host synchronisation (with ``check_lengths=False``) and can be 
 """
 from __future__ import annotations
 
-import math
 
 import torch
 import triton
 import triton.language as tl
 
 from .. import tuning
+from . import _common
+from ._common import check_last_dim_contiguous, check_shape, check_tensor, next_pow2
 from ..modality import NUM_MODALITIES
 from ..reference import DecodeAttentionOutput
 
 __all__ = ["DecodeAttentionOutput", "decode_attention"]
 
 _LOG2E = 1.4426950408889634
-_MIN_TOKENS_PER_SPLIT = 256
-_MAX_SPLITS = 128
 
 
 @triton.jit(do_not_specialize=["C"])
@@ -230,41 +229,12 @@ _mass_kernel = tuning.TunedKernel(
 )
 
 
-def _next_pow2(x: int) -> int:
-    return 1 << max(0, (x - 1).bit_length())
-
-
 def default_num_splits(batch: int, num_kv_heads: int, capacity: int, device: torch.device) -> int:
     """Splits per (b, kv head): enough programs for two waves over the SMs, >= 256 tokens each, at most 128.
 
     Depends only on shapes and the device, never on device-side lengths, so choosing it needs no sync.
     """
-    if capacity <= 0:
-        return 1
-    if device.type == "cuda" and not tuning.INTERPRET:
-        target = 2 * torch.cuda.get_device_properties(device).multi_processor_count
-    else:
-        target = 4  # the interpreter runs programs one by one: few splits, but still more than one
-    by_occupancy = math.ceil(target / max(1, batch * num_kv_heads))
-    by_length = max(1, capacity // _MIN_TOKENS_PER_SPLIT)
-    return max(1, min(by_occupancy, by_length, _MAX_SPLITS))
-
-
-def _check_tensor(name: str, x, *, rank: int | None = None, dtypes=None, device=None) -> None:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if rank is not None and x.dim() != rank:
-        raise ValueError(f"{name} must have rank {rank}, got shape {tuple(x.shape)}")
-    if dtypes is not None and x.dtype not in dtypes:
-        expected = " or ".join(str(d).removeprefix("torch.") for d in dtypes)
-        raise TypeError(f"{name} must have dtype {expected}, got {str(x.dtype).removeprefix('torch.')}")
-    if device is not None and x.device != device:
-        raise ValueError(f"{name} must be on {device} like q, got {x.device}")
-
-
-def _check_shape(name: str, x: torch.Tensor, shape: tuple, what: str) -> None:
-    if tuple(x.shape) != tuple(shape):
-        raise ValueError(f"{name} must have shape {what} = {tuple(shape)}, got {tuple(x.shape)}")
+    return _common.num_splits(batch, num_kv_heads, capacity, device)
 
 
 def decode_attention(
@@ -307,37 +277,28 @@ def decode_attention(
         TypeError / ValueError naming the argument for a wrong type, rank, shape, dtype, device or stride, a head
         count not divisible, or lengths outside ``[0, C]``.
     """
-    _check_tensor("q", q, rank=3, dtypes=(torch.float16, torch.bfloat16, torch.float32))
+    check_tensor("q", q, rank=3, dtypes=(torch.float16, torch.bfloat16, torch.float32))
     device = q.device
-    if not tuning.INTERPRET and device.type != "cuda":
-        raise ValueError(f"q must be on a CUDA device (or run with TRITON_INTERPRET=1), got {device}")
-    _check_tensor("k_cache", k_cache, rank=4, dtypes=(q.dtype,), device=device)
-    _check_tensor("v_cache", v_cache, rank=4, dtypes=(q.dtype,), device=device)
+    _common.check_kernel_device("q", device)
+    check_tensor("k_cache", k_cache, rank=4, dtypes=(q.dtype,), device=device, like="q")
+    check_tensor("v_cache", v_cache, rank=4, dtypes=(q.dtype,), device=device, like="q")
     B, Hq, D = q.shape
     Hkv, C = k_cache.shape[1], k_cache.shape[2]
-    _check_shape("k_cache", k_cache, (B, Hkv, C, D), "[B, Hkv, C, D]")
-    _check_shape("v_cache", v_cache, (B, Hkv, C, D), "[B, Hkv, C, D] like k_cache")
+    check_shape("k_cache", k_cache, (B, Hkv, C, D), "[B, Hkv, C, D]")
+    check_shape("v_cache", v_cache, (B, Hkv, C, D), "[B, Hkv, C, D] like k_cache")
     if Hkv == 0 or Hq % Hkv != 0:
         raise ValueError(f"the query head count Hq={Hq} (q) must be a positive multiple of Hkv={Hkv} (k_cache)")
     for name, x in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
-        if x.stride(-1) != 1:
-            raise ValueError(f"{name} must be contiguous in its last dim (stride 1), got strides {x.stride()}")
-    _check_tensor("lengths", lengths, rank=2, dtypes=(torch.int32,), device=device)
-    _check_shape("lengths", lengths, (B, Hkv), "[B, Hkv]")
-    if modality is not None:
-        _check_tensor("modality", modality, rank=3, dtypes=(torch.uint8,), device=device)
-        _check_shape("modality", modality, (B, Hkv, C), "[B, Hkv, C]")
-    if token_mass is not None:
-        _check_tensor("token_mass", token_mass, rank=3, dtypes=(torch.float32,), device=device)
-        _check_shape("token_mass", token_mass, (B, Hkv, C), "[B, Hkv, C]")
-    if multiplicity is not None:
-        _check_tensor("multiplicity", multiplicity, rank=3, dtypes=(torch.float32,), device=device)
-        _check_shape("multiplicity", multiplicity, (B, Hkv, C), "[B, Hkv, C]")
-    if scale is None:
-        scale = D**-0.5
-    elif not (isinstance(scale, (int, float)) and math.isfinite(scale)):
-        raise ValueError(f"scale must be a finite float, got {scale!r}")
-    if check_lengths and lengths.numel() and not _is_capturing(device):
+        check_last_dim_contiguous(name, x)
+    check_tensor("lengths", lengths, rank=2, dtypes=(torch.int32,), device=device, like="q")
+    check_shape("lengths", lengths, (B, Hkv), "[B, Hkv]")
+    for name, x, dtype in (("modality", modality, torch.uint8), ("token_mass", token_mass, torch.float32),
+                           ("multiplicity", multiplicity, torch.float32)):
+        if x is not None:
+            check_tensor(name, x, rank=3, dtypes=(dtype,), device=device, like="q")
+            check_shape(name, x, (B, Hkv, C), "[B, Hkv, C]")
+    scale = _common.check_scale(scale, D)
+    if check_lengths and lengths.numel() and not _common.is_capturing(device):
         lo, hi = int(lengths.min()), int(lengths.max())
         if lo < 0 or hi > C:
             raise ValueError(f"lengths must lie in [0, C={C}] (the capacity of k_cache), got min {lo}, max {hi}")
@@ -353,8 +314,8 @@ def decode_attention(
     if B == 0 or Hq == 0:
         return DecodeAttentionOutput(out, lse, mass)
 
-    BLOCK_D = max(16, _next_pow2(D))
-    BLOCK_G = max(16, _next_pow2(G))
+    BLOCK_D = max(16, next_pow2(D))
+    BLOCK_G = max(16, next_pow2(G))
     o_part = torch.empty((B * Hq * num_splits, BLOCK_D), dtype=torch.float32, device=device)
     lse_part = torch.empty((B * Hq * num_splits,), dtype=torch.float32, device=device)
     mass_part = torch.empty((B * Hq * num_splits, NUM_MODALITIES), dtype=torch.float32, device=device) \
@@ -387,7 +348,7 @@ def decode_attention(
     _decode_reduce_kernel[(B * Hkv,)](
         o_part, lse_part, mass_part, out, lse, mass if mass is not None else lse,
         num_splits,
-        HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_S=_next_pow2(num_splits), **flags,
+        HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_S=next_pow2(num_splits), **flags,
     )
     if token_mass is not None and C > 0:
         _mass_kernel[lambda meta: (B * Hkv, triton.cdiv(C, meta["BLOCK_T"]))](
@@ -398,7 +359,3 @@ def decode_attention(
             GROUP_SIZE=G, BLOCK_G=BLOCK_G,
         )
     return DecodeAttentionOutput(out, lse, mass)
-
-
-def _is_capturing(device: torch.device) -> bool:
-    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()

@@ -23,13 +23,13 @@ O(B·Hq·W·S + B·Hq·S·M) with S <= 128 splits, independent of N beyond the o
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
 
 from .. import tuning
+from . import _common
+from ._common import check_last_dim_contiguous, check_shape, check_tensor, next_pow2
 from ..modality import NUM_MODALITIES
 from ..reference import WindowScores
 
@@ -37,8 +37,7 @@ __all__ = ["WindowScores", "window_scores"]
 
 _LOG2E = 1.4426950408889634
 _LN2 = 0.6931471805599453
-_MIN_TOKENS_PER_SPLIT = 256
-_MAX_SPLITS = 128
+_MIN_TOKENS_PER_SPLIT = _common.MIN_TOKENS_PER_SPLIT
 _MAX_BLOCK_R = 64
 
 
@@ -212,36 +211,9 @@ _scores_kernel = tuning.TunedKernel(
 )
 
 
-def _next_pow2(x: int) -> int:
-    return 1 << max(0, (x - 1).bit_length())
-
-
 def _num_splits(batch: int, num_kv_heads: int, num_keys: int, device: torch.device) -> int:
     """Splits of N per (b, kv head): two waves over the SMs, >= 256 keys each, at most 128. Shapes only, no sync."""
-    if device.type == "cuda" and not tuning.INTERPRET:
-        target = 2 * torch.cuda.get_device_properties(device).multi_processor_count
-    else:
-        target = 4  # the interpreter runs programs one by one: few splits, but still more than one
-    by_occupancy = math.ceil(target / max(1, batch * num_kv_heads))
-    by_length = max(1, num_keys // _MIN_TOKENS_PER_SPLIT)
-    return max(1, min(by_occupancy, by_length, _MAX_SPLITS))
-
-
-def _check_tensor(name: str, x, *, rank: int, dtypes, device=None) -> None:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dim() != rank:
-        raise ValueError(f"{name} must have rank {rank}, got shape {tuple(x.shape)}")
-    if x.dtype not in dtypes:
-        expected = " or ".join(str(d).removeprefix("torch.") for d in dtypes)
-        raise TypeError(f"{name} must have dtype {expected}, got {str(x.dtype).removeprefix('torch.')}")
-    if device is not None and x.device != device:
-        raise ValueError(f"{name} must be on {device} like q_window, got {x.device}")
-
-
-def _check_shape(name: str, x: torch.Tensor, shape: tuple, what: str) -> None:
-    if tuple(x.shape) != tuple(shape):
-        raise ValueError(f"{name} must have shape {what} = {tuple(shape)}, got {tuple(x.shape)}")
+    return _common.num_splits(batch, num_kv_heads, num_keys, device, min_tokens=_MIN_TOKENS_PER_SPLIT)
 
 
 def window_scores(
@@ -277,38 +249,33 @@ def window_scores(
         TypeError / ValueError naming the argument for a wrong type, rank, shape, dtype, device or stride, a head
         count not divisible, W outside ``[1, N]``, or key_start outside ``[0, N]``.
     """
-    _check_tensor("q_window", q_window, rank=4, dtypes=(torch.float16, torch.bfloat16, torch.float32))
+    check_tensor("q_window", q_window, rank=4, dtypes=(torch.float16, torch.bfloat16, torch.float32))
     device = q_window.device
-    if not tuning.INTERPRET and device.type != "cuda":
-        raise ValueError(f"q_window must be on a CUDA device (or run with TRITON_INTERPRET=1), got {device}")
-    _check_tensor("k", k, rank=4, dtypes=(q_window.dtype,), device=device)
+    _common.check_kernel_device("q_window", device)
+    check_tensor("k", k, rank=4, dtypes=(q_window.dtype,), device=device, like="q_window")
     B, Hq, W, D = q_window.shape
     Hkv, N = k.shape[1], k.shape[2]
-    _check_shape("k", k, (B, Hkv, N, D), "[B, Hkv, N, D]")
+    check_shape("k", k, (B, Hkv, N, D), "[B, Hkv, N, D]")
     if Hkv == 0 or Hq % Hkv != 0:
         raise ValueError(f"the query head count Hq={Hq} (q_window) must be a positive multiple of Hkv={Hkv} (k)")
     if not 1 <= W <= N:
         raise ValueError(f"the window size W={W} (q_window dim 2) must satisfy 1 <= W <= N={N} (k dim 2)")
     for name, x in (("q_window", q_window), ("k", k)):
-        if x.stride(-1) != 1:
-            raise ValueError(f"{name} must be contiguous in its last dim (stride 1), got strides {x.stride()}")
+        check_last_dim_contiguous(name, x)
     if modality is not None:
-        _check_tensor("modality", modality, rank=3, dtypes=(torch.uint8,), device=device)
-        _check_shape("modality", modality, (B, Hkv, N), "[B, Hkv, N]")
+        check_tensor("modality", modality, rank=3, dtypes=(torch.uint8,), device=device, like="q_window")
+        check_shape("modality", modality, (B, Hkv, N), "[B, Hkv, N]")
     if lse is not None:
-        _check_tensor("lse", lse, rank=3, dtypes=(torch.float32,), device=device)
-        _check_shape("lse", lse, (B, Hq, W), "[B, Hq, W]")
+        check_tensor("lse", lse, rank=3, dtypes=(torch.float32,), device=device, like="q_window")
+        check_shape("lse", lse, (B, Hq, W), "[B, Hq, W]")
     if key_start is not None:
-        _check_tensor("key_start", key_start, rank=1, dtypes=(torch.int32,), device=device)
-        _check_shape("key_start", key_start, (B,), "[B]")
-        if B and not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+        check_tensor("key_start", key_start, rank=1, dtypes=(torch.int32,), device=device, like="q_window")
+        check_shape("key_start", key_start, (B,), "[B]")
+        if B and not _common.is_capturing(device):
             lo, hi = int(key_start.min()), int(key_start.max())
             if lo < 0 or hi > N:
                 raise ValueError(f"key_start must lie in [0, N={N}] (k dim 2), got min {lo}, max {hi}")
-    if scale is None:
-        scale = D**-0.5
-    elif not (isinstance(scale, (int, float)) and math.isfinite(scale)):
-        raise ValueError(f"scale must be a finite float, got {scale!r}")
+    scale = _common.check_scale(scale, D)
 
     G = Hq // Hkv
     scores = torch.empty((B, Hkv, N), dtype=torch.float32, device=device)
@@ -317,8 +284,8 @@ def window_scores(
         return WindowScores(scores, empty_mass if modality is not None else None)
 
     num_splits = _num_splits(B, Hkv, N, device)
-    BLOCK_D = max(16, _next_pow2(D))
-    BLOCK_R = min(_MAX_BLOCK_R, max(16, _next_pow2(W * G)))
+    BLOCK_D = max(16, next_pow2(D))
+    BLOCK_R = min(_MAX_BLOCK_R, max(16, next_pow2(W * G)))
     ks_arg = key_start if key_start is not None else scores  # never read without HAS_KEY_START
     common = dict(
         q_ptr=q_window, k_ptr=k, key_start_ptr=ks_arg,
@@ -342,7 +309,7 @@ def window_scores(
         lse_ptr=lse, modality_ptr=mod_arg, scores_ptr=scores, mass_part_ptr=mass_part,
         stride_lb=lse.stride(0), stride_lh=lse.stride(1), stride_lw=lse.stride(2),
         stride_mb=mod_strides[0], stride_mh=mod_strides[1], stride_mt=mod_strides[2],
-        BLOCK_G=_next_pow2(G), NUM_MOD=NUM_MODALITIES, HAS_MODALITY=modality is not None,
+        BLOCK_G=next_pow2(G), NUM_MOD=NUM_MODALITIES, HAS_MODALITY=modality is not None,
         **common,
     )
     mass = mass_part.sum(dim=2) if modality is not None else None

@@ -339,24 +339,30 @@ INVALID = [
     pytest.param(_set("merge_weight", (0, 0, 1), 0.0), "merge_weight", id="merge_weight-zero-at-merged-token"),
     pytest.param(_set("merge_weight", (1, 0, 3), float("nan")), "merge_weight", id="merge_weight-nan-at-kept-token"),
     pytest.param(_replace("merge_weight", lambda a: None), "merge_target", id="merge_target-without-weight"),
-    pytest.param(_replace("keep", lambda a: a["keep"].long()), "keep", id="keep-int64"),
     pytest.param(_replace("keep", lambda a: a["keep"][:1]), "keep", id="keep-wrong-batch"),
     pytest.param(_replace("keep", lambda a: torch.zeros(2, 2, 41, dtype=torch.int32, device=DEVICE)), "keep",
                  id="keep-K-over-capacity"),
     pytest.param(_replace("keep", lambda a: a["keep"].to("meta")), "keep", id="keep-wrong-device"),
     pytest.param(_replace("lengths", lambda a: a["lengths"].flatten()), "lengths", id="lengths-wrong-shape"),
-    pytest.param(_replace("v", lambda a: a["v"].float()), "v_cache", id="v_cache-wrong-dtype"),
     pytest.param(_replace("k", lambda a: torch.randn(2, 2, 64, 40, device=DEVICE).half().transpose(2, 3)),
                  "k_cache", id="k_cache-strided-head-dim"),
     pytest.param(_replace("merge_target", lambda a: a["merge_target"][..., :-1]), "merge_target",
                  id="merge_target-wrong-shape"),
     pytest.param(_replace("token_data", lambda a: [a["token_data"][0][..., :-1]]), r"token_data\[0\]",
                  id="token_data-wrong-shape"),
-    pytest.param(_replace("token_sums", lambda a: [a["token_data"][1]]), r"token_sums\[0\]", id="token_sums-int"),
     pytest.param(_replace("token_sums", lambda a: [a["token_sums"][0], a["token_sums"][0]]), r"token_sums\[1\]",
                  id="token_sums-same-tensor-twice"),
     pytest.param(_keep_inside_token_data, "keep", id="keep-inside-a-written-token_data"),
 ]
+WRONG_DTYPE = [  # a wrong dtype raises TypeError, like every launcher (acckv_triton/ops/_common.py)
+    pytest.param(_replace("keep", lambda a: a["keep"].long()), "keep", id="keep-int64"),
+    pytest.param(_replace("v", lambda a: a["v"].float()), "v_cache", id="v_cache-wrong-dtype"),
+    pytest.param(_replace("token_sums", lambda a: [a["token_data"][1]]), r"token_sums\[0\]", id="token_sums-int"),
+]
+
+
+def _with_exc(params, exc):
+    return [pytest.param(*p.values, exc, id=p.id) for p in params]
 
 
 def _call(fn, args):
@@ -364,8 +370,8 @@ def _call(fn, args):
        merge_weight=args["merge_weight"], token_data=args["token_data"], token_sums=args["token_sums"])
 
 
-@pytest.mark.parametrize("mutate,name", INVALID)
-def test_invalid_plan_raises_and_changes_nothing(mutate, name):
+@pytest.mark.parametrize("mutate,name,exc", _with_exc(INVALID, ValueError) + _with_exc(WRONG_DTYPE, TypeError))
+def test_invalid_plan_raises_and_changes_nothing(mutate, name, exc):
     args = valid_plan_args()
     copy = {n: x.clone() if isinstance(x, torch.Tensor) else [y.clone() for y in x] for n, x in args.items()}
     _call(compact_kv_, copy)  # the unmutated plan is valid
@@ -373,7 +379,7 @@ def test_invalid_plan_raises_and_changes_nothing(mutate, name):
     tensors = [x for x in list(args.values()) + list(args["token_data"]) + list(args["token_sums"])
                if isinstance(x, torch.Tensor) and x.device.type != "meta"]
     before = [x.clone() for x in tensors]
-    with pytest.raises(ValueError, match=name):
+    with pytest.raises(exc, match=name):
         _call(compact_kv_, args)
     for x, snapshot in zip(tensors, before):
         assert same_bits(x, snapshot)
@@ -381,16 +387,19 @@ def test_invalid_plan_raises_and_changes_nothing(mutate, name):
 
 OUT_OF_PLACE_INVALID = [
     pytest.param(lambda a: a.update(out_k=a["out_k"][:, :, :9]), "out_k", id="out_k-smaller-than-K"),
-    pytest.param(lambda a: a.update(out_v=a["out_v"].half()), "out_v", id="out_v-wrong-dtype"),
     pytest.param(lambda a: a.update(out_k=a["k"]), "out_k", id="out_k-is-the-source"),
     pytest.param(lambda a: a.update(out_token_data=[]), "out_token_data", id="out_token_data-missing"),
     pytest.param(lambda a: a.update(out_token_sums=[a["out_k"][:, :, :, 0].float()]), "out_token_sums",
                  id="out_token_sums-wrong-shape"),
 ]
+OUT_OF_PLACE_WRONG_DTYPE = [
+    pytest.param(lambda a: a.update(out_v=a["out_v"].half()), "out_v", id="out_v-wrong-dtype"),
+]
 
 
-@pytest.mark.parametrize("mutate,name", OUT_OF_PLACE_INVALID)
-def test_out_of_place_invalid_raises_and_changes_nothing(mutate, name):
+@pytest.mark.parametrize("mutate,name,exc", _with_exc(OUT_OF_PLACE_INVALID, ValueError)
+                         + _with_exc(OUT_OF_PLACE_WRONG_DTYPE, TypeError))
+def test_out_of_place_invalid_raises_and_changes_nothing(mutate, name, exc):
     case = make_case(1, 2, 40, 64, [40, 31], 10, "random", torch.float32, seed=4)
     data, sums = metadata(1, 2, 40)
     args = dict(case, out_k=torch.zeros(1, 2, 12, 64, device=DEVICE), out_v=torch.zeros(1, 2, 12, 64, device=DEVICE),
@@ -400,7 +409,7 @@ def test_out_of_place_invalid_raises_and_changes_nothing(mutate, name):
     tensors = [x for x in [args[n] for n in ("k", "v", "lengths", "keep", "out_k", "out_v")] + data[:1] + sums[:1]
                + list(args["out_token_data"]) + list(args["out_token_sums"])]
     before = [x.clone() for x in tensors]
-    with pytest.raises(ValueError, match=name):
+    with pytest.raises(exc, match=name):
         compact_kv(args["k"], args["v"], args["lengths"], args["keep"], args["keep_lengths"], out_k=args["out_k"],
                    out_v=args["out_v"], token_data=data[:1], token_sums=sums[:1],
                    out_token_data=args["out_token_data"], out_token_sums=args["out_token_sums"])

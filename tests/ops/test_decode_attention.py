@@ -164,6 +164,21 @@ def test_property_random_shapes(G, Hkv, B, C, D, seed, data):
     check_against_reference(*make_inputs(B, G * Hkv, Hkv, C, D, lengths, torch.float32, seed=seed))
 
 
+def test_slots_past_lengths_never_matter(poison_empty):
+    """Kernel and reference read nothing past each length: NaN/inf K/V and unknown modality ids there are ignored."""
+    q, k, v, lengths, mod, mass = make_inputs(2, 4, 2, 40, 64, [40, 17, 0, 33], torch.float32, seed=5)
+    beyond = torch.arange(40, device=DEVICE) >= lengths[..., None]
+    k2, v2, mod2 = k.clone(), v.clone(), mod.clone()
+    k2[beyond], v2[beyond], mod2[beyond] = float("inf"), float("nan"), 250
+    want = reference.decode_attention(q, k, v, lengths, modality=mod)
+    got_ref = reference.decode_attention(q, k2, v2, lengths, modality=mod2)
+    got = ak.decode_attention(q, k2, v2, lengths, modality=mod2)
+    for res in (got_ref, got):
+        torch.testing.assert_close(res.out, want.out, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(res.lse, want.lse, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(res.modality_mass, want.modality_mass, atol=1e-5, rtol=1e-5)
+
+
 def test_empty_cache_capacity_zero():
     q = torch.randn(1, 2, 64, device=DEVICE)
     k = torch.empty(1, 1, 0, 64, device=DEVICE)

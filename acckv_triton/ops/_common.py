@@ -1,0 +1,108 @@
+"""Launcher helpers shared by the kernel files: input validation, tile sizes and the split-count heuristic.
+
+Validation behaves the same in every launcher: a non-tensor or a wrong dtype raises ``TypeError``; a wrong rank,
+shape, device or stride raises ``ValueError``. Every message names the argument and states what was expected.
+No kernels live here; each ``ops/<op>.py`` keeps its own story (docstring, kernels, launcher).
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+
+from .. import tuning
+
+MIN_TOKENS_PER_SPLIT = 256
+"""A split-K program gets at least this many tokens (keys) of its row."""
+MAX_SPLITS = 128
+"""At most this many splits per (sequence, kv head)."""
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.bfloat16`` -> ``"bfloat16"``."""
+    return str(dtype).removeprefix("torch.")
+
+
+def next_pow2(x: int) -> int:
+    """The smallest power of two >= x (1 for x <= 1)."""
+    return 1 << max(0, (x - 1).bit_length())
+
+
+def check_tensor(
+    name: str,
+    x,
+    *,
+    rank: int | None = None,
+    shape: Sequence[int] | None = None,
+    what: str = "",
+    dtypes: Sequence[torch.dtype] | None = None,
+    device: torch.device | None = None,
+    like: str = "",
+) -> None:
+    """Check that ``x`` is a tensor with the given rank / shape, one of ``dtypes``, on ``device``.
+
+    ``what`` describes the shape (``"[B, Hkv, C]"``); ``like`` names the argument that fixed ``device``. Raises
+    TypeError for a non-tensor or a wrong dtype, ValueError for a wrong rank, shape or device.
+    """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if rank is not None and x.dim() != rank:
+        raise ValueError(f"{name} must have rank {rank}{' ' + what if what else ''}, got shape {tuple(x.shape)}")
+    if shape is not None:
+        check_shape(name, x, shape, what)
+    if dtypes is not None and x.dtype not in dtypes:
+        expected = " or ".join(dtype_name(d) for d in dtypes)
+        raise TypeError(f"{name} must have dtype {expected}, got {dtype_name(x.dtype)}")
+    if device is not None and x.device != device:
+        raise ValueError(f"{name} must be on {device}{' like ' + like if like else ''}, got {x.device}")
+
+
+def check_shape(name: str, x: torch.Tensor, shape: Sequence[int], what: str) -> None:
+    """Raise ValueError unless ``x.shape == shape``; ``what`` spells the expected layout (``"[B, Hkv, C, D]"``)."""
+    if tuple(x.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {what} = {tuple(shape)}, got {tuple(x.shape)}")
+
+
+def check_last_dim_contiguous(name: str, x: torch.Tensor) -> None:
+    """Raise ValueError unless the last dim of ``x`` has stride 1 (the kernels read rows as contiguous vectors)."""
+    if x.stride(-1) != 1:
+        raise ValueError(f"{name} must be contiguous in its last dim (stride 1), got strides {x.stride()}")
+
+
+def check_kernel_device(name: str, device: torch.device) -> None:
+    """Raise ValueError unless kernels can run on ``device``: CUDA, or anything under Triton's interpreter."""
+    if not tuning.INTERPRET and device.type != "cuda":
+        raise ValueError(f"{name} must be on a CUDA device (or run with TRITON_INTERPRET=1), got {device}")
+
+
+def check_scale(scale, head_dim: int) -> float:
+    """The softmax scale: ``head_dim ** -0.5`` when None, else a finite number (ValueError otherwise)."""
+    if scale is None:
+        return head_dim**-0.5
+    if not (isinstance(scale, (int, float)) and math.isfinite(scale)):
+        raise ValueError(f"scale must be a finite float, got {scale!r}")
+    return float(scale)
+
+
+def is_capturing(device: torch.device) -> bool:
+    """True while a CUDA graph is being captured on ``device``'s current stream (no host sync allowed then)."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def num_splits(batch: int, num_kv_heads: int, length: int, device: torch.device, *,
+               min_tokens: int = MIN_TOKENS_PER_SPLIT, max_splits: int = MAX_SPLITS) -> int:
+    """Splits per (sequence, kv head) of a row of ``length`` tokens: enough programs for two waves over the SMs,
+    at least ``min_tokens`` tokens each, at most ``max_splits``.
+
+    Depends only on shapes and the device, never on device-side lengths, so choosing it needs no sync.
+    """
+    if length <= 0:
+        return 1
+    if device.type == "cuda" and not tuning.INTERPRET:
+        target = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    else:
+        target = 4  # the interpreter runs programs one by one: few splits, but still more than one
+    by_occupancy = math.ceil(target / max(1, batch * num_kv_heads))
+    by_length = max(1, length // min_tokens)
+    return max(1, min(by_occupancy, by_length, max_splits))
