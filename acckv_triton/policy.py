@@ -92,6 +92,20 @@ def _topk_mask(score: torch.Tensor, k: torch.Tensor, candidates: torch.Tensor) -
     return candidates & (rank < k[..., None])
 
 
+def _segment_sum(values: torch.Tensor, segment: torch.Tensor, num_segments: int) -> torch.Tensor:
+    """Per row, ``out[..., j] = sum of values[..., t] over t with segment[..., t] == j``, in float64.
+
+    A sort and a cumulative sum instead of ``scatter_add_``, whose float atomics on a GPU add in a varying order:
+    plans must be bit-reproducible.
+    """
+    order = torch.argsort(segment, dim=-1, stable=True)
+    seg_sorted = torch.gather(segment, -1, order).contiguous()
+    cs = torch.nn.functional.pad(torch.cumsum(torch.gather(values.double(), -1, order), -1), (1, 0))
+    bounds = torch.arange(num_segments + 1, device=segment.device).expand(*segment.shape[:-1], -1).contiguous()
+    edge = torch.searchsorted(seg_sorted, bounds)  # first sorted position of each segment (and the end)
+    return torch.gather(cs, -1, edge[..., 1:]) - torch.gather(cs, -1, edge[..., :-1])
+
+
 def _per_modality_sum(x: torch.Tensor, mod: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """``[B, Hkv, N]`` -> ``[B, M]``: sum of ``x`` over heads and masked tokens of each modality."""
     onehot = torch.nn.functional.one_hot(mod.long().clamp(0, NUM_MODALITIES - 1), NUM_MODALITIES).to(x.dtype)
@@ -151,8 +165,7 @@ def _alignment_boost(cfg, time, P_mask, P_kept_mass, L_mask):
     bins = ((t - t0).clamp(min=0) // cfg.time_bin)
     nb = int(torch.where(P_mask | L_mask, bins, 0).max()) + 1
     bins = bins.clamp(max=nb - 1)
-    mass = torch.zeros(B, H, nb, device=time.device, dtype=torch.float64)
-    mass.scatter_add_(2, bins, P_kept_mass.double())
+    mass = _segment_sum(P_kept_mass.double(), bins, nb)
     total = mass.sum(-1, keepdim=True)
     share = torch.where(total > 0, mass / total.clamp(min=_EPS), torch.zeros_like(mass))
     has_p = torch.zeros(B, H, nb + 1, device=time.device, dtype=torch.bool)  # the spare bin takes non-P tokens
@@ -256,8 +269,8 @@ def plan_layer(cfg: AccKVConfig, x: LayerTokens, layer: int = 0, num_layers: int
         rep = _merge_groups(cfg, x, s_hat, cand)
     if cfg.merge_frees_budget:
         is_rep = cand & (rep == ar)
-        group_score = torch.zeros_like(s_hat).scatter_add_(2, rep, torch.where(cand, s_hat, torch.zeros_like(s_hat)))
-        group_mass = torch.zeros_like(s_raw).scatter_add_(2, rep, torch.where(cand, s_raw, torch.zeros_like(s_raw)))
+        group_score = _segment_sum(torch.where(cand, s_hat, torch.zeros_like(s_hat)), rep, N).float()
+        group_mass = _segment_sum(torch.where(cand, s_raw, torch.zeros_like(s_raw)), rep, N).float()
     else:
         is_rep, group_score, group_mass = cand, s_hat, s_raw
 
