@@ -338,8 +338,8 @@ class BudgetedLayerCache:
     The budget is :func:`~acckv_triton.policy.budget_tokens` of the prompt tokens seen so far per (b, kv head) (padding excluded). Each
     token's ``token_mass`` starts at its prefill window score and accumulates decode attention mass through
     :meth:`decode_attention`; re-compression ranks by that blend (window queries and decode steps weigh alike, one
-    unit of mass per query head each). Streaming chunks go through :meth:`prefill` again and raise the budget with
-    the prompt. The observation window of the latest prefill stays protected across re-compressions.
+    unit of mass per query head each). Streaming chunks (or a second question) go through :meth:`prefill` again and
+    raise the budget with the prompt, which then counts the tokens decoded in between too. The observation window of the latest prefill stays protected across re-compressions.
 
     Attributes:
         store: the :class:`LayerKVCache` holding K, V and metadata.
@@ -361,6 +361,7 @@ class BudgetedLayerCache:
         self.last: PolicyResult | None = None
         self.compressions = 0
         self._valid: torch.Tensor | None = None  # [B, Hkv, stored] False at padding not yet compressed away
+        self._decoded = 0  # tokens appended by decode since the last prefill
 
     def prefill(self, k: torch.Tensor, v: torch.Tensor, *, scores: torch.Tensor, valid: torch.Tensor | None = None,
                 **metadata) -> None:
@@ -388,7 +389,8 @@ class BudgetedLayerCache:
         self.store.append(k, v, token_mass=torch.where(valid, scores.float(), 0.0), **metadata)
         if self._valid is not None or not bool(valid.all()):
             self._mark_valid(before, valid)
-        chunk = valid.sum(-1)
+        chunk = valid.sum(-1) + self._decoded  # tokens decoded since the last prefill become part of the prompt
+        self._decoded = 0
         self.prompt_tokens = chunk if self.prompt_tokens is None else self.prompt_tokens + chunk
         self.window = (self.store.seen - self.cfg.window, self.store.seen)
         self.target = budget_tokens(self.cfg, self.prompt_tokens, self.layer, self.num_layers)
@@ -407,6 +409,7 @@ class BudgetedLayerCache:
     def append(self, k: torch.Tensor, v: torch.Tensor, **metadata) -> None:
         """Store decode tokens ``[B, Hkv, T, D]``; re-compress once a row holds more than budget + slack."""
         self.store.append(k, v, **metadata)
+        self._decoded += k.shape[2]
         if self.target is not None and self.needs_upkeep():
             self.compress()
 

@@ -95,3 +95,16 @@ def test_prefill_rejects_bad_scores():
         cache.prefill(LT.k, LT.v, scores=torch.zeros(2, 2, 5))
     with pytest.raises(TypeError, match="cfg must be an AccKVConfig"):
         BudgetedLayerCache({"budget": 0.5})
+
+
+def test_second_question_counts_the_decoded_answer_in_the_budget():
+    cfg = AccKVConfig(budget=0.5, slack=1000)  # no upkeep in between: only the budget rule is tested
+    cache = prefilled(cfg, upto=200)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(10):
+        kv = torch.randn(2, 2, 1, W.config.head_dim, generator=g).to(DEVICE)
+        cache.append(kv, kv.clone())
+    s = reference.window_scores(LT.q_window, LT.k, modality=W.token_modality()).scores
+    cache.prefill(LT.k[:, :, 200:240].contiguous(), LT.v[:, :, 200:240].contiguous(), scores=s[:, :, 200:240],
+                  **{n: x[200:240] for n, x in META.items()})
+    assert torch.equal(cache.target, torch.full((2, 2), (200 + 10 + 40) // 2))
