@@ -33,3 +33,14 @@ __all__ = [
     "plan_layer",
     "window_scores",
 ]
+
+_INTEGRATION = ("AccKVCache", "AccKVHandle", "SUPPORTED_MODELS", "acckv", "apply_acckv")
+__all__ += list(_INTEGRATION)
+
+
+def __getattr__(name):  # the transformers integration loads on first use: importing the package stays light
+    if name in _INTEGRATION:
+        from . import integrations
+
+        return getattr(integrations, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

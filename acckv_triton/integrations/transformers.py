@@ -1,0 +1,556 @@
+"""Hugging Face ``transformers`` (5.x) integration: one call compresses a model's KV cache with AccKV.
+
+    handle = apply_acckv(model, AccKVConfig(budget=0.25))   # this model instance only; importing patched nothing
+    out = model.generate(**inputs)                           # unchanged call; the cache is an AccKVCache
+    cache = handle.new_cache()                               # for hand-written loops: model(ids, past_key_values=cache)
+    handle.revert()                                          # exactly the original model again
+
+Design (data flows integration -> cache -> policy -> ops):
+
+* **One generic patcher, one spec table.** :data:`MODEL_SPECS` says, per supported ``config.model_type``, where the
+  decoder stack is (the module that receives ``position_ids``), whether its position ids are TMRoPE rows (temporal,
+  h, w) and which config fields hold the audio / video / image placeholder token ids.
+* **Hook points** (all instance-level, all removed by ``revert``):
+    1. ``_prepare_cache_for_generation`` is wrapped on the instance: when ``generate`` would build its default
+       ``DynamicCache``, it gets an empty :class:`AccKVCache` instead. A user-given cache is left alone.
+    2. A forward pre-hook on the top model captures ``input_ids`` (the modality of every token, from the config's
+       placeholder ids) and one on the decoder stack captures the 2-D ``attention_mask`` (left padding) and the
+       ``position_ids`` the model computed: for the Qwen2.5-Omni thinker these are the 3-D TMRoPE ids
+       ``[3 or 4, B, T]`` after ``get_rope_index`` and the rope deltas, so the temporal row gives each token's time
+       and the h / w rows its patch. They go to the cache as the metadata of the chunk being fed.
+    3. Below budget 1.0 the decoder's attention implementation is switched to ``"acckv_<original>"`` (registered in
+       ``AttentionInterface`` and, with the original's mask function, ``AttentionMaskInterface`` on first use and
+       unregistered when the last handle reverts). It routes calls that carry an :class:`AccKVCache` to the cache
+       layer and everything else to the original implementation, so a model sharing the config stays exact.
+* **Paths** (per layer, inside the attention call; the cache layer's ``update`` only stages the new K/V):
+    - prefill (empty layer): the original attention (SDPA) over the full K/V, then ``window_scores`` of the last W
+      queries, then :meth:`BudgetedLayerCache.prefill` (policy -> ``compact_kv``), layer by layer;
+    - decode (one query): append, ``decode_attention`` over the stored tokens (token mass accumulated, multiplicity
+      weighted), then the upkeep re-compresses a row past budget + slack;
+    - a later chunk of several tokens (a second question, teacher forcing): exact attention over the stored tokens
+      and the chunk (causal inside the chunk, log-multiplicity bias on merged slots), the window queries' mass added
+      to the stored tokens, then the chunk is stored as a streaming prefill.
+* **Budget 1.0** (or ``method="full"``) switches no attention function: the cache stores every token and hands the
+  model its full K/V exactly like ``DynamicCache``, so outputs are bit-identical.
+* **Backends**: ``"triton"`` runs the ``window_scores`` / ``decode_attention`` / ``compact_kv`` kernels
+  (interpreted on a CPU); ``"torch"`` the float64 reference ops (compaction through a small store subclass until
+  ``LayerKVCache`` takes a backend); ``"auto"`` the kernels on CUDA tensors and the reference on CPU ones.
+* Not supported: beam search (``reorder_cache``), ``crop`` (assisted decoding), static caches / ``torch.compile``.
+  A Qwen2.5-Omni hand-written decode loop must pass ``position_ids`` or no 2-D mask (the thinker derives decode
+  positions from a 2-D mask correctly only inside ``generate``).
+"""
+from __future__ import annotations
+
+import math
+import sys
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import AttentionInterface
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from .. import reference
+from ..cache import BudgetedLayerCache, LayerKVCache
+from ..config import AccKVConfig
+from ..modality import Modality
+from ..ops.window_scores import window_scores as window_scores_kernel
+
+__all__ = ["AccKVCache", "AccKVHandle", "AccKVLayer", "MODEL_SPECS", "ModelSpec", "SUPPORTED_MODELS", "acckv",
+           "apply_acckv"]
+
+
+# ------------------------------------------------------------------------------------------------------ spec table
+@dataclass(frozen=True)
+class ModelSpec:
+    """Where a model family keeps what the patcher needs.
+
+    Attributes:
+        name: shown in errors and docs.
+        model_types: the ``config.model_type`` values this spec covers.
+        decoder: dotted path from the model to the decoder stack (has ``.layers[i].<attention>``, receives
+            ``attention_mask`` and ``position_ids``).
+        attention: attribute name of the attention module in each decoder layer.
+        mrope: position ids are TMRoPE rows ``[3, B, T]`` (temporal, h, w), optionally with a text row first.
+        modality_token_ids: ``(config field, Modality)`` pairs: tokens equal to that id carry that modality.
+    """
+
+    name: str
+    model_types: tuple[str, ...]
+    decoder: str = "model"
+    attention: str = "self_attn"
+    mrope: bool = False
+    modality_token_ids: tuple[tuple[str, Modality], ...] = ()
+
+
+MODEL_SPECS: tuple[ModelSpec, ...] = (
+    ModelSpec("Llama", ("llama",)),
+    ModelSpec("Qwen2", ("qwen2",)),
+    ModelSpec("Qwen3", ("qwen3",)),
+    ModelSpec("Qwen2.5-Omni thinker", ("qwen2_5_omni_thinker",), decoder="model.language_model", mrope=True,
+              modality_token_ids=(("audio_token_index", Modality.AUDIO), ("video_token_index", Modality.VIDEO),
+                                  ("image_token_index", Modality.IMAGE))),
+)
+SUPPORTED_MODELS: tuple[str, ...] = tuple(s.name for s in MODEL_SPECS)
+
+
+def _spec_for(model) -> ModelSpec:
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    for spec in MODEL_SPECS:
+        if model_type in spec.model_types:
+            return spec
+    raise ValueError(f"apply_acckv supports {', '.join(SUPPORTED_MODELS)} (model_type "
+                     f"{', '.join(t for s in MODEL_SPECS for t in s.model_types)}); got {type(model).__name__} with "
+                     f"model_type {model_type!r}. For a full Qwen2.5-Omni model, patch its thinker: "
+                     "apply_acckv(model.thinker, cfg).")
+
+
+def _resolve(obj, path: str):
+    for part in path.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+# ------------------------------------------------------------------------------------------------------ the cache
+def _use_kernels(cfg: AccKVConfig, x: torch.Tensor) -> bool:
+    return cfg.backend == "triton" or (cfg.backend == "auto" and x.is_cuda)
+
+
+class _ReferenceCompactionStore(LayerKVCache):
+    """The torch path's store: compaction runs :func:`acckv_triton.reference.compact_kv_` instead of the kernel.
+
+    Stopgap until :class:`~acckv_triton.cache.LayerKVCache` takes a backend itself: on a CPU the ``compact_kv``
+    kernel runs through Triton's interpreter, which dominates a real model's prefill. It compacts in place, then
+    shrinks the storage to the kept tokens plus headroom as the kernel path does.
+    """
+
+    def compress(self, plan, *, check_plan: bool = True) -> None:
+        if self.k is None:
+            raise ValueError("the cache is empty: append tokens before compressing")
+        data, sums = self._token_data(self.capacity)
+        reference.compact_kv_(self.k, self.v, self.lengths, plan.keep, plan.keep_lengths,
+                              merge_target=plan.merge_target, merge_weight=plan.merge_weight,
+                              token_data=data, token_sums=sums)
+        n_min, n_max = (int(x) for x in torch.stack(torch.aminmax(plan.keep_lengths.long())).tolist())
+        self._min_length, self._max_length = n_min, n_max
+        capacity = -(-(n_max + self.headroom) // self.align) * self.align
+        if capacity < self.capacity:
+            self._resize(capacity)
+
+
+class AccKVLayer(CacheLayerMixin):
+    """One decoder layer's cache: a :class:`~acckv_triton.cache.BudgetedLayerCache` behind the transformers layer API.
+
+    ``get_seq_length`` is the number of tokens SEEN (what positions continue from); ``get_mask_sizes`` reports what
+    is STORED (the longest row). Below budget 1.0, ``update`` only stages the new K/V; the AccKV attention function
+    then runs the prefill / decode / chunk path through :meth:`attend`.
+    """
+
+    is_sliding = False
+    is_compileable = False
+    is_croppable = False
+
+    def __init__(self, cfg: AccKVConfig, layer: int, num_layers: int, owner: "AccKVCache"):
+        super().__init__()
+        self.cfg = cfg
+        self.budgeted = BudgetedLayerCache(cfg, layer, num_layers)
+        self._owner = owner
+        self._staged: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    @property
+    def store(self):
+        return self.budgeted.store
+
+    # ---- transformers layer API
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        if not _use_kernels(self.cfg, key_states) and not self.store.initialized:
+            self.budgeted.store = _ReferenceCompactionStore(headroom=self.cfg.slack,
+                                                            proportional=self.cfg.uses_multiplicity)
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        if self.cfg.is_full:  # exactly a DynamicLayer: store everything, hand the model the full K/V
+            meta = self._owner._metadata(key_states.shape[2])
+            del meta["valid"]  # padding is stored as DynamicCache stores it; the model's mask excludes it
+            self.store.append(key_states, value_states, **meta)
+            n = self.store.max_length
+            return self.store.k[:, :, :n], self.store.v[:, :, :n]
+        if self._staged is not None:
+            raise RuntimeError("AccKVCache: the previous chunk was never attended. The cache was used by a model whose "
+                               "attention is not AccKV's; patch it with apply_acckv(model, cfg) first.")
+        self._staged = (key_states, value_states)
+        # Prefill: the new chunk is the whole K/V. Later chunks: only the new tokens; AccKV's attention adds the stored.
+        return key_states, value_states
+
+    def get_seq_length(self) -> int:
+        return self.store.seen
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        stored = self.store.max_length
+        return stored + query_length, self.store.seen - stored
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.budgeted = BudgetedLayerCache(self.cfg, self.budgeted.layer, self.budgeted.num_layers)
+        self._staged = None
+        self.is_initialized = False
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("AccKVCache cannot be cropped: evicted tokens cannot be restored")
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        raise NotImplementedError("AccKVCache does not support beam search (ragged compressed rows)")
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        raise NotImplementedError("AccKVCache does not support expanding the batch")
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        raise NotImplementedError("AccKVCache does not support selecting batch rows")
+
+    # ---- the AccKV paths
+    def attend(self, module, query: torch.Tensor, attention_mask, scaling: float, delegate, kwargs: dict):
+        """Attention of ``query [B, Hq, T, D]`` for the staged chunk; returns ``[B, T, Hq, D]`` like transformers."""
+        if self._staged is None:
+            raise RuntimeError("AccKVCache: attention called without a staged chunk (update was not called)")
+        k, v = self._staged
+        self._staged = None
+        T = query.shape[2]
+        meta = self._owner._metadata(T)
+        valid = meta.pop("valid")
+        if not self.store.initialized:
+            out, _ = delegate(module, query, k, v, attention_mask, scaling=scaling, dropout=0.0, **kwargs)
+            scores = self._window_scores(query, k, scaling, valid)
+            self.budgeted.prefill(k, v, scores=scores, valid=valid, **meta)
+            return out
+        if T == 1:
+            return self._decode(query, k, v, scaling, meta)
+        return self._chunk(query, k, v, scaling, valid, meta)
+
+    def _window_scores(self, query, k, scaling, valid) -> torch.Tensor:
+        T = k.shape[2]
+        W = min(self.cfg.window, T)
+        key_start = None if valid is None else valid.int().argmax(-1).to(torch.int32)  # first valid token (left pad)
+        q_window = query[:, :, T - W:]
+        if _use_kernels(self.cfg, query):
+            return window_scores_kernel(q_window, k, scale=scaling, key_start=key_start).scores
+        return reference.window_scores(q_window, k, scale=scaling, key_start=key_start).scores
+
+    def _decode(self, query, k, v, scaling, meta) -> torch.Tensor:
+        st = self.store
+        st.append(k, v, **meta)
+        q = query[:, :, 0]
+        if _use_kernels(self.cfg, query):
+            res = st.decode_attention(q.contiguous(), scale=scaling)
+        else:
+            w = st.max_length
+            res = reference.decode_attention(
+                q, st.k[:, :, :w], st.v[:, :, :w], st.lengths, scale=scaling, modality=st.modality[:, :, :w],
+                token_mass=st.token_mass[:, :, :w],
+                multiplicity=st.multiplicity[:, :, :w] if st.proportional else None)
+        if self.budgeted.target is not None and self.budgeted.needs_upkeep():
+            self.budgeted.compress()
+        return res.out[:, None]
+
+    def _chunk(self, query, k, v, scaling, valid, meta, block: int = 256) -> torch.Tensor:
+        """Exact attention of a multi-token chunk over the stored tokens plus the chunk itself, then store the chunk.
+
+        Query rows go in blocks of ``block``, so the float32 logits never exceed ``[B, Hq, block, S + T]``.
+        """
+        st = self.store
+        B, Hq, T, D = query.shape
+        Hkv = k.shape[1]
+        G = Hq // Hkv
+        S = st.max_length
+        q = query.float().view(B, Hkv, G, T, D)
+        # slots past each row's length hold leftover memory (maybe NaN): zero them, never add them
+        stored = torch.arange(S, device=q.device) < st.lengths.long()[..., None]  # [B, Hkv, S]
+        k_old = torch.where(stored[..., None], st.k[:, :, :S].float(), 0.0)
+        v_old = torch.where(stored[..., None], st.v[:, :, :S].float(), 0.0)
+        bias = torch.zeros(B, Hkv, S, device=q.device)
+        if st.proportional:  # a merged slot weighs as many tokens as it holds: + log n on its logit
+            bias = torch.where(stored, st.multiplicity[:, :, :S], 1.0).log()
+        bias = bias.masked_fill(~stored, -math.inf)[:, :, None, None, :]
+        k_new, v_new = k.float(), v.float()
+        W = min(self.cfg.window, T)
+        out = torch.empty(B, Hkv, G, T, D, device=q.device)
+        old_mass = torch.zeros(B, Hkv, S, device=q.device)
+        scores = torch.zeros(B, Hkv, T, device=q.device)
+        for t0 in range(0, T, block):
+            t1 = min(t0 + block, T)
+            qb = q[:, :, :, t0:t1]
+            l_old = torch.einsum("bhgtd,bhsd->bhgts", qb, k_old) * scaling + bias
+            visible = torch.arange(t1, device=q.device)[None, :] <= torch.arange(t0, t1, device=q.device)[:, None]
+            if valid is not None:
+                visible = visible & valid[:, None, None, None, :t1]
+            l_new = (torch.einsum("bhgtd,bhud->bhgtu", qb, k_new[:, :, :t1]) * scaling).masked_fill(~visible, -math.inf)
+            p = torch.softmax(torch.cat([l_old, l_new], dim=-1), dim=-1).nan_to_num(0.0)
+            p_old, p_new = p[..., :S], p[..., S:]
+            out[:, :, :, t0:t1] = torch.einsum("bhgts,bhsd->bhgtd", p_old, v_old) \
+                + torch.einsum("bhgtu,bhud->bhgtd", p_new, v_new[:, :, :t1])
+            w0 = max(T - W, t0) - t0  # the observation window's rows inside this block
+            if w0 < t1 - t0:
+                old_mass += p_old[..., w0:, :].sum(dim=(2, 3))
+                scores[..., :t1] += p_new[..., w0:, :].sum(dim=(2, 3))
+        st.token_mass[:, :, :S] += old_mass  # the window's evidence on stored tokens, as decode adds its own
+        self.budgeted.prefill(k, v, scores=scores, valid=valid, **meta)
+        return out.reshape(B, Hq, T, D).transpose(1, 2).to(query.dtype)
+
+
+class AccKVCache(Cache):
+    """A transformers ``Cache`` whose layers hold AccKV-compressed K/V (:class:`AccKVLayer`).
+
+    Build it with :meth:`AccKVHandle.new_cache` (``generate`` on a patched model builds one itself).
+    ``get_seq_length()`` is the number of tokens seen; :meth:`stored_tokens` and :meth:`nbytes` say what is held.
+    """
+
+    def __init__(self, cfg: AccKVConfig, num_layers: int):
+        if not isinstance(cfg, AccKVConfig):
+            raise TypeError(f"cfg must be an AccKVConfig, got {type(cfg).__name__}")
+        super().__init__(layers=[AccKVLayer(cfg, i, num_layers, self) for i in range(num_layers)])
+        self.cfg = cfg
+        self._step: dict[str, Any] = {}  # metadata of the chunk the current forward feeds ([B, T] tensors or None)
+
+    def _metadata(self, T: int) -> dict:
+        """The current chunk's metadata as ``BudgetedLayerCache`` takes it (entries that do not fit T are dropped)."""
+        out = {}
+        for name in ("valid", "modality", "time", "spatial"):
+            x = self._step.get(name)
+            out[name] = x if x is not None and x.shape[1] == T else None
+        if out["valid"] is not None and bool(out["valid"].all()):
+            out["valid"] = None  # no padding: the cache skips the padding bookkeeping
+        return {k: v for k, v in out.items() if v is not None or k == "valid"}
+
+    def stored_tokens(self) -> torch.Tensor:
+        """``[num_layers, B, Hkv]`` int64: tokens stored now per (layer, sequence, kv head)."""
+        return torch.stack([layer.store.stored_tokens().long() for layer in self.layers])
+
+    def nbytes(self) -> int:
+        """Bytes held by every layer: K, V, lengths and token metadata at their allocated capacity."""
+        return sum(layer.store.nbytes() for layer in self.layers)
+
+    def __repr__(self) -> str:
+        seen = self.layers[0].store.seen if self.layers else 0
+        return f"AccKVCache(layers={len(self.layers)}, seen={seen}, method={self.cfg.method}, budget={self.cfg.budget})"
+
+
+# ------------------------------------------------------------------------------------- attention / mask registry
+_REGISTRY_LOCK = threading.Lock()
+_REGISTERED: dict[str, int] = {}  # "acckv_<original>" -> number of live handles using it
+
+
+def _delegate_for(module, original: str):
+    if original in ALL_ATTENTION_FUNCTIONS:
+        return ALL_ATTENTION_FUNCTIONS[original]
+    if original == "eager":
+        return sys.modules[type(module).__module__].eager_attention_forward
+    raise ValueError(f"apply_acckv cannot wrap the attention implementation {original!r}")
+
+
+def _make_attention(original: str):
+    def acckv_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        delegate = _delegate_for(module, original)
+        state = getattr(module, "_acckv_state", None)
+        cache = None if state is None else state.cache
+        if cache is None:  # not an AccKV forward (another model sharing the config, or no AccKV cache)
+            return delegate(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+        scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+        out = cache.layers[module.layer_idx].attend(module, query, attention_mask, scaling, delegate, kwargs)
+        return out, None
+
+    acckv_attention.__name__ = f"acckv_attention_{original}"
+    return acckv_attention
+
+
+def _register(original: str) -> str:
+    name = f"acckv_{original}"
+    with _REGISTRY_LOCK:
+        if name not in _REGISTERED:
+            if original not in ALL_MASK_ATTENTION_FUNCTIONS:
+                raise ValueError(f"apply_acckv wraps the attention implementations with a mask function "
+                                 f"({', '.join(ALL_MASK_ATTENTION_FUNCTIONS)}); the model uses {original!r}")
+            AttentionInterface.register(name, _make_attention(original))
+            AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[original])
+            _REGISTERED[name] = 0
+        _REGISTERED[name] += 1
+    return name
+
+
+def _unregister(name: str) -> None:
+    with _REGISTRY_LOCK:
+        _REGISTERED[name] -= 1
+        if _REGISTERED[name] == 0:
+            del _REGISTERED[name]
+            AttentionInterface._global_mapping.pop(name, None)
+            AttentionMaskInterface._global_mapping.pop(name, None)
+
+
+# ---------------------------------------------------------------------------------------------------- the patcher
+class _ForwardState:
+    """Per-patched-model state shared by its hooks and attention modules: the AccKV cache of the running forward."""
+
+    def __init__(self):
+        self.cache: AccKVCache | None = None
+        self.input_ids: torch.Tensor | None = None
+
+
+class AccKVHandle:
+    """What :func:`apply_acckv` returns: ``new_cache()``, ``revert()``, and a context manager that reverts on exit."""
+
+    def __init__(self, model, cfg: AccKVConfig, spec: ModelSpec):
+        self.model, self.cfg, self.spec = model, cfg, spec
+        self.decoder = _resolve(model, spec.decoder) if not hasattr(model, "layers") else model  # base model: itself
+        self.num_layers = len(self.decoder.layers)
+        self.attention_modules = [getattr(layer, spec.attention) for layer in self.decoder.layers]
+        self._state = _ForwardState()
+        self._hooks: list = []
+        self._impl: tuple[str, str] | None = None  # (original, registered name) when the attention is switched
+        self._reverted = False
+        self._modality_ids = [(getattr(model.config, field), int(m)) for field, m in spec.modality_token_ids
+                              if getattr(model.config, field, None) is not None]
+
+    # ---- public
+    def new_cache(self) -> AccKVCache:
+        """An empty compressed cache for this model: ``model(ids, past_key_values=cache)``."""
+        return AccKVCache(self.cfg, self.num_layers)
+
+    def revert(self) -> None:
+        """Restore the model exactly: hooks removed, attention implementation and generate's cache set-up restored."""
+        if self._reverted:
+            return
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+        for module in self.attention_modules:
+            module.__dict__.pop("_acckv_state", None)
+        if self._impl is not None:
+            original, name = self._impl
+            self.decoder.set_attn_implementation(original)
+            _unregister(name)
+        self.model.__dict__.pop("_prepare_cache_for_generation", None)
+        self.model.__dict__.pop("_acckv_handle", None)
+        self._reverted = True
+
+    def __enter__(self) -> "AccKVHandle":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.revert()
+
+    def __repr__(self) -> str:
+        return f"AccKVHandle({self.spec.name}, {self.cfg!r}, reverted={self._reverted})"
+
+    # ---- patching
+    def _apply(self) -> None:
+        model = self.model
+        original = self.decoder.config._attn_implementation
+        if not self.cfg.is_full:
+            name = _register(original)
+            try:
+                self.decoder.set_attn_implementation(name)
+            except Exception:
+                _unregister(name)
+                raise
+            self._impl = (original, name)
+            for module in self.attention_modules:
+                module._acckv_state = self._state
+        if self._modality_ids:
+            self._hooks.append(model.register_forward_pre_hook(self._capture_ids, with_kwargs=True))
+        self._hooks.append(self.decoder.register_forward_pre_hook(self._before_decoder, with_kwargs=True))
+        self._hooks.append(self.decoder.register_forward_hook(self._after_decoder, always_call=True))
+        prepare = model._prepare_cache_for_generation  # the class's bound method
+
+        def _prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs):
+            user_cache = model_kwargs.get("past_key_values")
+            result = prepare(generation_config, model_kwargs, *args, **kwargs)
+            if user_cache is None and type(model_kwargs.get("past_key_values")) is DynamicCache:
+                model_kwargs["past_key_values"] = self.new_cache()
+            return result
+
+        model._prepare_cache_for_generation = _prepare_cache_for_generation
+        model._acckv_handle = self
+
+    # ---- hooks
+    def _capture_ids(self, module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        self._state.input_ids = ids if isinstance(ids, torch.Tensor) and ids.dim() == 2 else None
+
+    def _before_decoder(self, module, args, kwargs):
+        cache = kwargs.get("past_key_values")
+        ids, self._state.input_ids = self._state.input_ids, None
+        if not isinstance(cache, AccKVCache):
+            self._state.cache = None
+            return
+        x = kwargs.get("inputs_embeds")
+        if x is None:
+            x = kwargs.get("input_ids", args[0] if args else None)
+        B, T = x.shape[:2]
+        step: dict[str, Any] = {}
+        mask = kwargs.get("attention_mask")
+        if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[-1] >= T:
+            step["valid"] = mask[:, -T:].to(torch.bool)
+        modality = None
+        if ids is None and kwargs.get("input_ids") is not None:
+            ids = kwargs["input_ids"]
+        if ids is not None and self._modality_ids and tuple(ids.shape) == (B, T):
+            modality = torch.zeros(B, T, dtype=torch.uint8, device=ids.device)
+            for token_id, m in self._modality_ids:
+                modality[ids == token_id] = m
+            step["modality"] = modality
+        pos = kwargs.get("position_ids")
+        if (self.spec.mrope and isinstance(pos, torch.Tensor) and pos.dim() == 3 and pos.shape[0] in (3, 4)
+                and pos.shape[-1] == T):
+            rows = pos[-3:].expand(3, B, T)
+            step["time"] = rows[0]
+            if modality is not None:
+                patch = (modality == Modality.VIDEO) | (modality == Modality.IMAGE)
+                hw = torch.stack([rows[1], rows[2]], dim=-1)
+                step["spatial"] = torch.where(patch[..., None], hw, -1)
+        for layer in cache.layers:  # a forward that raised half-way may have left a chunk staged
+            layer._staged = None
+        cache._step = step
+        self._state.cache = cache
+
+    def _after_decoder(self, module, args, output):
+        if self._state.cache is not None:
+            self._state.cache._step = {}
+        self._state.cache = None
+
+
+def apply_acckv(model, cfg: AccKVConfig | None = None) -> AccKVHandle:
+    """Compress this model's KV cache with AccKV; returns a handle whose ``revert()`` restores the model exactly.
+
+    Args:
+        model: a supported transformers model (see :data:`SUPPORTED_MODELS`): ``LlamaForCausalLM``,
+            ``Qwen2ForCausalLM``, ``Qwen3ForCausalLM`` (or their base models) or
+            ``Qwen2_5OmniThinkerForConditionalGeneration``.
+        cfg: the :class:`~acckv_triton.AccKVConfig` (default ``AccKVConfig()``).
+
+    Raises:
+        ValueError: unsupported model (the message names the supported ones), or a model already patched.
+    """
+    cfg = AccKVConfig() if cfg is None else cfg
+    if not isinstance(cfg, AccKVConfig):
+        raise TypeError(f"cfg must be an AccKVConfig, got {type(cfg).__name__}")
+    spec = _spec_for(model)
+    if "_acckv_handle" in model.__dict__:
+        raise ValueError("this model is already patched by apply_acckv: revert() its handle first")
+    handle = AccKVHandle(model, cfg, spec)
+    try:
+        handle._apply()
+    except Exception:
+        handle.revert()
+        raise
+    return handle
+
+
+def acckv(model, cfg: AccKVConfig | None = None) -> AccKVHandle:
+    """Context-manager form: ``with acckv(model, cfg) as handle: model.generate(...)``; reverted on exit."""
+    return apply_acckv(model, cfg)

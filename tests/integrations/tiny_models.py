@@ -1,0 +1,72 @@
+"""Tiny randomly initialised Hugging Face models for the integration tests (CPU, no download, well under a second).
+
+Configs are built fresh on every call: ``_from_config`` mutates the config it is given, so models never share one.
+"""
+from __future__ import annotations
+
+import torch
+
+VOCAB = 160
+# Qwen2.5-Omni special ids remapped into the tiny vocabulary.
+AUDIO, VIDEO, IMAGE, AUDIO_BOS, AUDIO_EOS, VISION_BOS, VISION_EOS = 150, 151, 152, 153, 154, 155, 156
+
+
+def _text_kwargs(**extra) -> dict:
+    return dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=2048, **extra)
+
+
+def tiny_causal_lm(family: str, *, seed: int = 0, num_layers: int = 2):
+    """A random ``llama``, ``qwen2`` or ``qwen3`` causal LM: hidden 64, 4 query / 2 kv heads, head_dim 16."""
+    import transformers as tf
+
+    config_cls, model_cls = {
+        "llama": (tf.LlamaConfig, tf.LlamaForCausalLM),
+        "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM),
+        "qwen3": (tf.Qwen3Config, tf.Qwen3ForCausalLM),
+    }[family]
+    extra = dict(head_dim=16) if family == "qwen3" else {}
+    config = config_cls(**{**_text_kwargs(**extra), "num_hidden_layers": num_layers})
+    torch.manual_seed(seed)
+    return model_cls._from_config(config).eval()
+
+
+def tiny_omni_thinker(*, seed: int = 0):
+    """A random Qwen2.5-Omni thinker: the text model above with M-RoPE, a 1-layer vision and audio encoder."""
+    from transformers import Qwen2_5OmniThinkerConfig, Qwen2_5OmniThinkerForConditionalGeneration
+
+    config = Qwen2_5OmniThinkerConfig(
+        text_config=_text_kwargs(rope_parameters=dict(rope_type="default", rope_theta=1e6, mrope_section=[2, 3, 3])),
+        vision_config=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2, fullatt_block_indexes=[0]),
+        audio_config=dict(num_mel_bins=128, d_model=32, encoder_layers=1, encoder_attention_heads=2,
+                          encoder_ffn_dim=64, output_dim=64, n_window=100),
+        audio_token_index=AUDIO, video_token_index=VIDEO, image_token_index=IMAGE,
+        audio_start_token_id=AUDIO_BOS, audio_end_token_id=AUDIO_EOS,
+    )
+    config.vision_start_token_id, config.vision_end_token_id = VISION_BOS, VISION_EOS
+    torch.manual_seed(seed)
+    return Qwen2_5OmniThinkerForConditionalGeneration._from_config(config).eval()
+
+
+def omni_av_inputs(*, seed: int = 0, question_len: int = 12, batch: int = 1) -> dict:
+    """Interleaved audio + video inputs as the processor lays them out: 2 chunks of 2 s, each 4 video + 50 audio tokens.
+
+    ``<text> <vision_bos> <audio_bos> [V x4, A x50] [V x4, A x50] <audio_eos> <vision_eos> <question>``; the video has
+    grid (t, h, w) = (2, 4, 4) at 2 s per grid, the audio 400 mel frames (100 tokens, 4 s).
+    """
+    g = torch.Generator().manual_seed(seed)
+    text = lambda n: torch.randint(1, 140, (n,), generator=g).tolist()  # noqa: E731
+    chunk = [VIDEO] * 4 + [AUDIO] * 50
+    ids = text(5) + [VISION_BOS, AUDIO_BOS] + chunk + chunk + [AUDIO_EOS, VISION_EOS] + text(question_len)
+    input_ids = torch.tensor([ids] * batch)
+    return dict(
+        input_ids=input_ids,
+        attention_mask=torch.ones_like(input_ids),
+        pixel_values_videos=torch.randn(batch * 2 * 4 * 4, 3 * 2 * 14 * 14, generator=g),
+        video_grid_thw=torch.tensor([[2, 4, 4]] * batch),
+        video_second_per_grid=torch.tensor([2.0] * batch),
+        input_features=torch.randn(batch, 128, 400, generator=g),
+        feature_attention_mask=torch.ones(batch, 400, dtype=torch.long),
+        use_audio_in_video=True,
+    )
