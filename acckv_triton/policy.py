@@ -92,6 +92,21 @@ def _topk_mask(score: torch.Tensor, k: torch.Tensor, candidates: torch.Tensor) -
     return candidates & (rank < k[..., None])
 
 
+def _topk_per_modality(score: torch.Tensor, budgets: torch.Tensor, candidates: torch.Tensor,
+                       mod: torch.Tensor) -> torch.Tensor:
+    """Per row, the ``budgets[row, m]`` best candidates of each modality m, with one sort for all modalities.
+
+    Same choice as :func:`_topk_mask` run once per modality (ties: earlier token first).
+    """
+    masked = torch.where(candidates, score, torch.full_like(score, float("-inf")))
+    order = torch.argsort(masked, dim=-1, descending=True, stable=True)
+    mod_sorted, cand_sorted = torch.gather(mod, -1, order), torch.gather(candidates, -1, order)
+    onehot = torch.nn.functional.one_hot(mod_sorted, NUM_MODALITIES) * cand_sorted[..., None]
+    rank_sorted = torch.gather(torch.cumsum(onehot, dim=-2), -1, mod_sorted[..., None])[..., 0] - 1
+    take_sorted = cand_sorted & (rank_sorted < torch.gather(budgets, -1, mod_sorted))
+    return torch.zeros_like(candidates).scatter_(-1, order, take_sorted)
+
+
 def _segment_sum(values: torch.Tensor, segment: torch.Tensor, num_segments: int) -> torch.Tensor:
     """Per row, ``out[..., j] = sum of values[..., t] over t with segment[..., t] == j``, in float64.
 
@@ -242,7 +257,7 @@ def plan_layer(cfg: AccKVConfig, x: LayerTokens, layer: int = 0, num_layers: int
     if method == "streaming":
         kept |= _topk_mask(rank_valid.float(), free, cand)
         return _finish(kept, None, s_raw, mod, valid, rho, priority)
-    if method in ("full", "snapkv", "pyramidkv", "h2o") or (method == "lookm"):
+    if method != "acckv":  # full, snapkv, pyramidkv, h2o, lookm: one ranking by (pooled) score
         kept |= _topk_mask(s_rank, free, cand)
         merge_to = _nearest_kept(x.keys, kept, valid) if method == "lookm" else None
         return _finish(kept, merge_to, s_raw, mod, valid, rho, priority)
@@ -293,8 +308,8 @@ def plan_layer(cfg: AccKVConfig, x: LayerTokens, layer: int = 0, num_layers: int
 
     if cfg.focusing:
         # unprotected text (text-only prompts, or protect_text off) takes its raw mass share first
-        text_mass = _per_modality_sum(s_raw, mod, cand)[:, int(Modality.TEXT)]
-        total_mass = _per_modality_sum(s_raw, mod, cand).sum(-1)
+        cand_mass = _per_modality_sum(s_raw, mod, cand)
+        text_mass, total_mass = cand_mass[:, int(Modality.TEXT)], cand_mass.sum(-1)
         text_share = torch.where(total_mass > 0, text_mass / total_mass.clamp(min=_EPS), torch.zeros_like(total_mass))
         share = rho * (1.0 - text_share[:, None])
         share[:, int(Modality.TEXT)] = torch.where(present.any(-1), text_share, torch.ones_like(text_share))
@@ -305,16 +320,12 @@ def plan_layer(cfg: AccKVConfig, x: LayerTokens, layer: int = 0, num_layers: int
     # Step 3b + 4: P first, then the others, L last with scores calibrated on P's kept time bins
     P = priority[:, None, None]
     score = group_score.clone()
-    for step in ("P", "rest", "L"):
-        for m in range(NUM_MODALITIES):
-            is_P = (P == m) & (P >= 0)
-            is_L = (P >= 0) & (P != m) & (m in (audio_i, video_i))
-            sel_step = is_P if step == "P" else (is_L if step == "L" else ~is_P & ~is_L)
-            pick = is_rep & (mod == m) & sel_step
-            kept |= _topk_mask(score, budgets[..., m], pick)
+    tok_is_P = (mod == P) & (P >= 0)
+    tok_is_L = (mod != P) & (P >= 0) & ((mod == audio_i) | (mod == video_i))
+    for step, pick in (("P", tok_is_P), ("rest", ~tok_is_P & ~tok_is_L), ("L", tok_is_L)):
+        kept |= _topk_per_modality(score, budgets, is_rep & pick, mod)
         if step == "P" and cfg.cross_align and x.time is not None:
-            P_mask = valid & (mod == P) & (P >= 0)
-            L_mask = valid & (mod != P) & (P >= 0) & ((mod == audio_i) | (mod == video_i))
+            P_mask, L_mask = valid & tok_is_P, valid & tok_is_L
             P_kept_mass = torch.where(kept & P_mask & is_rep, group_mass, torch.zeros_like(group_mass))
             if bool(P_mask.any()) and bool(L_mask.any()):
                 score = score * _alignment_boost(cfg, x.time, P_mask, P_kept_mass, L_mask)
