@@ -362,6 +362,7 @@ class BudgetedLayerCache:
         self.compressions = 0
         self._valid: torch.Tensor | None = None  # [B, Hkv, stored] False at padding not yet compressed away
         self._decoded = 0  # tokens appended by decode since the last prefill
+        self._target_floor = 0  # min(target), on the host
 
     def prefill(self, k: torch.Tensor, v: torch.Tensor, *, scores: torch.Tensor, valid: torch.Tensor | None = None,
                 **metadata) -> None:
@@ -394,6 +395,7 @@ class BudgetedLayerCache:
         self.prompt_tokens = chunk if self.prompt_tokens is None else self.prompt_tokens + chunk
         self.window = (self.store.seen - self.cfg.window, self.store.seen)
         self.target = budget_tokens(self.cfg, self.prompt_tokens, self.layer, self.num_layers)
+        self._target_floor = int(self.target.min())  # host copy: most decode steps then need no sync
         self.compress()
 
     def _mark_valid(self, before: torch.Tensor | None, valid: torch.Tensor) -> None:
@@ -414,8 +416,14 @@ class BudgetedLayerCache:
             self.compress()
 
     def needs_upkeep(self) -> bool:
-        """True when some row holds more than its budget plus ``cfg.slack`` tokens (one host sync)."""
-        return not self.cfg.is_full and bool((self.store.lengths.long() > self.target + self.cfg.slack).any())
+        """True when some row holds more than its budget plus ``cfg.slack`` tokens.
+
+        Decided on the host while the longest row is within the smallest budget plus slack; only past that does
+        it read the lengths (one host sync).
+        """
+        if self.cfg.is_full or self.store.max_length <= self._target_floor + self.cfg.slack:
+            return False
+        return bool((self.store.lengths.long() > self.target + self.cfg.slack).any())
 
     def compress(self) -> None:
         """Run the policy on the stored tokens and apply its plan (nothing to do at budget 1.0 / method full)."""
