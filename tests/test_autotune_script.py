@@ -1,4 +1,5 @@
-"""autotune/tune.py on CPU with a stand-in timer: the table it writes is the one the library then loads."""
+"""autotune/tune.py on DEVICE (CPU when no GPU) with a stand-in timer: the table it writes is the one the library
+then loads."""
 from __future__ import annotations
 
 import pytest
@@ -7,6 +8,7 @@ import torch
 from acckv_triton import tuning
 from acckv_triton.ops.decode_attention import _split_kernel
 from autotune import tune
+from tests.conftest import DEVICE
 
 
 def test_tune_writes_a_table_the_library_matches(tmp_path, monkeypatch):
@@ -15,7 +17,7 @@ def test_tune_writes_a_table_the_library_matches(tmp_path, monkeypatch):
         return 1.0 if _split_kernel._forced.kwargs["BLOCK_N"] == 32 else 2.0
 
     target = tune.Target(_split_kernel, tune._decode_keys(["float32"], [64], [2])[:1], tune._decode_call)
-    entries = tune.tune_target(target, lengths=[40], batches=[1], device=torch.device("cpu"), timer=timer)
+    entries = tune.tune_target(target, lengths=[40], batches=[1], device=DEVICE, timer=timer)
     assert len(entries) == 1 and entries[0]["config"]["kwargs"] == {"BLOCK_N": 32}
     path = tune.write_table(tmp_path, "Fake GPU 9000", "decode_attention", entries)
     assert path.parent.name == "Fake_GPU_9000"
@@ -52,7 +54,7 @@ def test_window_scores_target_keys_match_the_launcher(monkeypatch):
         return resolve(args, device_name)
 
     monkeypatch.setattr(target.kernel, "resolve", recording_resolve)
-    entries = tune.tune_target(target, lengths=[64], batches=[1], device=torch.device("cpu"),
+    entries = tune.tune_target(target, lengths=[64], batches=[1], device=DEVICE,
                                timer=lambda call: (call(), 1.0)[1])
     assert looked_up and all(k == entries[0]["key"] for k in looked_up)
     assert entries[0]["key"] == {"dtype": "float32", "HEAD_DIM": 64, "GROUP_SIZE": 2, "BLOCK_R": 64,

@@ -1,4 +1,4 @@
-"""The bench's code paths on CPU: accuracy rows, and the GPU speed sweep's baselines with a stand-in timer."""
+"""The bench's code paths on DEVICE (CPU when no GPU): accuracy rows, and the speed sweeps with a stand-in timer."""
 from __future__ import annotations
 
 import json
@@ -8,6 +8,7 @@ import torch
 from acckv_triton import reference
 from acckv_triton.bench import decode
 from acckv_triton.bench.__main__ import main
+from tests.conftest import DEVICE
 
 
 def test_speed_rows_run_every_baseline_with_a_stand_in_timer():
@@ -18,7 +19,7 @@ def test_speed_rows_run_every_baseline_with_a_stand_in_timer():
         calls.append(fn)
         return 2.0
 
-    rows = decode.speed_rows(torch.device("cpu"), torch.float32, batches=[1], heads=[(4, 2)], lengths=[48],
+    rows = decode.speed_rows(DEVICE, torch.float32, batches=[1], heads=[(4, 2)], lengths=[48],
                              head_dim=64, timer=timer, copy_gbs=100.0)
     (row,) = rows
     assert row["sdpa"] in {"flash", "efficient", "cudnn", "math"}
@@ -54,7 +55,8 @@ def test_av_fidelity_through_the_kernels():
     from acckv_triton.bench import av
     from acckv_triton.config import AccKVConfig
 
-    w = workloads.generate_av_workload(num_chunks=2, grid_h=4, grid_w=4, num_decode_queries=4, num_layers=2)
+    w = av.workload_to(workloads.generate_av_workload(num_chunks=2, grid_h=4, grid_w=4, num_decode_queries=4,
+                                                      num_layers=2), DEVICE)  # the kernels need it on DEVICE
     scores, full = av.prefill_scores(w), av.full_outputs(w)
     exact = av.evaluate(w, AccKVConfig(budget=1.0), scores, full)
     assert exact["out err"] < 1e-5 and exact["recall"] == 1.0 and exact["KV kept %"] == 100.0
@@ -92,10 +94,10 @@ def test_prefill_cost_and_compaction_rows_with_a_stand_in_timer():
         fn()
         return 4.0
 
-    (row,) = prefill.cost_rows(torch.device("cpu"), torch.float32, lengths=[400], heads=(4, 2), head_dim=32,
+    (row,) = prefill.cost_rows(DEVICE, torch.float32, lengths=[400], heads=(4, 2), head_dim=32,
                                window=8, timer=timer)
     assert row["scores % attn"] == 100.0 and row["N"] == 400
-    (crow,) = prefill.compaction_rows(torch.device("cpu"), torch.float32, batches=[2], num_kv_heads=2, capacity=64,
+    (crow,) = prefill.compaction_rows(DEVICE, torch.float32, batches=[2], num_kv_heads=2, capacity=64,
                                       head_dim=32, timer=timer, copy_gbs=10.0)
     assert crow["kept"] == 16 and crow["compact_kv vs torch ×"] == 1.0
     moved = 2 * 2 * 2 * 2 * 16 * 32 * 4

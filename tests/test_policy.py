@@ -6,7 +6,7 @@ import torch
 
 import acckv_triton as ak
 from acckv_triton import reference, workloads
-from acckv_triton.bench.av import layer_inputs
+from acckv_triton.bench.av import layer_inputs, workload_to
 from acckv_triton.config import METHODS, AccKVConfig
 from acckv_triton.modality import Modality
 from acckv_triton.policy import LayerTokens, _alignment_boost, _merge_groups, budget_tokens, plan_layer
@@ -18,10 +18,12 @@ ALL = [pytest.param(AccKVConfig(method=m), id=m) for m in METHODS] + \
     [pytest.param(c, id=name) for name, c in AccKVConfig().ablations().items()]
 
 
-def tokens(layer=1, lengths=None) -> LayerTokens:
-    x = layer_inputs(W, layer, SCORES[layer])
+def tokens(layer=1, lengths=None, device=torch.device("cpu")) -> LayerTokens:
+    """The policy's view of layer ``layer`` of W, every tensor on ``device`` (the kernels need it on DEVICE)."""
+    w = workload_to(W, device)
+    x = layer_inputs(w, layer, SCORES[layer].to(device))
     if lengths is not None:
-        x.lengths = torch.tensor(lengths, dtype=torch.int32).view(2, 2)
+        x.lengths = torch.tensor(lengths, dtype=torch.int32, device=device).view(2, 2)
     return x
 
 
@@ -36,8 +38,9 @@ def kept_mask(plan, n=N):
 @pytest.mark.parametrize("cfg", ALL)
 @pytest.mark.parametrize("budget", [pytest.param(0.25, id="25%"), pytest.param(0.1, id="10%"),
                                     pytest.param(37, id="37-tokens")])
-def test_budget_exact_valid_plan_and_applies(cfg, budget):
-    x = tokens(lengths=[N, 201, 63, N])  # ragged rows: budgets follow each row's valid count
+def test_budget_exact_valid_plan_and_applies(cfg, budget, device):
+    # ragged rows: budgets follow each row's valid count; policy and kernel both run on the test device
+    x = tokens(lengths=[N, 201, 63, N], device=device)
     cfg = cfg.replace(budget=budget)
     plan = plan_layer(cfg, x, 1, 2).plan
     want = budget_tokens(cfg, x.lengths.long(), 1, 2)
@@ -49,7 +52,7 @@ def test_budget_exact_valid_plan_and_applies(cfg, budget):
         for h in range(2):
             row = keep[b, h, :int(plan.keep_lengths[b, h])]
             assert torch.all(row[1:] > row[:-1]) and int(row.max()) < int(x.lengths[b, h])
-    k, v, lengths = x.keys.clone(), W.layers[1].v.clone(), x.lengths.clone()
+    k, v, lengths = x.keys.clone(), W.layers[1].v.to(device).clone(), x.lengths.clone()
     ak.compact_kv_(k, v, lengths, plan.keep, plan.keep_lengths, merge_target=plan.merge_target,
                    merge_weight=plan.merge_weight)  # validates the plan
     assert torch.equal(lengths, plan.keep_lengths)

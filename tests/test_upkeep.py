@@ -5,11 +5,14 @@ import pytest
 import torch
 
 from acckv_triton import reference, workloads
+from acckv_triton.bench.av import workload_to
 from acckv_triton.cache import BudgetedLayerCache
 from acckv_triton.config import AccKVConfig
 from tests.conftest import DEVICE
 
-W = workloads.generate_av_workload(num_chunks=3, grid_h=4, grid_w=4, batch=2, num_layers=2, seed=3)
+# Every tensor on DEVICE: the cache hands them to the kernels, which need CUDA tensors on a GPU.
+W = workload_to(workloads.generate_av_workload(num_chunks=3, grid_h=4, grid_w=4, batch=2, num_layers=2, seed=3),
+                DEVICE)
 N = W.num_tokens
 LT = W.layers[1]
 META = dict(modality=W.modality, time=W.time, spatial=W.spatial)
@@ -18,7 +21,7 @@ META = dict(modality=W.modality, time=W.time, spatial=W.spatial)
 def prefilled(cfg, valid=None, upto=N):
     cache = BudgetedLayerCache(cfg, layer=1, num_layers=2)
     s = reference.window_scores(LT.q_window, LT.k, modality=W.token_modality()).scores
-    cache.prefill(LT.k[:, :, :upto].to(DEVICE), LT.v[:, :, :upto].to(DEVICE), scores=s[:, :, :upto].to(DEVICE),
+    cache.prefill(LT.k[:, :, :upto].contiguous(), LT.v[:, :, :upto].contiguous(), scores=s[:, :, :upto],
                   valid=valid, **{n: x[:upto] for n, x in META.items()})
     return cache
 
@@ -26,7 +29,7 @@ def prefilled(cfg, valid=None, upto=N):
 def test_prefill_compresses_to_budget_and_releases_memory():
     cache = prefilled(AccKVConfig(budget=0.25))
     want = -(-N // 4)
-    assert torch.equal(cache.store.lengths.long(), torch.full((2, 2), want))
+    assert torch.equal(cache.store.lengths.long(), torch.full((2, 2), want, device=DEVICE))
     assert cache.store.capacity < N and cache.compressions == 1
     assert cache.store.proportional  # AccKV weighs merged slots by their multiplicity
     held = cache.store.multiplicity[:, :, :want].sum(-1)
@@ -75,12 +78,12 @@ def test_streaming_chunks_raise_the_budget():
     for lo, hi in ((0, half), (half, N)):
         cache.prefill(LT.k[:, :, lo:hi].contiguous(), LT.v[:, :, lo:hi].contiguous(), scores=s[:, :, lo:hi],
                       **{n: x[lo:hi] for n, x in META.items()})
-        assert torch.equal(cache.store.lengths.long(), torch.full((2, 2), -(-hi // 4)))
+        assert torch.equal(cache.store.lengths.long(), torch.full((2, 2), -(-hi // 4), device=DEVICE))
     assert cache.store.seen == N
 
 
 def test_left_padding_is_dropped_and_not_budgeted():
-    valid = torch.ones(2, N, dtype=torch.bool)
+    valid = torch.ones(2, N, dtype=torch.bool, device=DEVICE)
     valid[0, :30] = False  # sequence 0 is left-padded by 30 slots
     cache = prefilled(AccKVConfig(budget=0.5), valid=valid)
     assert cache.store.lengths[0].tolist() == [-(-(N - 30) // 2)] * 2
@@ -107,4 +110,4 @@ def test_second_question_counts_the_decoded_answer_in_the_budget():
     s = reference.window_scores(LT.q_window, LT.k, modality=W.token_modality()).scores
     cache.prefill(LT.k[:, :, 200:240].contiguous(), LT.v[:, :, 200:240].contiguous(), scores=s[:, :, 200:240],
                   **{n: x[200:240] for n, x in META.items()})
-    assert torch.equal(cache.target, torch.full((2, 2), (200 + 10 + 40) // 2))
+    assert torch.equal(cache.target, torch.full((2, 2), (200 + 10 + 40) // 2, device=DEVICE))

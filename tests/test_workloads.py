@@ -136,11 +136,11 @@ def test_sinks_and_planted_events_carry_attention(small):
     assert (small.event[top] == target).float().mean() > 0.9
 
 
-def test_window_scores_kernel_on_a_workload_layer(small, poison_empty):
+def test_window_scores_kernel_on_a_workload_layer(small, poison_empty, device):
     layer = small.layers[1]
-    mod = small.token_modality()
-    out = window_scores(layer.q_window, layer.k, modality=mod)
-    ref = reference.window_scores(layer.q_window, layer.k, modality=mod)
+    q, k, mod = layer.q_window.to(device), layer.k.to(device), small.token_modality().to(device)
+    out = window_scores(q, k, modality=mod)
+    ref = reference.window_scores(q, k, modality=mod)
     torch.testing.assert_close(out.scores, ref.scores, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(out.modality_mass, ref.modality_mass, atol=1e-5, rtol=1e-5)
 

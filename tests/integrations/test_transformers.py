@@ -21,6 +21,8 @@ from transformers.masking_utils import AttentionMaskInterface  # noqa: E402
 import acckv_triton as ak  # noqa: E402
 from acckv_triton.integrations.transformers import AccKVCache, acckv, apply_acckv  # noqa: E402
 
+from tests.conftest import DEVICE  # noqa: E402
+
 from .tiny_models import VOCAB, omni_av_inputs, tiny_causal_lm, tiny_omni_thinker  # noqa: E402
 
 GREEDY = dict(do_sample=False, pad_token_id=0)
@@ -209,6 +211,9 @@ def test_triton_backend_matches_the_torch_backend_inside_the_model(family):
         model, inputs = tiny_omni_thinker(), omni_av_inputs()
     else:
         model, inputs = tiny_causal_lm("llama", num_layers=1), _left_padded((36, 29))
+    # the triton backend hands the model's tensors to the kernels, which need CUDA tensors on a GPU
+    model = model.to(DEVICE)
+    inputs = {name: x.to(DEVICE) if isinstance(x, torch.Tensor) else x for name, x in inputs.items()}
     outs = {}
     for backend in ("torch", "triton"):
         with apply_acckv(model, ak.AccKVConfig(budget=0.4, window=8, recent=4, backend=backend)) as handle:
