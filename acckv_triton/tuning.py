@@ -27,8 +27,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import re
+import warnings
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -174,6 +176,26 @@ class _Resolved:
     source: str  # "forced", "table" or "default" ("live" when triton.autotune decides)
 
 
+def _bench_skipping_uncompilable(name: str):
+    """``do_bench`` for live tuning of kernel ``name`` that ranks a config last when the installed Triton fails to
+    compile it (Triton 3.6's layout pass rejects some tiles that 3.9 compiles), instead of failing the launch.
+
+    Other errors propagate; if no config compiles, the tuner's pick fails again at launch with the real error.
+    """
+
+    def bench(fn, quantiles):
+        try:
+            return triton.testing.do_bench(fn, quantiles=quantiles)
+        except RuntimeError as exc:
+            if "PassManager" not in str(exc):
+                raise
+            warnings.warn(f"acckv_triton: a config of {name} does not compile with triton {triton.__version__}; "
+                          "live tuning skips it", RuntimeWarning, stacklevel=2)
+            return [math.inf] * len(quantiles)
+
+    return bench
+
+
 class TunedKernel:
     """A ``@triton.jit`` kernel with its config space, tuned tables and live autotuning.
 
@@ -207,6 +229,7 @@ class TunedKernel:
             key=self.key,
             restore_value=list(restore_value) or None,
             reset_to_zero=list(reset_to_zero) or None,
+            do_bench=_bench_skipping_uncompilable(name),
         )(fn)
         self.last_source: str | None = None  # how the last launch got its config (for the bench and tests)
         self._forced: triton.Config | None = None

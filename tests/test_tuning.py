@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import pytest
@@ -122,3 +123,23 @@ def test_launch_records_config_source():
     assert _split_kernel.last_source in ("table", "live", "default")
     if tuning.INTERPRET:
         assert _split_kernel.last_source == "default"
+
+
+def test_live_tuning_ranks_an_uncompilable_config_last(monkeypatch):
+    """A config the installed Triton fails to compile (Triton 3.6's layout pass on some compaction tiles) is
+    ranked last by live tuning instead of failing the launch; any other error still propagates."""
+    monkeypatch.setattr(triton.testing, "do_bench", lambda fn, quantiles: (fn(), [1.0] * len(quantiles))[1])
+    bench = tuning._bench_skipping_uncompilable("compact_kv")
+
+    def uncompilable():
+        raise RuntimeError("PassManager::run failed")
+
+    with pytest.warns(RuntimeWarning, match="compact_kv does not compile"):
+        assert bench(uncompilable, quantiles=(0.5, 0.2, 0.8)) == [math.inf] * 3
+    assert bench(lambda: None, quantiles=(0.5,)) == [1.0]
+
+    def broken():
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        bench(broken, quantiles=(0.5,))
