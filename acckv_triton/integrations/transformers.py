@@ -71,8 +71,9 @@ class ModelSpec:
     Attributes:
         name: shown in errors and docs.
         model_types: the ``config.model_type`` values this spec covers.
-        decoder: dotted path from the model to the decoder stack (has ``.layers[i].<attention>``, receives
-            ``attention_mask`` and ``position_ids``).
+        decoder: dotted paths from the model to the decoder stack (has ``.layers[i].<attention>``, receives
+            ``attention_mask`` and ``position_ids``), tried in order: transformers versions differ in where they
+            keep it.
         attention: attribute name of the attention module in each decoder layer.
         mrope: position ids are TMRoPE rows ``[3, B, T]`` (temporal, h, w), optionally with a text row first.
         modality_token_ids: ``(config field, Modality)`` pairs: tokens equal to that id carry that modality.
@@ -80,7 +81,7 @@ class ModelSpec:
 
     name: str
     model_types: tuple[str, ...]
-    decoder: str = "model"
+    decoder: tuple[str, ...] = ("model",)
     attention: str = "self_attn"
     mrope: bool = False
     modality_token_ids: tuple[tuple[str, Modality], ...] = ()
@@ -90,7 +91,7 @@ MODEL_SPECS: tuple[ModelSpec, ...] = (
     ModelSpec("Llama", ("llama",)),
     ModelSpec("Qwen2", ("qwen2",)),
     ModelSpec("Qwen3", ("qwen3",)),
-    ModelSpec("Qwen2.5-Omni thinker", ("qwen2_5_omni_thinker",), decoder="model.language_model", mrope=True,
+    ModelSpec("Qwen2.5-Omni thinker", ("qwen2_5_omni_thinker",), decoder=("model.language_model", "model"), mrope=True,
               modality_token_ids=(("audio_token_index", Modality.AUDIO), ("video_token_index", Modality.VIDEO),
                                   ("image_token_index", Modality.IMAGE))),
 )
@@ -112,6 +113,24 @@ def _resolve(obj, path: str):
     for part in path.split("."):
         obj = getattr(obj, part)
     return obj
+
+
+def _find_decoder(model, spec: ModelSpec):
+    """The decoder stack: the model itself when it has ``layers`` (a base model), else the first of
+    ``spec.decoder`` that exists and has ``layers`` (Qwen2.5-Omni's thinker keeps its text model at
+    ``model.language_model`` in transformers 5.23 and at ``model`` in 5.17)."""
+    if hasattr(model, "layers"):
+        return model
+    for path in spec.decoder:
+        try:
+            decoder = _resolve(model, path)
+        except AttributeError:
+            continue
+        if hasattr(decoder, "layers"):
+            return decoder
+    raise ValueError(f"apply_acckv: found no decoder stack with .layers on {type(model).__name__} at "
+                     f"{' or '.join(spec.decoder)} ({spec.name}); this transformers version lays the model out "
+                     "differently")
 
 
 # ------------------------------------------------------------------------------------------------------ the cache
@@ -406,7 +425,7 @@ class AccKVHandle:
 
     def __init__(self, model, cfg: AccKVConfig, spec: ModelSpec):
         self.model, self.cfg, self.spec = model, cfg, spec
-        self.decoder = _resolve(model, spec.decoder) if not hasattr(model, "layers") else model  # base model: itself
+        self.decoder = _find_decoder(model, spec)
         self.num_layers = len(self.decoder.layers)
         self.attention_modules = [getattr(layer, spec.attention) for layer in self.decoder.layers]
         self._state = _ForwardState()
