@@ -77,7 +77,7 @@ def _logprobs_under(model, cfg: AccKVConfig | None, context: torch.Tensor, conti
 
     with apply_acckv(model, cfg) as handle:
         cache = handle.new_cache()
-        out = [model(context, past_key_values=cache, use_cache=True).logits[:, -1:]]
+        out = [model(context, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1:]]
         if step == "chunk":
             out.append(model(continuation[:, :-1], past_key_values=cache, use_cache=True).logits)
         else:
@@ -108,7 +108,8 @@ def fidelity_rows(model=None, tokenizer=None, *, context: int = 1024, continuati
     ctx, cont = ids[:, :context], ids[:, context:]
 
     t0 = time.perf_counter()
-    full = model(ids).logits[0, context - 1:context + continuation - 1].float().log_softmax(-1)  # exact, no cache
+    # exact, no cache; only the positions that predict the continuation go through the LM head
+    full = model(ids, logits_to_keep=continuation + 1).logits[0, :-1].float().log_softmax(-1)
     target = cont[0]
     rows = [dict(method="full", budget=1.0, top1=1.0, kl=0.0,
                  ppl=math_exp(-full.gather(-1, target[:, None]).mean().item()), kept=1.0,
