@@ -44,7 +44,8 @@ def accuracy_rows(device: torch.device, dtypes: Iterable[torch.dtype]) -> list[d
         for B, Hq, Hkv, C, D, kind in shapes:
             q, k, v, mod = _random_cache(B, Hq, Hkv, C, D, dtype, device, seed=B * C)
             if kind == "ragged":
-                lengths = torch.randint(0, C + 1, (B, Hkv), device=device, dtype=torch.int32)
+                g = torch.Generator(device=device).manual_seed(C)  # the same ragged lengths on every run
+                lengths = torch.randint(0, C + 1, (B, Hkv), generator=g, device=device, dtype=torch.int32)
                 lengths[0, 0] = 0
             else:
                 lengths = torch.full((B, Hkv), C, device=device, dtype=torch.int32)
