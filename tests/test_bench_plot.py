@@ -72,7 +72,7 @@ def test_note_rows_are_dropped_and_the_rest_plotted(tmp_path):
 def test_committed_results_plot_their_fidelity_tables(tmp_path):
     results = json.loads((RESULTS / "bench.json").read_text())
     paths = plot.plot_tables(results["tables"], tmp_path, results["header"])
-    _assert_pngs(paths, ["av_fidelity", "modality_shares"], tmp_path)
+    _assert_pngs(paths, ["av_fidelity", "modality_shares", "real_fidelity"], tmp_path)
 
 
 def test_cli_writes_next_to_bench_json(tmp_path):
@@ -81,7 +81,7 @@ def test_cli_writes_next_to_bench_json(tmp_path):
     done = subprocess.run([sys.executable, "-m", "acckv_triton.bench.plot", str(folder)],
                           capture_output=True, text=True, check=True, timeout=120)
     printed = [Path(line) for line in done.stdout.split()]
-    _assert_pngs(printed, ["av_fidelity", "modality_shares"], folder)
+    _assert_pngs(printed, ["av_fidelity", "modality_shares", "real_fidelity"], folder)
 
 
 def test_missing_matplotlib_names_the_extra(monkeypatch, tmp_path):
