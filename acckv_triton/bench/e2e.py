@@ -200,7 +200,8 @@ def generate_rows(device: torch.device, model=None, prompt: int = 32768, new_tok
             timed(2)  # warm-up: kernels compiled, allocator primed
             t1, _ = timed(1)
             tn, res = timed(new_tokens + 1)
-            nbytes = _cache_nbytes(res.past_key_values)
+            cache = getattr(res, "cache", None)  # transformers >= 5.24 names it cache, before past_key_values
+            nbytes = _cache_nbytes(cache if cache is not None else res.past_key_values)
         finally:
             if handle is not None:
                 handle.revert()

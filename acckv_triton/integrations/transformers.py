@@ -133,6 +133,18 @@ def _find_decoder(model, spec: ModelSpec):
                      "differently")
 
 
+_CACHE_KWARGS = ("cache", "past_key_values")
+"""The cache's keyword in forward() and generate(): transformers 5.24 renamed ``past_key_values`` to ``cache``."""
+
+
+def _cache_argument(kwargs: dict):
+    """The cache passed in ``kwargs`` under either name, or None."""
+    for name in _CACHE_KWARGS:
+        if kwargs.get(name) is not None:
+            return kwargs[name]
+    return None
+
+
 # ------------------------------------------------------------------------------------------------------ the cache
 def _use_kernels(cfg: AccKVConfig, x: torch.Tensor) -> bool:
     return cfg.backend == "triton" or (cfg.backend == "auto" and x.is_cuda)
@@ -487,10 +499,11 @@ class AccKVHandle:
         prepare = model._prepare_cache_for_generation  # the class's bound method
 
         def _prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs):
-            user_cache = model_kwargs.get("past_key_values")
+            user_cache = _cache_argument(model_kwargs)
             result = prepare(generation_config, model_kwargs, *args, **kwargs)
-            if user_cache is None and type(model_kwargs.get("past_key_values")) is DynamicCache:
-                model_kwargs["past_key_values"] = self.new_cache()
+            for name in _CACHE_KWARGS:
+                if user_cache is None and type(model_kwargs.get(name)) is DynamicCache:
+                    model_kwargs[name] = self.new_cache()
             return result
 
         model._prepare_cache_for_generation = _prepare_cache_for_generation
@@ -502,7 +515,7 @@ class AccKVHandle:
         self._state.input_ids = ids if isinstance(ids, torch.Tensor) and ids.dim() == 2 else None
 
     def _before_decoder(self, module, args, kwargs):
-        cache = kwargs.get("past_key_values")
+        cache = _cache_argument(kwargs)
         ids, self._state.input_ids = self._state.input_ids, None
         if not isinstance(cache, AccKVCache):
             self._state.cache = None
