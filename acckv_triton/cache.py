@@ -36,9 +36,10 @@ import math
 
 import torch
 
+from . import reference
 from .config import AccKVConfig
 from .modality import Modality
-from .ops.compact_kv import compact_kv, compact_kv_
+from .ops.compact_kv import compact_kv, compact_kv_, validate_plan
 from .ops.decode_attention import DecodeAttentionOutput, decode_attention
 from .plan import CompactionPlan
 from .policy import LayerTokens, PolicyResult, budget_tokens, plan_layer
@@ -64,17 +65,24 @@ class LayerKVCache:
         align: capacities are multiples of this many tokens (default 16).
         proportional: decode attention weighs each slot by its multiplicity, so a merged slot keeps the attention
             mass of the tokens it holds (AccKV's proportional attention); False attends to slots as plain tokens.
+        backend: ``"triton"`` (the kernels; through Triton's interpreter without a GPU), ``"torch"`` (the
+            reference ops of :mod:`acckv_triton.reference`: fast on a CPU, where the interpreter dominates) or
+            ``"auto"`` (the kernels for CUDA storage, the reference ops otherwise).
     """
 
-    def __init__(self, *, headroom: int = 64, growth: float = 1.5, align: int = 16, proportional: bool = False):
+    def __init__(self, *, headroom: int = 64, growth: float = 1.5, align: int = 16, proportional: bool = False,
+                 backend: str = "triton"):
         if not (isinstance(headroom, int) and headroom >= 0):
             raise ValueError(f"headroom must be an int >= 0, got {headroom!r}")
         if not (isinstance(growth, (int, float)) and math.isfinite(growth) and growth > 1):
             raise ValueError(f"growth must be a finite float > 1, got {growth!r}")
         if not (isinstance(align, int) and align >= 1):
             raise ValueError(f"align must be a positive int, got {align!r}")
+        if backend not in ("triton", "torch", "auto"):
+            raise ValueError(f"backend must be 'triton', 'torch' or 'auto', got {backend!r}")
         self.headroom, self.growth, self.align = headroom, float(growth), align
         self.proportional = bool(proportional)
+        self.backend = backend
         self.k: torch.Tensor | None = None
         self.v: torch.Tensor | None = None
         self.lengths: torch.Tensor | None = None
@@ -279,6 +287,9 @@ class LayerKVCache:
             if not self._max_length <= width <= self.capacity:
                 raise ValueError(f"plan.merge_target must be [B, Hkv, W] with max_length={self._max_length} <= W <= "
                                  f"capacity={self.capacity}, got shape {tuple(plan.merge_target.shape)}")
+        if not self.uses_kernels:
+            self._compress_reference(plan, width, n_min, n_max, check_plan)
+            return
         keep = plan.keep[..., :max(n_max, 0)] if plan.keep.dim() == 3 else plan.keep  # later entries are ignored
         data, sums = self._token_data(width)
         k, v = self.k[:, :, :width], self.v[:, :, :width]
@@ -301,6 +312,27 @@ class LayerKVCache:
                         check_plan=check_plan)
         self._min_length, self._max_length = n_min, n_max
 
+    def _compress_reference(self, plan: CompactionPlan, width: int, n_min: int, n_max: int, check_plan: bool) -> None:
+        """The torch backend's compression: the kernels' checks, :func:`acckv_triton.reference.compact_kv_` in
+        place over the first ``width`` slots, then the storage shrinks to the kept tokens plus headroom as the
+        kernel path's does."""
+        data, sums = self._token_data(width)
+        k, v = self.k[:, :, :width], self.v[:, :, :width]
+        keep = plan.keep[..., :max(n_max, 0)] if plan.keep.dim() == 3 else plan.keep
+        validate_plan(k, v, self.lengths, keep, plan.keep_lengths, merge_target=plan.merge_target,
+                      merge_weight=plan.merge_weight, token_data=data, token_sums=sums, check_plan=check_plan)
+        reference.compact_kv_(k, v, self.lengths, keep, plan.keep_lengths, merge_target=plan.merge_target,
+                              merge_weight=plan.merge_weight, token_data=data, token_sums=sums)
+        self._min_length, self._max_length = n_min, n_max
+        capacity = _round_up(max(n_max, 0) + self.headroom, self.align)
+        if capacity < self.capacity:
+            self._resize(capacity)
+
+    @property
+    def uses_kernels(self) -> bool:
+        """Whether compaction and decode attention run the Triton kernels (see ``backend``)."""
+        return self.backend == "triton" or (self.backend == "auto" and self.k is not None and self.k.is_cuda)
+
     # --------------------------------------------------------------------------------------------------- decode
     def decode_attention(self, q: torch.Tensor, *, scale: float | None = None, accumulate_mass: bool = True,
                          num_splits: int | None = None) -> DecodeAttentionOutput:
@@ -318,11 +350,13 @@ class LayerKVCache:
         if self.k is None:
             raise ValueError("the cache is empty: append tokens before attending")
         w = self._max_length  # views over the stored part keep the kernel's scratch sized by what is stored
-        return decode_attention(
-            q, self.k[:, :, :w], self.v[:, :, :w], self.lengths, scale=scale, modality=self.modality[:, :, :w],
-            token_mass=self.token_mass[:, :, :w] if accumulate_mass else None, num_splits=num_splits,
-            multiplicity=self.multiplicity[:, :, :w] if self.proportional else None, check_lengths=False,
-        )
+        views = dict(scale=scale, modality=self.modality[:, :, :w],
+                     token_mass=self.token_mass[:, :, :w] if accumulate_mass else None,
+                     multiplicity=self.multiplicity[:, :, :w] if self.proportional else None)
+        if not self.uses_kernels:
+            return reference.decode_attention(q, self.k[:, :, :w], self.v[:, :, :w], self.lengths, **views)
+        return decode_attention(q, self.k[:, :, :w], self.v[:, :, :w], self.lengths, **views, num_splits=num_splits,
+                                check_lengths=False)
 
     def __repr__(self) -> str:
         if self.k is None:
@@ -354,7 +388,7 @@ class BudgetedLayerCache:
         if not (0 <= layer < num_layers):
             raise ValueError(f"layer must lie in [0, num_layers={num_layers}), got {layer}")
         self.cfg, self.layer, self.num_layers = cfg, layer, num_layers
-        self.store = LayerKVCache(headroom=cfg.slack, proportional=cfg.uses_multiplicity)
+        self.store = LayerKVCache(headroom=cfg.slack, proportional=cfg.uses_multiplicity, backend=cfg.backend)
         self.target: torch.Tensor | None = None
         self.prompt_tokens: torch.Tensor | None = None  # [B, Hkv] prompt tokens seen, padding excluded
         self.window = (0, 0)  # positions [start, end) of the latest prefill's observation window

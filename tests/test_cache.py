@@ -108,8 +108,9 @@ def test_append_prefill_then_decode_grows_geometrically(poison_empty):
     pytest.param(torch.bfloat16, True, id="bf16-merge"),
     pytest.param(torch.float16, True, id="fp16-merge"),
 ])
-def test_compress_carries_everything_and_shrinks(dtype, merge, poison_empty):
-    cache, *_ = prefill(300, dtype)
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_compress_carries_everything_and_shrinks(dtype, merge, backend, poison_empty):
+    cache, *_ = prefill(300, dtype, backend=backend)
     cache.token_mass[:, :, :300] = torch.rand(B, HKV, 300, device=DEVICE)
     plan = random_plan(cache.lengths, 40, merge=merge)
     before = snapshot(cache)
@@ -202,8 +203,9 @@ def test_append_after_ragged_compress_writes_at_each_length(poison_empty):
                                                                             device=DEVICE))
 
 
-def test_decode_attention_accumulates_mass_into_the_cache(poison_empty):
-    cache, *_ = prefill(90)
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_decode_attention_accumulates_mass_into_the_cache(backend, poison_empty):
+    cache, *_ = prefill(90, backend=backend)
     cache.compress(random_plan(cache.lengths, 25, merge=True, seed=7))
     cache.append(*rand_kv(1))
     q = torch.randn(B, HKV * 3, D, device=DEVICE)
@@ -224,8 +226,9 @@ def test_decode_attention_accumulates_mass_into_the_cache(poison_empty):
     torch.testing.assert_close(added, torch.full((B, HKV), 3.0, device=DEVICE))  # G = 3 heads' probabilities each
 
 
-def test_invalid_plan_leaves_the_cache_unchanged():
-    cache, *_ = prefill(60)
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_invalid_plan_leaves_the_cache_unchanged(backend):
+    cache, *_ = prefill(60, backend=backend)
     plan = random_plan(cache.lengths, 12, merge=True, seed=9)
     keep = plan.keep.clone()
     keep[1, 0, :2] = keep[1, 0, :2].flip(0)  # unsorted
@@ -273,3 +276,12 @@ def test_rejected_first_append_leaves_the_cache_empty():
     k, v = torch.randn(1, 3, 5, 32, device=DEVICE), torch.randn(1, 3, 5, 32, device=DEVICE)
     cache.append(k, v)  # another shape is still welcome
     assert cache.k.shape[:2] == (1, 3) and torch.all(cache.lengths == 5)
+
+
+def test_backend_is_checked_and_auto_follows_the_storage_device():
+    with pytest.raises(ValueError, match="backend"):
+        LayerKVCache(backend="cuda")
+    cache, *_ = prefill(20, backend="auto")
+    assert cache.uses_kernels == (DEVICE.type == "cuda")  # the kernels for CUDA storage, the reference otherwise
+    assert prefill(20, backend="torch")[0].uses_kernels is False
+    assert prefill(20)[0].uses_kernels is True  # the default: the kernels (interpreted without a GPU)

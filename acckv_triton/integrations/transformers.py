@@ -33,8 +33,8 @@ Design (data flows integration -> cache -> policy -> ops):
 * **Budget 1.0** (or ``method="full"``) switches no attention function: the cache stores every token and hands the
   model its full K/V exactly like ``DynamicCache``, so outputs are bit-identical.
 * **Backends**: ``"triton"`` runs the ``window_scores`` / ``decode_attention`` / ``compact_kv`` kernels
-  (interpreted on a CPU); ``"torch"`` the float64 reference ops (compaction through a small store subclass until
-  ``LayerKVCache`` takes a backend); ``"auto"`` the kernels on CUDA tensors and the reference on CPU ones.
+  (interpreted on a CPU); ``"torch"`` the float64 reference ops (``LayerKVCache(backend=...)``); ``"auto"`` the
+  kernels on CUDA tensors and the reference on CPU ones.
 * Not supported: beam search (``reorder_cache``), ``crop`` (assisted decoding), static caches / ``torch.compile``.
   A Qwen2.5-Omni hand-written decode loop must pass ``position_ids`` or no 2-D mask (the thinker derives decode
   positions from a 2-D mask correctly only inside ``generate``).
@@ -54,7 +54,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMa
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .. import reference
-from ..cache import BudgetedLayerCache, LayerKVCache
+from ..cache import BudgetedLayerCache
 from ..config import AccKVConfig
 from ..modality import Modality
 from ..ops.window_scores import window_scores as window_scores_kernel
@@ -150,28 +150,6 @@ def _use_kernels(cfg: AccKVConfig, x: torch.Tensor) -> bool:
     return cfg.backend == "triton" or (cfg.backend == "auto" and x.is_cuda)
 
 
-class _ReferenceCompactionStore(LayerKVCache):
-    """The torch path's store: compaction runs :func:`acckv_triton.reference.compact_kv_` instead of the kernel.
-
-    Stopgap until :class:`~acckv_triton.cache.LayerKVCache` takes a backend itself: on a CPU the ``compact_kv``
-    kernel runs through Triton's interpreter, which dominates a real model's prefill. It compacts in place, then
-    shrinks the storage to the kept tokens plus headroom as the kernel path does.
-    """
-
-    def compress(self, plan, *, check_plan: bool = True) -> None:
-        if self.k is None:
-            raise ValueError("the cache is empty: append tokens before compressing")
-        data, sums = self._token_data(self.capacity)
-        reference.compact_kv_(self.k, self.v, self.lengths, plan.keep, plan.keep_lengths,
-                              merge_target=plan.merge_target, merge_weight=plan.merge_weight,
-                              token_data=data, token_sums=sums)
-        n_min, n_max = (int(x) for x in torch.stack(torch.aminmax(plan.keep_lengths.long())).tolist())
-        self._min_length, self._max_length = n_min, n_max
-        capacity = -(-(n_max + self.headroom) // self.align) * self.align
-        if capacity < self.capacity:
-            self._resize(capacity)
-
-
 class AccKVLayer(CacheLayerMixin):
     """One decoder layer's cache: a :class:`~acckv_triton.cache.BudgetedLayerCache` behind the transformers layer API.
 
@@ -198,9 +176,6 @@ class AccKVLayer(CacheLayerMixin):
     # ---- transformers layer API
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
-        if not _use_kernels(self.cfg, key_states) and not self.store.initialized:
-            self.budgeted.store = _ReferenceCompactionStore(headroom=self.cfg.slack,
-                                                            proportional=self.cfg.uses_multiplicity)
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
@@ -277,15 +252,7 @@ class AccKVLayer(CacheLayerMixin):
     def _decode(self, query, k, v, scaling, meta) -> torch.Tensor:
         st = self.store
         st.append(k, v, **meta)
-        q = query[:, :, 0]
-        if _use_kernels(self.cfg, query):
-            res = st.decode_attention(q.contiguous(), scale=scaling)
-        else:
-            w = st.max_length
-            res = reference.decode_attention(
-                q, st.k[:, :, :w], st.v[:, :, :w], st.lengths, scale=scaling, modality=st.modality[:, :, :w],
-                token_mass=st.token_mass[:, :, :w],
-                multiplicity=st.multiplicity[:, :, :w] if st.proportional else None)
+        res = st.decode_attention(query[:, :, 0].contiguous(), scale=scaling)  # kernels or reference: cfg.backend
         if self.budgeted.target is not None and self.budgeted.needs_upkeep():
             self.budgeted.compress()
         return res.out[:, None]

@@ -367,12 +367,13 @@ def _build_plan(lengths, keep, keep_lengths, merge_target, merge_weight, C: int)
 
 def _validate(
     k_src, v_src, lengths, keep, keep_lengths, merge_target, merge_weight, token_data, token_sums, check_plan,
-    names=("k_cache", "v_cache"),
+    names=("k_cache", "v_cache"), kernel_device=True,
 ):
     k_name, v_name = names
     _check_kv(k_name, k_src)
     device = k_src.device
-    _common.check_kernel_device(k_name, device)
+    if kernel_device:
+        _common.check_kernel_device(k_name, device)
     B, Hkv, C, D = k_src.shape
     _check_kv(v_name, v_src, device, k_src.dtype)
     if tuple(v_src.shape) != (B, Hkv, C, D):
@@ -408,6 +409,14 @@ def _validate(
     if check_plan:
         _check_values(lengths, keep, keep_lengths, merge_target, merge_weight, C)
     return token_data, token_sums
+
+
+def validate_plan(k_cache, v_cache, lengths, keep, keep_lengths, *, merge_target=None, merge_weight=None,
+                  token_data=(), token_sums=(), check_plan: bool = True) -> None:
+    """Every check :func:`compact_kv_` runs before it writes, on any device, for callers that apply the plan
+    another way (``LayerKVCache``'s torch backend). Raises ValueError / TypeError naming the argument."""
+    _validate(k_cache, v_cache, lengths, keep, keep_lengths, merge_target, merge_weight, token_data, token_sums,
+              check_plan, kernel_device=False)
 
 
 # --------------------------------------------------------------------------------------------------------- launchers
