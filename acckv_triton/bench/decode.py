@@ -2,7 +2,8 @@
 
 Speed rows, per (batch, heads, length), all measured in one run on the same cache:
     fused       decode_attention with per-modality and per-token mass accumulation (what AccKV decodes with)
-    plain       the same kernel with ``modality=None, token_mass=None``
+    plain       the same kernel with ``modality=None, token_mass=None``; the overhead of each half of the mass
+                work is timed too (``modality`` alone, ``token_mass`` alone)
     sdpa        ``torch.nn.functional.scaled_dot_product_attention`` on the same cache (GQA, uniform length); every
                 backend that accepts the shape is timed and the fastest is the baseline, named in the row
     sdpa+eager  what H2O/kvpress-style methods do today: SDPA, then a separate eager ``softmax(q·Kᵀ)`` pass that
@@ -123,6 +124,10 @@ def speed_rows(
         scale = head_dim**-0.5
         t_fused = timer(lambda: decode_attention(q, k, v, lens, modality=mod, token_mass=mass, check_lengths=False))
         t_plain = timer(lambda: decode_attention(q, k, v, lens, check_lengths=False))
+        # the two halves of the fused work, to place its overhead: per-modality mass (in the split pass) and
+        # per-token mass (logits stored by the split pass, then a second pass)
+        t_mod = timer(lambda: decode_attention(q, k, v, lens, modality=mod, check_lengths=False))
+        t_tok = timer(lambda: decode_attention(q, k, v, lens, token_mass=mass, check_lengths=False))
         q4 = q.unsqueeze(2)
         t_sdpa, backend = best_sdpa(q4, k, v, timer)
         t_eager = timer(lambda: eager_scores_step(q, k, mass, scale))
@@ -133,6 +138,8 @@ def speed_rows(
             "plain GB/s": moved / (t_plain * 1e-3) / 1e9,
             "fused GB/s": moved / (t_fused * 1e-3) / 1e9,
             "mass overhead %": 100.0 * (t_fused / t_plain - 1.0),
+            "modality-only overhead %": 100.0 * (t_mod / t_plain - 1.0),
+            "token-only overhead %": 100.0 * (t_tok / t_plain - 1.0),
             "sdpa": backend, "sdpa ms": t_sdpa,
             "plain vs sdpa ×": t_sdpa / t_plain,
             "fused vs sdpa+eager ×": (t_sdpa + t_eager) / t_fused,
