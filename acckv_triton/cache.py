@@ -287,14 +287,19 @@ class LayerKVCache:
             if not self._max_length <= width <= self.capacity:
                 raise ValueError(f"plan.merge_target must be [B, Hkv, W] with max_length={self._max_length} <= W <= "
                                  f"capacity={self.capacity}, got shape {tuple(plan.merge_target.shape)}")
-        if not self.uses_kernels:
-            self._compress_reference(plan, width, n_min, n_max, check_plan)
-            return
         keep = plan.keep[..., :max(n_max, 0)] if plan.keep.dim() == 3 else plan.keep  # later entries are ignored
         data, sums = self._token_data(width)
         k, v = self.k[:, :, :width], self.v[:, :, :width]
         merges = dict(merge_target=plan.merge_target, merge_weight=plan.merge_weight)
         new_capacity = _round_up(max(n_max, 0) + self.headroom, self.align)
+        if not self.uses_kernels:  # torch backend: the kernels' checks, the reference in place, then the same shrink
+            validate_plan(k, v, self.lengths, keep, keep_lengths, **merges, token_data=data, token_sums=sums,
+                          check_plan=check_plan)
+            reference.compact_kv_(k, v, self.lengths, keep, keep_lengths, **merges, token_data=data, token_sums=sums)
+            self._min_length, self._max_length = n_min, n_max
+            if new_capacity < self.capacity:
+                self._resize(new_capacity)
+            return
         if new_capacity < self.capacity:
             B, Hkv, _, D = self.k.shape
             fresh = self._allocate(B, Hkv, D, new_capacity, self.k.dtype, self.k.device)
@@ -311,22 +316,6 @@ class LayerKVCache:
             compact_kv_(k, v, self.lengths, keep, keep_lengths, **merges, token_data=data, token_sums=sums,
                         check_plan=check_plan)
         self._min_length, self._max_length = n_min, n_max
-
-    def _compress_reference(self, plan: CompactionPlan, width: int, n_min: int, n_max: int, check_plan: bool) -> None:
-        """The torch backend's compression: the kernels' checks, :func:`acckv_triton.reference.compact_kv_` in
-        place over the first ``width`` slots, then the storage shrinks to the kept tokens plus headroom as the
-        kernel path's does."""
-        data, sums = self._token_data(width)
-        k, v = self.k[:, :, :width], self.v[:, :, :width]
-        keep = plan.keep[..., :max(n_max, 0)] if plan.keep.dim() == 3 else plan.keep
-        validate_plan(k, v, self.lengths, keep, plan.keep_lengths, merge_target=plan.merge_target,
-                      merge_weight=plan.merge_weight, token_data=data, token_sums=sums, check_plan=check_plan)
-        reference.compact_kv_(k, v, self.lengths, keep, plan.keep_lengths, merge_target=plan.merge_target,
-                              merge_weight=plan.merge_weight, token_data=data, token_sums=sums)
-        self._min_length, self._max_length = n_min, n_max
-        capacity = _round_up(max(n_max, 0) + self.headroom, self.align)
-        if capacity < self.capacity:
-            self._resize(capacity)
 
     @property
     def uses_kernels(self) -> bool:
