@@ -329,15 +329,16 @@ def decode_attention(
         NUM_MOD=NUM_MODALITIES, HAS_MODALITY=modality is not None, GROUP_SIZE=G, BLOCK_G=BLOCK_G,
     )
 
+    qs, ks, vs, ls = q.stride(), k_cache.stride(), v_cache.stride(), lengths.stride()  # one call each: host time
     _split_kernel[(B * Hkv, num_splits)](
         q_ptr=q, k_ptr=k_cache, v_ptr=v_cache, lengths_ptr=lengths, modality_ptr=mod_arg,
         multiplicity_ptr=mult_arg, logits_ptr=logits,
         o_part_ptr=o_part, lse_part_ptr=lse_part, mass_part_ptr=mass_part,
         C=C, Hkv=Hkv, qk_scale=float(scale) * _LOG2E,
-        stride_qb=q.stride(0), stride_qh=q.stride(1),
-        stride_kb=k_cache.stride(0), stride_kh=k_cache.stride(1), stride_kt=k_cache.stride(2),
-        stride_vb=v_cache.stride(0), stride_vh=v_cache.stride(1), stride_vt=v_cache.stride(2),
-        stride_lb=lengths.stride(0), stride_lh=lengths.stride(1),
+        stride_qb=qs[0], stride_qh=qs[1],
+        stride_kb=ks[0], stride_kh=ks[1], stride_kt=ks[2],
+        stride_vb=vs[0], stride_vh=vs[1], stride_vt=vs[2],
+        stride_lb=ls[0], stride_lh=ls[1],
         stride_mb=mod_strides[0], stride_mh=mod_strides[1], stride_mt=mod_strides[2],
         stride_cb=mult_strides[0], stride_ch=mult_strides[1], stride_ct=mult_strides[2],
         HEAD_DIM=D, BLOCK_D=BLOCK_D, HAS_TOKEN_MASS=token_mass is not None,
@@ -354,7 +355,7 @@ def decode_attention(
         _mass_kernel[lambda meta: (B * Hkv, triton.cdiv(C, meta["BLOCK_T"]))](
             logits_ptr=logits, lse_ptr=lse, lengths_ptr=lengths, token_mass_ptr=token_mass,
             C=C, Hkv=Hkv,
-            stride_lb=lengths.stride(0), stride_lh=lengths.stride(1),
+            stride_lb=ls[0], stride_lh=ls[1],
             stride_tb=token_mass.stride(0), stride_th=token_mass.stride(1), stride_tt=token_mass.stride(2),
             GROUP_SIZE=G, BLOCK_G=BLOCK_G,
         )
