@@ -151,3 +151,11 @@ def test_cpu_e2e_run_reports_no_timing(tmp_path, capsys):
     assert {"method", "budget", "top1", "kl", "ppl", "kept"} <= columns
     assert not [c for c in columns if any(word in c for word in TIMING_WORDS)], columns
     assert "no timing is reported" in capsys.readouterr().out
+
+
+def test_floor_rows_time_every_split_count_with_a_stand_in_timer():
+    rows = decode.floor_rows(DEVICE, torch.float32, lengths=(300,), heads=(4, 2), head_dim=64, splits=(1, 3),
+                             timer=lambda fn: (fn(), 1.0)[1])
+    eager = [r for r in rows if r["launch"] == "eager"]
+    assert [r["splits"] for r in eager] == [1, 3, "default"] and all(r["plain ms"] == 1.0 for r in eager)
+    assert len(rows) == len(eager) + (DEVICE.type == "cuda")  # the graph row needs CUDA

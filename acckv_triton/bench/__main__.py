@@ -200,6 +200,9 @@ def main(argv=None) -> int:
         )
         _say(_table(f"decode_attention speed ({args.dtype}, D=128; bandwidth over K/V + q + out bytes)",
                      tables["decode_speed"]))
+        tables["decode_floor"] = decode.floor_rows(device, DTYPES[args.dtype])
+        _say(_table(f"decode_attention at B 1 ({args.dtype}, 28/4, D=128): split count, and a CUDA graph replay "
+                    "(GPU time without host work) against SDPA", tables["decode_floor"]))
         checkpoint()
         tables["prefill_cost"] = prefill.cost_rows(device, DTYPES[args.dtype],
                                                    lengths=(8192,) if args.quick else (8192, 32768))

@@ -150,3 +150,37 @@ def speed_rows(
         rows.append(row)
         del q, k, v, mod, mass
     return rows
+
+
+def floor_rows(device: torch.device, dtype: torch.dtype, lengths: Iterable[int] = (4096, 32768),
+               heads: tuple[int, int] = (28, 4), head_dim: int = 128, splits: Iterable[int] = (1, 2, 4, 8, 16, 32),
+               timer: Callable[[Callable], float] | None = None) -> list[dict]:
+    """Where the small-batch floor comes from (B 1): the plain kernel at each split count and at the default,
+    the same call replayed from a CUDA graph (no host work: what is left is GPU time), and SDPA for reference."""
+    if timer is None:
+        from .machine import gpu_timer as timer
+    Hq, Hkv = heads
+    rows = []
+    for L in lengths:
+        q, k, v, _ = _random_cache(1, Hq, Hkv, L, head_dim, dtype, device, seed=L)
+        lens = torch.full((1, Hkv), L, dtype=torch.int32, device=device)
+        base = {"B": 1, "Hq/Hkv": f"{Hq}/{Hkv}", "L": L}
+        t_sdpa, backend = best_sdpa(q.unsqueeze(2), k, v, timer)
+        for s in (*splits, None):
+            t = timer(lambda: decode_attention(q, k, v, lens, num_splits=s, check_lengths=False))
+            default = s is None
+            rows.append({**base, "launch": "eager", "splits": "default" if default else s, "plain ms": t,
+                         f"sdpa ({backend}) ms": t_sdpa})
+        if device.type == "cuda":
+            row = {**base, "launch": "CUDA graph", "splits": "default", f"sdpa ({backend}) ms": t_sdpa}
+            try:
+                static = decode_attention(q, k, v, lens, check_lengths=False)  # warm-up: compiled and tuned
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    static = decode_attention(q, k, v, lens, check_lengths=False)
+                row["plain ms"] = timer(graph.replay)
+                del static
+            except Exception as exc:  # a diagnostic row: report the failure rather than stop the bench
+                row["note"] = f"capture failed: {type(exc).__name__}: {str(exc)[:120]}"
+            rows.append(row)
+    return rows
