@@ -30,7 +30,6 @@ from ..config import AccKVConfig
 from ..ops import window_scores
 from .prefill import _av_metadata
 
-OMNI_7B = dict(num_layers=28, heads=(28, 4), head_dim=128)
 GIB = 2**30
 
 
