@@ -36,11 +36,11 @@ import math
 
 import torch
 
-from . import reference
+from . import torch_ops
 from .config import AccKVConfig
 from .modality import Modality
 from .ops.compact_kv import compact_kv, compact_kv_, validate_plan
-from .ops.decode_attention import DecodeAttentionOutput, decode_attention
+from .ops.decode_attention import DecodeAttentionOutput, DecodeAttentionPlan, decode_attention
 from .plan import CompactionPlan
 from .policy import LayerTokens, PolicyResult, budget_tokens, plan_layer
 
@@ -95,6 +95,9 @@ class LayerKVCache:
         self.seen = 0
         self._min_length = 0  # host copies of min / max of lengths: appends and views need no sync
         self._max_length = 0
+        self._plans: dict[tuple, object] = {}  # decode plans bound to the current storage
+        self._slot: torch.Tensor | None = None  # [B, Hkv, 1] int64: where the next decode token goes (append_token)
+        self._next_position: torch.Tensor | None = None  # [B, Hkv, 1] int32: its position (= seen), on the device
 
     # ------------------------------------------------------------------------------------------------- reporting
     @property
@@ -142,9 +145,9 @@ class LayerKVCache:
     # --------------------------------------------------------------------------------------------------- storage
     def _allocate(self, B: int, Hkv: int, D: int, capacity: int, dtype: torch.dtype, device: torch.device) -> dict:
         shape = (B, Hkv, capacity)
-        return dict(
-            k=torch.empty(shape + (D,), dtype=dtype, device=device),
-            v=torch.empty(shape + (D,), dtype=dtype, device=device),
+        return dict(  # K/V zeroed: slots past a row's length stay finite, which the torch backend's masking needs
+            k=torch.zeros(shape + (D,), dtype=dtype, device=device),
+            v=torch.zeros(shape + (D,), dtype=dtype, device=device),
             modality=torch.empty(shape, dtype=torch.uint8, device=device),
             time=torch.empty(shape, dtype=torch.int32, device=device),
             spatial=torch.empty(shape + (2,), dtype=torch.int32, device=device),
@@ -161,6 +164,7 @@ class LayerKVCache:
         for name, buf in fresh.items():
             buf[:, :, :n] = getattr(self, name)[:, :, :n]
             setattr(self, name, buf)  # the old buffer is released here
+        self._plans.clear()  # plans bind the storage
 
     def _token_data(self, capacity_view: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """The metadata as the compaction kernel takes it, over the first ``capacity_view`` slots."""
@@ -173,11 +177,11 @@ class LayerKVCache:
     @staticmethod
     def _token_meta(x, name: str, default, dtype: torch.dtype, shape: tuple, device: torch.device) -> torch.Tensor:
         """Metadata given as ``[T]``, ``[B, T]`` or ``[B, Hkv, T]`` (plus trailing dims), as a ``shape`` view."""
-        if x is None:
-            x = default
-        x = torch.as_tensor(x, device=device)
+        if x is None and not isinstance(default, torch.Tensor):  # a scalar default: a fill, no host-to-device copy
+            return torch.full(shape, default, dtype=dtype, device=device)
+        x = default if x is None else torch.as_tensor(x, device=device)
         extra = len(shape) - 3
-        if x.dim() == 0:  # a scalar default
+        if x.dim() == 0:  # a scalar
             x = x.view((1,) * len(shape))
         elif x.dim() == 1 + extra:
             x = x.view((1, 1) + tuple(x.shape))
@@ -233,6 +237,8 @@ class LayerKVCache:
             for name, buf in self._allocate(B, Hkv, D, _round_up(max(T, 1), self.align), k.dtype, device).items():
                 setattr(self, name, buf)
             self.lengths = torch.zeros((B, Hkv), dtype=torch.int32, device=device)
+            self._slot = torch.zeros((B, Hkv, 1), dtype=torch.int64, device=device)
+            self._next_position = torch.zeros((B, Hkv, 1), dtype=torch.int32, device=device)
         if T == 0:
             return
         needed = self._max_length + T
@@ -253,10 +259,87 @@ class LayerKVCache:
         self._min_length += T
         self._max_length += T
         self.seen += T
+        self._next_position.fill_(self.seen)
+
+    def append_token(self, k: torch.Tensor, v: torch.Tensor, *, modality: torch.Tensor | None = None,
+                     time: torch.Tensor | None = None, spatial: torch.Tensor | None = None) -> None:
+        """Store one decode token per (sequence, kv head) at each row's own length: the decode step's append.
+
+        Args:
+            k, v: ``[B, Hkv, 1, D]`` in the cache's dtype and device.
+            modality: optional ids ``[B, 1]`` or ``[B, Hkv, 1]`` uint8 (default ``Modality.TEXT``).
+            time: optional ``[B, 1]`` or ``[B, Hkv, 1]`` int32 (default: the position, ``seen``).
+            spatial: optional ``[B, 1, 2]`` or ``[B, Hkv, 1, 2]`` int32 (default -1).
+
+        Writes through a device-side index (``lengths``), so it allocates nothing, never synchronises and can be
+        captured in a CUDA graph; the position comes from a device-side counter too. Metadata in another dtype is
+        cast first (a small allocation). Grows the storage only when a row is full (:meth:`append` semantics).
+        """
+        if self.k is None:
+            raise ValueError("the cache is empty: append the prompt first")
+        B, Hkv, _, D = self.k.shape
+        if k.shape != (B, Hkv, 1, D) or v.shape != k.shape or k.dtype != self.k.dtype or v.dtype != k.dtype \
+                or k.device != self.k.device or v.device != k.device:
+            raise ValueError(f"k and v must be [B, Hkv, 1, D] = {(B, Hkv, 1, D)} {self.k.dtype} on {self.k.device} "
+                             f"like the cache, got {tuple(k.shape)} {k.dtype} and {tuple(v.shape)} {v.dtype}")
+        if self._max_length + 1 > self.capacity:
+            self._resize(_round_up(max(self._max_length + 1, math.ceil(self.capacity * self.growth)), self.align))
+        slot = self._slot
+        slot.copy_(self.lengths.unsqueeze(-1))
+        self.k.scatter_(2, slot.unsqueeze(-1).expand(B, Hkv, 1, D), k)
+        self.v.scatter_(2, slot.unsqueeze(-1).expand(B, Hkv, 1, D), v)
+        pos = self._next_position
+        self.position.scatter_(2, slot, pos)
+        for name, x, dtype, default in (("modality", modality, torch.uint8, int(Modality.TEXT)),
+                                        ("time", time, torch.int32, pos), ("spatial", spatial, torch.int32, -1)):
+            buf = getattr(self, name)
+            index = slot if name != "spatial" else slot.unsqueeze(-1).expand(B, Hkv, 1, 2)
+            if x is None and not isinstance(default, torch.Tensor):
+                buf.scatter_(2, index, default)
+                continue
+            x = default if x is None else x
+            trail = (2,) if name == "spatial" else ()
+            if x.numel() == B * math.prod(trail):
+                x = x.reshape((B, 1, 1) + trail).expand((B, Hkv, 1) + trail)
+            elif x.numel() != B * Hkv * math.prod(trail):
+                raise ValueError(f"{name} must have shape [B, 1{', 2' if trail else ''}] or [B, Hkv, 1"
+                                 f"{', 2' if trail else ''}] for B, Hkv = {B}, {Hkv}, got {tuple(x.shape)}")
+            else:
+                x = x.reshape((B, Hkv, 1) + trail)
+            buf.scatter_(2, index, x if x.dtype == dtype else x.to(dtype))
+        self.token_mass.scatter_(2, slot, 0.0)
+        self.multiplicity.scatter_(2, slot, 1.0)
+        self.lengths.add_(1)
+        pos.add_(1)
+        self._min_length += 1
+        self._max_length += 1
+        self.seen += 1
+
+    def decode_plan(self, num_q_heads: int, *, scale: float | None = None, token_mass: bool = True):
+        """The decode-attention plan bound to this storage (built once per (Hq, scale, token_mass), then reused).
+
+        It attends over the full capacity with the device-side lengths, so the same plan serves every step, and
+        the in-place compaction keeps it valid; a reallocation drops it. Returns a
+        :class:`~acckv_triton.ops.decode_attention.DecodeAttentionPlan` (kernels) or a
+        :class:`~acckv_triton.torch_ops.TorchDecodePlan` (torch backend), each with ``run(q)``.
+        """
+        if self.k is None:
+            raise ValueError("the cache is empty: append tokens before attending")
+        key = (num_q_heads, scale, token_mass)
+        plan = self._plans.get(key)
+        if plan is None:
+            bound = dict(num_q_heads=num_q_heads, scale=scale, token_mass=self.token_mass if token_mass else None,
+                         multiplicity=self.multiplicity if self.proportional else None)
+            if self.uses_kernels:
+                plan = DecodeAttentionPlan(self.k, self.v, self.lengths, **bound, modality_mass=False)
+            else:
+                plan = torch_ops.TorchDecodePlan(self.k, self.v, self.lengths, **bound)
+            self._plans[key] = plan
+        return plan
 
     # ------------------------------------------------------------------------------------------------- compress
-    def compress(self, plan: CompactionPlan, *, check_plan: bool = True) -> None:
-        """Apply a compaction plan to every stored row; shrink the storage to the kept tokens plus headroom.
+    def compress(self, plan: CompactionPlan, *, check_plan: bool = True, capacity: int | None = None) -> None:
+        """Apply a compaction plan to every stored row; size the storage to ``capacity``.
 
         Args:
             plan: keep ``[B, Hkv, K]``, keep_lengths ``[B, Hkv]`` and optional merges (see :class:`CompactionPlan`);
@@ -264,11 +347,15 @@ class LayerKVCache:
                 :attr:`max_length`.
             check_plan: validate every value of the plan (one host sync); pass False for plans valid by
                 construction.
+            capacity: the token slots per row afterwards (rounded up to ``align``). Default: ``max(keep_lengths)
+                + headroom`` when that is below the current capacity, else the current capacity. The current
+                capacity compacts in place: the storage keeps its addresses (what the decode plans and CUDA
+                graphs bind). A smaller one compacts out of place into fresh buffers and releases the old ones; a
+                larger one compacts in place, then grows.
 
         K and V slots become the weighted means of their merge sets; modality, time, spatial and position follow the
         kept token; token_mass and multiplicity are summed over each merge set; ``lengths`` becomes ``keep_lengths``; ``seen`` is
-        unchanged. If ``max(keep_lengths) + headroom`` (rounded up to ``align``) is below the capacity, the result
-        goes into fresh buffers of that capacity and the old ones are released; otherwise it is compacted in place.
+        unchanged.
 
         Raises:
             ValueError / TypeError for an invalid plan, before anything in the cache changes.
@@ -288,19 +375,19 @@ class LayerKVCache:
                 raise ValueError(f"plan.merge_target must be [B, Hkv, W] with max_length={self._max_length} <= W <= "
                                  f"capacity={self.capacity}, got shape {tuple(plan.merge_target.shape)}")
         keep = plan.keep[..., :max(n_max, 0)] if plan.keep.dim() == 3 else plan.keep  # later entries are ignored
+        if capacity is not None and not (isinstance(capacity, int) and capacity >= max(n_max, 0)):
+            raise ValueError(f"capacity must be an int >= the longest kept row ({n_max}), got {capacity!r}")
+        if capacity is None:
+            capacity = min(_round_up(max(n_max, 0) + self.headroom, self.align), self.capacity)
+        new_capacity = _round_up(capacity, self.align)
         data, sums = self._token_data(width)
         k, v = self.k[:, :, :width], self.v[:, :, :width]
         merges = dict(merge_target=plan.merge_target, merge_weight=plan.merge_weight)
-        new_capacity = _round_up(max(n_max, 0) + self.headroom, self.align)
-        if not self.uses_kernels:  # torch backend: the kernels' checks, the reference in place, then the same shrink
+        if not self.uses_kernels:  # torch backend: the kernels' checks, then the vectorised ops in place
             validate_plan(k, v, self.lengths, keep, keep_lengths, **merges, token_data=data, token_sums=sums,
                           check_plan=check_plan)
-            reference.compact_kv_(k, v, self.lengths, keep, keep_lengths, **merges, token_data=data, token_sums=sums)
-            self._min_length, self._max_length = n_min, n_max
-            if new_capacity < self.capacity:
-                self._resize(new_capacity)
-            return
-        if new_capacity < self.capacity:
+            torch_ops.compact_kv_(k, v, self.lengths, keep, keep_lengths, **merges, token_data=data, token_sums=sums)
+        elif new_capacity < self.capacity:
             B, Hkv, _, D = self.k.shape
             fresh = self._allocate(B, Hkv, D, new_capacity, self.k.dtype, self.k.device)
             out_data = [fresh["modality"], fresh["time"], fresh["spatial"].view(torch.int64).squeeze(-1),
@@ -311,11 +398,14 @@ class LayerKVCache:
             del k, v, data, sums
             for name, buf in fresh.items():
                 setattr(self, name, buf)  # the prefill-size buffers are released here
+            self._plans.clear()
             self.lengths.copy_(keep_lengths)
         else:
             compact_kv_(k, v, self.lengths, keep, keep_lengths, **merges, token_data=data, token_sums=sums,
                         check_plan=check_plan)
         self._min_length, self._max_length = n_min, n_max
+        if new_capacity != self.capacity:
+            self._resize(new_capacity)
 
     @property
     def uses_kernels(self) -> bool:
@@ -343,7 +433,8 @@ class LayerKVCache:
                      token_mass=self.token_mass[:, :, :w] if accumulate_mass else None,
                      multiplicity=self.multiplicity[:, :, :w] if self.proportional else None)
         if not self.uses_kernels:
-            return reference.decode_attention(q, self.k[:, :, :w], self.v[:, :, :w], self.lengths, **views)
+            return torch_ops.TorchDecodePlan(self.k[:, :, :w], self.v[:, :, :w], self.lengths, num_q_heads=q.shape[1],
+                                             **views).run(q)
         return decode_attention(q, self.k[:, :, :w], self.v[:, :, :w], self.lengths, **views, num_splits=num_splits,
                                 check_lengths=False)
 
@@ -358,11 +449,19 @@ class LayerKVCache:
 class BudgetedLayerCache:
     """One layer's KV cache held at an AccKV budget: compressed after prefill, re-compressed as decoding grows it.
 
-    The budget is :func:`~acckv_triton.policy.budget_tokens` of the prompt tokens seen so far per (b, kv head) (padding excluded). Each
-    token's ``token_mass`` starts at its prefill window score and accumulates decode attention mass through
-    :meth:`decode_attention`; re-compression ranks by that blend (window queries and decode steps weigh alike, one
-    unit of mass per query head each). Streaming chunks (or a second question) go through :meth:`prefill` again and
-    raise the budget with the prompt, which then counts the tokens decoded in between too. The observation window of the latest prefill stays protected across re-compressions.
+    The budget is :func:`~acckv_triton.policy.budget_tokens` of the prompt tokens seen so far per (b, kv head)
+    (padding excluded). Each token's ``token_mass`` starts at its prefill window score and accumulates decode
+    attention mass; re-compression ranks by that blend (window queries and decode steps weigh alike, one unit of
+    mass per query head each). Streaming chunks (or a second question) go through :meth:`prefill` again and raise
+    the budget with the prompt, which then counts the tokens decoded in between too. The observation window of the
+    latest prefill stays protected across re-compressions.
+
+    The decode loop calls :meth:`decode_step` once per token: append, attention (with mass accumulation when the
+    method reads it) and, when it is due, the upkeep. Memory is fixed after each prefill: the storage holds
+    ``max(target) + slack + 1`` slots per row (rounded up to 16), upkeep compacts in place when a row would pass
+    ``target + slack``, so K/V keep their addresses from one upkeep to the next. The schedule is decided on the
+    host from counts it already knows, so a step without upkeep performs no host synchronisation and, with the
+    decode plan bound once, no allocation.
 
     Attributes:
         store: the :class:`LayerKVCache` holding K, V and metadata.
@@ -385,7 +484,13 @@ class BudgetedLayerCache:
         self.compressions = 0
         self._valid: torch.Tensor | None = None  # [B, Hkv, stored] False at padding not yet compressed away
         self._decoded = 0  # tokens appended by decode since the last prefill
-        self._target_floor = 0  # min(target), on the host
+        self._target_max = 0  # max(target), on the host
+        self._excess = 0  # max over rows of (stored - target), on the host: upkeep is due past cfg.slack
+
+    @property
+    def reads_mass(self) -> bool:
+        """Whether decode steps accumulate token mass: only for methods whose upkeep ranks by it."""
+        return not self.cfg.is_full and self.cfg.method != "streaming"
 
     def prefill(self, k: torch.Tensor, v: torch.Tensor, *, scores: torch.Tensor, valid: torch.Tensor | None = None,
                 **metadata) -> None:
@@ -397,28 +502,38 @@ class BudgetedLayerCache:
             valid: optional ``[B, T]`` or ``[B, Hkv, T]`` bool, False at left padding (never kept, not counted in
                 the budget).
             metadata: ``modality``, ``time``, ``spatial``, ``position`` as :meth:`LayerKVCache.append` takes them.
+
+        Afterwards the storage holds ``max(target) + slack + 1`` slots per row (rounded up to 16).
         """
         B, Hkv, T = k.shape[:3]
         if not isinstance(scores, torch.Tensor) or tuple(scores.shape) != (B, Hkv, T):
             raise ValueError(f"scores must be a [B, Hkv, T] = {(B, Hkv, T)} tensor, got "
                              f"{tuple(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__}")
         if valid is None:
-            valid = torch.ones(B, Hkv, T, dtype=torch.bool, device=k.device)
+            valid_rows = None
         elif valid.dim() == 2:
-            valid = valid[:, None, :].expand(B, Hkv, T)
-        if tuple(valid.shape) != (B, Hkv, T) or valid.dtype != torch.bool:
+            valid_rows = valid[:, None, :].expand(B, Hkv, T)
+        else:
+            valid_rows = valid
+        if valid_rows is not None and (tuple(valid_rows.shape) != (B, Hkv, T) or valid_rows.dtype != torch.bool):
             raise ValueError(f"valid must be a bool [B, T] or [B, Hkv, T] tensor for {(B, Hkv, T)}, "
                              f"got {tuple(valid.shape)} {valid.dtype}")
         before = None if self.store.lengths is None else self.store.lengths.long().clone()
-        self.store.append(k, v, token_mass=torch.where(valid, scores.float(), 0.0), **metadata)
-        if self._valid is not None or not bool(valid.all()):
-            self._mark_valid(before, valid)
-        chunk = valid.sum(-1) + self._decoded  # tokens decoded since the last prefill become part of the prompt
+        mass = scores.float() if valid_rows is None else torch.where(valid_rows, scores.float(), 0.0)
+        self.store.append(k, v, token_mass=mass, **metadata)
+        if valid_rows is not None:
+            self._mark_valid(before, valid_rows)
+            chunk = valid_rows.sum(-1)
+        else:
+            if self._valid is not None:
+                self._mark_valid(before, torch.ones(B, Hkv, T, dtype=torch.bool, device=k.device))
+            chunk = torch.full((B, Hkv), T, dtype=torch.long, device=k.device)
+        chunk = chunk + self._decoded  # tokens decoded since the last prefill become part of the prompt
         self._decoded = 0
         self.prompt_tokens = chunk if self.prompt_tokens is None else self.prompt_tokens + chunk
         self.window = (self.store.seen - self.cfg.window, self.store.seen)
         self.target = budget_tokens(self.cfg, self.prompt_tokens, self.layer, self.num_layers)
-        self._target_floor = int(self.target.min())  # host copy: most decode steps then need no sync
+        self._target_max = int(self.target.max())
         self.compress()
 
     def _mark_valid(self, before: torch.Tensor | None, valid: torch.Tensor) -> None:
@@ -432,24 +547,54 @@ class BudgetedLayerCache:
         self._valid = marks
 
     def append(self, k: torch.Tensor, v: torch.Tensor, **metadata) -> None:
-        """Store decode tokens ``[B, Hkv, T, D]``; re-compress once a row holds more than budget + slack."""
+        """Store decode tokens ``[B, Hkv, T, D]``; re-compress once a row holds more than budget + slack.
+
+        :meth:`decode_step` is the one-call decode path; this is for hand-written loops that attend separately.
+        """
         self.store.append(k, v, **metadata)
         self._decoded += k.shape[2]
-        if self.target is not None and self.needs_upkeep():
-            self.compress()
+        self._excess += k.shape[2]
+        if self.needs_upkeep():
+            self.compress(upkeep=True)
+
+    def decode_step(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None,
+                    modality: torch.Tensor | None = None, time: torch.Tensor | None = None,
+                    spatial: torch.Tensor | None = None) -> DecodeAttentionOutput:
+        """One decode token: store its K/V, attend over every stored token, accumulate mass, run the upkeep if due.
+
+        Args:
+            q: ``[B, Hq, D]`` the new token's queries (RoPE applied), cache dtype, last dim contiguous.
+            k, v: ``[B, Hkv, 1, D]`` its key and value.
+            scale: softmax scale (default ``D ** -0.5``).
+            modality, time, spatial: optional metadata of the token, as :meth:`LayerKVCache.append_token` takes it.
+
+        Returns:
+            ``DecodeAttentionOutput(out [B, Hq, D], lse [B, Hq], None)``: the decode plan's buffers, rewritten by
+            the next step of this layer. The attention includes the new token; the upkeep (when due) runs after it.
+
+        A step without upkeep performs no host synchronisation and no allocation (metadata in the cache's dtypes).
+        """
+        st = self.store
+        if self.target is None:
+            raise ValueError("decode_step needs a prefilled cache: call prefill(k, v, scores=...) first")
+        st.append_token(k, v, modality=modality, time=time, spatial=spatial)
+        self._decoded += 1
+        self._excess += 1
+        res = st.decode_plan(q.shape[1], scale=scale, token_mass=self.reads_mass).run(q)
+        if self.needs_upkeep():
+            self.compress(upkeep=True)
+        return res
 
     def needs_upkeep(self) -> bool:
-        """True when some row holds more than its budget plus ``cfg.slack`` tokens.
+        """True when some row holds more than its budget plus ``cfg.slack`` tokens (decided on the host, no sync)."""
+        return self.target is not None and not self.cfg.is_full and self._excess > self.cfg.slack
 
-        Decided on the host while the longest row is within the smallest budget plus slack; only past that does
-        it read the lengths (one host sync).
+    def compress(self, *, upkeep: bool = False) -> None:
+        """Run the policy on the stored tokens and apply its plan (nothing to do at budget 1.0 / method full).
+
+        ``upkeep=True`` compacts in place (the storage keeps its capacity and addresses); after a prefill the
+        storage is sized to ``max(target) + slack + 1`` slots.
         """
-        if self.cfg.is_full or self.store.max_length <= self._target_floor + self.cfg.slack:
-            return False
-        return bool((self.store.lengths.long() > self.target + self.cfg.slack).any())
-
-    def compress(self) -> None:
-        """Run the policy on the stored tokens and apply its plan (nothing to do at budget 1.0 / method full)."""
         st = self.store
         if self.cfg.is_full or st.k is None:
             return
@@ -461,10 +606,15 @@ class BudgetedLayerCache:
             valid=None if self._valid is None else self._valid[..., :w],
         )
         self.last = plan_layer(self.cfg, x, self.layer, self.num_layers, target=self.target)
-        st.compress(self.last.plan, check_plan=False)
+        capacity = max(st.capacity, st.max_length) if upkeep else self._target_max + self.cfg.slack + 1
+        st.compress(self.last.plan, check_plan=False, capacity=capacity)
+        self._excess = int((st.lengths.long() - self.target).max()) if st.lengths.numel() else 0
         self._valid = None
         self.compressions += 1
 
     def decode_attention(self, q: torch.Tensor, *, scale: float | None = None) -> DecodeAttentionOutput:
-        """Attend over the stored tokens and accumulate their decode mass (see :meth:`LayerKVCache.decode_attention`)."""
-        return self.store.decode_attention(q, scale=scale)
+        """Attend over the stored tokens and accumulate their decode mass (see :meth:`LayerKVCache.decode_attention`).
+
+        Returns fresh tensors; :meth:`decode_step` is the allocation-free path.
+        """
+        return self.store.decode_attention(q, scale=scale, accumulate_mass=self.reads_mass)

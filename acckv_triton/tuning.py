@@ -22,6 +22,11 @@ Tuned-table format (written by ``autotune/tune.py``)::
                   "config": {"kwargs": {"BLOCK_N": 64}, "num_warps": 4, "num_stages": 2}}]}
 
 The autotune directory is ``$ACCKV_AUTOTUNE_DIR`` if set, else the ``autotune/`` folder of the source tree.
+
+Resolution is memoised per (kernel, device, key, table folder, live-tuning switch): a launch after the first one
+for a key costs a dict lookup, not a file ``stat``. A table rewritten in the same folder during the process is seen
+after :func:`clear_caches`. :meth:`TunedKernel.bind` goes one step further for planned launches (the decode plan):
+it resolves once and returns a launcher that skips even the lookup.
 """
 from __future__ import annotations
 
@@ -51,6 +56,7 @@ __all__ = [
     "INTERPRET",
     "TunedKernel",
     "autotune_dir",
+    "clear_caches",
     "device_folder",
     "load_table",
     "live_tuning_enabled",
@@ -165,6 +171,15 @@ def load_table(kernel: str, device_name: str, root: Path | None = None) -> dict[
         raise ValueError(f"tuned table {path} is malformed: {exc}") from exc
 
 
+_RESOLVED: dict[tuple, "_Resolved | None"] = {}
+
+
+def clear_caches() -> None:
+    """Forget memoised config resolutions and loaded tables (after rewriting a table in place)."""
+    _RESOLVED.clear()
+    _load_table_cached.cache_clear()
+
+
 @lru_cache(maxsize=None)
 def _device_name(index: int) -> str:
     return torch.cuda.get_device_name(index)
@@ -250,26 +265,57 @@ class TunedKernel:
         return key
 
     def resolve(self, args: dict[str, Any], device_name: str | None) -> _Resolved | None:
-        """The config a launch with ``args`` uses, or None when live autotuning decides."""
+        """The config a launch with ``args`` uses, or None when live autotuning decides (memoised per key)."""
         if self._forced is not None:
             return _Resolved(self._forced, "forced")
         if INTERPRET:
             return _Resolved(INTERPRETER_CONFIGS.get(self.name, self.configs[0]), "default")
         if device_name is None:
             return _Resolved(self.configs[0], "default")
-        table = load_table(self.name, device_name)
-        config = table.get(_key_string(self.tuning_key(args)))
+        live = live_tuning_enabled()
+        memo = (self.name, device_name, _key_string(self.tuning_key(args)), str(autotune_dir()), live)
+        if memo in _RESOLVED:
+            return _RESOLVED[memo]
+        config = load_table(self.name, device_name).get(memo[2])
         if config is not None:
-            return _Resolved(config, "table")
-        if live_tuning_enabled():
-            return None
-        return _Resolved(self.configs[0], "default")
+            resolved = _Resolved(config, "table")
+        else:
+            resolved = None if live else _Resolved(self.configs[0], "default")
+        _RESOLVED[memo] = resolved
+        return resolved
+
+    def _device_name_of(self, args: dict[str, Any]) -> str | None:
+        tensor = args[self.dtype_arg]
+        return _device_name(tensor.device.index or 0) if tensor.is_cuda else None
+
+    def bind(self, grid, **key_args) -> Callable[..., Any]:
+        """Resolve the config once for launches whose key arguments are ``key_args`` (the ``key`` names and
+        ``dtype_arg``) and return ``launch(**args)`` that launches on ``grid`` with it, with no per-call lookup.
+
+        Under live tuning the returned launcher goes through ``triton.autotune`` (which caches its pick per key).
+        """
+        resolved = self.resolve(key_args, self._device_name_of(key_args))
+        if resolved is None:
+            autotuned = self._autotuned[grid]
+
+            def launch_live(**args):
+                self.last_source = "live"
+                return autotuned(**args)
+
+            return launch_live
+        cfg, source = resolved.config, resolved.source
+        fn = self.fn[grid]
+        meta = dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+        def launch(**args):
+            self.last_source = source
+            return fn(**args, **meta)
+
+        return launch
 
     def __getitem__(self, grid) -> Callable[..., Any]:
         def launch(**args):
-            tensor = args[self.dtype_arg]
-            device_name = _device_name(tensor.device.index or 0) if tensor.is_cuda else None
-            resolved = self.resolve(args, device_name)
+            resolved = self.resolve(args, self._device_name_of(args))
             if resolved is None:
                 self.last_source = "live"
                 return self._autotuned[grid](**args)

@@ -53,7 +53,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from .. import reference
+from .. import torch_ops
 from ..cache import BudgetedLayerCache
 from ..config import AccKVConfig
 from ..modality import Modality
@@ -231,13 +231,13 @@ class AccKVLayer(CacheLayerMixin):
         T = query.shape[2]
         meta = self._owner._metadata(T)
         valid = meta.pop("valid")
+        if T == 1 and self.store.initialized:
+            return self._decode(query, k, v, scaling, meta)
         if not self.store.initialized:
             out, _ = delegate(module, query, k, v, attention_mask, scaling=scaling, dropout=0.0, **kwargs)
             scores = self._window_scores(query, k, scaling, valid)
             self.budgeted.prefill(k, v, scores=scores, valid=valid, **meta)
             return out
-        if T == 1:
-            return self._decode(query, k, v, scaling, meta)
         return self._chunk(query, k, v, scaling, valid, meta)
 
     def _window_scores(self, query, k, scaling, valid) -> torch.Tensor:
@@ -247,15 +247,14 @@ class AccKVLayer(CacheLayerMixin):
         q_window = query[:, :, T - W:]
         if _use_kernels(self.cfg, query):
             return window_scores_kernel(q_window, k, scale=scaling, key_start=key_start).scores
-        return reference.window_scores(q_window, k, scale=scaling, key_start=key_start).scores
+        return torch_ops.window_scores(q_window, k, scale=scaling, key_start=key_start).scores
 
     def _decode(self, query, k, v, scaling, meta) -> torch.Tensor:
-        st = self.store
-        st.append(k, v, **meta)
-        res = st.decode_attention(query[:, :, 0].contiguous(), scale=scaling)  # kernels or reference: cfg.backend
-        if self.budgeted.target is not None and self.budgeted.needs_upkeep():
-            self.budgeted.compress()
-        return res.out[:, None]
+        """One token: the cache's decode step (append, attention + mass, upkeep when due) -> ``[B, 1, Hq, D]``."""
+        q = query[:, :, 0]
+        if q.stride(-1) != 1:
+            q = q.contiguous()
+        return self.budgeted.decode_step(q, k, v, scale=scaling, **meta).out[:, None]
 
     def _chunk(self, query, k, v, scaling, valid, meta, block: int = 256) -> torch.Tensor:
         """Exact attention of a multi-token chunk over the stored tokens plus the chunk itself, then store the chunk.
@@ -317,13 +316,14 @@ class AccKVCache(Cache):
         self._step: dict[str, Any] = {}  # metadata of the chunk the current forward feeds ([B, T] tensors or None)
 
     def _metadata(self, T: int) -> dict:
-        """The current chunk's metadata as ``BudgetedLayerCache`` takes it (entries that do not fit T are dropped)."""
+        """The current chunk's metadata as ``BudgetedLayerCache`` takes it (entries that do not fit T are dropped).
+
+        ``valid`` is None when the chunk has no padding (decided once per forward, not per layer).
+        """
         out = {}
         for name in ("valid", "modality", "time", "spatial"):
             x = self._step.get(name)
             out[name] = x if x is not None and x.shape[1] == T else None
-        if out["valid"] is not None and bool(out["valid"].all()):
-            out["valid"] = None  # no padding: the cache skips the padding bookkeeping
         return {k: v for k, v in out.items() if v is not None or k == "valid"}
 
     def stored_tokens(self) -> torch.Tensor:
@@ -493,15 +493,17 @@ class AccKVHandle:
         B, T = x.shape[:2]
         step: dict[str, Any] = {}
         mask = kwargs.get("attention_mask")
-        if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[-1] >= T:
-            step["valid"] = mask[:, -T:].to(torch.bool)
+        if T > 1 and isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[-1] >= T:
+            valid = mask[:, -T:].to(torch.bool)  # a decode token (T == 1) is never padding: no check, no sync
+            if not bool(valid.all()):  # one sync per chunk, not per layer; no padding skips the bookkeeping
+                step["valid"] = valid
         modality = None
         if ids is None and kwargs.get("input_ids") is not None:
             ids = kwargs["input_ids"]
         if ids is not None and self._modality_ids and tuple(ids.shape) == (B, T):
             modality = torch.zeros(B, T, dtype=torch.uint8, device=ids.device)
-            for token_id, m in self._modality_ids:
-                modality[ids == token_id] = m
+            for token_id, m in self._modality_ids:  # where, not a masked assignment: no nonzero(), no sync
+                modality = torch.where(ids == token_id, m, modality)
             step["modality"] = modality
         pos = kwargs.get("position_ids")
         if (self.spec.mrope and isinstance(pos, torch.Tensor) and pos.dim() == 3 and pos.shape[0] in (3, 4)

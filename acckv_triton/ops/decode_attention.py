@@ -10,16 +10,18 @@ Kernels and grids (B sequences, Hkv kv heads, G = Hq / Hkv, capacity C, S splits
         read once per group. It keeps an online softmax and writes partials: o, lse and per-modality mass, each
         normalised within the split. With token-mass accumulation it also writes the split-local log2 logits
         ``[B*Hq, C]`` float32 (scratch sized by capacity).
-    ``_decode_reduce_kernel`` grid (B*Hkv,). Merges the S partials exactly by their lse and writes out, lse and
-        modality mass.
-    ``_token_mass_kernel``    grid (B*Hkv, C / BLOCK_T). The light second pass: with the final lse known, turns the
-        stored logits into exact probabilities and adds their group sum into ``token_mass`` in place. Each token
-        belongs to exactly one program, so there are no atomics and no races.
+    ``_decode_reduce_kernel`` grid (B*Hkv, 1 + C / BLOCK_T) with token mass, else (B*Hkv, 1). Program 0 of a row
+        merges the S partials exactly by their lse and writes out, lse and modality mass. With token-mass
+        accumulation the other programs each take BLOCK_T stored tokens: they recompute the row's final lse from
+        the S partials (G·S floats), turn the stored logits into exact probabilities and add their group sum into
+        ``token_mass`` in place. Each token belongs to exactly one program, so there are no atomics and no races;
+        normalisation and reduce share one launch, so a call is two launches.
 
 Bytes moved per (b, kv head) of length L (D = head dim, e = element size): 2·L·D·e for K and V, plus L bytes of
 modality ids, plus 3·L·G·4 + 8·L bytes for token-mass accumulation (logits written and read back, mass read and
 written). The split count depends on B·Hkv, the SM count and the capacity, never on device-side lengths, so a
 call performs no host synchronisation (with ``check_lengths=False``) and can be captured in a CUDA graph.
+:class:`DecodeAttentionPlan` resolves all of that once per (cache, flags) and runs with no allocation.
 """
 from __future__ import annotations
 
@@ -30,11 +32,11 @@ import triton.language as tl
 
 from .. import tuning
 from . import _common
-from ._common import check_last_dim_contiguous, check_shape, check_tensor, next_pow2
+from ._common import check_last_dim_contiguous, check_shape, check_tensor, dtype_name, next_pow2
 from ..modality import NUM_MODALITIES
 from ..reference import DecodeAttentionOutput
 
-__all__ = ["DecodeAttentionOutput", "decode_attention"]
+__all__ = ["DecodeAttentionOutput", "DecodeAttentionPlan", "decode_attention"]
 
 _LOG2E = 1.4426950408889634
 
@@ -132,23 +134,28 @@ def _decode_split_kernel(
         )
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["C", "num_splits"])
 def _decode_reduce_kernel(
     o_part_ptr, lse_part_ptr, mass_part_ptr,
     out_ptr, lse_ptr, mass_ptr,
-    num_splits,
+    logits_ptr, lengths_ptr, token_mass_ptr,
+    num_splits, C, Hkv,
+    stride_lb, stride_lh,
+    stride_tb, stride_th, stride_tt,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     GROUP_SIZE: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr,
-    NUM_MOD: tl.constexpr, HAS_MODALITY: tl.constexpr,
+    NUM_MOD: tl.constexpr, HAS_MODALITY: tl.constexpr, HAS_TOKEN_MASS: tl.constexpr,
+    BLOCK_T: tl.constexpr,
 ):
     pid_bh = tl.program_id(0).to(tl.int64)
+    tile = tl.program_id(1)
     offs_g = tl.arange(0, BLOCK_G)
     offs_s = tl.arange(0, BLOCK_S)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_m = tl.arange(0, NUM_MOD)
     g_mask = offs_g < GROUP_SIZE
     row = pid_bh * GROUP_SIZE + offs_g  # query-head row in [B*Hq]
 
+    # Every program of the row recomputes the final log2-lse from the S partials (G * S floats): the same
+    # arithmetic in each, so the token-mass tiles and the output agree exactly.
     lse_parts = tl.load(
         lse_part_ptr + row[:, None] * num_splits + offs_s[None, :],
         mask=g_mask[:, None] & (offs_s[None, :] < num_splits), other=float("-inf"),
@@ -158,58 +165,47 @@ def _decode_reduce_kernel(
     w = tl.exp2(lse_parts - top[:, None])
     w_sum = tl.sum(w, axis=1)
     nonempty = w_sum > 0.0
-    w = w / tl.where(nonempty, w_sum, 1.0)[:, None]
+    w_safe = tl.where(nonempty, w_sum, 1.0)
+    lse2 = top + tl.log2(w_safe)  # log2 domain; 0 for an empty row, whose tokens are all masked anyway
 
-    out = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-    mass = tl.zeros([BLOCK_G, NUM_MOD], tl.float32)
-    for s in range(num_splits):
-        w_s = tl.sum(tl.where(offs_s[None, :] == s, w, 0.0), axis=1)[:, None]
-        part_row = row * num_splits + s
-        o_s = tl.load(o_part_ptr + part_row[:, None] * BLOCK_D + offs_d[None, :], mask=g_mask[:, None], other=0.0)
-        out += w_s * o_s
-        if HAS_MODALITY:
-            m_s = tl.load(mass_part_ptr + part_row[:, None] * NUM_MOD + offs_m[None, :], mask=g_mask[:, None],
+    if tile == 0:  # the reduce: out, lse and per-modality mass from the S partials
+        offs_d = tl.arange(0, BLOCK_D)
+        offs_m = tl.arange(0, NUM_MOD)
+        w = w / w_safe[:, None]
+        out = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+        mass = tl.zeros([BLOCK_G, NUM_MOD], tl.float32)
+        for s in range(num_splits):
+            w_s = tl.sum(tl.where(offs_s[None, :] == s, w, 0.0), axis=1)[:, None]
+            part_row = row * num_splits + s
+            o_s = tl.load(o_part_ptr + part_row[:, None] * BLOCK_D + offs_d[None, :], mask=g_mask[:, None],
                           other=0.0)
-            mass += w_s * m_s
-
-    lse = tl.where(nonempty, (top + tl.log2(tl.where(nonempty, w_sum, 1.0))) / 1.4426950408889634, float("-inf"))
-    tl.store(lse_ptr + row, lse, mask=g_mask)
-    tl.store(
-        out_ptr + row[:, None] * HEAD_DIM + offs_d[None, :],  # out is a fresh contiguous [B*Hq, D]
-        out.to(out_ptr.dtype.element_ty),
-        mask=g_mask[:, None] & (offs_d[None, :] < HEAD_DIM),
-    )
-    if HAS_MODALITY:
-        tl.store(mass_ptr + row[:, None] * NUM_MOD + offs_m[None, :], mass, mask=g_mask[:, None])
-
-
-@triton.jit(do_not_specialize=["C"])
-def _token_mass_kernel(
-    logits_ptr, lse_ptr, lengths_ptr, token_mass_ptr,
-    C, Hkv,
-    stride_lb, stride_lh,
-    stride_tb, stride_th, stride_tt,
-    GROUP_SIZE: tl.constexpr, BLOCK_G: tl.constexpr,
-    BLOCK_T: tl.constexpr,
-):
-    pid_bh = tl.program_id(0).to(tl.int64)
-    b = pid_bh // Hkv
-    h = pid_bh % Hkv
-    length = tl.load(lengths_ptr + b * stride_lb + h * stride_lh)
-    length = tl.minimum(tl.maximum(length, 0), C)
-    offs_t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
-    t_mask = offs_t < length
-    offs_g = tl.arange(0, BLOCK_G)
-    g_mask = offs_g < GROUP_SIZE
-    row = pid_bh * GROUP_SIZE + offs_g
-    lse2 = tl.load(lse_ptr + row, mask=g_mask, other=0.0) * 1.4426950408889634
-    lse2 = tl.where(lse2 == float("-inf"), 0.0, lse2)  # an empty (b, h): every token is masked anyway
-    mask = g_mask[:, None] & t_mask[None, :]
-    s = tl.load(logits_ptr + row[:, None] * C + offs_t[None, :], mask=mask, other=float("-inf"))
-    p = tl.where(mask, tl.exp2(s - lse2[:, None]), 0.0)
-    tm_ptrs = token_mass_ptr + b * stride_tb + h * stride_th + offs_t * stride_tt
-    tm = tl.load(tm_ptrs, mask=t_mask, other=0.0)
-    tl.store(tm_ptrs, tm + tl.sum(p, axis=0), mask=t_mask)
+            out += w_s * o_s
+            if HAS_MODALITY:
+                m_s = tl.load(mass_part_ptr + part_row[:, None] * NUM_MOD + offs_m[None, :], mask=g_mask[:, None],
+                              other=0.0)
+                mass += w_s * m_s
+        tl.store(lse_ptr + row, tl.where(nonempty, lse2 / 1.4426950408889634, float("-inf")), mask=g_mask)
+        tl.store(
+            out_ptr + row[:, None] * HEAD_DIM + offs_d[None, :],  # out is a contiguous [B*Hq, D]
+            out.to(out_ptr.dtype.element_ty),
+            mask=g_mask[:, None] & (offs_d[None, :] < HEAD_DIM),
+        )
+        if HAS_MODALITY:
+            tl.store(mass_ptr + row[:, None] * NUM_MOD + offs_m[None, :], mass, mask=g_mask[:, None])
+    if HAS_TOKEN_MASS:
+        if tile > 0:  # token mass of one tile of BLOCK_T stored tokens: exact probabilities from the logits
+            b = pid_bh // Hkv
+            h = pid_bh % Hkv
+            length = tl.load(lengths_ptr + b * stride_lb + h * stride_lh)
+            length = tl.minimum(tl.maximum(length, 0), C)
+            offs_t = (tile - 1) * BLOCK_T + tl.arange(0, BLOCK_T)
+            t_mask = offs_t < length
+            mask = g_mask[:, None] & t_mask[None, :]
+            s = tl.load(logits_ptr + row[:, None] * C + offs_t[None, :], mask=mask, other=float("-inf"))
+            p = tl.where(mask, tl.exp2(s - lse2[:, None]), 0.0)
+            tm_ptrs = token_mass_ptr + b * stride_tb + h * stride_th + offs_t * stride_tt
+            tm = tl.load(tm_ptrs, mask=t_mask, other=0.0)
+            tl.store(tm_ptrs, tm + tl.sum(p, axis=0), mask=t_mask)
 
 
 _split_kernel = tuning.TunedKernel(
@@ -219,9 +215,9 @@ _split_kernel = tuning.TunedKernel(
     key=["HEAD_DIM", "GROUP_SIZE", "HAS_MODALITY", "HAS_TOKEN_MASS"],
     dtype_arg="k_ptr",
 )
-_mass_kernel = tuning.TunedKernel(
+_mass_kernel = tuning.TunedKernel(  # the reduce launch; its tile is the token-mass pass's BLOCK_T
     "decode_token_mass",
-    _token_mass_kernel,
+    _decode_reduce_kernel,
     tuning.CONFIG_SPACES["decode_token_mass"],
     key=["GROUP_SIZE"],
     dtype_arg="token_mass_ptr",
@@ -235,6 +231,140 @@ def default_num_splits(batch: int, num_kv_heads: int, capacity: int, device: tor
     Depends only on shapes and the device, never on device-side lengths, so choosing it needs no sync.
     """
     return _common.num_splits(batch, num_kv_heads, capacity, device)
+
+
+_Q_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+class DecodeAttentionPlan:
+    """One decode-attention call resolved once, then run every step (the plan/run split of FlashInfer's wrappers).
+
+    The plan binds the cache tensors and fixes everything that depends only on shapes: the split count, the
+    launch configs (looked up once in the tuned tables), the strides, the scratch buffers and the outputs.
+    :meth:`run` then launches two kernels with no allocation, no host synchronisation and no table lookup, so a
+    sequence of runs can be captured in a CUDA graph. The cache tensors must keep their storage (a compaction in
+    place is fine; a reallocation needs a new plan).
+
+    Args:
+        k_cache, v_cache: ``[B, Hkv, C, D]`` float16, bfloat16 or float32, last dim contiguous (C: the capacity).
+        lengths: ``[B, Hkv]`` int32, read on the device at every run (clamped to ``[0, C]``; never checked here).
+        num_q_heads: Hq, a multiple of Hkv.
+        scale: softmax scale, default ``D ** -0.5``.
+        modality: optional ``[B, Hkv, C]`` uint8 ids, required by ``modality_mass``.
+        token_mass: optional ``[B, Hkv, C]`` float32, accumulated in place at every run (see
+            :func:`decode_attention`).
+        multiplicity: optional ``[B, Hkv, C]`` float32 > 0 (proportional attention).
+        modality_mass: also return the per-modality mass (default: whenever ``modality`` is given).
+        num_splits: split-K factor; default :func:`default_num_splits`.
+
+    Every :meth:`run` writes the same output buffers (``out [B, Hq, D]``, ``lse [B, Hq]``, ``modality_mass``):
+    read or copy them before the next run.
+    """
+
+    def __init__(self, k_cache: torch.Tensor, v_cache: torch.Tensor, lengths: torch.Tensor, *, num_q_heads: int,
+                 scale: float | None = None, modality: torch.Tensor | None = None,
+                 token_mass: torch.Tensor | None = None, multiplicity: torch.Tensor | None = None,
+                 modality_mass: bool | None = None, num_splits: int | None = None):
+        check_tensor("k_cache", k_cache, rank=4, dtypes=_Q_DTYPES)
+        device = k_cache.device
+        _common.check_kernel_device("k_cache", device)
+        B, Hkv, C, D = k_cache.shape
+        check_tensor("v_cache", v_cache, rank=4, dtypes=(k_cache.dtype,), device=device, like="k_cache")
+        check_shape("v_cache", v_cache, (B, Hkv, C, D), "[B, Hkv, C, D] like k_cache")
+        if not isinstance(num_q_heads, int) or isinstance(num_q_heads, bool):
+            raise TypeError(f"num_q_heads must be an int, got {type(num_q_heads).__name__}")
+        if Hkv == 0 or num_q_heads <= 0 or num_q_heads % Hkv != 0:
+            raise ValueError(f"the query head count Hq={num_q_heads} (q) must be a positive multiple of Hkv={Hkv} "
+                             "(k_cache)")
+        for name, x in (("k_cache", k_cache), ("v_cache", v_cache)):
+            check_last_dim_contiguous(name, x)
+        check_tensor("lengths", lengths, rank=2, dtypes=(torch.int32,), device=device, like="k_cache")
+        check_shape("lengths", lengths, (B, Hkv), "[B, Hkv]")
+        for name, x, dtype in (("modality", modality, torch.uint8), ("token_mass", token_mass, torch.float32),
+                               ("multiplicity", multiplicity, torch.float32)):
+            if x is not None:
+                check_tensor(name, x, rank=3, dtypes=(dtype,), device=device, like="k_cache")
+                check_shape(name, x, (B, Hkv, C), "[B, Hkv, C]")
+        if modality_mass is None:
+            modality_mass = modality is not None
+        if modality_mass and modality is None:
+            raise ValueError("modality_mass=True needs modality ids (modality=[B, Hkv, C] uint8)")
+        self.scale = _common.check_scale(scale, D)
+        if num_splits is None:
+            num_splits = default_num_splits(B, Hkv, C, device)
+        elif isinstance(num_splits, bool) or not (isinstance(num_splits, int) and num_splits >= 1):
+            raise ValueError(f"num_splits must be a positive int, got {num_splits!r}")
+        G = num_q_heads // Hkv
+        self.shape = (B, num_q_heads, Hkv, C, D)
+        self.dtype, self.device, self.num_splits = k_cache.dtype, device, num_splits
+        self.out = torch.empty((B, num_q_heads, D), dtype=k_cache.dtype, device=device)
+        self.lse = torch.empty((B, num_q_heads), dtype=torch.float32, device=device)
+        self.modality_mass = torch.empty((B, num_q_heads, NUM_MODALITIES), dtype=torch.float32, device=device) \
+            if modality_mass else None
+        self._empty = B == 0 or num_q_heads == 0
+        if self._empty:
+            return
+
+        BLOCK_D = max(16, next_pow2(D))
+        BLOCK_G = max(16, next_pow2(G))
+        rows = B * num_q_heads * num_splits
+        o_part = torch.empty((rows, BLOCK_D), dtype=torch.float32, device=device)
+        lse_part = torch.empty((rows,), dtype=torch.float32, device=device)
+        mass_part = torch.empty((rows, NUM_MODALITIES), dtype=torch.float32, device=device) \
+            if modality_mass else lse_part
+        has_mass = token_mass is not None and C > 0
+        logits = torch.empty((B * num_q_heads, C), dtype=torch.float32, device=device) if has_mass else lse_part
+        flags = dict(NUM_MOD=NUM_MODALITIES, HAS_MODALITY=bool(modality_mass), GROUP_SIZE=G, BLOCK_G=BLOCK_G)
+        zero3 = (0, 0, 0)
+        ks, vs, ls = k_cache.stride(), v_cache.stride(), lengths.stride()
+        ms = modality.stride() if modality_mass else zero3
+        cs = multiplicity.stride() if multiplicity is not None else zero3
+        ts = token_mass.stride() if has_mass else zero3
+        # Everything but q goes into the launch arguments now; run() adds q and its two strides.
+        self._split_args = dict(
+            k_ptr=k_cache, v_ptr=v_cache, lengths_ptr=lengths,
+            modality_ptr=modality if modality_mass else lengths,
+            multiplicity_ptr=multiplicity if multiplicity is not None else lengths, logits_ptr=logits,
+            o_part_ptr=o_part, lse_part_ptr=lse_part, mass_part_ptr=mass_part,
+            C=C, Hkv=Hkv, qk_scale=self.scale * _LOG2E,
+            stride_kb=ks[0], stride_kh=ks[1], stride_kt=ks[2],
+            stride_vb=vs[0], stride_vh=vs[1], stride_vt=vs[2],
+            stride_lb=ls[0], stride_lh=ls[1],
+            stride_mb=ms[0], stride_mh=ms[1], stride_mt=ms[2],
+            stride_cb=cs[0], stride_ch=cs[1], stride_ct=cs[2],
+            HEAD_DIM=D, BLOCK_D=BLOCK_D, HAS_TOKEN_MASS=has_mass, HAS_MULTIPLICITY=multiplicity is not None,
+            UPCAST=tuning.INTERPRET, DOT_PRECISION="ieee" if k_cache.dtype == torch.float32 else None, **flags,
+        )
+        self._reduce_args = dict(
+            o_part_ptr=o_part, lse_part_ptr=lse_part, mass_part_ptr=mass_part,
+            out_ptr=self.out, lse_ptr=self.lse,
+            mass_ptr=self.modality_mass if modality_mass else self.lse,
+            logits_ptr=logits, lengths_ptr=lengths, token_mass_ptr=token_mass if has_mass else self.lse,
+            num_splits=num_splits, C=C, Hkv=Hkv,
+            stride_lb=ls[0], stride_lh=ls[1], stride_tb=ts[0], stride_th=ts[1], stride_tt=ts[2],
+            HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_S=next_pow2(num_splits), HAS_TOKEN_MASS=has_mass, **flags,
+        )
+        self._split = _split_kernel.bind((B * Hkv, num_splits), **self._split_args)
+        grid = (lambda meta: (B * Hkv, 1 + triton.cdiv(C, meta["BLOCK_T"]))) if has_mass else (B * Hkv, 1)
+        self._reduce = _mass_kernel.bind(grid, **self._reduce_args)
+
+    def run(self, q: torch.Tensor) -> DecodeAttentionOutput:
+        """Attention of ``q [B, Hq, D]`` (the plan's dtype and device, last dim contiguous) over the bound cache.
+
+        Returns ``DecodeAttentionOutput(out, lse, modality_mass)``: the plan's own buffers, rewritten by every run.
+        """
+        B, Hq, _, _, D = self.shape
+        if not isinstance(q, torch.Tensor):
+            raise TypeError(f"q must be a torch.Tensor, got {type(q).__name__}")
+        if q.shape != (B, Hq, D) or q.dtype != self.dtype or q.device != self.device or q.stride(-1) != 1:
+            raise ValueError(f"q must be a [B, Hq, D] = {(B, Hq, D)} {dtype_name(self.dtype)} tensor on "
+                             f"{self.device} with a contiguous last dim, got {tuple(q.shape)} {dtype_name(q.dtype)} "
+                             f"on {q.device}, strides {q.stride()}")
+        if not self._empty:
+            qs = q.stride()
+            self._split(q_ptr=q, stride_qb=qs[0], stride_qh=qs[1], **self._split_args)
+            self._reduce(**self._reduce_args)
+        return DecodeAttentionOutput(self.out, self.lse, self.modality_mass)
 
 
 def decode_attention(
@@ -273,11 +403,14 @@ def decode_attention(
         modality_mass [B, Hq, NUM_MODALITIES] float32 or None without modality)``. A (b, h) of length 0 gives
         out 0, lse -inf and mass 0.
 
+    A loop that calls this every step with the same cache should build a :class:`DecodeAttentionPlan` once and
+    call its ``run``: this function plans (allocates scratch, resolves configs) on every call.
+
     Raises:
         TypeError / ValueError naming the argument for a wrong type, rank, shape, dtype, device or stride, a head
         count not divisible, or lengths outside ``[0, C]``.
     """
-    check_tensor("q", q, rank=3, dtypes=(torch.float16, torch.bfloat16, torch.float32))
+    check_tensor("q", q, rank=3, dtypes=_Q_DTYPES)
     device = q.device
     _common.check_kernel_device("q", device)
     check_tensor("k_cache", k_cache, rank=4, dtypes=(q.dtype,), device=device, like="q")
@@ -285,78 +418,11 @@ def decode_attention(
     B, Hq, D = q.shape
     Hkv, C = k_cache.shape[1], k_cache.shape[2]
     check_shape("k_cache", k_cache, (B, Hkv, C, D), "[B, Hkv, C, D]")
-    check_shape("v_cache", v_cache, (B, Hkv, C, D), "[B, Hkv, C, D] like k_cache")
-    if Hkv == 0 or Hq % Hkv != 0:
-        raise ValueError(f"the query head count Hq={Hq} (q) must be a positive multiple of Hkv={Hkv} (k_cache)")
-    for name, x in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
-        check_last_dim_contiguous(name, x)
-    check_tensor("lengths", lengths, rank=2, dtypes=(torch.int32,), device=device, like="q")
-    check_shape("lengths", lengths, (B, Hkv), "[B, Hkv]")
-    for name, x, dtype in (("modality", modality, torch.uint8), ("token_mass", token_mass, torch.float32),
-                           ("multiplicity", multiplicity, torch.float32)):
-        if x is not None:
-            check_tensor(name, x, rank=3, dtypes=(dtype,), device=device, like="q")
-            check_shape(name, x, (B, Hkv, C), "[B, Hkv, C]")
-    scale = _common.check_scale(scale, D)
+    check_last_dim_contiguous("q", q)
+    plan = DecodeAttentionPlan(k_cache, v_cache, lengths, num_q_heads=Hq, scale=scale, modality=modality,
+                               token_mass=token_mass, multiplicity=multiplicity, num_splits=num_splits)
     if check_lengths and lengths.numel() and not _common.is_capturing(device):
         lo, hi = int(lengths.min()), int(lengths.max())
         if lo < 0 or hi > C:
             raise ValueError(f"lengths must lie in [0, C={C}] (the capacity of k_cache), got min {lo}, max {hi}")
-    if num_splits is None:
-        num_splits = default_num_splits(B, Hkv, C, device)
-    elif not (isinstance(num_splits, int) and num_splits >= 1):
-        raise ValueError(f"num_splits must be a positive int, got {num_splits!r}")
-
-    G = Hq // Hkv
-    out = torch.empty((B, Hq, D), dtype=q.dtype, device=device)
-    lse = torch.empty((B, Hq), dtype=torch.float32, device=device)
-    mass = torch.empty((B, Hq, NUM_MODALITIES), dtype=torch.float32, device=device) if modality is not None else None
-    if B == 0 or Hq == 0:
-        return DecodeAttentionOutput(out, lse, mass)
-
-    BLOCK_D = max(16, next_pow2(D))
-    BLOCK_G = max(16, next_pow2(G))
-    o_part = torch.empty((B * Hq * num_splits, BLOCK_D), dtype=torch.float32, device=device)
-    lse_part = torch.empty((B * Hq * num_splits,), dtype=torch.float32, device=device)
-    mass_part = torch.empty((B * Hq * num_splits, NUM_MODALITIES), dtype=torch.float32, device=device) \
-        if modality is not None else lse_part
-    logits = torch.empty((B * Hq, C), dtype=torch.float32, device=device) if token_mass is not None else lse_part
-    mod_arg = modality if modality is not None else lengths
-    mod_strides = modality.stride() if modality is not None else (0, 0, 0)
-    mult_arg = multiplicity if multiplicity is not None else lengths
-    mult_strides = multiplicity.stride() if multiplicity is not None else (0, 0, 0)
-    flags = dict(
-        NUM_MOD=NUM_MODALITIES, HAS_MODALITY=modality is not None, GROUP_SIZE=G, BLOCK_G=BLOCK_G,
-    )
-
-    qs, ks, vs, ls = q.stride(), k_cache.stride(), v_cache.stride(), lengths.stride()  # one call each: host time
-    _split_kernel[(B * Hkv, num_splits)](
-        q_ptr=q, k_ptr=k_cache, v_ptr=v_cache, lengths_ptr=lengths, modality_ptr=mod_arg,
-        multiplicity_ptr=mult_arg, logits_ptr=logits,
-        o_part_ptr=o_part, lse_part_ptr=lse_part, mass_part_ptr=mass_part,
-        C=C, Hkv=Hkv, qk_scale=float(scale) * _LOG2E,
-        stride_qb=qs[0], stride_qh=qs[1],
-        stride_kb=ks[0], stride_kh=ks[1], stride_kt=ks[2],
-        stride_vb=vs[0], stride_vh=vs[1], stride_vt=vs[2],
-        stride_lb=ls[0], stride_lh=ls[1],
-        stride_mb=mod_strides[0], stride_mh=mod_strides[1], stride_mt=mod_strides[2],
-        stride_cb=mult_strides[0], stride_ch=mult_strides[1], stride_ct=mult_strides[2],
-        HEAD_DIM=D, BLOCK_D=BLOCK_D, HAS_TOKEN_MASS=token_mass is not None,
-        HAS_MULTIPLICITY=multiplicity is not None,
-        UPCAST=tuning.INTERPRET, DOT_PRECISION="ieee" if q.dtype == torch.float32 else None,
-        **flags,
-    )
-    _decode_reduce_kernel[(B * Hkv,)](
-        o_part, lse_part, mass_part, out, lse, mass if mass is not None else lse,
-        num_splits,
-        HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_S=next_pow2(num_splits), **flags,
-    )
-    if token_mass is not None and C > 0:
-        _mass_kernel[lambda meta: (B * Hkv, triton.cdiv(C, meta["BLOCK_T"]))](
-            logits_ptr=logits, lse_ptr=lse, lengths_ptr=lengths, token_mass_ptr=token_mass,
-            C=C, Hkv=Hkv,
-            stride_lb=ls[0], stride_lh=ls[1],
-            stride_tb=token_mass.stride(0), stride_th=token_mass.stride(1), stride_tt=token_mass.stride(2),
-            GROUP_SIZE=G, BLOCK_G=BLOCK_G,
-        )
-    return DecodeAttentionOutput(out, lse, mass)
+    return plan.run(q)

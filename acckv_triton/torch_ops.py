@@ -1,0 +1,223 @@
+"""The ``backend="torch"`` ops: vectorised PyTorch versions of the kernels, for caches that live on a CPU.
+
+The kernels run on a CPU only through Triton's interpreter, which is far too slow for a real model, and
+:mod:`acckv_triton.reference` is the float64 specification (a Python loop over rows, dense membership matrices).
+These functions keep the kernels' contracts (same arguments, same in-place effects, same checks through the
+launchers' validators where the cache calls them) with batched tensor code:
+
+* :class:`TorchDecodePlan` is the CPU twin of :class:`~acckv_triton.ops.decode_attention.DecodeAttentionPlan`:
+  bound once to a cache, it runs a decode step with preallocated buffers (``out=`` variants and in-place ops), so
+  a step allocates nothing and never synchronises. Logits and the softmax are float32 (16-bit caches: K is
+  upcast into a float32 scratch each step); the P.V product runs in the cache dtype.
+* :func:`compact_kv_` applies a compaction plan in place with gathers and ``scatter_add`` over all rows at once;
+  its scratch is bounded by the kept part of the cache (float32), never by ``kept x length``.
+* :func:`window_scores` computes the observation-window scores in float32 without repeating K per query head.
+
+Tests compare each against :mod:`acckv_triton.reference` (tests/test_torch_ops.py).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .modality import NUM_MODALITIES
+from .reference import DecodeAttentionOutput, WindowScores
+
+__all__ = ["TorchDecodePlan", "compact_kv_", "window_scores"]
+
+
+class TorchDecodePlan:
+    """A decode-attention step over a bound ``[B, Hkv, C, D]`` cache, allocation-free and sync-free (CPU backend).
+
+    Args:
+        k_cache, v_cache: ``[B, Hkv, C, D]`` float16, bfloat16 or float32 (contiguous). Slots past each row's
+            length must hold finite values (the cache allocates its storage zeroed): they are masked by a
+            ``-inf`` bias, and a probability of 0 times a NaN would still be NaN.
+        lengths: ``[B, Hkv]`` int32, read at every run.
+        num_q_heads: Hq, a multiple of Hkv.
+        scale: softmax scale, default ``D ** -0.5``.
+        token_mass: optional ``[B, Hkv, C]`` float32: ``token_mass[b, h, t] += sum_g p[b, h*G + g, t]`` per run
+            (slots past the length get + 0).
+        multiplicity: optional ``[B, Hkv, C]`` float32 > 0: slot t weighs ``multiplicity[t]`` (proportional
+            attention).
+        modality: optional ``[B, Hkv, C]`` uint8 ids; with it, ``modality_mass`` is returned too (that part
+            allocates: it is for analysis, not for the decode loop).
+
+    :meth:`run` returns ``DecodeAttentionOutput(out [B, Hq, D], lse [B, Hq], modality_mass)`` in the plan's own
+    buffers, rewritten by every run.
+    """
+
+    def __init__(self, k_cache: torch.Tensor, v_cache: torch.Tensor, lengths: torch.Tensor, *, num_q_heads: int,
+                 scale: float | None = None, token_mass: torch.Tensor | None = None,
+                 multiplicity: torch.Tensor | None = None, modality: torch.Tensor | None = None):
+        B, Hkv, C, D = k_cache.shape
+        if Hkv == 0 or num_q_heads % Hkv != 0:
+            raise ValueError(f"the query head count Hq={num_q_heads} must be a positive multiple of Hkv={Hkv}")
+        G = num_q_heads // Hkv
+        dtype, dev = k_cache.dtype, k_cache.device
+        self.k, self.v, self.lengths = k_cache, v_cache, lengths
+        self.token_mass, self.multiplicity, self.modality = token_mass, multiplicity, modality
+        self.scale = D**-0.5 if scale is None else float(scale)
+        self.shape = (B, num_q_heads, Hkv, C, D)
+        self.dtype, self.device = dtype, dev
+        f32 = dict(dtype=torch.float32, device=dev)
+        wide = dtype == torch.float32
+        # 16-bit caches: logits from a float32 copy of K (a 16-bit product would round them to 8 or 11 bits, as the
+        # kernels' tensor-core dot does not), probabilities back in the cache dtype for the P.V product
+        self._k32 = None if wide else torch.empty(B, Hkv, C, D, **f32)
+        self._q = torch.empty(B, Hkv, G, D, **f32)
+        self._p = torch.empty(B, Hkv, G, C, **f32)
+        self._p_cast = self._p if wide else torch.empty(B, Hkv, G, C, dtype=dtype, device=dev)
+        self._arange = torch.arange(C, dtype=torch.int32, device=dev)
+        self._in_row = torch.empty(B, Hkv, C, dtype=torch.bool, device=dev)
+        self._bias = torch.empty(B, Hkv, C, **f32)
+        self._log_mult = torch.zeros(B, Hkv, C, **f32)
+        self._neg_inf = torch.full((), -math.inf, **f32)
+        self._max = torch.empty(B, Hkv, G, 1, **f32)
+        self._sum = torch.empty(B, Hkv, G, 1, **f32)
+        self._mass = torch.empty(B, Hkv, C, **f32)
+        self._out = torch.empty(B, Hkv, G, D, dtype=dtype, device=dev)
+        self.out = self._out.view(B, num_q_heads, D)
+        self.lse = torch.empty(B, num_q_heads, **f32)
+
+    def run(self, q: torch.Tensor) -> DecodeAttentionOutput:
+        """Attention of ``q [B, Hq, D]`` over the bound cache; accumulates token mass if the plan has it.
+
+        Inference only, like the kernels: the result carries no autograd history.
+        """
+        if torch.is_grad_enabled():
+            with torch.no_grad():
+                return self._run(q)
+        return self._run(q)
+
+    def _run(self, q: torch.Tensor) -> DecodeAttentionOutput:
+        B, Hq, Hkv, C, D = self.shape
+        if not isinstance(q, torch.Tensor):
+            raise TypeError(f"q must be a torch.Tensor, got {type(q).__name__}")
+        if q.shape != (B, Hq, D) or q.dtype != self.dtype or q.device != self.device:
+            raise ValueError(f"q must be a [B, Hq, D] = {(B, Hq, D)} {self.dtype} tensor on {self.device}, got "
+                             f"{tuple(q.shape)} {q.dtype} on {q.device}")
+        G = Hq // Hkv
+        torch.mul(q.view(B, Hkv, G, D), self.scale, out=self._q)
+        k = self.k
+        if self._k32 is not None:
+            k = self._k32
+            k.copy_(self.k)
+        p = self._p
+        torch.matmul(self._q, k.transpose(-1, -2), out=p)
+        # bias: log(multiplicity) inside each row, -inf past its length
+        torch.lt(self._arange, self.lengths.unsqueeze(-1), out=self._in_row)
+        if self.multiplicity is not None:
+            torch.log(self.multiplicity, out=self._log_mult)
+        torch.where(self._in_row, self._log_mult, self._neg_inf, out=self._bias)
+        p.add_(self._bias.unsqueeze(2))
+        torch.amax(p, dim=-1, keepdim=True, out=self._max)
+        self._max.clamp_(min=torch.finfo(torch.float32).min)  # an empty row: exp(-inf - finite) = 0, not NaN
+        p.sub_(self._max).exp_()
+        torch.sum(p, dim=-1, keepdim=True, out=self._sum)
+        torch.log(self._sum, out=self.lse.view(B, Hkv, G, 1)).add_(self._max)
+        p.div_(self._sum.clamp_(min=torch.finfo(torch.float32).tiny))
+        if self.token_mass is not None:
+            torch.sum(p, dim=2, out=self._mass)
+            self.token_mass.add_(self._mass)
+        p_cast = self._p_cast
+        if p_cast is not p:
+            p_cast.copy_(p)
+        torch.matmul(p_cast, self.v, out=self._out)
+        modality_mass = None
+        if self.modality is not None:
+            ids = torch.nn.functional.one_hot(self.modality.long().clamp(0, NUM_MODALITIES - 1), NUM_MODALITIES)
+            modality_mass = torch.einsum("bhgc,bhcm->bhgm", p, ids.float()).reshape(B, Hq, NUM_MODALITIES)
+        return DecodeAttentionOutput(self.out, self.lse, modality_mass)
+
+
+def compact_kv_(k_cache: torch.Tensor, v_cache: torch.Tensor, lengths: torch.Tensor, keep: torch.Tensor,
+                keep_lengths: torch.Tensor, *, merge_target: torch.Tensor | None = None,
+                merge_weight: torch.Tensor | None = None, token_data=(), token_sums=()) -> None:
+    """Apply a compaction plan in place, all rows at once (the contract of :func:`acckv_triton.reference.compact_kv_`).
+
+    Args:
+        k_cache, v_cache: ``[B, Hkv, C, D]``, updated in place.
+        lengths: ``[B, Hkv]`` int, set to ``keep_lengths``.
+        keep: ``[B, Hkv, K]`` int, ``keep[b, h, :keep_lengths[b, h]]`` strictly increasing kept indices.
+        keep_lengths: ``[B, Hkv]`` int.
+        merge_target: optional ``[B, Hkv, W]`` int (W between the longest row and C): the slot an evicted token
+            merges into, or -1.
+        merge_weight: ``[B, Hkv, W]`` float, > 0 at kept and merged tokens; required with ``merge_target``.
+        token_data: ``[B, Hkv, C]`` tensors gathered from the kept token.
+        token_sums: ``[B, Hkv, C]`` float tensors summed over each merge set (in float64, then cast).
+
+    The plan must be valid (the cache runs :func:`acckv_triton.ops.compact_kv.validate_plan` first). Slots at or
+    past the new lengths keep their old values. Scratch: ``[B, Hkv, K + 1, D]`` float32 per tensor with merges.
+    """
+    B, Hkv, C, D = k_cache.shape
+    K = keep.shape[-1]
+    dev = k_cache.device
+    slot_ok = torch.arange(K, device=dev) < keep_lengths.long()[..., None]  # [B, Hkv, K]: slot j is kept
+    idx = torch.where(slot_ok, keep.long(), 0).clamp(0, max(C - 1, 0))
+    slot = dest = None
+    if merge_target is not None:
+        # slot[t]: the slot old token t lands in (-1: dropped); a spare column W takes the unused slots' writes
+        W = merge_target.shape[-1]
+        in_row = torch.arange(W, device=dev) < lengths.long()[..., None]
+        slot = torch.full((B, Hkv, W + 1), -1, dtype=torch.long, device=dev)
+        slot[..., :W] = torch.where(in_row, merge_target.long(), -1)
+        slot.scatter_(2, torch.where(slot_ok, idx, W), torch.arange(K, device=dev).expand(B, Hkv, K))
+        slot = slot[..., :W]
+        dest = torch.where(slot >= 0, slot, K)  # K: a spare slot that collects the dropped tokens
+        w = torch.where(slot >= 0, merge_weight.float(), 0.0)
+        den = torch.zeros(B, Hkv, K + 1, device=dev).scatter_add_(2, dest, w)[..., :K, None]
+        count = torch.zeros(B, Hkv, K + 1, device=dev).scatter_add_(2, dest, (slot >= 0).float())[..., :K, None]
+        merged = slot_ok[..., None] & (count > 1)  # singletons are gathered, bit-exact
+    for cache in (k_cache, v_cache):
+        new = torch.gather(cache, 2, idx[..., None].expand(B, Hkv, K, D))
+        if slot is not None:
+            num = torch.zeros(B, Hkv, K + 1, D, device=dev)
+            num.scatter_add_(2, dest[..., None].expand(B, Hkv, W, D), cache[:, :, :W].float() * w[..., None])
+            mean = num[:, :, :K] / den.clamp(min=torch.finfo(torch.float32).tiny)
+            new = torch.where(merged, mean.to(cache.dtype), new)
+        cache[:, :, :K] = torch.where(slot_ok[..., None], new, cache[:, :, :K])
+    for x in token_data:
+        trail = (1,) * (x.dim() - 3)
+        picked = torch.gather(x, 2, idx.view(B, Hkv, K, *trail).expand(B, Hkv, K, *x.shape[3:]))
+        x[:, :, :K] = torch.where(slot_ok.view(B, Hkv, K, *trail), picked, x[:, :, :K])
+    for x in token_sums:
+        if slot is None:
+            summed = torch.gather(x, 2, idx)
+        else:
+            summed = torch.zeros(B, Hkv, K + 1, dtype=torch.float64, device=dev).scatter_add_(
+                2, dest, torch.where(slot >= 0, x[:, :, :W].double(), 0.0))[..., :K]
+        x[:, :, :K] = torch.where(slot_ok, summed.to(x.dtype), x[:, :, :K])
+    lengths.copy_(keep_lengths)
+
+
+def window_scores(q_window: torch.Tensor, k: torch.Tensor, *, scale: float | None = None,
+                  key_start: torch.Tensor | None = None) -> WindowScores:
+    """Observation-window scores in float32 (the contract of :func:`acckv_triton.reference.window_scores`).
+
+    Args:
+        q_window: ``[B, Hq, W, D]``; window query i sits at position ``N - W + i``.
+        k: ``[B, Hkv, N, D]``.
+        scale: softmax scale, default ``D ** -0.5``.
+        key_start: optional ``[B]`` int, keys before it are left padding.
+
+    Returns:
+        ``WindowScores(scores [B, Hkv, N] float32, None)``. Memory: ``[B, Hkv, G*W, N]`` float32 logits.
+    """
+    B, Hq, W, D = q_window.shape
+    Hkv, N = k.shape[1], k.shape[2]
+    G = Hq // Hkv
+    scale = D**-0.5 if scale is None else scale
+    q = q_window.reshape(B, Hkv, G * W, D)
+    logits = torch.matmul(q, k.transpose(-1, -2)).float().mul_(scale).view(B, Hkv, G, W, N)
+    t = torch.arange(N, device=k.device)
+    query_pos = N - W + torch.arange(W, device=k.device)
+    visible = t[None, :] <= query_pos[:, None]  # [W, N]
+    if key_start is not None:
+        visible = visible[None] & (t[None, None, :] >= key_start.long()[:, None, None])  # [B, W, N]
+        visible = visible[:, None, None]
+    logits.masked_fill_(~visible, -math.inf)
+    lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+    p = torch.exp(logits - lse.nan_to_num(neginf=0.0)).nan_to_num_(0.0)  # a row that sees no key contributes 0
+    return WindowScores(p.sum(dim=(2, 3)), None)
