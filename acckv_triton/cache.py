@@ -39,6 +39,7 @@ import torch
 from . import torch_ops
 from .config import AccKVConfig
 from .modality import Modality
+from .ops.append_token import append_token_
 from .ops.compact_kv import compact_kv, compact_kv_, validate_plan
 from .ops.decode_attention import DecodeAttentionOutput, DecodeAttentionPlan, decode_attention
 from .plan import CompactionPlan
@@ -271,7 +272,8 @@ class LayerKVCache:
             time: optional ``[B, 1]`` or ``[B, Hkv, 1]`` int32 (default: the position, ``seen``).
             spatial: optional ``[B, 1, 2]`` or ``[B, Hkv, 1, 2]`` int32 (default -1).
 
-        Writes through a device-side index (``lengths``), so it allocates nothing, never synchronises and can be
+        One launch of :func:`acckv_triton.ops.append_token.append_token_` (the torch backend: its vectorised twin)
+        writes through a device-side index (``lengths``), so it allocates nothing, never synchronises and can be
         captured in a CUDA graph; the position comes from a device-side counter too. Metadata in another dtype is
         cast first (a small allocation). Grows the storage only when a row is full (:meth:`append` semantics).
         """
@@ -284,33 +286,26 @@ class LayerKVCache:
                              f"like the cache, got {tuple(k.shape)} {k.dtype} and {tuple(v.shape)} {v.dtype}")
         if self._max_length + 1 > self.capacity:
             self._resize(_round_up(max(self._max_length + 1, math.ceil(self.capacity * self.growth)), self.align))
-        slot = self._slot
-        slot.copy_(self.lengths.unsqueeze(-1))
-        self.k.scatter_(2, slot.unsqueeze(-1).expand(B, Hkv, 1, D), k)
-        self.v.scatter_(2, slot.unsqueeze(-1).expand(B, Hkv, 1, D), v)
-        pos = self._next_position
-        self.position.scatter_(2, slot, pos)
-        for name, x, dtype, default in (("modality", modality, torch.uint8, int(Modality.TEXT)),
-                                        ("time", time, torch.int32, pos), ("spatial", spatial, torch.int32, -1)):
-            buf = getattr(self, name)
-            index = slot if name != "spatial" else slot.unsqueeze(-1).expand(B, Hkv, 1, 2)
-            if x is None and not isinstance(default, torch.Tensor):
-                buf.scatter_(2, index, default)
+        new = {}
+        for name, x, dtype in (("modality", modality, torch.uint8), ("time", time, torch.int32),
+                               ("spatial", spatial, torch.int32)):
+            if x is None:
                 continue
-            x = default if x is None else x
             trail = (2,) if name == "spatial" else ()
             if x.numel() == B * math.prod(trail):
                 x = x.reshape((B, 1, 1) + trail).expand((B, Hkv, 1) + trail)
-            elif x.numel() != B * Hkv * math.prod(trail):
+            elif x.numel() == B * Hkv * math.prod(trail):
+                x = x.reshape((B, Hkv, 1) + trail)
+            else:
                 raise ValueError(f"{name} must have shape [B, 1{', 2' if trail else ''}] or [B, Hkv, 1"
                                  f"{', 2' if trail else ''}] for B, Hkv = {B}, {Hkv}, got {tuple(x.shape)}")
-            else:
-                x = x.reshape((B, Hkv, 1) + trail)
-            buf.scatter_(2, index, x if x.dtype == dtype else x.to(dtype))
-        self.token_mass.scatter_(2, slot, 0.0)
-        self.multiplicity.scatter_(2, slot, 1.0)
-        self.lengths.add_(1)
-        pos.add_(1)
+            new[f"{name}_new"] = x if x.dtype == dtype and x.device == k.device else x.to(k.device, dtype)
+        args = dict(position=self.position, next_position=self._next_position, modality=self.modality, time=self.time,
+                    spatial=self.spatial, token_mass=self.token_mass, multiplicity=self.multiplicity, **new)
+        if self.uses_kernels:
+            append_token_(self.k, self.v, self.lengths, k, v, **args, check=False)
+        else:
+            torch_ops.append_token_(self.k, self.v, self.lengths, k, v, **args, index=self._slot)
         self._min_length += 1
         self._max_length += 1
         self.seen += 1

@@ -12,7 +12,8 @@ import torch
 
 from .modality import NUM_MODALITIES
 
-__all__ = ["DecodeAttentionOutput", "WindowScores", "compact_kv_", "decode_attention", "pool_scores", "window_scores"]
+__all__ = ["DecodeAttentionOutput", "WindowScores", "append_token_", "compact_kv_", "decode_attention", "pool_scores",
+           "window_scores"]
 
 
 class DecodeAttentionOutput(NamedTuple):
@@ -232,3 +233,32 @@ def compact_kv_(
             for x in token_sums:
                 x[b, h, :n] = (members @ x[b, h, :length].double()).to(x.dtype)
     lengths.copy_(keep_lengths)
+
+
+def append_token_(k_cache, v_cache, lengths, k_new, v_new, *, position, next_position, modality, time, spatial,
+                  token_mass, multiplicity, modality_new=None, time_new=None, spatial_new=None) -> None:
+    """Write one token per (b, kv head) at slot ``lengths[b, h]`` and advance ``lengths`` and ``next_position``.
+
+    Args as :func:`acckv_triton.ops.append_token.append_token_`: the new slot gets K/V, ``position =
+    next_position``, ``modality = modality_new`` or 0, ``time = time_new`` or the position, ``spatial =
+    spatial_new`` or (-1, -1), ``token_mass = 0`` and ``multiplicity = 1``. A row at capacity writes nothing.
+    Written with device-side indices only (no sync, no allocation beyond views), so the torch backend runs it too.
+    """
+    B, Hkv, C, D = k_cache.shape
+    slot = lengths.long().clamp(max=max(C - 1, 0)).unsqueeze(-1)  # [B, Hkv, 1]
+    room = (lengths < C).unsqueeze(-1)  # a full row writes nothing: its old value is written back
+    for buf, new in ((k_cache, k_new), (v_cache, v_new)):
+        index = slot.unsqueeze(-1).expand(B, Hkv, 1, D)
+        buf.scatter_(2, index, torch.where(room.unsqueeze(-1), new, buf.gather(2, index)))
+    for buf, new, default in ((position, next_position, None), (modality, modality_new, 0),
+                              (time, time_new, next_position), (token_mass, None, 0.0), (multiplicity, None, 1.0)):
+        value = new if new is not None else default
+        if not isinstance(value, torch.Tensor):
+            value = torch.full((B, Hkv, 1), value, dtype=buf.dtype, device=buf.device)
+        buf.scatter_(2, slot, torch.where(room, value.expand(B, Hkv, 1).to(buf.dtype), buf.gather(2, slot)))
+    index = slot.unsqueeze(-1).expand(B, Hkv, 1, 2)
+    value = spatial_new if spatial_new is not None else torch.full((B, Hkv, 1, 2), -1, dtype=spatial.dtype,
+                                                                   device=spatial.device)
+    spatial.scatter_(2, index, torch.where(room.unsqueeze(-1), value.expand(B, Hkv, 1, 2), spatial.gather(2, index)))
+    lengths.add_(1)
+    next_position.add_(1)

@@ -9,6 +9,7 @@ launchers' validators where the cache calls them) with batched tensor code:
   bound once to a cache, it runs a decode step with preallocated buffers (``out=`` variants and in-place ops), so
   a step allocates nothing and never synchronises. Logits and the softmax are float32 (16-bit caches: K is
   upcast into a float32 scratch each step); the P.V product runs in the cache dtype.
+* :func:`append_token_` writes a decode token and its metadata at each row's length with in-place scatters.
 * :func:`compact_kv_` applies a compaction plan in place with gathers and ``scatter_add`` over all rows at once;
   its scratch is bounded by the kept part of the cache (float32), never by ``kept x length``.
 * :func:`window_scores` computes the observation-window scores in float32 without repeating K per query head.
@@ -24,7 +25,7 @@ import torch
 from .modality import NUM_MODALITIES
 from .reference import DecodeAttentionOutput, WindowScores
 
-__all__ = ["TorchDecodePlan", "compact_kv_", "window_scores"]
+__all__ = ["TorchDecodePlan", "append_token_", "compact_kv_", "window_scores"]
 
 
 class TorchDecodePlan:
@@ -132,6 +133,30 @@ class TorchDecodePlan:
         return DecodeAttentionOutput(self.out, self.lse, modality_mass)
 
 
+def append_token_(k_cache, v_cache, lengths, k_new, v_new, *, position, next_position, modality, time, spatial,
+                  token_mass, multiplicity, modality_new=None, time_new=None, spatial_new=None,
+                  index: torch.Tensor | None = None) -> None:
+    """The contract of :func:`acckv_triton.reference.append_token_` with in-place scatters only.
+
+    ``index``: optional ``[B, Hkv, 1]`` int64 scratch for the slot index; with it the call allocates nothing. The
+    caller guarantees room (``lengths < C``), as the cache does by growing its storage first.
+    """
+    B, Hkv, _, D = k_cache.shape
+    slot = index.copy_(lengths.unsqueeze(-1)) if index is not None else lengths.long().unsqueeze(-1)
+    pair = slot.unsqueeze(-1).expand(B, Hkv, 1, 2)
+    rows = slot.unsqueeze(-1).expand(B, Hkv, 1, D)
+    k_cache.scatter_(2, rows, k_new)
+    v_cache.scatter_(2, rows, v_new)
+    position.scatter_(2, slot, next_position)
+    modality.scatter_(2, slot, modality_new) if modality_new is not None else modality.scatter_(2, slot, 0)
+    time.scatter_(2, slot, time_new if time_new is not None else next_position)
+    spatial.scatter_(2, pair, spatial_new) if spatial_new is not None else spatial.scatter_(2, pair, -1)
+    token_mass.scatter_(2, slot, 0.0)
+    multiplicity.scatter_(2, slot, 1.0)
+    lengths.add_(1)
+    next_position.add_(1)
+
+
 def compact_kv_(k_cache: torch.Tensor, v_cache: torch.Tensor, lengths: torch.Tensor, keep: torch.Tensor,
                 keep_lengths: torch.Tensor, *, merge_target: torch.Tensor | None = None,
                 merge_weight: torch.Tensor | None = None, token_data=(), token_sums=()) -> None:
@@ -209,15 +234,19 @@ def window_scores(q_window: torch.Tensor, k: torch.Tensor, *, scale: float | Non
     Hkv, N = k.shape[1], k.shape[2]
     G = Hq // Hkv
     scale = D**-0.5 if scale is None else scale
-    q = q_window.reshape(B, Hkv, G * W, D)
-    logits = torch.matmul(q, k.transpose(-1, -2)).float().mul_(scale).view(B, Hkv, G, W, N)
-    t = torch.arange(N, device=k.device)
+    # float32 logits [B, Hkv, G*W, N], then an in-place softmax: only the last W keys need the causal mask
+    q = (q_window.float() * scale).reshape(B, Hkv, G * W, D)
+    logits = torch.matmul(q, k.float().transpose(-1, -2)) if k.dtype != torch.float32 else \
+        torch.matmul(q, k.transpose(-1, -2))
+    view = logits.view(B, Hkv, G, W, N)
+    w0 = max(N - W, 0)
+    t = torch.arange(w0, N, device=k.device)
     query_pos = N - W + torch.arange(W, device=k.device)
-    visible = t[None, :] <= query_pos[:, None]  # [W, N]
+    view[..., w0:].masked_fill_(t[None, :] > query_pos[:, None], -math.inf)
     if key_start is not None:
-        visible = visible[None] & (t[None, None, :] >= key_start.long()[:, None, None])  # [B, W, N]
-        visible = visible[:, None, None]
-    logits.masked_fill_(~visible, -math.inf)
-    lse = torch.logsumexp(logits, dim=-1, keepdim=True)
-    p = torch.exp(logits - lse.nan_to_num(neginf=0.0)).nan_to_num_(0.0)  # a row that sees no key contributes 0
-    return WindowScores(p.sum(dim=(2, 3)), None)
+        before = torch.arange(N, device=k.device) < key_start.long()[:, None]  # [B, N]: left padding
+        view.masked_fill_(before[:, None, None, None, :], -math.inf)
+    top = logits.amax(dim=-1, keepdim=True).clamp_(min=torch.finfo(torch.float32).min)  # rows that see no key: 0
+    logits.sub_(top).exp_()
+    logits.div_(logits.sum(dim=-1, keepdim=True).clamp_(min=torch.finfo(torch.float32).tiny))
+    return WindowScores(view.sum(dim=(2, 3)), None)

@@ -131,3 +131,41 @@ def test_window_scores_match_reference(dtype, B, Hq, Hkv, W, N, padded):
     want = reference.window_scores(q, k, scale=0.2, key_start=key_start).scores
     atol, rtol = OUT_TOL[dtype]
     torch.testing.assert_close(ours, want, atol=atol * W, rtol=rtol)
+
+
+def _append_args(B, Hkv, C, D, dtype, g, given):
+    lengths = torch.randint(0, C, (B, Hkv), generator=g, dtype=torch.int32)
+    state = dict(
+        k_cache=torch.randn(B, Hkv, C, D, generator=g).to(dtype), v_cache=torch.randn(B, Hkv, C, D, generator=g).to(dtype),
+        lengths=lengths, position=torch.randint(0, 99, (B, Hkv, C), generator=g, dtype=torch.int32),
+        next_position=torch.randint(100, 200, (B, Hkv, 1), generator=g, dtype=torch.int32),
+        modality=torch.randint(0, 4, (B, Hkv, C), generator=g, dtype=torch.uint8),
+        time=torch.randint(0, 99, (B, Hkv, C), generator=g, dtype=torch.int32),
+        spatial=torch.randint(-1, 9, (B, Hkv, C, 2), generator=g, dtype=torch.int32),
+        token_mass=torch.rand(B, Hkv, C, generator=g), multiplicity=torch.rand(B, Hkv, C, generator=g) + 1)
+    new = dict(k_new=torch.randn(B, Hkv, 1, D, generator=g).to(dtype), v_new=torch.randn(B, Hkv, 1, D, generator=g).to(dtype))
+    if given:
+        new.update(modality_new=torch.randint(0, 4, (B, 1, 1), generator=g, dtype=torch.uint8).expand(B, Hkv, 1),
+                   time_new=torch.randint(0, 9, (B, Hkv, 1), generator=g, dtype=torch.int32),
+                   spatial_new=torch.randint(0, 9, (B, Hkv, 1, 2), generator=g, dtype=torch.int32))
+    return state, new
+
+
+def _call(fn, state, new, **extra):
+    s = {k: v.clone() for k, v in state.items()}
+    k, v, lengths = s.pop("k_cache"), s.pop("v_cache"), s.pop("lengths")
+    fn(k, v, lengths, new["k_new"], new["v_new"], **s, **{n: x for n, x in new.items() if n not in ("k_new", "v_new")},
+       **extra)
+    return dict(k_cache=k, v_cache=v, lengths=lengths, **s)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("given", [False, True], ids=["defaults", "metadata-given"])
+def test_append_token_matches_reference(dtype, given):
+    g = torch.Generator().manual_seed(3)
+    state, new = _append_args(2, 3, 17, 64, dtype, g, given)
+    want = _call(reference.append_token_, state, new)
+    got = _call(torch_ops.append_token_, state, new, index=torch.empty(2, 3, 1, dtype=torch.int64))
+    for name in want:
+        assert torch.equal(got[name], want[name]), name
+    assert torch.equal(want["lengths"], state["lengths"] + 1)
