@@ -18,17 +18,19 @@ Memory:
       ``max(needed, growth * capacity)`` rounded up to ``align`` tokens, so headroom grows geometrically and appends
       cost O(1) amortised. The first append (the prefill) allocates just what it needs, so prefill peaks at one
       layer's full KV on top of the layers already compressed.
-    * ``compress(plan)`` applies a :class:`~acckv_triton.plan.CompactionPlan` through the compaction kernel, which
-      carries the metadata (gathered: modality, time, spatial, position; summed over merges: token_mass and
-      multiplicity). When the
-      kept tokens plus ``headroom`` fit in less than the current capacity, it compacts out of place into fresh buffers
-      of that size (one read and one write per kept row) and drops the old ones, releasing the prefill-size buffer;
-      otherwise it compacts in place.
+    * ``append_token`` (the decode step's append) writes one token per row at its device-side length in one
+      launch: no sync, no allocation, CUDA-graph safe.
+    * ``compress(plan, capacity=...)`` applies a :class:`~acckv_triton.plan.CompactionPlan` through the compaction
+      kernel, which carries the metadata (gathered: modality, time, spatial, position; summed over merges:
+      token_mass and multiplicity). At the current capacity it compacts in place, so the storage keeps its
+      addresses (what the decode plans bind); a smaller capacity compacts out of place into fresh buffers (one
+      read and one write per kept row) and releases the prefill-size ones. Without ``capacity`` it shrinks to the
+      kept tokens plus ``headroom`` when that is smaller.
     * ``nbytes()``, ``stored_nbytes()``, ``stored_tokens()`` and ``seen`` report what is held.
 
 :class:`BudgetedLayerCache` wraps a :class:`LayerKVCache` and holds it at an AccKV budget: it asks the policy for a
 plan after each prefill (or streaming chunk) and whenever decoding has grown a row past budget + slack, and applies
-the plan through the store. Data flows one way: cache -> policy -> ops; nothing here knows transformers.
+the plan through the store; its ``decode_step`` is the one decode call (append, attention, mass, upkeep). Data flows one way: cache -> policy -> ops; nothing here knows transformers.
 """
 from __future__ import annotations
 
@@ -67,8 +69,8 @@ class LayerKVCache:
         proportional: decode attention weighs each slot by its multiplicity, so a merged slot keeps the attention
             mass of the tokens it holds (AccKV's proportional attention); False attends to slots as plain tokens.
         backend: ``"triton"`` (the kernels; through Triton's interpreter without a GPU), ``"torch"`` (the
-            reference ops of :mod:`acckv_triton.reference`: fast on a CPU, where the interpreter dominates) or
-            ``"auto"`` (the kernels for CUDA storage, the reference ops otherwise).
+            vectorised ops of :mod:`acckv_triton.torch_ops`: fast on a CPU, where the interpreter dominates) or
+            ``"auto"`` (the kernels for CUDA storage, the torch ops otherwise).
     """
 
     def __init__(self, *, headroom: int = 64, growth: float = 1.5, align: int = 16, proportional: bool = False,

