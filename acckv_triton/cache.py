@@ -166,8 +166,13 @@ class LayerKVCache:
         n = self._max_length
         for name, buf in fresh.items():
             buf[:, :, :n] = getattr(self, name)[:, :, :n]
-            setattr(self, name, buf)  # the old buffer is released here
-        self._plans.clear()  # plans bind the storage
+        self._install(fresh)
+
+    def _install(self, fresh: dict) -> None:
+        """Make ``fresh`` buffers the storage (the old ones are released) and drop the plans bound to the old."""
+        for name, buf in fresh.items():
+            setattr(self, name, buf)
+        self._plans.clear()
 
     def _token_data(self, capacity_view: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """The metadata as the compaction kernel takes it, over the first ``capacity_view`` slots."""
@@ -237,8 +242,7 @@ class LayerKVCache:
             multiplicity=torch.ones(shape, dtype=torch.float32, device=device),
         )
         if self.k is None:
-            for name, buf in self._allocate(B, Hkv, D, _round_up(max(T, 1), self.align), k.dtype, device).items():
-                setattr(self, name, buf)
+            self._install(self._allocate(B, Hkv, D, _round_up(max(T, 1), self.align), k.dtype, device))
             self.lengths = torch.zeros((B, Hkv), dtype=torch.int32, device=device)
             self._slot = torch.zeros((B, Hkv, 1), dtype=torch.int64, device=device)
             self._next_position = torch.zeros((B, Hkv, 1), dtype=torch.int32, device=device)
@@ -393,9 +397,7 @@ class LayerKVCache:
                        token_data=data, token_sums=sums, out_token_data=out_data,
                        out_token_sums=[fresh["token_mass"], fresh["multiplicity"]], check_plan=check_plan)
             del k, v, data, sums
-            for name, buf in fresh.items():
-                setattr(self, name, buf)  # the prefill-size buffers are released here
-            self._plans.clear()
+            self._install(fresh)  # the prefill-size buffers are released here
             self.lengths.copy_(keep_lengths)
         else:
             compact_kv_(k, v, self.lengths, keep, keep_lengths, **merges, token_data=data, token_sums=sums,
@@ -603,7 +605,7 @@ class BudgetedLayerCache:
             valid=None if self._valid is None else self._valid[..., :w],
         )
         self.last = plan_layer(self.cfg, x, self.layer, self.num_layers, target=self.target)
-        capacity = max(st.capacity, st.max_length) if upkeep else self._target_max + self.cfg.slack + 1
+        capacity = st.capacity if upkeep else self._target_max + self.cfg.slack + 1
         st.compress(self.last.plan, check_plan=False, capacity=capacity)
         self._excess = int((st.lengths.long() - self.target).max()) if st.lengths.numel() else 0
         self._valid = None

@@ -314,13 +314,5 @@ class TunedKernel:
         return launch
 
     def __getitem__(self, grid) -> Callable[..., Any]:
-        def launch(**args):
-            resolved = self.resolve(args, self._device_name_of(args))
-            if resolved is None:
-                self.last_source = "live"
-                return self._autotuned[grid](**args)
-            self.last_source = resolved.source
-            cfg = resolved.config
-            return self.fn[grid](**args, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-
-        return launch
+        """``kernel[grid](**args)``: resolve the config for these args (memoised), then launch."""
+        return lambda **args: self.bind(grid, **args)(**args)

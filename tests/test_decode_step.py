@@ -27,16 +27,10 @@ def _prefilled(cfg, B=2, Hkv=2, N=96, D=64, dtype=torch.float32, seed=0):
     return cache, g
 
 
-def _backend(backend):
-    if backend == "torch" and DEVICE.type == "cuda":
-        pytest.skip("the torch backend is for CPU storage; on a GPU the cache runs the kernels")
-    return backend
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_decode_step_is_attention_over_the_stored_tokens_plus_the_new_one(backend, dtype):
-    cfg = ak.AccKVConfig(budget=0.25, slack=64, backend=_backend(backend))  # no upkeep in these steps
+    cfg = ak.AccKVConfig(budget=0.25, slack=64, backend=backend)  # no upkeep in these steps
     cache, g = _prefilled(cfg, dtype=dtype)
     st = cache.store
     B, Hkv, _, D = st.k.shape
@@ -66,7 +60,7 @@ def test_decode_step_is_attention_over_the_stored_tokens_plus_the_new_one(backen
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_capacity_and_addresses_stay_fixed_across_three_upkeeps(backend):
-    cfg = ak.AccKVConfig(budget=0.25, slack=8, backend=_backend(backend))
+    cfg = ak.AccKVConfig(budget=0.25, slack=8, backend=backend)
     cache, g = _prefilled(cfg, N=100)
     st = cache.store
     target = int(cache.target.max())
@@ -86,7 +80,7 @@ def test_capacity_and_addresses_stay_fixed_across_three_upkeeps(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_a_step_without_upkeep_syncs_nothing_and_allocates_nothing(backend, method):
     budget = 1.0 if method == "full" else 0.25
-    cfg = ak.AccKVConfig(budget=budget, slack=16, method=method, backend=_backend(backend))
+    cfg = ak.AccKVConfig(budget=budget, slack=16, method=method, backend=backend)
     cache, g = _prefilled(cfg, N=80)
     B, Hkv, _, D = cache.store.k.shape
     q = torch.randn(B, 4 * Hkv, D, generator=g).to(DEVICE)
@@ -134,15 +128,19 @@ def test_decode_step_needs_a_prefill_and_checks_its_token():
 
 
 # ------------------------------------------------------------------------------------------ inside a real model
-transformers = pytest.importorskip("transformers")
-from acckv_triton.integrations.transformers import apply_acckv  # noqa: E402
+def _transformers():
+    """transformers, the patcher and the tiny model builder (the `test` extra installs transformers)."""
+    pytest.importorskip("transformers")
+    from acckv_triton.integrations.transformers import apply_acckv
+    from tests.integrations.tiny_models import tiny_causal_lm
 
-from tests.integrations.tiny_models import tiny_causal_lm  # noqa: E402
+    return apply_acckv, tiny_causal_lm
 
 
 def test_decoded_tokens_count_in_the_budget_of_a_second_question():
     """As a new user tries it: a 40-token prompt, 10 generated tokens, an 8-token second question, budget 0.5.
     The second prompt's budget counts everything seen before it: ceil(0.5 * (40 + 9 + 9)) = 29 stored tokens."""
+    apply_acckv, tiny_causal_lm = _transformers()
     model = tiny_causal_lm("llama")
     g = torch.Generator().manual_seed(5)
     ids = torch.randint(3, 100, (1, 40), generator=g)
@@ -160,9 +158,12 @@ def test_decoded_tokens_count_in_the_budget_of_a_second_question():
 def test_a_patched_decode_forward_syncs_no_more_than_the_unpatched_model(backend):
     """Over whole decode forwards of a tiny Llama (every layer, mask and RoPE included): no host sync in a step
     without upkeep, and the cache's own step allocates nothing."""
+    import transformers
+
+    apply_acckv, tiny_causal_lm = _transformers()
     model = tiny_causal_lm("llama").to(DEVICE)
     ids = torch.randint(3, 100, (2, 40), generator=torch.Generator().manual_seed(1)).to(DEVICE)
-    cfg = ak.AccKVConfig(budget=0.5, slack=16, backend=_backend(backend))
+    cfg = ak.AccKVConfig(budget=0.5, slack=16, backend=backend)
     steps = []
     real_step = BudgetedLayerCache.decode_step
 

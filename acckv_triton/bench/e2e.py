@@ -21,10 +21,12 @@ the weight reads a user pays are in the ratio); the CPU on SmolLM2-135M's real w
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import sdpa_kernel
 
 from ..cache import BudgetedLayerCache
 from ..config import AccKVConfig
@@ -56,35 +58,25 @@ def _events_ms(fn: Callable[[], object], repeats: int) -> float:
 
 class _FullStack:
     """The baseline: one preallocated full cache per layer (no copies on append), SDPA (GQA) over the valid
-    prefix, optionally pinned to one SDPA backend."""
+    prefix (pin a backend around the calls with ``sdpa_kernel``)."""
 
-    def __init__(self, k, v, num_layers: int, extra: int, backend=None):
+    def __init__(self, k, v, num_layers: int, extra: int):
         B, Hkv, N, D = k.shape
         self.k = [torch.empty(B, Hkv, N + extra, D, device=k.device, dtype=k.dtype) for _ in range(num_layers)]
         self.v = [torch.empty_like(t) for t in self.k]
         for kl, vl in zip(self.k, self.v):
             kl[:, :, :N], vl[:, :, :N] = k, v
         self.length = N
-        self.backend = backend
 
     def step(self, q4, k1, v1) -> None:
-        from torch.nn.attention import sdpa_kernel
-
         L = self.length
-        with sdpa_kernel(self.backend) if self.backend is not None else _nullcontext():
-            for kl, vl in zip(self.k, self.v):
-                kl[:, :, L:L + 1], vl[:, :, L:L + 1] = k1, v1
-                F.scaled_dot_product_attention(q4, kl[:, :, :L + 1], vl[:, :, :L + 1], enable_gqa=True)
+        for kl, vl in zip(self.k, self.v):
+            kl[:, :, L:L + 1], vl[:, :, L:L + 1] = k1, v1
+            F.scaled_dot_product_attention(q4, kl[:, :, :L + 1], vl[:, :, :L + 1], enable_gqa=True)
         self.length += 1
 
     def nbytes(self) -> int:
         return sum(t[:, :, :self.length].numel() * t.element_size() for t in self.k + self.v)
-
-
-def _nullcontext():
-    import contextlib
-
-    return contextlib.nullcontext()
 
 
 class _CompressedStack:
@@ -136,11 +128,12 @@ def layer_stack_rows(device: torch.device, dtype: torch.dtype, lengths: Iterable
         base = {"B": B, "N": N, "layers": num_layers}
         full_rows = []
         for name, backend in [("default", None), *sdpa_backends(device).items()]:
-            full = _FullStack(k, v, num_layers, steps + warmup, backend)
+            full = _FullStack(k, v, num_layers, steps + warmup)
             try:
-                for _ in range(warmup):
-                    full.step(q.unsqueeze(2), k1, v1)
-                t = _events_ms(lambda: full.step(q.unsqueeze(2), k1, v1), steps)
+                with sdpa_kernel(backend) if backend is not None else contextlib.nullcontext():
+                    for _ in range(warmup):
+                        full.step(q.unsqueeze(2), k1, v1)
+                    t = _events_ms(lambda: full.step(q.unsqueeze(2), k1, v1), steps)
             except RuntimeError as exc:  # a backend that does not take this shape / dtype
                 full_rows.append({**base, "cache": f"full, SDPA {name}", "note": str(exc).splitlines()[0][:80]})
                 continue
@@ -216,10 +209,7 @@ def generate_timing_rows(model, ids: torch.Tensor, budgets: Iterable[float] = (0
     layer). TTFT is ``generate(max_new_tokens=1)``; decode ms/token is ``(t(n + 1) - t(1)) / n``. ``repeats`` takes
     the best of several runs of each.
     """
-    import contextlib
     import time
-
-    from torch.nn.attention import sdpa_kernel
 
     from ..integrations.transformers import apply_acckv
 
