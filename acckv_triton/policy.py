@@ -48,6 +48,8 @@ class LayerTokens:
         spatial: ``[B, Hkv, N, 2]`` int32 (h, w) of video/image patches, -1 elsewhere (needed by video merging).
         window: ``[B, Hkv, N]`` bool, the observation window; default: the last ``cfg.window`` valid tokens.
         valid: ``[B, Hkv, N]`` bool, extra validity (e.g. left padding); default: all slots below ``lengths``.
+        position, window_range: ``[B, Hkv, N]`` int32 original positions and ``(start, end)``: the window is the
+            tokens with ``start <= position < end`` (what the cache passes; ``window`` wins when both are given).
     """
 
     scores: torch.Tensor
@@ -58,6 +60,8 @@ class LayerTokens:
     spatial: torch.Tensor | None = None
     window: torch.Tensor | None = None
     valid: torch.Tensor | None = None
+    position: torch.Tensor | None = None
+    window_range: tuple[int, int] | None = None
 
 
 class PolicyResult(NamedTuple):
@@ -119,21 +123,17 @@ def _topk_per_modality(score: torch.Tensor, budgets: torch.Tensor, candidates: t
 def _segment_sum(values: torch.Tensor, segment: torch.Tensor, num_segments: int) -> torch.Tensor:
     """Per row, ``out[..., j] = sum of values[..., t] over t with segment[..., t] == j``, in float64.
 
-    A sort and a cumulative sum instead of ``scatter_add_``, whose float atomics on a GPU add in a varying order:
-    plans must be bit-reproducible.
+    Float64 keeps the sums exact to well below a float32 step whatever the order of the additions, so the fused
+    policy (:mod:`acckv_triton.fused_policy`, which adds in another order) reaches the same float32 values.
     """
-    order = torch.argsort(segment, dim=-1, stable=True)
-    seg_sorted = torch.gather(segment, -1, order).contiguous()
-    cs = torch.nn.functional.pad(torch.cumsum(torch.gather(values.double(), -1, order), -1), (1, 0))
-    bounds = torch.arange(num_segments + 1, device=segment.device).expand(*segment.shape[:-1], -1).contiguous()
-    edge = torch.searchsorted(seg_sorted, bounds)  # first sorted position of each segment (and the end)
-    return torch.gather(cs, -1, edge[..., 1:]) - torch.gather(cs, -1, edge[..., :-1])
+    out = torch.zeros(*segment.shape[:-1], num_segments, dtype=torch.float64, device=segment.device)
+    return out.scatter_add_(-1, segment, values.double())
 
 
 def _per_modality_sum(x: torch.Tensor, mod: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """``[B, Hkv, N]`` -> ``[B, M]``: sum of ``x`` over heads and masked tokens of each modality."""
-    onehot = _one_hot(mod.long().clamp(0, NUM_MODALITIES - 1), x.dtype)
-    return torch.einsum("bhn,bhnm->bm", x * mask, onehot)
+    """``[B, Hkv, N]`` -> ``[B, M]`` float64: sum of ``x`` over heads and masked tokens of each modality."""
+    onehot = _one_hot(mod.long().clamp(0, NUM_MODALITIES - 1), torch.float64)
+    return torch.einsum("bhn,bhnm->bm", x.double() * mask, onehot)
 
 
 def _merge_groups(cfg: AccKVConfig, x: LayerTokens, rank_score: torch.Tensor, cand: torch.Tensor):
@@ -158,7 +158,7 @@ def _merge_groups(cfg: AccKVConfig, x: LayerTokens, rank_score: torch.Tensor, ca
     cls = torch.where(audio, 0, torch.where(video, 1, 2))
     key = (cls << 58) | (torch.where(video, hw, 0) << 32) | ar
     order = torch.argsort(key, dim=-1)
-    kn = torch.nn.functional.normalize(x.keys.float(), dim=-1)
+    kn = torch.nn.functional.normalize(x.keys.double(), dim=-1)  # float64: theta comparisons do not flip
     kn_sorted = torch.gather(kn, 2, order[..., None].expand(-1, -1, -1, kn.shape[-1]))
     cos = (kn_sorted[:, :, 1:] * kn_sorted[:, :, :-1]).sum(-1)
     cls_s, hw_s = torch.gather(cls, 2, order), torch.gather(hw, 2, order)
@@ -182,19 +182,21 @@ def _merge_groups(cfg: AccKVConfig, x: LayerTokens, rank_score: torch.Tensor, ca
 
 
 def _alignment_boost(cfg, time, P_mask, P_kept_mass, L_mask):
-    """Step 3b: ``(1 + λ (n_bins · I_P(bin) − 1))₊`` for the L tokens, from P's kept score mass per time bin."""
+    """Step 3b: ``(1 + λ (n_bins · I_P(bin) − 1))₊`` for the L tokens, from P's kept score mass per time bin.
+
+    Bins count from the row's first P or L token; a row has at most N of them (later times share the last bin),
+    so no size is read back from the device.
+    """
     B, H, N = time.shape
     t = time.long()
     t0 = torch.where(P_mask | L_mask, t, torch.full_like(t, 2**62)).amin(dim=-1, keepdim=True)
-    bins = ((t - t0).clamp(min=0) // cfg.time_bin)
-    nb = int(torch.where(P_mask | L_mask, bins, 0).max()) + 1
-    bins = bins.clamp(max=nb - 1)
-    mass = _segment_sum(P_kept_mass.double(), bins, nb)
+    bins = ((t - t0).clamp(min=0) // cfg.time_bin).clamp(max=max(N - 1, 0))
+    mass = _segment_sum(P_kept_mass, bins, N)
     total = mass.sum(-1, keepdim=True)
     share = torch.where(total > 0, mass / total.clamp(min=_EPS), torch.zeros_like(mass))
-    has_p = torch.zeros(B, H, nb + 1, device=time.device, dtype=torch.bool)  # the spare bin takes non-P tokens
-    has_p.scatter_(2, torch.where(P_mask, bins, nb), True)
-    n_bins = has_p[..., :nb].sum(-1, keepdim=True).clamp(min=1).double()
+    has_p = torch.zeros(B, H, N + 1, device=time.device, dtype=torch.bool)  # the spare bin takes non-P tokens
+    has_p.scatter_(2, torch.where(P_mask, bins, N), True)
+    n_bins = has_p[..., :N].sum(-1, keepdim=True).clamp(min=1).double()
     factor = (1.0 + cfg.align_lambda * (n_bins * torch.gather(share, 2, bins) - 1.0)).clamp(min=0.0)
     return torch.where(L_mask & (total > 0), factor, torch.ones_like(factor)).float()
 
@@ -230,7 +232,7 @@ def plan_layer(cfg: AccKVConfig, x: LayerTokens, layer: int = 0, num_layers: int
     if target is None:
         target = budget_tokens(cfg, n_valid, layer, num_layers)
     target = torch.minimum(target.long(), n_valid)
-    rho = torch.zeros(B, NUM_MODALITIES, device=dev)
+    rho = torch.zeros(B, NUM_MODALITIES, device=dev, dtype=torch.float64)
     priority = torch.full((B,), -1, dtype=torch.long, device=dev)
 
     # ---- Step 0: pooled rank scores (never across modalities) ----
@@ -243,7 +245,12 @@ def plan_layer(cfg: AccKVConfig, x: LayerTokens, layer: int = 0, num_layers: int
     # ---- protected tokens, by priority: sinks > window > recent > text ----
     rank_valid = torch.cumsum(valid.long(), -1) - 1
     sink = valid & (rank_valid < cfg.sink)
-    window = (x.window & valid) if x.window is not None else valid & (rank_valid >= n_valid[..., None] - cfg.window)
+    if x.window is not None:
+        window = x.window & valid
+    elif x.position is not None and x.window_range is not None:
+        window = valid & (x.position >= x.window_range[0]) & (x.position < x.window_range[1])
+    else:
+        window = valid & (rank_valid >= n_valid[..., None] - cfg.window)
     recent = valid & (rank_valid >= n_valid[..., None] - cfg.recent)
     has_av = (valid & (mod != Modality.TEXT)).flatten(1).any(-1)[:, None, None]  # [B,1,1]
     text = valid & (mod == Modality.TEXT) & has_av
@@ -278,12 +285,12 @@ def plan_layer(cfg: AccKVConfig, x: LayerTokens, layer: int = 0, num_layers: int
     n_m = _per_modality_sum(torch.ones_like(s_raw), mod, valid)
     s_hat = s_rank
     if cfg.redistribution:
-        mean = (A / n_m.clamp(min=1)).clamp(min=_EPS)  # [B, M]
+        mean = (A / n_m.clamp(min=1)).clamp(min=_EPS)  # [B, M] float64
         mean_all = _per_modality_sum(s_raw, mod, valid) / n_m.clamp(min=1)  # text keeps its own mean
         mean = torch.where(A > 0, mean, mean_all.clamp(min=_EPS))
-        s_hat = s_rank / torch.gather(mean, 1, mod.flatten(1)).view(B, H, N)
+        s_hat = (s_rank.double() / torch.gather(mean, 1, mod.flatten(1)).view(B, H, N)).float()
     if cfg.head_renorm:
-        s_hat = s_hat / (s_hat * valid).sum(-1, keepdim=True).clamp(min=_EPS)
+        s_hat = (s_hat.double() / (s_hat.double() * valid).sum(-1, keepdim=True).clamp(min=_EPS)).float()
 
     # Step 3a (intra-modal integration): group reps carry their group's summed score
     rep = ar
@@ -299,6 +306,7 @@ def plan_layer(cfg: AccKVConfig, x: LayerTokens, layer: int = 0, num_layers: int
         is_rep, group_score, group_mass = cand, s_hat, s_raw
 
     # Step 1 (focusing): budget shares of the AV modalities present, from their attention mass
+    # (float64 throughout: budgets are floors of shares, which must not depend on the order of a sum)
     av = torch.zeros(NUM_MODALITIES, dtype=torch.bool, device=dev)
     av[list(_AV)] = True
     present = (n_m > 0) & av
@@ -336,8 +344,7 @@ def plan_layer(cfg: AccKVConfig, x: LayerTokens, layer: int = 0, num_layers: int
         if step == "P" and cfg.cross_align and x.time is not None:
             P_mask, L_mask = valid & tok_is_P, valid & tok_is_L
             P_kept_mass = torch.where(kept & P_mask & is_rep, group_mass, torch.zeros_like(group_mass))
-            if bool(P_mask.any()) and bool(L_mask.any()):
-                score = score * _alignment_boost(cfg, x.time, P_mask, P_kept_mass, L_mask)
+            score = score * _alignment_boost(cfg, x.time, P_mask, P_kept_mass, L_mask)  # 1 where no P or no L
     # leftover budget (rounding, modalities short of candidates, focusing off): best remaining, reps by group
     # score and unmerged members by their own score
     rest = target - kept.sum(-1)
@@ -350,14 +357,23 @@ def plan_layer(cfg: AccKVConfig, x: LayerTokens, layer: int = 0, num_layers: int
     return _finish(kept, merge_to, s_raw, mod, valid, rho, priority)
 
 
-def _nearest_kept(keys: torch.Tensor | None, kept: torch.Tensor, valid: torch.Tensor, chunk: int = 4096):
-    """LOOK-M merging: each evicted valid token's nearest kept key by cosine (any modality), as a token index."""
+MERGE_BYTES = 256 * 2**20
+"""LOOK-M's nearest-key search holds at most about this many bytes of similarities at a time, whatever B, H, N."""
+
+
+def _nearest_kept(keys: torch.Tensor | None, kept: torch.Tensor, valid: torch.Tensor, max_bytes: int = MERGE_BYTES):
+    """LOOK-M merging: each evicted valid token's nearest kept key by cosine (any modality), as a token index.
+
+    Cosines in float64 (ties: the earliest kept token), ``[B, H, chunk, N]`` at a time with the chunk sized so that
+    the similarities stay within ``max_bytes``.
+    """
     if keys is None:
         raise ValueError("x.keys is required by method 'lookm'")
-    kn = torch.nn.functional.normalize(keys.float(), dim=-1)
+    kn = torch.nn.functional.normalize(keys.double(), dim=-1)
     B, H, N, D = kn.shape
+    chunk = max(1, max_bytes // max(1, B * H * N * 8))
     out = torch.full((B, H, N), -1, dtype=torch.long, device=kn.device)
-    for c0 in range(0, N, chunk):  # bounded memory: [B, H, chunk, N] similarities at a time
+    for c0 in range(0, N, chunk):
         sim = torch.matmul(kn[:, :, c0:c0 + chunk], kn.transpose(-1, -2))
         sim = sim.masked_fill(~kept[:, :, None, :], float("-inf"))
         best = sim.argmax(-1)

@@ -223,13 +223,3 @@ def test_alignment_boosts_low_priority_tokens_in_the_high_priority_bins():
 def test_config_rejects_bad_values(kwargs, exc, msg):
     with pytest.raises(exc, match=msg):
         AccKVConfig(**kwargs)
-
-
-def test_segment_sum_matches_scatter_add():
-    from acckv_triton.policy import _segment_sum
-
-    g = torch.Generator().manual_seed(0)
-    values = torch.rand(2, 3, 50, generator=g)
-    seg = torch.randint(0, 7, (2, 3, 50), generator=g)
-    want = torch.zeros(2, 3, 7, dtype=torch.float64).scatter_add_(2, seg, values.double())
-    torch.testing.assert_close(_segment_sum(values, seg, 7), want, rtol=1e-12, atol=1e-12)

@@ -1,0 +1,134 @@
+"""The fused policy (Triton kernels + torch.sort) against the reference policy: the same plans, bit for bit.
+
+Every method, every AccKV ablation and the other switches, at several budgets, on ragged rows, left padding,
+stale metadata past the lengths, 16-bit keys and a window given by positions; the scratch and output memory is
+poisoned (every byte 0xFF: NaN floats, -1 ints) so any element the kernels leave unwritten shows.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from acckv_triton import fused_policy, reference, workloads
+from acckv_triton.bench.av import layer_inputs, workload_to
+from acckv_triton.config import METHODS, AccKVConfig
+from acckv_triton.fused_policy import plan_layer_fused
+from acckv_triton.policy import LayerTokens, budget_tokens, plan_layer
+from tests.conftest import DEVICE
+
+W = workloads.generate_av_workload(num_chunks=3, grid_h=4, grid_w=4, batch=2, num_layers=2, seed=1)
+N = W.num_tokens
+SCORES = [reference.window_scores(lt.q_window, lt.k, modality=W.token_modality()).scores for lt in W.layers]
+METHOD_CFGS = [pytest.param(AccKVConfig(method=m), id=m) for m in METHODS]
+SWITCHES = [pytest.param(c, id=name) for name, c in AccKVConfig().ablations().items()] + [
+    pytest.param(AccKVConfig(pool_mode="avg"), id="avg-pool"),
+    pytest.param(AccKVConfig(pool_kernel=1), id="no-pool"),
+    pytest.param(AccKVConfig(head_renorm=True), id="head-renorm"),
+    pytest.param(AccKVConfig(protect_text=True), id="protect-text"),
+    pytest.param(AccKVConfig(merge_frees_budget=False), id="merge-keeps-budget"),
+    pytest.param(AccKVConfig(gamma=2.0, rho_min=0.2), id="gamma-2"),
+    pytest.param(AccKVConfig(video_from_layer=1), id="video-prior"),
+    pytest.param(AccKVConfig(max_group=2, theta_audio=0.5, theta_video=0.5), id="loose-merges"),
+    pytest.param(AccKVConfig(sink=0, window=5, recent=3, time_bin=7), id="small-constants"),
+]
+
+
+@pytest.fixture(autouse=True)
+def poisoned(monkeypatch):
+    """Scratch and outputs start as 0xFF bytes, never zeros."""
+    monkeypatch.setattr(fused_policy, "_alloc",
+                        lambda n, device: torch.full((n,), 0xFF, dtype=torch.uint8, device=device))
+
+
+def tokens(layer=1, lengths=None, device=DEVICE) -> LayerTokens:
+    x = layer_inputs(workload_to(W, device), layer, SCORES[layer].to(device))
+    if lengths is not None:
+        x.lengths = torch.tensor(lengths, dtype=torch.int32, device=device).view(2, 2)
+    return x
+
+
+def assert_same(cfg, x, layer=1, num_layers=2, target=None):
+    """plan_layer_fused == plan_layer on x: keep sets, lengths, merge targets and weights, and the statistics."""
+    if target is None:
+        valid = torch.arange(x.scores.shape[-1], device=x.scores.device) < x.lengths[..., None].long()
+        if x.valid is not None:
+            valid = valid & x.valid
+        target = budget_tokens(cfg, valid.sum(-1), layer, num_layers)
+    want = plan_layer(cfg, x, layer, num_layers, target=target)
+    got = plan_layer_fused(cfg, x, layer, num_layers, target=target, max_keep=int(target.max()))
+    a, b = got.plan, want.plan
+    assert torch.equal(a.keep_lengths.cpu(), b.keep_lengths.cpu())
+    width = a.keep.shape[-1]
+    for i in range(a.keep.shape[0]):
+        for j in range(a.keep.shape[1]):
+            n = int(b.keep_lengths[i, j])
+            assert torch.equal(a.keep[i, j, :n].cpu(), b.keep[i, j, :n].cpu()), (i, j)
+            assert not bool(a.keep[i, j, n:width].any())  # the tail is zero, not poison
+    assert (a.merge_target is None) == (b.merge_target is None)
+    if b.merge_target is not None:
+        assert torch.equal(a.merge_target.cpu(), b.merge_target.cpu())
+        assert torch.equal(a.merge_weight.cpu(), b.merge_weight.cpu())
+    assert torch.equal(got.rho.cpu(), want.rho.cpu()) and torch.equal(got.priority.cpu(), want.priority.cpu())
+    assert torch.equal(got.kept_per_modality.cpu(), want.kept_per_modality.cpu())
+    assert torch.equal(got.merged.cpu(), want.merged.cpu())
+    return got
+
+
+@pytest.mark.parametrize("cfg", METHOD_CFGS)
+@pytest.mark.parametrize("budget", [pytest.param(0.5, id="50%"), pytest.param(0.1, id="10%"),
+                                    pytest.param(37, id="37-tokens")])
+def test_every_method_matches_the_reference_on_ragged_rows(cfg, budget):
+    assert_same(cfg.replace(budget=budget), tokens(lengths=[N, 201, 63, N]))
+
+
+@pytest.mark.parametrize("cfg", SWITCHES)
+@pytest.mark.parametrize("layer", [0, 1])
+def test_every_switch_matches_the_reference(cfg, layer):
+    assert_same(cfg.replace(budget=0.2), tokens(layer), layer=layer)
+
+
+@pytest.mark.parametrize("cfg", METHOD_CFGS)
+def test_left_padding_and_stale_metadata(cfg):
+    """Padding (valid False) and slots past the lengths hold garbage ids and scores: the plan is the reference's."""
+    x = tokens(lengths=[N, 150, 90, N])
+    x.valid = torch.arange(N, device=DEVICE).expand(2, 2, N) >= torch.tensor([[0], [11]], device=DEVICE)[:, None]
+    stale = ~x.valid | (torch.arange(N, device=DEVICE) >= x.lengths[..., None].long())
+    x.modality = torch.where(stale, torch.full_like(x.modality, 200), x.modality)
+    x.scores = torch.where(stale, torch.full_like(x.scores, float("nan")), x.scores)
+    assert_same(cfg.replace(budget=0.3), x)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+def test_keys_in_every_dtype_and_window_by_position(dtype):
+    x = tokens()
+    x.keys = x.keys.to(dtype)
+    x.position = torch.arange(N, dtype=torch.int32, device=DEVICE).expand(2, 2, N)
+    x.window_range = (N - 40, N - 8)  # a window that is not the last tokens (a later prefill's question)
+    for method in ("acckv", "lookm", "snapkv"):
+        assert_same(AccKVConfig(budget=0.25, method=method), x)
+
+
+def test_odd_sizes_one_token_and_a_text_only_row():
+    x = tokens()
+    for lengths in ([1, 1, 1, 1], [0, 2, 63, 257]):
+        assert_same(AccKVConfig(budget=0.5), tokens(lengths=lengths))
+    x.modality = torch.zeros_like(x.modality)
+    assert_same(AccKVConfig(budget=0.25), x)
+
+
+def test_target_below_the_protected_tokens():
+    """Protection beyond the budget keeps priority order (sinks, then the newest of the window)."""
+    for t in (1, 3, 6, 30):
+        target = torch.full((2, 2), t, dtype=torch.int64, device=DEVICE)
+        assert_same(AccKVConfig(budget=0.5), tokens(), target=target)
+
+
+def test_bad_modality_is_refused_when_checked():
+    x = tokens()
+    x.modality = x.modality.clone()
+    x.modality[1, 0, 7] = 9
+    target = torch.full((2, 2), 50, dtype=torch.int64, device=DEVICE)
+    with pytest.raises(ValueError, match="x.modality must hold Modality ids"):
+        plan_layer_fused(AccKVConfig(), x, target=target, max_keep=50, check=True)
+    with pytest.raises(ValueError, match="max_keep"):
+        plan_layer_fused(AccKVConfig(), tokens(), target=target, max_keep=-1)
