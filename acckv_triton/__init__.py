@@ -8,7 +8,9 @@ from . import tuning  # first: decides the execution mode before any kernel is d
 from .modality import NUM_MODALITIES, Modality
 from .cache import BudgetedLayerCache, LayerKVCache
 from .config import METHODS, AccKVConfig
-from .ops import DecodeAttentionOutput, WindowScores, compact_kv, compact_kv_, decode_attention, window_scores
+from .fused_policy import plan_layer_fused
+from .ops import (ChunkAttention, DecodeAttentionOutput, WindowScores, chunk_attention, compact_kv, compact_kv_,
+                  decode_attention, window_scores)
 from .plan import CompactionPlan
 from .policy import LayerTokens, PolicyResult, budget_tokens, plan_layer
 
@@ -17,6 +19,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AccKVConfig",
     "BudgetedLayerCache",
+    "ChunkAttention",
     "CompactionPlan",
     "DecodeAttentionOutput",
     "LayerKVCache",
@@ -27,10 +30,12 @@ __all__ = [
     "PolicyResult",
     "WindowScores",
     "budget_tokens",
+    "chunk_attention",
     "compact_kv",
     "compact_kv_",
     "decode_attention",
     "plan_layer",
+    "plan_layer_fused",
     "window_scores",
 ]
 

@@ -42,9 +42,11 @@ from . import torch_ops
 from .config import AccKVConfig
 from .modality import Modality
 from .ops.append_token import append_token_
+from .ops.chunk_attention import chunk_attention
 from .ops.compact_kv import compact_kv, compact_kv_, validate_plan
 from .ops.decode_attention import DecodeAttentionOutput, DecodeAttentionPlan, decode_attention
 from .plan import CompactionPlan
+from .fused_policy import plan_layer_fused
 from .policy import LayerTokens, PolicyResult, budget_tokens, plan_layer
 
 __all__ = ["BudgetedLayerCache", "LayerKVCache"]
@@ -148,16 +150,18 @@ class LayerKVCache:
     # --------------------------------------------------------------------------------------------------- storage
     def _allocate(self, B: int, Hkv: int, D: int, capacity: int, dtype: torch.dtype, device: torch.device) -> dict:
         shape = (B, Hkv, capacity)
-        return dict(  # K/V zeroed: slots past a row's length stay finite, which the torch backend's masking needs
-            k=torch.zeros(shape + (D,), dtype=dtype, device=device),
-            v=torch.zeros(shape + (D,), dtype=dtype, device=device),
-            modality=torch.empty(shape, dtype=torch.uint8, device=device),
-            time=torch.empty(shape, dtype=torch.int32, device=device),
-            spatial=torch.empty(shape + (2,), dtype=torch.int32, device=device),
-            position=torch.empty(shape, dtype=torch.int32, device=device),
-            token_mass=torch.empty(shape, dtype=torch.float32, device=device),
-            multiplicity=torch.empty(shape, dtype=torch.float32, device=device),
-        )
+        spec = [("k", dtype, shape + (D,)), ("v", dtype, shape + (D,)), ("modality", torch.uint8, shape),
+                ("time", torch.int32, shape), ("spatial", torch.int32, shape + (2,)), ("position", torch.int32, shape),
+                ("token_mass", torch.float32, shape), ("multiplicity", torch.float32, shape)]
+        sizes = [math.prod(s) * dt.itemsize for _, dt, s in spec]
+        # one zeroed allocation carved into the buffers (one device operation, not eight): K/V zeroed so that
+        # slots past a row's length stay finite, which the torch backend's masking needs
+        buf = torch.zeros(sum(_round_up(n, 16) for n in sizes), dtype=torch.uint8, device=device)
+        out, off = {}, 0
+        for (name, dt, s), n in zip(spec, sizes):
+            out[name] = buf[off:off + n].view(dt).view(s)
+            off += _round_up(n, 16)
+        return out
 
     def _resize(self, capacity: int) -> None:
         """Move every buffer to a new capacity (>= max_length), keeping the stored tokens."""
@@ -201,7 +205,7 @@ class LayerKVCache:
         return x.to(dtype).expand(shape)
 
     def append(self, k: torch.Tensor, v: torch.Tensor, *, modality=None, time=None, spatial=None,
-               position=None, token_mass=None) -> None:
+               position=None, token_mass=None, borrow: bool = False) -> None:
         """Store T new tokens per (sequence, kv head) at ``lengths`` and advance ``lengths`` and ``seen`` by T.
 
         Args:
@@ -213,6 +217,11 @@ class LayerKVCache:
             token_mass: initial attention mass (e.g. prefill window scores), same shapes; default 0.
 
         Grows the capacity geometrically when a row would overflow; new tokens start with multiplicity 1.
+
+        ``borrow=True`` into an empty cache copies nothing: the storage views the given tensors until the next
+        :meth:`compress`, which must then move it out of place (a capacity below T on the kernel backend; the
+        caller guarantees it, as :class:`BudgetedLayerCache` does at the end of prefill). Nothing is written into
+        the borrowed tensors.
         """
         for name, x in (("k", k), ("v", v)):
             if not isinstance(x, torch.Tensor):
@@ -222,6 +231,7 @@ class LayerKVCache:
                                  f"{tuple(x.shape)} {x.dtype}")
         if v.shape != k.shape or v.dtype != k.dtype or v.device != k.device:
             raise ValueError(f"v must match k in shape, dtype and device, got {tuple(v.shape)} {v.dtype} {v.device}")
+        k, v = k.detach(), v.detach()  # the cache holds values, never an autograd graph (nor the activations it keeps)
         B, Hkv, T, D = k.shape
         if self.k is not None and ((B, Hkv, D) != (self.k.shape[0], self.k.shape[1], self.k.shape[3])
                                    or k.dtype != self.k.dtype or k.device != self.k.device):
@@ -241,6 +251,14 @@ class LayerKVCache:
             token_mass=self._token_meta(token_mass, "token_mass", 0.0, torch.float32, shape, device),
             multiplicity=torch.ones(shape, dtype=torch.float32, device=device),
         )
+        if self.k is None and borrow:
+            self._install(dict(k=k, v=v, **meta))
+            self.lengths = torch.full((B, Hkv), T, dtype=torch.int32, device=device)
+            self._slot = torch.zeros((B, Hkv, 1), dtype=torch.int64, device=device)
+            self._next_position = torch.full((B, Hkv, 1), self.seen + T, dtype=torch.int32, device=device)
+            self._min_length = self._max_length = T
+            self.seen += T
+            return
         if self.k is None:
             self._install(self._allocate(B, Hkv, D, _round_up(max(T, 1), self.align), k.dtype, device))
             self.lengths = torch.zeros((B, Hkv), dtype=torch.int32, device=device)
@@ -285,6 +303,7 @@ class LayerKVCache:
         """
         if self.k is None:
             raise ValueError("the cache is empty: append the prompt first")
+        k, v = k.detach(), v.detach()
         B, Hkv, _, D = self.k.shape
         if k.shape != (B, Hkv, 1, D) or v.shape != k.shape or k.dtype != self.k.dtype or v.dtype != k.dtype \
                 or k.device != self.k.device or v.device != k.device:
@@ -339,7 +358,8 @@ class LayerKVCache:
         return plan
 
     # ------------------------------------------------------------------------------------------------- compress
-    def compress(self, plan: CompactionPlan, *, check_plan: bool = True, capacity: int | None = None) -> None:
+    def compress(self, plan: CompactionPlan, *, check_plan: bool = True, capacity: int | None = None,
+                 length_bounds: tuple[int, int] | None = None) -> None:
         """Apply a compaction plan to every stored row; size the storage to ``capacity``.
 
         Args:
@@ -353,6 +373,8 @@ class LayerKVCache:
                 capacity compacts in place: the storage keeps its addresses (what the decode plans and CUDA
                 graphs bind). A smaller one compacts out of place into fresh buffers and releases the old ones; a
                 larger one compacts in place, then grows.
+            length_bounds: ``(lo, hi)`` host bounds on ``keep_lengths`` (the policy's targets): with them nothing
+                is read back from the device (without them the min and max are read, one sync).
 
         K and V slots become the weighted means of their merge sets; modality, time, spatial and position follow the
         kept token; token_mass and multiplicity are summed over each merge set; ``lengths`` becomes ``keep_lengths``; ``seen`` is
@@ -368,7 +390,12 @@ class LayerKVCache:
         keep_lengths = plan.keep_lengths
         if not isinstance(keep_lengths, torch.Tensor) or keep_lengths.numel() != self.lengths.numel():
             raise ValueError(f"plan.keep_lengths must be a [B, Hkv] = {tuple(self.lengths.shape)} tensor")
-        n_min, n_max = (int(x) for x in torch.stack(torch.aminmax(keep_lengths.long())).tolist())
+        if length_bounds is None:
+            n_min, n_max = (int(x) for x in torch.stack(torch.aminmax(keep_lengths.long())).tolist())
+        else:
+            n_min, n_max = length_bounds
+            if not (isinstance(n_min, int) and isinstance(n_max, int) and 0 <= n_min <= n_max):
+                raise ValueError(f"length_bounds must be ints 0 <= lo <= hi, got {length_bounds!r}")
         width = self.capacity
         if plan.merge_target is not None:
             width = plan.merge_target.shape[-1] if plan.merge_target.dim() == 3 else -1
@@ -483,8 +510,10 @@ class BudgetedLayerCache:
         self.compressions = 0
         self._valid: torch.Tensor | None = None  # [B, Hkv, stored] False at padding not yet compressed away
         self._decoded = 0  # tokens appended by decode since the last prefill
-        self._target_max = 0  # max(target), on the host
-        self._excess = 0  # max over rows of (stored - target), on the host: upkeep is due past cfg.slack
+        self._prompt_max = 0  # prompt tokens seen per row, padding included: the host's bound on prompt_tokens
+        self._target_max = 0  # budget_tokens of _prompt_max: the host's bound on every row's target
+        self._padded = False  # whether some prefill had padding (then targets differ per row, on the device)
+        self._excess = 0  # bound on max over rows of (stored - target), on the host: upkeep is due past cfg.slack
 
     @property
     def reads_mass(self) -> bool:
@@ -517,23 +546,73 @@ class BudgetedLayerCache:
         if valid_rows is not None and (tuple(valid_rows.shape) != (B, Hkv, T) or valid_rows.dtype != torch.bool):
             raise ValueError(f"valid must be a bool [B, T] or [B, Hkv, T] tensor for {(B, Hkv, T)}, "
                              f"got {tuple(valid.shape)} {valid.dtype}")
-        before = None if self.store.lengths is None else self.store.lengths.long().clone()
+        before = None
+        if valid_rows is not None or self._valid is not None:
+            before = None if self.store.lengths is None else self.store.lengths.long().clone()
+        scores = scores.detach()
         mass = scores.float() if valid_rows is None else torch.where(valid_rows, scores.float(), 0.0)
-        self.store.append(k, v, token_mass=mass, **metadata)
+        st = self.store
+        # the first prompt of a layer that shrinks at once is compacted straight out of the inputs: no copy
+        kernels = st.backend == "triton" or (st.backend == "auto" and k.is_cuda)
+        borrow = st.k is None and kernels and not self.cfg.is_full and \
+            _round_up(budget_tokens(self.cfg, T, self.layer, self.num_layers) + self.cfg.slack + 1, st.align) < T
+        st.append(k, v, token_mass=mass, borrow=borrow, **metadata)
         if valid_rows is not None:
             self._mark_valid(before, valid_rows)
-            chunk = valid_rows.sum(-1)
-        else:
-            if self._valid is not None:
-                self._mark_valid(before, torch.ones(B, Hkv, T, dtype=torch.bool, device=k.device))
-            chunk = torch.full((B, Hkv), T, dtype=torch.long, device=k.device)
-        chunk = chunk + self._decoded  # tokens decoded since the last prefill become part of the prompt
+        elif self._valid is not None:
+            self._mark_valid(before, torch.ones(B, Hkv, T, dtype=torch.bool, device=k.device))
+        chunk_max = T + self._decoded  # tokens decoded since the last prefill become part of the prompt
+        self._prompt_max += chunk_max
+        self._target_max = budget_tokens(self.cfg, self._prompt_max, self.layer, self.num_layers)
+        if valid_rows is not None or self._padded:  # per-row prompts on the device (no read-back)
+            chunk = (valid_rows.sum(-1) if valid_rows is not None else
+                     torch.full((B, Hkv), T, dtype=torch.long, device=k.device)) + self._decoded
+            if not self._padded:
+                self._padded = True
+                self.prompt_tokens = torch.full((B, Hkv), self._prompt_max - chunk_max, dtype=torch.long,
+                                                device=k.device)
+            self.prompt_tokens = self.prompt_tokens + chunk
+            self.target = budget_tokens(self.cfg, self.prompt_tokens, self.layer, self.num_layers)
+        else:  # every row saw the same prompt: the host knows the targets exactly
+            self.prompt_tokens = torch.full((B, Hkv), self._prompt_max, dtype=torch.long, device=k.device)
+            self.target = torch.full((B, Hkv), self._target_max, dtype=torch.long, device=k.device)
         self._decoded = 0
-        self.prompt_tokens = chunk if self.prompt_tokens is None else self.prompt_tokens + chunk
         self.window = (self.store.seen - self.cfg.window, self.store.seen)
-        self.target = budget_tokens(self.cfg, self.prompt_tokens, self.layer, self.num_layers)
-        self._target_max = int(self.target.max())
         self.compress()
+
+    def prefill_chunk(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None,
+                      valid: torch.Tensor | None = None, **metadata) -> torch.Tensor:
+        """A later chunk (a second question, a streaming chunk, teacher forcing): attend, then store and compress.
+
+        Args:
+            q: ``[B, Hq, T, D]`` the chunk's queries (RoPE applied); k, v: ``[B, Hkv, T, D]`` its keys and values.
+            scale: softmax scale (default ``D ** -0.5``).
+            valid: optional ``[B, T]`` bool, False at left padding.
+            metadata: as :meth:`prefill`.
+
+        Each query attends over every stored slot (merged slots weighing their multiplicity when the method says so)
+        and the chunk causally, through :func:`acckv_triton.ops.chunk_attention` (the torch backend: its blocked
+        twin). The observation window's mass is added to the stored slots' ``token_mass`` and seeds the chunk's,
+        then :meth:`prefill` stores the chunk and compresses. Returns ``[B, T, Hq, D]`` (transformers' layout).
+        """
+        st = self.store
+        if st.k is None:
+            raise ValueError("prefill_chunk needs a prefilled cache: call prefill(k, v, scores=...) first")
+        B, Hq, T, D = q.shape
+        S = st.max_length
+        args = (st.k[:, :, :S], st.v[:, :, :S], st.lengths, k, v)
+        opts = dict(scale=scale, multiplicity=st.multiplicity[:, :, :S] if st.proportional else None,
+                    key_valid=None if valid is None else (valid if valid.dim() == 2 else valid[:, 0]),
+                    window=self.cfg.window)
+        if st.uses_kernels:
+            out = torch.empty(B, T, Hq, D, dtype=q.dtype, device=q.device)
+            res = chunk_attention(q, *args, **opts, out=out.transpose(1, 2))
+        else:
+            res = torch_ops.chunk_attention(q, *args, **opts)
+            out = res.out.transpose(1, 2)
+        st.token_mass[:, :, :S] += res.stored_mass  # the window's evidence on stored tokens, as decode adds its own
+        self.prefill(k, v, scores=res.chunk_mass, valid=valid, **metadata)
+        return out
 
     def _mark_valid(self, before: torch.Tensor | None, valid: torch.Tensor) -> None:
         """Record which stored slots are padding (until a compression drops them); rows may be ragged."""
@@ -601,13 +680,17 @@ class BudgetedLayerCache:
         x = LayerTokens(
             scores=st.token_mass[:, :, :w], modality=st.modality[:, :, :w], lengths=st.lengths,
             time=st.time[:, :, :w], keys=st.k[:, :, :w], spatial=st.spatial[:, :, :w],
-            window=(st.position[:, :, :w] >= self.window[0]) & (st.position[:, :, :w] < self.window[1]),
             valid=None if self._valid is None else self._valid[..., :w],
+            position=st.position[:, :, :w], window_range=self.window,
         )
-        self.last = plan_layer(self.cfg, x, self.layer, self.num_layers, target=self.target)
+        if st.uses_kernels:  # a few launches, nothing read back: sizes come from the host's bounds
+            self.last = plan_layer_fused(self.cfg, x, self.layer, self.num_layers, target=self.target,
+                                         max_keep=self._target_max)
+        else:
+            self.last = plan_layer(self.cfg, x, self.layer, self.num_layers, target=self.target)
         capacity = st.capacity if upkeep else self._target_max + self.cfg.slack + 1
-        st.compress(self.last.plan, check_plan=False, capacity=capacity)
-        self._excess = int((st.lengths.long() - self.target).max()) if st.lengths.numel() else 0
+        st.compress(self.last.plan, check_plan=False, capacity=capacity, length_bounds=(0, min(self._target_max, w)))
+        self._excess = 0  # every row now holds at most its target
         self._valid = None
         self.compressions += 1
 

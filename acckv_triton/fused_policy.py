@@ -161,15 +161,15 @@ def _evidence_kernel(
                 num = tl.full((BLOCK,), 1.0, tl.float64)
             else:
                 acc = centre
-            for j in tl.static_range(1, R_POOL + 1):
-                for q in (p - j, p + j):
-                    ok = live & (q >= lo) & (q < hi)
-                    val = tl.load(SORT_S + row + q, mask=ok, other=0.0)
-                    if POOL_AVG:
-                        acc += tl.where(ok, val.to(tl.float64), 0.0)
-                        num += ok.to(tl.float64)
-                    else:
-                        acc = tl.where(ok, tl.maximum(acc, val), acc)
+            for jj in tl.static_range(0, 2 * R_POOL):
+                q = p + tl.where(jj % 2 == 0, -(jj // 2 + 1), jj // 2 + 1)  # p-1, p+1, p-2, p+2, ...
+                ok = live & (q >= lo) & (q < hi)
+                val = tl.load(SORT_S + row + q, mask=ok, other=0.0)
+                if POOL_AVG:
+                    acc += tl.where(ok, val.to(tl.float64), 0.0)
+                    num += ok.to(tl.float64)
+                else:
+                    acc = tl.where(ok, tl.maximum(acc, val), acc)
             if POOL_AVG:
                 pooled = (acc / num).to(tl.float32)
             else:
@@ -283,8 +283,8 @@ def _protect_kernel(
             cand = tl.load(CAND + row + t, mask=inb, other=0) != 0
             incl = carry + tl.cumsum(cand.to(tl.int32), 0)
             carry += tl.sum(cand.to(tl.int32), 0)
-            take = cand & (n_cand_total - incl < free)
-            tl.store(KEPT + row + t, 1, mask=inb & take)
+            recent = cand & (n_cand_total - incl < free)
+            tl.store(KEPT + row + t, 1, mask=inb & recent)
     tl.store(st + 12 + m4, cmass)
     tl.store(st + 22, free.to(tl.float64))
     tl.store(st + 23, target.to(tl.float64))

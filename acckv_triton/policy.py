@@ -18,6 +18,7 @@ Methods (``AccKVConfig.method``), all at the same budget per (layer, sequence, k
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -74,17 +75,31 @@ class PolicyResult(NamedTuple):
     merged: torch.Tensor  # [B, Hkv] int64 evicted tokens merged into a kept slot
 
 
-def budget_tokens(cfg: AccKVConfig, n_valid: torch.Tensor, layer: int, num_layers: int) -> torch.Tensor:
-    """Tokens kept per row for ``layer``: ``cfg.layer_budget`` applied to each row's valid count ``n_valid``."""
+def budget_tokens(cfg: AccKVConfig, n_valid, layer: int, num_layers: int):
+    """Tokens kept per row for ``layer``: ``cfg.layer_budget`` applied to each row's valid count ``n_valid``.
+
+    ``n_valid`` is a tensor (the result has its dtype) or a host int (the result is an int, with the same
+    double-precision arithmetic: the host's bound on every row's target, no device read).
+    """
+    if isinstance(n_valid, int):
+        if cfg.is_full:
+            return n_valid
+        base = math.ceil(cfg.budget * float(n_valid)) if isinstance(cfg.budget, float) else float(cfg.budget)
+        if cfg.layer_budgets == "pyramid" or cfg.method == "pyramidkv":
+            base = math.ceil(base * _pyramid_frac(cfg, layer, num_layers))
+        return int(min(base, n_valid))
     if cfg.is_full:
         return n_valid.clone()
     n = n_valid.double()
     base = torch.ceil(cfg.budget * n) if isinstance(cfg.budget, float) else torch.full_like(n, float(cfg.budget))
     if cfg.layer_budgets == "pyramid" or cfg.method == "pyramidkv":
-        p = cfg.pyramid_strength
-        frac = 1.0 if num_layers <= 1 else 1.0 + p * (1.0 - 2.0 * layer / (num_layers - 1))
-        base = torch.ceil(base * frac)
+        base = torch.ceil(base * _pyramid_frac(cfg, layer, num_layers))
     return torch.minimum(base, n).to(n_valid.dtype)
+
+
+def _pyramid_frac(cfg: AccKVConfig, layer: int, num_layers: int) -> float:
+    p = cfg.pyramid_strength
+    return 1.0 if num_layers <= 1 else 1.0 + p * (1.0 - 2.0 * layer / (num_layers - 1))
 
 
 def _topk_mask(score: torch.Tensor, k: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,7 @@ import torch
 
 from .modality import NUM_MODALITIES
 
-__all__ = ["DecodeAttentionOutput", "WindowScores", "append_token_", "compact_kv_", "decode_attention", "pool_scores",
+__all__ = ["ChunkAttention", "DecodeAttentionOutput", "WindowScores", "append_token_", "chunk_attention", "compact_kv_", "decode_attention", "pool_scores",
            "window_scores"]
 
 
@@ -262,3 +262,51 @@ def append_token_(k_cache, v_cache, lengths, k_new, v_new, *, position, next_pos
     spatial.scatter_(2, index, torch.where(room.unsqueeze(-1), value.expand(B, Hkv, 1, 2), spatial.gather(2, index)))
     lengths.add_(1)
     next_position.add_(1)
+
+
+class ChunkAttention(NamedTuple):
+    """Result of a chunk's attention (:func:`chunk_attention`)."""
+
+    out: torch.Tensor  # [B, Hq, T, D], q's dtype
+    lse: torch.Tensor  # [B, Hq, T] float32, natural log; -inf for a row that sees no key
+    stored_mass: torch.Tensor  # [B, Hkv, S] float32: the observation window's mass on each stored slot
+    chunk_mass: torch.Tensor  # [B, Hkv, T] float32: the window's mass on each chunk token
+
+
+def chunk_attention(q, k_cache, v_cache, lengths, k_new, v_new, *, scale=None, multiplicity=None, key_valid=None,
+                    window: int = 32) -> ChunkAttention:
+    """T chunk queries over a ragged compressed cache plus the chunk itself (causal), in float64.
+
+    Args as :func:`acckv_triton.ops.chunk_attention.chunk_attention`: ``q [B, Hq, T, D]``; stored ``k_cache, v_cache
+    [B, Hkv, S, D]`` with ``lengths [B, Hkv]`` valid slots, each weighing ``multiplicity`` tokens (``+ log n`` on its
+    logit); the chunk's ``k_new, v_new [B, Hkv, T, D]``, chunk query i seeing chunk keys ``u <= i`` with
+    ``key_valid[b, u]``. The masses sum the probabilities of the last ``min(window, T)`` queries over them and the G
+    query heads of each kv head.
+    """
+    B, Hq, T, D = q.shape
+    Hkv, S = k_cache.shape[1], k_cache.shape[2]
+    G = Hq // Hkv
+    scale = D**-0.5 if scale is None else scale
+    stored = torch.arange(S, device=q.device) < lengths.long()[..., None]  # [B, Hkv, S]
+    new_ok = torch.ones(B, T, dtype=torch.bool, device=q.device) if key_valid is None else key_valid
+    # slots past a length and padding keys may hold anything (NaN included): they must not reach the result
+    keys = torch.cat([torch.where(stored[..., None], k_cache.double(), 0.0),
+                      torch.where(new_ok[:, None, :, None], k_new.double(), 0.0)], dim=2)
+    values = torch.cat([torch.where(stored[..., None], v_cache.double(), 0.0),
+                        torch.where(new_ok[:, None, :, None], v_new.double(), 0.0)], dim=2)
+    bias_old = torch.zeros(B, Hkv, S, dtype=torch.float64, device=q.device)
+    if multiplicity is not None:
+        bias_old = torch.where(stored, multiplicity.double(), 1.0).log()
+    bias_old = bias_old.masked_fill(~stored, float("-inf"))
+    causal = torch.arange(T, device=q.device)[None, :] <= torch.arange(T, device=q.device)[:, None]  # [i, u]
+    bias_new = torch.where(causal[None, None] & new_ok[:, None, None, :], 0.0, float("-inf")).double()  # [B,1,T,T]
+    logits = torch.einsum("bhtd,bhsd->bhts", q.double(), keys.repeat_interleave(G, dim=1)) * scale
+    bias = torch.cat([bias_old.repeat_interleave(G, dim=1)[:, :, None, :].expand(B, Hq, T, S),
+                      bias_new.expand(B, Hq, T, T)], dim=-1)
+    logits = logits + bias
+    lse = torch.logsumexp(logits, dim=-1)
+    p = torch.where(torch.isfinite(lse)[..., None], torch.exp(logits - lse[..., None]), 0.0)
+    out = torch.einsum("bhts,bhsd->bhtd", p, values.repeat_interleave(G, dim=1))
+    W = min(window, T)
+    mass = p[:, :, T - W:].sum(dim=2).view(B, Hkv, G, S + T).sum(dim=2)
+    return ChunkAttention(out.to(q.dtype), lse.float(), mass[..., :S].float(), mass[..., S:].float())

@@ -22,10 +22,11 @@ import math
 
 import torch
 
+from . import reference
 from .modality import NUM_MODALITIES
 from .reference import DecodeAttentionOutput, WindowScores
 
-__all__ = ["TorchDecodePlan", "append_token_", "compact_kv_", "window_scores"]
+__all__ = ["TorchDecodePlan", "append_token_", "chunk_attention", "compact_kv_", "window_scores"]
 
 
 class TorchDecodePlan:
@@ -250,3 +251,48 @@ def window_scores(q_window: torch.Tensor, k: torch.Tensor, *, scale: float | Non
     logits.sub_(top).exp_()
     logits.div_(logits.sum(dim=-1, keepdim=True).clamp_(min=torch.finfo(torch.float32).tiny))
     return WindowScores(view.sum(dim=(2, 3)), None)
+
+
+def chunk_attention(q, k_cache, v_cache, lengths, k_new, v_new, *, scale=None, multiplicity=None, key_valid=None,
+                    window: int = 32, block: int = 256) -> reference.ChunkAttention:
+    """:func:`acckv_triton.ops.chunk_attention.chunk_attention` on any device: float32 math, query rows in blocks of
+    ``block``, so the logits never exceed ``[B, Hq, block, S + T]``."""
+    B, Hq, T, D = q.shape
+    Hkv, S = k_cache.shape[1], k_cache.shape[2]
+    G = Hq // Hkv
+    scale = D**-0.5 if scale is None else scale
+    qf = q.float().view(B, Hkv, G, T, D)
+    stored = torch.arange(S, device=q.device) < lengths.long()[..., None]  # [B, Hkv, S]
+    new_ok = torch.ones(B, T, dtype=torch.bool, device=q.device) if key_valid is None else key_valid
+    k_old = torch.where(stored[..., None], k_cache.float(), 0.0)  # leftover memory (maybe NaN): zeroed, never added
+    v_old = torch.where(stored[..., None], v_cache.float(), 0.0)
+    k_n = torch.where(new_ok[:, None, :, None], k_new.float(), 0.0)
+    v_n = torch.where(new_ok[:, None, :, None], v_new.float(), 0.0)
+    bias = torch.zeros(B, Hkv, S, device=q.device)
+    if multiplicity is not None:  # a merged slot weighs as many tokens as it holds: + log n on its logit
+        bias = torch.where(stored, multiplicity.float(), 1.0).log()
+    bias = bias.masked_fill(~stored, float("-inf"))[:, :, None, None, :]
+    W = min(window, T)
+    out = torch.empty(B, Hkv, G, T, D, device=q.device)
+    lse = torch.empty(B, Hkv, G, T, device=q.device)
+    old_mass = torch.zeros(B, Hkv, S, device=q.device)
+    new_mass = torch.zeros(B, Hkv, T, device=q.device)
+    for t0 in range(0, T, block):
+        t1 = min(t0 + block, T)
+        qb = qf[:, :, :, t0:t1]
+        l_old = torch.einsum("bhgtd,bhsd->bhgts", qb, k_old) * scale + bias
+        visible = torch.arange(t1, device=q.device)[None, :] <= torch.arange(t0, t1, device=q.device)[:, None]
+        visible = visible & new_ok[:, None, None, None, :t1]
+        l_new = (torch.einsum("bhgtd,bhud->bhgtu", qb, k_n[:, :, :t1]) * scale).masked_fill(~visible, float("-inf"))
+        logits = torch.cat([l_old, l_new], dim=-1)
+        row_lse = torch.logsumexp(logits, dim=-1)
+        p = torch.where(torch.isfinite(row_lse)[..., None], torch.exp(logits - row_lse[..., None]), 0.0)
+        p_old, p_new = p[..., :S], p[..., S:]
+        out[:, :, :, t0:t1] = torch.einsum("bhgts,bhsd->bhgtd", p_old, v_old) \
+            + torch.einsum("bhgtu,bhud->bhgtd", p_new, v_n[:, :, :t1])
+        lse[:, :, :, t0:t1] = row_lse
+        w0 = max(T - W, t0) - t0  # the observation window's rows inside this block
+        if w0 < t1 - t0:
+            old_mass += p_old[..., w0:, :].sum(dim=(2, 3))
+            new_mass[..., :t1] += p_new[..., w0:, :].sum(dim=(2, 3))
+    return reference.ChunkAttention(out.view(B, Hq, T, D).to(q.dtype), lse.view(B, Hq, T), old_mass, new_mass)

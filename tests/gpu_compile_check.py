@@ -280,7 +280,7 @@ def compile_all(matrix, *, sweep) -> dict:
                     attempt(case, None, call)
                     if case.startswith("short window"):  # only to reach the smallest row block, at the defaults
                         continue
-                    for tk in tuned_by_op[op]:
+                    for tk in tuned_by_op.get(op, ()):  # the fused policy has no tuned configs
                         for config in tk.configs[1:]:
                             with tk.forcing(config):
                                 attempt(case, f"{tk.name}: " + config_label(
@@ -355,7 +355,30 @@ def _cases(dtype, D: int, Hq: int, Hkv: int, case_set: str) -> dict:
     if not rich:
         compact += [("compact_kv, metadata", lambda: out_of_place(False)),
                     ("compact_kv_, metadata", lambda: in_place(False))]
-    return {"decode_attention": decode, "window_scores": window, "compact_kv": compact}
+    from acckv_triton.fused_policy import plan_layer_fused
+    from acckv_triton.policy import LayerTokens
+
+    tokens = LayerTokens(scores=torch.rand(B, Hkv, C, generator=g), modality=modality, lengths=lengths,
+                         time=torch.arange(C, dtype=torch.int32).expand(B, Hkv, C),
+                         keys=k, spatial=torch.zeros(B, Hkv, C, 2, dtype=torch.int32),
+                         valid=torch.ones(B, Hkv, C, dtype=torch.bool))
+    target = torch.full((B, Hkv), K, dtype=torch.int64)
+
+    def policy(**cfg) -> None:
+        plan_layer_fused(ak.AccKVConfig(**cfg), tokens, target=target, max_keep=K)
+
+    policies = [("acckv", lambda: policy()), ("acckv avg pool, renorm", lambda: policy(pool_mode="avg", head_renorm=True,
+                                                                                          gamma=2.0)),
+                ("lookm", lambda: policy(method="lookm")), ("streaming", lambda: policy(method="streaming"))]
+    T = 40
+    q_chunk, k_chunk = torch.randn(B, Hq, T, D, generator=g).to(dtype), kv(T)
+    key_valid = torch.ones(B, T, dtype=torch.bool)
+    chunk = [("multiplicity+key_valid", lambda: ak.chunk_attention(q_chunk, k, v, lengths, k_chunk, k_chunk,
+                                                                   multiplicity=multiplicity, key_valid=key_valid))]
+    if not rich:
+        chunk.append(("no flags", lambda: ak.chunk_attention(q_chunk, k, v, lengths, k_chunk, k_chunk)))
+    return {"decode_attention": decode, "window_scores": window, "compact_kv": compact, "fused_policy": policies,
+            "chunk_attention": chunk}
 
 
 if __name__ == "__main__":

@@ -172,3 +172,23 @@ def test_floor_rows_time_every_split_count_with_a_stand_in_timer():
     eager = [r for r in rows if r["launch"] == "eager"]
     assert [r["splits"] for r in eager] == [1, 3, "default"] and all(r["plain ms"] == 1.0 for r in eager)
     assert len(rows) == len(eager) + (DEVICE.type == "cuda")  # the graph row needs CUDA
+
+
+def test_gpu_prefill_rows_run_end_to_end_on_tiny_shapes():
+    """The GPU suite's end-of-prefill, upkeep and chunk rows, run here with a stand-in timer (values not timings)."""
+    from acckv_triton.bench import prefill
+
+    calls = []
+
+    def timer(fn):
+        fn()
+        calls.append(fn)
+        return 1.0
+
+    cpu = torch.device("cpu")
+    cost = prefill.cost_rows(cpu, torch.float32, lengths=(1500,), heads=(4, 2), head_dim=64, timer=timer)
+    assert cost[0]["sum % attn"] == 300.0 and cost[0]["SDPA backend"] != "none"
+    up = prefill.upkeep_rows(cpu, torch.float32, stored=800, heads=(4, 2), head_dim=64, timer=timer)
+    assert [r["method"] for r in up] == ["acckv", "snapkv"]
+    chunk = prefill.chunk_rows(cpu, torch.float32, stored=(100,), chunk=20, heads=(4, 2), head_dim=64, timer=timer)
+    assert chunk[0]["ours / SDPA"] == 1.0 and chunk[0]["SDPA backend"] != "none"

@@ -223,3 +223,19 @@ def test_alignment_boosts_low_priority_tokens_in_the_high_priority_bins():
 def test_config_rejects_bad_values(kwargs, exc, msg):
     with pytest.raises(exc, match=msg):
         AccKVConfig(**kwargs)
+
+
+def test_lookm_nearest_key_search_stays_within_its_byte_budget(monkeypatch):
+    """LOOK-M's similarities are computed a chunk at a time, sized by bytes whatever B, H, N; same result."""
+    from acckv_triton import policy
+
+    x = tokens()
+    kept = kept_mask(plan_layer(AccKVConfig(budget=0.2, method="snapkv"), x, 1, 2).plan)
+    valid = torch.ones_like(kept)
+    whole = policy._nearest_kept(x.keys, kept, valid, max_bytes=1 << 40)
+    sizes, matmul = [], torch.matmul
+    monkeypatch.setattr(torch, "matmul", lambda a, b: (sizes.append(a.shape[:-1].numel() * b.shape[-1] * 8),
+                                                       matmul(a, b))[1])
+    budget = 4 * 2 * 2 * N * 8  # four query rows per chunk at this B, H, N
+    assert torch.equal(policy._nearest_kept(x.keys, kept, valid, max_bytes=budget), whole)
+    assert len(sizes) == -(-N // 4) and max(sizes) <= budget

@@ -103,8 +103,12 @@ class OpCounter(TorchDispatchMode):
 
 
 @contextlib.contextmanager
-def count_triton_launches():
+def count_triton_launches(dry_run: bool = False):
     """Count launches of ``@triton.jit`` kernels inside the block: yields a ``Counter`` of kernel names.
+
+    ``dry_run=True`` counts without running the kernels (their outputs keep whatever memory held): for code whose
+    host side never reads a kernel's result (0 syncs), the counts are those of a real run, at the interpreter's
+    cost of nothing, so a 32k-token layer can be counted on a CPU.
 
     Works under the interpreter and on a GPU (it wraps ``JITFunction.run``, which every launch goes through; under
     the interpreter, the interpreter's launcher). Inside a launch, dispatch modes are switched off: Triton's
@@ -125,6 +129,8 @@ def count_triton_launches():
         def wrapper(self, *a, _original=original, **k):
             fn = getattr(self, "fn", None)
             counts[getattr(fn, "__name__", getattr(self, "__name__", "kernel"))] += 1
+            if dry_run:
+                return None
             with _disable_current_modes():
                 return _original(self, *a, **k)
 

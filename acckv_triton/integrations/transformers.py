@@ -42,7 +42,6 @@ Design (data flows integration -> cache -> policy -> ops):
 """
 from __future__ import annotations
 
-import math
 import sys
 import threading
 from dataclasses import dataclass
@@ -257,49 +256,9 @@ class AccKVLayer(CacheLayerMixin):
             q = q.contiguous()
         return self.budgeted.decode_step(q, k, v, scale=scaling, **meta).out[:, None]
 
-    def _chunk(self, query, k, v, scaling, valid, meta, block: int = 256) -> torch.Tensor:
-        """Exact attention of a multi-token chunk over the stored tokens plus the chunk itself, then store the chunk.
-
-        Query rows go in blocks of ``block``, so the float32 logits never exceed ``[B, Hq, block, S + T]``.
-        """
-        st = self.store
-        B, Hq, T, D = query.shape
-        Hkv = k.shape[1]
-        G = Hq // Hkv
-        S = st.max_length
-        q = query.float().view(B, Hkv, G, T, D)
-        # slots past each row's length hold leftover memory (maybe NaN): zero them, never add them
-        stored = torch.arange(S, device=q.device) < st.lengths.long()[..., None]  # [B, Hkv, S]
-        k_old = torch.where(stored[..., None], st.k[:, :, :S].float(), 0.0)
-        v_old = torch.where(stored[..., None], st.v[:, :, :S].float(), 0.0)
-        bias = torch.zeros(B, Hkv, S, device=q.device)
-        if st.proportional:  # a merged slot weighs as many tokens as it holds: + log n on its logit
-            bias = torch.where(stored, st.multiplicity[:, :, :S], 1.0).log()
-        bias = bias.masked_fill(~stored, -math.inf)[:, :, None, None, :]
-        k_new, v_new = k.float(), v.float()
-        W = min(self.cfg.window, T)
-        out = torch.empty(B, Hkv, G, T, D, device=q.device)
-        old_mass = torch.zeros(B, Hkv, S, device=q.device)
-        scores = torch.zeros(B, Hkv, T, device=q.device)
-        for t0 in range(0, T, block):
-            t1 = min(t0 + block, T)
-            qb = q[:, :, :, t0:t1]
-            l_old = torch.einsum("bhgtd,bhsd->bhgts", qb, k_old) * scaling + bias
-            visible = torch.arange(t1, device=q.device)[None, :] <= torch.arange(t0, t1, device=q.device)[:, None]
-            if valid is not None:
-                visible = visible & valid[:, None, None, None, :t1]
-            l_new = (torch.einsum("bhgtd,bhud->bhgtu", qb, k_new[:, :, :t1]) * scaling).masked_fill(~visible, -math.inf)
-            p = torch.softmax(torch.cat([l_old, l_new], dim=-1), dim=-1).nan_to_num(0.0)
-            p_old, p_new = p[..., :S], p[..., S:]
-            out[:, :, :, t0:t1] = torch.einsum("bhgts,bhsd->bhgtd", p_old, v_old) \
-                + torch.einsum("bhgtu,bhud->bhgtd", p_new, v_new[:, :, :t1])
-            w0 = max(T - W, t0) - t0  # the observation window's rows inside this block
-            if w0 < t1 - t0:
-                old_mass += p_old[..., w0:, :].sum(dim=(2, 3))
-                scores[..., :t1] += p_new[..., w0:, :].sum(dim=(2, 3))
-        st.token_mass[:, :, :S] += old_mass  # the window's evidence on stored tokens, as decode adds its own
-        self.budgeted.prefill(k, v, scores=scores, valid=valid, **meta)
-        return out.reshape(B, Hq, T, D).transpose(1, 2).to(query.dtype)
+    def _chunk(self, query, k, v, scaling, valid, meta) -> torch.Tensor:
+        """A multi-token chunk over the stored tokens plus itself (the cache's ``prefill_chunk``) -> ``[B, T, Hq, D]``."""
+        return self.budgeted.prefill_chunk(query, k, v, scale=scaling, valid=valid, **meta)
 
 
 class AccKVCache(Cache):

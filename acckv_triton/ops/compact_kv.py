@@ -24,10 +24,11 @@ Kernels and grids (B sequences, Hkv kv heads, capacity C, K = keep.shape[-1] slo
     ``_copy_back_kernel``    grid (B*Hkv, cdiv(K, BLOCK_K)). Phase 2, in place only: copies the strip's moved slots
         into the cache's first keep_lengths slots.
 
-Merge sources without atomics. On the device, with torch ops and no host sync, every valid token gets its slot (a
-kept token its rank in keep, an evicted one its merge target or -1). A stable sort of the tokens by
-``(b*Hkv + h)*K + slot`` lists each slot's sources in token order (``sources`` int32) with CSR ``offsets``
-``[B*Hkv*K + 1]`` int64. The result is deterministic.
+Merge sources without float atomics. ``_slot_key_kernel`` (one program per row) gives every valid token its slot
+(a kept token its rank in keep, an evicted one its merge target or none) as the key ``(b*Hkv + h)*K + slot`` and
+counts each slot's sources (integer atomics: exact). A stable sort of the keys lists each slot's sources in token
+order (``sources``: flat (row, token) indices, read modulo C), and a cumulative sum of the counts gives the CSR
+``offsets [B*Hkv*K + 1]`` int64: 4 device operations, no host sync. The result is deterministic.
 
 Race-freedom of the in-place path, by construction:
     * Phase 1 reads only the old cache, the plan and the CSR lists, and writes only the strips. No address is both
@@ -85,7 +86,7 @@ def _slot_sources(
         end = tl.load(offsets_ptr + pid_bh * K + offs_j + 1, mask=slot_mask, other=0)
         count = (end - beg).to(tl.int32)
         slot_mask = slot_mask & (count > 0)
-        first = tl.load(sources_ptr + beg, mask=slot_mask, other=0)
+        first = tl.load(sources_ptr + beg, mask=slot_mask, other=0) % C  # flat [row, token] order -> token
     else:
         beg = offs_j.to(tl.int64)
         count = tl.where(slot_mask, 1, 0)
@@ -111,7 +112,7 @@ def _move_rows(
         w_sum = tl.where(slot_mask, w0, 1.0)
         for i in range(1, tl.max(count)):
             m = slot_mask & (i < count)
-            t = tl.load(sources_ptr + beg + i, mask=m, other=0)
+            t = tl.load(sources_ptr + beg + i, mask=m, other=0) % C
             t = tl.minimum(tl.maximum(t, 0), C - 1).to(tl.int64)
             w = tl.load(w_base + t, mask=m, other=0.0)
             x = tl.load(src_base + t[:, None] * stride_src_t + offs_d[None, :], mask=m[:, None] & mask, other=0.0)
@@ -212,12 +213,43 @@ def _metadata_kernel(
             acc = tl.load(src_base + first * stride_st, mask=slot_mask, other=0.0).to(tl.float32)
         for i in range(1, tl.max(count)):
             m = slot_mask & (i < count)
-            t = tl.load(sources_ptr + beg + i, mask=m, other=0)
+            t = tl.load(sources_ptr + beg + i, mask=m, other=0) % C
             t = tl.minimum(tl.maximum(t, 0), C - 1).to(tl.int64)
             acc += tl.load(src_base + t * stride_st, mask=m, other=0.0).to(acc.dtype)
         tl.store(dst_ptrs, acc.to(dst_ptr.dtype.element_ty), mask=slot_mask)
     else:
         tl.store(dst_ptrs, tl.load(src_base + first * stride_st, mask=slot_mask), mask=slot_mask)
+
+
+@triton.jit(do_not_specialize=["C", "K"])
+def _slot_key_kernel(
+    keep_ptr, keep_lengths_ptr, lengths_ptr, target_ptr, key_ptr, counts_ptr,
+    C, K, Hkv, stride_mb, stride_mh, stride_mt,
+    BLOCK: tl.constexpr,
+):
+    """Per (b, h) row: each valid token's slot (its rank in keep, its merge target, or none), as the sort key
+    ``row * K + slot`` (``B*Hkv*K`` for none), and each slot's source count. One program per row."""
+    r = tl.program_id(0).to(tl.int64)
+    b = r // Hkv
+    h = r % Hkv
+    n = tl.minimum(tl.maximum(tl.load(lengths_ptr + r), 0), C)
+    nk = tl.minimum(tl.maximum(tl.load(keep_lengths_ptr + r), 0), K)
+    none = tl.num_programs(0).to(tl.int64) * K
+    for t0 in range(0, C, BLOCK):
+        t = t0 + tl.arange(0, BLOCK)
+        target = tl.load(target_ptr + b * stride_mb + h * stride_mh + t * stride_mt, mask=t < n, other=-1)
+        ok = (t < n) & (target >= 0) & (target < nk)
+        tl.store(key_ptr + r * C + t, tl.where(ok, r * K + target, none), mask=t < C)
+    tl.debug_barrier()
+    for j0 in range(0, K, BLOCK):
+        j = j0 + tl.arange(0, BLOCK)
+        tok = tl.load(keep_ptr + r * K + j, mask=j < nk, other=0)
+        tl.store(key_ptr + r * C + tok, r * K + j, mask=(j < nk) & (tok >= 0) & (tok < n))
+    tl.debug_barrier()
+    for t0 in range(0, C, BLOCK):
+        t = t0 + tl.arange(0, BLOCK)
+        key = tl.load(key_ptr + r * C + t, mask=t < C, other=none)
+        tl.atomic_add(counts_ptr + key, 1, mask=key < none)
 
 
 _gather_merge = tuning.TunedKernel(
@@ -337,31 +369,21 @@ def _check_values(lengths, keep, keep_lengths, merge_target, merge_weight, C: in
 
 
 def _build_plan(lengths, keep, keep_lengths, merge_target, merge_weight, C: int) -> _Plan:
-    """Contiguous plan tensors plus, with merges, each slot's sources as CSR lists (torch ops, no host sync)."""
+    """Contiguous plan tensors plus, with merges, each slot's sources as CSR lists: one kernel writes every token's
+    slot key and each slot's count, a stable sort lists the sources in token order, a cumulative sum gives the
+    offsets (4 device operations, no host sync)."""
     B, Hkv, K = keep.shape
     keep_c = keep.contiguous()
     keep_lengths_c = keep_lengths.contiguous()
     if merge_target is None:
         return _Plan(keep_c, keep_lengths_c, None, None, None)
-    device = keep.device
-    nk = keep_lengths.long().clamp(0, K)
-    slot_valid = torch.arange(K, device=device) < nk[..., None]
-    valid = torch.arange(C, device=device) < lengths.long()[..., None]
-    target = merge_target.long()
-    slot = torch.where(valid & (target >= 0) & (target < nk[..., None]), target, -1)  # evicted: merge target
-    keep_l = keep.long()
-    idx = torch.where(slot_valid & (keep_l >= 0) & (keep_l < C), keep_l, C)
-    slot = torch.cat([slot, slot.new_full((B, Hkv, 1), -1)], dim=2)
-    slot.scatter_(2, idx, torch.arange(K, device=device).expand(B, Hkv, K).clone())  # kept: its rank
-    slot = slot[..., :C]
-    n_slots = B * Hkv * K
-    bh = torch.arange(B * Hkv, device=device).view(B, Hkv, 1)
-    key = torch.where(slot >= 0, bh * K + slot, n_slots).flatten()
-    order = torch.sort(key, stable=True).indices
-    sources = (order % C).to(torch.int32)
-    counts = torch.bincount(key, minlength=n_slots + 1)[:n_slots]
-    offsets = torch.zeros(n_slots + 1, dtype=torch.int64, device=device)
-    offsets[1:] = torch.cumsum(counts, 0)
+    R = B * Hkv
+    scratch = torch.zeros(R * C + 2 * (R * K + 1), dtype=torch.int64, device=keep.device)
+    key, counts, offsets = scratch[:R * C], scratch[R * C:R * C + R * K + 1], scratch[R * C + R * K + 1:]
+    _slot_key_kernel[(R,)](keep_c, keep_lengths_c, lengths.contiguous(), merge_target, key, counts, C, K, Hkv,
+                           *merge_target.stride(), BLOCK=1024)
+    sources = torch.sort(key, stable=True).indices  # flat (row, token) indices; the kernels take them modulo C
+    torch.cumsum(counts[:R * K], 0, out=offsets[1:])
     return _Plan(keep_c, keep_lengths_c, offsets, sources, merge_weight.contiguous())
 
 

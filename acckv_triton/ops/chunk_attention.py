@@ -1,0 +1,269 @@
+"""Attention of a multi-token chunk over a ragged compressed cache plus the chunk itself, with the window's mass.
+
+A second question, a streaming chunk or teacher forcing brings T new queries ``[B, Hq, T, D]`` to a layer whose cache
+holds S compressed slots per (b, kv head) (``lengths`` valid, merged slots weighing ``multiplicity`` tokens: ``+ log
+n`` on their logit). Query i of the chunk sees every valid stored slot and the chunk keys ``u <= i`` that are valid
+(left padding excluded). Besides the output it returns what the cache needs to re-compress: the mass the chunk's last
+W queries (the observation window) give each stored slot and each chunk token, summed over the window and the G query
+heads of the group. No ``(S + T) x T`` tensor and no float32 logits tensor are formed. The spec is
+:func:`acckv_triton.reference.chunk_attention`.
+
+Kernels and grids (G = Hq / Hkv; rows are (head g, query i) pairs of one GQA group, so ``tl.dot`` shares K):
+    ``_chunk_attn_kernel`` grid (B*Hkv, cdiv(G*T, BLOCK_M)). Online softmax over the stored tiles then the chunk's
+        causal tiles; writes the output rows (any strides: transformers' ``[B, T, Hq, D]`` directly) and each row's
+        logsumexp ``[B, Hq, T]``.
+    ``_chunk_mass_kernel`` grid (B*Hkv, cdiv(S + T, BLOCK_N)). One program owns a tile of the S + T keys and loops
+        over the G*W window rows, recomputing ``p = exp(s - lse)``; each key belongs to one program, so no atomics.
+
+Bytes moved per (b, kv head), e = element size: (S + T)·D·e of K and V once per row block, plus S + T keys again
+for the window's mass; extra memory O(B·Hq·T) (the logsumexp).
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import tuning
+from . import _common
+from ._common import check_last_dim_contiguous, check_shape, check_tensor, next_pow2
+
+__all__ = ["ChunkAttention", "chunk_attention"]
+
+_LOG2E = 1.4426950408889634
+
+
+class ChunkAttention(NamedTuple):
+    """Result of :func:`chunk_attention`."""
+
+    out: torch.Tensor  # [B, Hq, T, D] (a view of the given out buffer's layout), q's dtype
+    lse: torch.Tensor  # [B, Hq, T] float32, natural log; -inf for a row that sees no key
+    stored_mass: torch.Tensor  # [B, Hkv, S] float32: the window's mass on each stored slot (0 past lengths)
+    chunk_mass: torch.Tensor  # [B, Hkv, T] float32: the window's mass on each chunk token
+
+
+@triton.jit
+def _load_keys(k_old, k_new, base_old, base_new, offs, S, T, s_old, s_new, offs_d, d_mask, UPCAST: tl.constexpr):
+    """Rows ``offs`` of the unified key space: stored slots below S, then the chunk's keys."""
+    is_old = offs < S
+    old = tl.load(k_old + base_old + offs[:, None].to(tl.int64) * s_old + offs_d[None, :],
+                  mask=(is_old & (offs >= 0))[:, None] & d_mask[None, :], other=0.0)
+    new = tl.load(k_new + base_new + (offs - S)[:, None].to(tl.int64) * s_new + offs_d[None, :],
+                  mask=(~is_old & (offs < S + T))[:, None] & d_mask[None, :], other=0.0)
+    x = tl.where(is_old[:, None], old, new)
+    if UPCAST:
+        x = x.to(tl.float32)
+    return x
+
+
+@triton.jit
+def _key_bias(mult_base, n, valid_base, offs, S, T, HAS_MULT: tl.constexpr, HAS_VALID: tl.constexpr):
+    """log2 weight of each key (log2 n for a merged slot), -inf for a key nobody may see (past lengths, padding)."""
+    is_old = offs < S
+    ok = tl.where(is_old, offs < n, offs < S + T)
+    if HAS_VALID:
+        ok = ok & (is_old | (tl.load(valid_base + (offs - S), mask=~is_old & (offs < S + T), other=0) != 0))
+    bias = tl.zeros(offs.shape, tl.float32)
+    if HAS_MULT:
+        m = tl.load(mult_base + offs, mask=is_old & ok, other=1.0)
+        bias = tl.where(is_old, tl.log2(m), 0.0)
+    return tl.where(ok, bias, float("-inf"))
+
+
+@triton.jit(do_not_specialize=["S", "T"])
+def _chunk_attn_kernel(
+    q_ptr, k_old, v_old, k_new, v_new, lengths_ptr, mult_ptr, valid_ptr, out_ptr, lse_ptr,
+    S, T, Hkv, qk_scale,
+    s_qb, s_qh, s_qt, s_kob, s_koh, s_kot, s_vob, s_voh, s_vot, s_knb, s_knh, s_knt, s_vnb, s_vnh, s_vnt,
+    s_mb, s_mh, s_vb, s_ob, s_oh, s_ot,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_MULT: tl.constexpr,
+    HAS_VALID: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    bh = tl.program_id(0).to(tl.int64)
+    b = bh // Hkv
+    h = bh % Hkv
+    offs_r = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    r_mask = offs_r < GROUP_SIZE * T
+    g = offs_r // T
+    i = offs_r % T
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < HEAD_DIM
+    hq = h * GROUP_SIZE + g
+    q = tl.load(q_ptr + b * s_qb + hq[:, None].to(tl.int64) * s_qh + i[:, None].to(tl.int64) * s_qt + offs_d[None, :],
+                mask=r_mask[:, None] & d_mask[None, :], other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    n_len = tl.load(lengths_ptr + bh)
+    last = tl.minimum(S + tl.max(tl.where(r_mask, i, 0)) + 1, S + T)  # no row of the block sees a later key
+    for n0 in range(0, last, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        k = _load_keys(k_old, k_new, b * s_kob + h * s_koh, b * s_knb + h * s_knh, offs_n, S, T, s_kot, s_knt,
+                       offs_d, d_mask, UPCAST)
+        v = _load_keys(v_old, v_new, b * s_vob + h * s_voh, b * s_vnb + h * s_vnh, offs_n, S, T, s_vot, s_vnt,
+                       offs_d, d_mask, UPCAST)
+        bias = _key_bias(mult_ptr + b * s_mb + h * s_mh, n_len, valid_ptr + b * s_vb, offs_n, S, T, HAS_MULT,
+                         HAS_VALID)
+        seen_key = bias != float("-inf")  # slots past lengths and padding may hold anything, NaN included
+        k = tl.where(seen_key[:, None], k, 0.0)
+        v = tl.where(seen_key[:, None], v, 0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale + tl.where(seen_key, bias, 0.0)[None, :]
+        visible = r_mask[:, None] & seen_key[None, :] & ((offs_n[None, :] < S) | (offs_n[None, :] - S <= i[:, None]))
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+    seen = l_i > 0.0
+    out = acc / tl.where(seen, l_i, 1.0)[:, None]
+    tl.store(out_ptr + b * s_ob + hq[:, None].to(tl.int64) * s_oh + i[:, None].to(tl.int64) * s_ot + offs_d[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=r_mask[:, None] & d_mask[None, :])
+    lse = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+    tl.store(lse_ptr + (b * Hkv * GROUP_SIZE + hq) * T + i, lse, mask=r_mask)
+
+
+@triton.jit(do_not_specialize=["S", "T", "W"])
+def _chunk_mass_kernel(
+    q_ptr, k_old, k_new, lengths_ptr, mult_ptr, valid_ptr, lse_ptr, old_mass_ptr, new_mass_ptr,
+    S, T, W, Hkv, qk_scale,
+    s_qb, s_qh, s_qt, s_kob, s_koh, s_kot, s_knb, s_knh, s_knt, s_mb, s_mh, s_vb,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_MULT: tl.constexpr,
+    HAS_VALID: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    bh = tl.program_id(0).to(tl.int64)
+    b = bh // Hkv
+    h = bh % Hkv
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < HEAD_DIM
+    k = _load_keys(k_old, k_new, b * s_kob + h * s_koh, b * s_knb + h * s_knh, offs_n, S, T, s_kot, s_knt,
+                   offs_d, d_mask, UPCAST)
+    bias = _key_bias(mult_ptr + b * s_mb + h * s_mh, tl.load(lengths_ptr + bh), valid_ptr + b * s_vb, offs_n, S, T,
+                     HAS_MULT, HAS_VALID)
+    seen_key = bias != float("-inf")
+    k = tl.where(seen_key[:, None], k, 0.0)
+    bias = tl.where(seen_key, bias, 0.0)
+    acc = tl.zeros([BLOCK_N], tl.float32)
+    for r0 in range(0, GROUP_SIZE * W, BLOCK_R):
+        offs_r = r0 + tl.arange(0, BLOCK_R)
+        r_mask = offs_r < GROUP_SIZE * W
+        g = offs_r // W
+        i = T - W + offs_r % W
+        hq = h * GROUP_SIZE + g
+        q = tl.load(q_ptr + b * s_qb + hq[:, None].to(tl.int64) * s_qh + i[:, None].to(tl.int64) * s_qt
+                    + offs_d[None, :], mask=r_mask[:, None] & d_mask[None, :], other=0.0)
+        if UPCAST:
+            q = q.to(tl.float32)
+        lse2 = tl.load(lse_ptr + (b * Hkv * GROUP_SIZE + hq) * T + i, mask=r_mask, other=float("-inf")) * 1.4426950408889634
+        row_ok = r_mask & (lse2 != float("-inf"))
+        lse2 = tl.where(row_ok, lse2, 0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale + bias[None, :]
+        visible = row_ok[:, None] & ((offs_n[None, :] < S) | (offs_n[None, :] - S <= i[:, None])) & \
+            seen_key[None, :]
+        acc += tl.sum(tl.where(visible, tl.exp2(s - lse2[:, None]), 0.0), axis=0)
+    tl.store(old_mass_ptr + bh * S + offs_n, acc, mask=offs_n < S)
+    tl.store(new_mass_ptr + bh * T + (offs_n - S), acc, mask=(offs_n >= S) & (offs_n < S + T))
+
+
+def chunk_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    lengths: torch.Tensor,
+    k_new: torch.Tensor,
+    v_new: torch.Tensor,
+    *,
+    scale: float | None = None,
+    multiplicity: torch.Tensor | None = None,
+    key_valid: torch.Tensor | None = None,
+    window: int = 32,
+    out: torch.Tensor | None = None,
+) -> ChunkAttention:
+    """Causal attention of T chunk queries over the stored slots and the chunk, and the window's mass on both.
+
+    Args:
+        q: ``[B, Hq, T, D]`` float16, bfloat16 or float32, RoPE applied, last dim contiguous (any other strides).
+        k_cache, v_cache: ``[B, Hkv, S, D]`` the stored slots, q's dtype; ``Hq % Hkv == 0``.
+        lengths: ``[B, Hkv]`` int32, valid slots per row (``0 <= lengths <= S``; not checked on the device).
+        k_new, v_new: ``[B, Hkv, T, D]`` the chunk's keys and values; chunk query i sees chunk keys ``u <= i``.
+        scale: softmax scale, default ``D ** -0.5``.
+        multiplicity: optional ``[B, Hkv, S]`` float32 > 0: slot t weighs ``n_t`` tokens (``p ∝ n_t exp(s_t)``).
+        key_valid: optional ``[B, T]`` bool, False at the chunk's left padding (never seen).
+        window: W, the chunk's last ``min(window, T)`` queries whose mass is returned.
+        out: optional ``[B, Hq, T, D]`` buffer in q's dtype (any strides, e.g. a transposed ``[B, T, Hq, D]``).
+
+    Returns:
+        :class:`ChunkAttention` ``(out, lse, stored_mass, chunk_mass)``. A row that sees no key gives 0 and lse -inf.
+
+    Raises:
+        TypeError / ValueError naming the argument for a wrong type, rank, shape, dtype, device or stride.
+    """
+    check_tensor("q", q, rank=4, dtypes=(torch.float16, torch.bfloat16, torch.float32))
+    device = q.device
+    _common.check_kernel_device("q", device)
+    B, Hq, T, D = q.shape
+    check_tensor("k_cache", k_cache, rank=4, dtypes=(q.dtype,), device=device, like="q")
+    Hkv, S = k_cache.shape[1], k_cache.shape[2]
+    for name, x, n in (("k_cache", k_cache, S), ("v_cache", v_cache, S), ("k_new", k_new, T), ("v_new", v_new, T)):
+        check_tensor(name, x, rank=4, dtypes=(q.dtype,), device=device, like="q")
+        check_shape(name, x, (B, Hkv, n, D), "[B, Hkv, " + ("S" if n is S else "T") + ", D]")
+        check_last_dim_contiguous(name, x)
+    check_last_dim_contiguous("q", q)
+    if Hkv == 0 or Hq % Hkv != 0:
+        raise ValueError(f"the query head count Hq={Hq} (q) must be a positive multiple of Hkv={Hkv} (k_cache)")
+    check_tensor("lengths", lengths, shape=(B, Hkv), what="[B, Hkv]", dtypes=(torch.int32,), device=device, like="q")
+    if multiplicity is not None:
+        check_tensor("multiplicity", multiplicity, shape=(B, Hkv, S), what="[B, Hkv, S]", dtypes=(torch.float32,),
+                     device=device, like="q")
+        if multiplicity.stride(-1) != 1:
+            raise ValueError("multiplicity must have a contiguous last dim")
+    if key_valid is not None:
+        check_tensor("key_valid", key_valid, shape=(B, T), what="[B, T]", dtypes=(torch.bool,), device=device,
+                     like="q")
+        if key_valid.stride(-1) != 1:
+            raise ValueError("key_valid must have a contiguous last dim")
+    if not (isinstance(window, int) and window >= 1):
+        raise ValueError(f"window must be an int >= 1, got {window!r}")
+    if out is None:
+        out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    else:
+        check_tensor("out", out, shape=(B, Hq, T, D), what="[B, Hq, T, D]", dtypes=(q.dtype,), device=device,
+                     like="q")
+    scale = _common.check_scale(scale, D)
+    G = Hq // Hkv
+    W = min(window, T)
+    lengths_c = lengths.contiguous()
+    lse = torch.empty((B, Hq, T), dtype=torch.float32, device=device)
+    stored_mass = torch.empty((B, Hkv, S), dtype=torch.float32, device=device)
+    chunk_mass = torch.empty((B, Hkv, T), dtype=torch.float32, device=device)
+    if B == 0 or T == 0:
+        return ChunkAttention(out, lse, stored_mass.zero_(), chunk_mass)
+    mult = multiplicity if multiplicity is not None else stored_mass
+    m_strides = (multiplicity.stride(0), multiplicity.stride(1)) if multiplicity is not None else (0, 0)
+    valid = key_valid.view(torch.uint8) if key_valid is not None else lengths_c
+    flags = dict(HEAD_DIM=D, BLOCK_D=max(16, next_pow2(D)), GROUP_SIZE=G, HAS_MULT=multiplicity is not None,
+                 HAS_VALID=key_valid is not None, UPCAST=tuning.INTERPRET,
+                 DOT_PRECISION="ieee" if q.dtype == torch.float32 else None)
+    qk_scale = float(scale) * _LOG2E
+    block_m = 64 if D <= 64 else 32
+    _chunk_attn_kernel[(B * Hkv, triton.cdiv(G * T, block_m))](
+        q, k_cache, v_cache, k_new, v_new, lengths_c, mult, valid, out, lse, S, T, Hkv, qk_scale,
+        q.stride(0), q.stride(1), q.stride(2), *k_cache.stride()[:3], *v_cache.stride()[:3], *k_new.stride()[:3],
+        *v_new.stride()[:3], *m_strides, key_valid.stride(0) if key_valid is not None else 0,
+        out.stride(0), out.stride(1), out.stride(2), BLOCK_M=block_m, BLOCK_N=32, **flags)
+    block_n = 64
+    _chunk_mass_kernel[(B * Hkv, triton.cdiv(S + T, block_n))](
+        q, k_cache, k_new, lengths_c, mult, valid, lse, stored_mass, chunk_mass, S, T, W, Hkv, qk_scale,
+        q.stride(0), q.stride(1), q.stride(2), *k_cache.stride()[:3], *k_new.stride()[:3], *m_strides,
+        key_valid.stride(0) if key_valid is not None else 0,
+        BLOCK_R=max(16, min(64, next_pow2(G * W))), BLOCK_N=block_n, **flags)
+    return ChunkAttention(out, lse, stored_mass, chunk_mass)

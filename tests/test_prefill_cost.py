@@ -1,0 +1,40 @@
+"""The end of prefill as a handful of device operations: counted on the CPU at N = 32k, for every method.
+
+One layer of a Qwen2.5-Omni-7B-shaped thinker (4 kv heads, D 128) with the AV layout, through
+``BudgetedLayerCache.prefill`` (window scores given) on the kernel backend: torch ops (an ``OpCounter``) plus Triton
+launches stay within 40 and nothing is read back from the device. The kernels are counted, not run (a dry run: with
+0 syncs the host never depends on their results); ``tests/test_fused_policy.py`` checks what they compute.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from acckv_triton.bench.opcount import OpCounter, count_triton_launches
+from acckv_triton.bench.prefill import _av_metadata
+from acckv_triton.cache import BudgetedLayerCache
+from acckv_triton.config import METHODS, AccKVConfig
+
+N, HKV, D = 32768, 4, 128
+MAX_DEVICE_OPS = 40
+
+
+@pytest.fixture(scope="module")
+def prompt():
+    mod, tm, sp = _av_metadata(N, torch.device("cpu"))
+    g = torch.Generator().manual_seed(0)
+    k = torch.randn(1, HKV, N, D, generator=g).half()
+    return dict(k=k, v=torch.randn_like(k), scores=torch.rand(1, HKV, N, generator=g),
+                modality=mod.view(1, N), time=tm.view(1, N).int(), spatial=sp.view(1, N, 2).int())
+
+
+@pytest.mark.parametrize("cfg", [pytest.param(AccKVConfig(method=m), id=m) for m in METHODS if m != "full"] +
+                         [pytest.param(AccKVConfig(budget=0.1, pool_mode="avg", head_renorm=True), id="acckv-variant")])
+def test_end_of_prefill_is_a_few_device_operations_and_no_sync(cfg, prompt):
+    cache = BudgetedLayerCache(cfg.replace(backend="triton"), layer=3, num_layers=28)
+    with count_triton_launches(dry_run=True) as launches, OpCounter() as ops:
+        cache.prefill(**prompt)
+    total = ops.ops + sum(launches.values())
+    assert ops.syncs == 0, dict(ops.sync_ops)
+    assert total <= MAX_DEVICE_OPS, (dict(ops.by_name), dict(launches))
+    assert cache.store.capacity < N  # compacted out of the prompt: the prefill-size storage is gone
