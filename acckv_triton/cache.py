@@ -335,6 +335,36 @@ class LayerKVCache:
         self._max_length += 1
         self.seen += 1
 
+    def select_rows(self, index: torch.Tensor) -> None:
+        """Keep the batch rows ``index`` (``[B']`` int64 on the cache's device, repeats allowed), in that order:
+        beam-search reordering, batch expansion (``num_return_sequences``) or selection. Every buffer, the lengths
+        and the token metadata move together; the storage is reallocated (the decode plans bound to it are dropped).
+        """
+        if self.k is None:
+            return
+        index = index.to(self.k.device, torch.int64)
+        fresh = {name: getattr(self, name).index_select(0, index) for name in ("k", "v", *_METADATA)}
+        self._install(fresh)
+        self.lengths = self.lengths.index_select(0, index)
+        self._slot = self._slot.index_select(0, index)
+        self._next_position = self._next_position.index_select(0, index)
+
+    def crop_last(self, n: int) -> None:
+        """Forget the last ``n`` tokens of every row (assisted decoding's rollback). Only for rows of one length
+        that were never compressed (a compressed row's last slots are not its last tokens): else ValueError."""
+        if not (isinstance(n, int) and n >= 0):
+            raise ValueError(f"n must be an int >= 0, got {n!r}")
+        if n == 0 or self.k is None:
+            return
+        if self._min_length != self._max_length or n > self._max_length:
+            raise ValueError(f"crop_last needs rows of one length >= n={n} (uncompressed storage), got lengths in "
+                             f"[{self._min_length}, {self._max_length}]")
+        self.lengths -= n
+        self._min_length -= n
+        self._max_length -= n
+        self.seen -= n
+        self._next_position.fill_(self.seen)
+
     def decode_plan(self, num_q_heads: int, *, scale: float | None = None, token_mass: bool = True):
         """The decode-attention plan bound to this storage (built once per (Hq, scale, token_mass), then reused).
 
@@ -662,6 +692,19 @@ class BudgetedLayerCache:
         if self.needs_upkeep():
             self.compress(upkeep=True)
         return res
+
+    def select_rows(self, index: torch.Tensor) -> None:
+        """Keep the batch rows ``index`` (beam reordering, batch expansion or selection): storage, targets, prompt
+        counts and padding marks move together (see :meth:`LayerKVCache.select_rows`)."""
+        index = index.to(torch.int64)
+        self.store.select_rows(index)
+        if self.target is not None:
+            index = index.to(self.target.device)
+            self.target = self.target.index_select(0, index)
+            self.prompt_tokens = self.prompt_tokens.index_select(0, index)
+        if self._valid is not None:
+            self._valid = self._valid.index_select(0, index.to(self._valid.device))
+        self.last = None  # the latest plan described the old rows
 
     def needs_upkeep(self) -> bool:
         """True when some row holds more than its budget plus ``cfg.slack`` tokens (decided on the host, no sync)."""

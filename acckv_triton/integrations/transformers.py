@@ -109,6 +109,20 @@ def _spec_for(model) -> ModelSpec:
                      "apply_acckv(model.thinker, cfg).")
 
 
+def _refuse_sliding_layers(model) -> None:
+    """Sliding-window layers are not supported yet: a compressed cache would attend beyond their window, silently.
+    Raises ValueError naming the layers (configs whose ``layer_types`` are all full attention pass)."""
+    config = getattr(model, "config", None)
+    for cfg in (config, getattr(config, "text_config", None)):
+        types = getattr(cfg, "layer_types", None) or ()
+        sliding = [i for i, t in enumerate(types) if t != "full_attention"]
+        if sliding:
+            raise ValueError(f"apply_acckv does not support sliding-window attention yet: layers {sliding} of this "
+                             f"{type(model).__name__} are {types[sliding[0]]!r} (config.layer_types), and a "
+                             "compressed cache would attend beyond their window. Use a config whose layers are all "
+                             "full attention (e.g. use_sliding_window=False).")
+
+
 def _resolve(obj, path: str):
     for part in path.split("."):
         obj = getattr(obj, part)
@@ -160,7 +174,6 @@ class AccKVLayer(CacheLayerMixin):
 
     is_sliding = False
     is_compileable = False
-    is_croppable = False
 
     def __init__(self, cfg: AccKVConfig, layer: int, num_layers: int, owner: "AccKVCache"):
         super().__init__()
@@ -209,17 +222,29 @@ class AccKVLayer(CacheLayerMixin):
         self._staged = None
         self.is_initialized = False
 
+    @property
+    def is_croppable(self) -> bool:
+        """Only an uncompressed layer (budget 1.0) can roll back: evicted or merged tokens cannot be restored."""
+        return self.cfg.is_full
+
     def crop(self, tokens_to_remove: int) -> None:
-        raise NotImplementedError("AccKVCache cannot be cropped: evicted tokens cannot be restored")
+        """Remove the last ``-tokens_to_remove`` tokens (transformers' convention: a negative count), budget 1.0 only."""
+        if tokens_to_remove > 0:
+            raise ValueError(f"crop takes a negative count of tokens to remove, got {tokens_to_remove}")
+        if not self.cfg.is_full:
+            raise ValueError("AccKVCache cannot be cropped below budget 1.0 (assisted decoding, crop): evicted and "
+                             "merged tokens cannot be restored; use budget=1.0 or a plain DynamicCache for this mode")
+        self.store.crop_last(-tokens_to_remove)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        raise NotImplementedError("AccKVCache does not support beam search (ragged compressed rows)")
+        self.budgeted.select_rows(beam_idx)
 
     def batch_repeat_interleave(self, repeats: int) -> None:
-        raise NotImplementedError("AccKVCache does not support expanding the batch")
+        B = self.store.lengths.shape[0] if self.store.lengths is not None else 0
+        self.budgeted.select_rows(torch.arange(B, device=self.device).repeat_interleave(repeats))
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        raise NotImplementedError("AccKVCache does not support selecting batch rows")
+        self.budgeted.select_rows(indices)
 
     # ---- the AccKV paths
     def attend(self, module, query: torch.Tensor, attention_mask, scaling: float, delegate, kwargs: dict):
@@ -495,12 +520,14 @@ def apply_acckv(model, cfg: AccKVConfig | None = None) -> AccKVHandle:
         cfg: the :class:`~acckv_triton.AccKVConfig` (default ``AccKVConfig()``).
 
     Raises:
-        ValueError: unsupported model (the message names the supported ones), or a model already patched.
+        ValueError: unsupported model (the message names the supported ones), a model with sliding-window layers,
+            or a model already patched.
     """
     cfg = AccKVConfig() if cfg is None else cfg
     if not isinstance(cfg, AccKVConfig):
         raise TypeError(f"cfg must be an AccKVConfig, got {type(cfg).__name__}")
     spec = _spec_for(model)
+    _refuse_sliding_layers(model)
     if "_acckv_handle" in model.__dict__:
         raise ValueError("this model is already patched by apply_acckv: revert() its handle first")
     handle = AccKVHandle(model, cfg, spec)

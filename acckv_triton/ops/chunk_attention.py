@@ -259,11 +259,11 @@ def chunk_attention(
         q, k_cache, v_cache, k_new, v_new, lengths_c, mult, valid, out, lse, S, T, Hkv, qk_scale,
         q.stride(0), q.stride(1), q.stride(2), *k_cache.stride()[:3], *v_cache.stride()[:3], *k_new.stride()[:3],
         *v_new.stride()[:3], *m_strides, key_valid.stride(0) if key_valid is not None else 0,
-        out.stride(0), out.stride(1), out.stride(2), BLOCK_M=block_m, BLOCK_N=32, **flags)
+        out.stride(0), out.stride(1), out.stride(2), BLOCK_M=block_m, BLOCK_N=32, num_warps=4, num_stages=2, **flags)
     block_n = 64
     _chunk_mass_kernel[(B * Hkv, triton.cdiv(S + T, block_n))](
         q, k_cache, k_new, lengths_c, mult, valid, lse, stored_mass, chunk_mass, S, T, W, Hkv, qk_scale,
         q.stride(0), q.stride(1), q.stride(2), *k_cache.stride()[:3], *k_new.stride()[:3], *m_strides,
         key_valid.stride(0) if key_valid is not None else 0,
-        BLOCK_R=max(16, min(64, next_pow2(G * W))), BLOCK_N=block_n, **flags)
+        BLOCK_R=max(16, min(64, next_pow2(G * W))), BLOCK_N=block_n, num_warps=4, num_stages=2, **flags)
     return ChunkAttention(out, lse, stored_mass, chunk_mass)

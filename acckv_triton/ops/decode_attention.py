@@ -395,8 +395,9 @@ def decode_attention(
             slots hold several): slot t weighs ``multiplicity[t]`` in the softmax, ``p_t ∝ n_t · exp(s_t)``
             (proportional attention; all ones is plain attention).
         num_splits: split-K factor; default :func:`default_num_splits`.
-        check_lengths: verify ``0 <= lengths <= C`` on the host (one sync). Callers that maintain lengths
-            themselves, or capture CUDA graphs, pass False; the kernels clamp lengths to ``[0, C]`` regardless.
+        check_lengths: verify on the host (one sync) ``0 <= lengths <= C`` and, at every stored slot, modality ids
+            below ``NUM_MODALITIES`` and multiplicities finite and > 0. Callers that maintain the cache themselves,
+            or capture CUDA graphs, pass False; the kernels clamp lengths to ``[0, C]`` regardless.
 
     Returns:
         ``DecodeAttentionOutput(out [B, Hq, D] in q's dtype, lse [B, Hq] float32 natural log,
@@ -408,7 +409,8 @@ def decode_attention(
 
     Raises:
         TypeError / ValueError naming the argument for a wrong type, rank, shape, dtype, device or stride, a head
-        count not divisible, or lengths outside ``[0, C]``.
+        count not divisible, or (with ``check_lengths``) lengths outside ``[0, C]``, a modality id out of range or a
+        multiplicity <= 0 or not finite at a stored slot.
     """
     check_tensor("q", q, rank=3, dtypes=_Q_DTYPES)
     device = q.device
@@ -422,7 +424,23 @@ def decode_attention(
     plan = DecodeAttentionPlan(k_cache, v_cache, lengths, num_q_heads=Hq, scale=scale, modality=modality,
                                token_mass=token_mass, multiplicity=multiplicity, num_splits=num_splits)
     if check_lengths and lengths.numel() and not _common.is_capturing(device):
-        lo, hi = int(lengths.min()), int(lengths.max())
-        if lo < 0 or hi > C:
-            raise ValueError(f"lengths must lie in [0, C={C}] (the capacity of k_cache), got min {lo}, max {hi}")
+        _check_values(lengths, C, modality, multiplicity)
     return plan.run(q)
+
+
+def _check_values(lengths: torch.Tensor, C: int, modality, multiplicity) -> None:
+    """The value checks behind ``check_lengths``, in one host sync: lengths in ``[0, C]``; at every stored slot a
+    modality id below ``NUM_MODALITIES`` and a finite multiplicity > 0 (a bad one turns its row into NaN, or loses
+    its mass, without an error)."""
+    stored = torch.arange(C, device=lengths.device) < lengths.long()[..., None]
+    lo, hi = lengths.min(), lengths.max()
+    bad_mod = (stored & (modality >= NUM_MODALITIES)).any() if modality is not None else lo.new_zeros((), dtype=bool)
+    bad_mult = (stored & ~(torch.isfinite(multiplicity) & (multiplicity > 0))).any() if multiplicity is not None \
+        else lo.new_zeros((), dtype=bool)
+    lo, hi, bad_mod, bad_mult = torch.stack([lo.long(), hi.long(), bad_mod.long(), bad_mult.long()]).tolist()
+    if lo < 0 or hi > C:
+        raise ValueError(f"lengths must lie in [0, C={C}] (the capacity of k_cache), got min {lo}, max {hi}")
+    if bad_mod:
+        raise ValueError(f"modality must hold ids in [0, {NUM_MODALITIES}) at every stored slot (t < lengths)")
+    if bad_mult:
+        raise ValueError("multiplicity must be finite and > 0 at every stored slot (t < lengths)")

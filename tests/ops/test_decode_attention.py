@@ -228,9 +228,32 @@ BAD = [
                  id="multiplicity-shape"),
     pytest.param(lambda a: {"multiplicity": a["token_mass"].half()}, TypeError, "multiplicity must have dtype float32",
                  id="multiplicity-dtype"),
+    pytest.param(lambda a: {"modality": _poke(a["modality"], 4)}, ValueError,
+                 "modality must hold ids in [0, 4", id="modality-id-4"),
+    pytest.param(lambda a: {"multiplicity": _poke(torch.ones_like(a["token_mass"]), 0.0)}, ValueError,
+                 "multiplicity must be finite and > 0", id="multiplicity-zero"),
+    pytest.param(lambda a: {"multiplicity": _poke(torch.ones_like(a["token_mass"]), float("nan"))}, ValueError,
+                 "multiplicity must be finite and > 0", id="multiplicity-nan"),
+    pytest.param(lambda a: {"multiplicity": _poke(torch.ones_like(a["token_mass"]), -2.0)}, ValueError,
+                 "multiplicity must be finite and > 0", id="multiplicity-negative"),
     pytest.param(lambda a: {"scale": float("nan")}, ValueError, "scale must be a finite float", id="scale-nan"),
     pytest.param(lambda a: {"num_splits": 0}, ValueError, "num_splits must be a positive int", id="splits-zero"),
 ]
+
+
+def _poke(x: torch.Tensor, value) -> torch.Tensor:
+    """A copy with ``value`` at a stored slot: (b 1, h 1, t 8), below that row's length of 9."""
+    x = x.clone()
+    x[1, 1, 8] = value
+    return x
+
+
+def test_values_past_the_lengths_are_not_checked():
+    """Slots past a row's length hold leftover memory: any id or multiplicity there is fine."""
+    args = _good()
+    mod, mult = args["modality"].clone(), torch.ones_like(args["token_mass"])
+    mod[1, 1, 9:], mult[1, 1, 9:] = 200, float("nan")
+    _call(args, modality=mod, multiplicity=mult)
 
 
 @pytest.mark.parametrize("mutate,exc,message", BAD)

@@ -1,0 +1,97 @@
+"""generate() modes beyond greedy: beam search, num_return_sequences, batch selection, assisted decoding (crop).
+
+Each works on the compressed cache (every per-row tensor and metadata reordered together) and is bit-identical to
+the unpatched model at budget 1.0, or is refused with an error that names the mode.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+import acckv_triton as ak  # noqa: E402
+from acckv_triton.integrations.transformers import AccKVCache, apply_acckv  # noqa: E402
+
+from .test_transformers import _left_padded  # noqa: E402
+from .tiny_models import tiny_causal_lm  # noqa: E402
+
+BEAMS = dict(num_beams=3, num_return_sequences=2, do_sample=False, pad_token_id=0, max_new_tokens=8,
+             min_new_tokens=8, return_dict_in_generate=True, output_scores=True)
+
+
+def test_beam_search_at_budget_one_is_the_unpatched_model():
+    model = tiny_causal_lm("qwen2")
+    inputs = _left_padded((30, 22))
+    ref = model.generate(**inputs, **BEAMS)
+    with apply_acckv(model, ak.AccKVConfig(budget=1.0)):
+        out = model.generate(**inputs, **BEAMS)
+    assert isinstance(out.past_key_values, AccKVCache)
+    assert torch.equal(out.sequences, ref.sequences)
+    assert torch.equal(out.sequences_scores, ref.sequences_scores)
+
+
+def test_beam_search_on_the_compressed_cache_reorders_every_row():
+    """Below budget 1.0 every beam carries its own compressed rows, and the cache stays at the budget
+    (test_select_rows_moves_storage_targets_and_metadata_together checks what a reorder moves)."""
+    model = tiny_causal_lm("llama")
+    inputs = _left_padded((40, 40))
+    with apply_acckv(model, ak.AccKVConfig(budget=0.5, window=8, recent=4)):
+        out = model.generate(**inputs, **BEAMS)
+    stored = out.past_key_values.stored_tokens()
+    assert stored.shape[1] == 2 * 3  # B x num_beams rows
+    assert (stored <= 20 + 8).all()  # the budget of the 40-token prompt plus the new tokens (no upkeep yet)
+
+
+def test_select_rows_moves_storage_targets_and_metadata_together():
+    cfg = ak.AccKVConfig(budget=0.5, backend="torch")
+    cache = ak.BudgetedLayerCache(cfg, 0, 1)
+    g = torch.Generator().manual_seed(0)
+    k = torch.randn(3, 2, 50, 16, generator=g)
+    modality = torch.randint(0, 3, (3, 50), generator=g).to(torch.uint8)
+    cache.prefill(k, torch.randn_like(k), scores=torch.rand(3, 2, 50, generator=g), modality=modality)
+    before = {name: getattr(cache.store, name).clone() for name in ("k", "v", "modality", "token_mass", "lengths")}
+    target = cache.target.clone()
+    index = torch.tensor([2, 0, 0, 1])
+    cache.select_rows(index)
+    for name, x in before.items():
+        assert torch.equal(getattr(cache.store, name), x[index]), name
+    assert torch.equal(cache.target, target[index])
+    q = torch.randn(4, 4, 16, generator=g)
+    step = cache.decode_step(q, torch.randn(4, 2, 1, 16, generator=g), torch.randn(4, 2, 1, 16, generator=g))
+    assert step.out.shape == (4, 4, 16)
+
+
+def test_assisted_decoding_works_at_budget_one_and_is_refused_below():
+    model, assistant = tiny_causal_lm("llama"), tiny_causal_lm("llama", seed=1)
+    inputs = _left_padded((24,))
+    kw = dict(do_sample=False, pad_token_id=0, max_new_tokens=6, min_new_tokens=6)
+    ref = model.generate(**inputs, **kw)
+    with apply_acckv(model, ak.AccKVConfig(budget=1.0)):
+        out = model.generate(**inputs, assistant_model=assistant, **kw)
+    assert torch.equal(out, ref)  # greedy assisted decoding: the target model's own greedy tokens
+    with apply_acckv(model, ak.AccKVConfig(budget=0.5)):
+        with pytest.raises(ValueError, match="[Aa]ssisted decoding"):
+            model.generate(**inputs, assistant_model=assistant, **kw)
+
+
+def test_crop_below_budget_one_names_the_mode():
+    model = tiny_causal_lm("llama")
+    handle = apply_acckv(model, ak.AccKVConfig(budget=0.5))
+    cache = handle.new_cache()
+    model(**_left_padded((30,)), past_key_values=cache)
+    with pytest.raises(ValueError, match="assisted decoding, crop"):
+        cache.crop(-2)
+    handle.revert()
+
+
+def test_sliding_window_layers_are_refused_with_the_layers_named():
+    import transformers as tf
+
+    config = tf.Qwen2Config(vocab_size=160, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                            num_attention_heads=4, num_key_value_heads=2, use_sliding_window=True, sliding_window=16,
+                            max_window_layers=2)
+    model = tf.Qwen2ForCausalLM._from_config(config).eval()
+    with pytest.raises(ValueError, match=r"sliding-window attention yet: layers \[2, 3\]"):
+        apply_acckv(model, ak.AccKVConfig())
+    assert "_acckv_handle" not in model.__dict__  # nothing was patched
