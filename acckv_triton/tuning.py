@@ -21,7 +21,7 @@ Tuned-table format (written by ``autotune/tune.py``)::
      "entries": [{"key": {"dtype": "bfloat16", "HEAD_DIM": 128, ...},
                   "config": {"kwargs": {"BLOCK_N": 64}, "num_warps": 4, "num_stages": 2}}]}
 
-The autotune directory is ``$ACCKV_AUTOTUNE_DIR`` if set, else the ``autotune/`` folder of the source tree.
+The tables directory is ``$ACCKV_AUTOTUNE_DIR`` if set, else ``acckv_triton/tables/`` (shipped as package data).
 
 Resolution is memoised per (kernel, device, key, table folder, live-tuning switch): a launch after the first one
 for a key costs a dict lookup, not a file ``stat``. A table rewritten in the same folder during the process is seen
@@ -31,6 +31,7 @@ it resolves once and returns a launcher that skips even the lookup.
 from __future__ import annotations
 
 import contextlib
+import importlib.resources
 import json
 import math
 import os
@@ -124,9 +125,12 @@ INTERPRETER_CONFIGS: dict[str, triton.Config] = {
 
 
 def autotune_dir() -> Path:
-    """The folder holding per-GPU tuned tables: ``$ACCKV_AUTOTUNE_DIR`` or ``<source tree>/autotune``."""
+    """The folder holding per-GPU tuned tables: ``$ACCKV_AUTOTUNE_DIR`` or the package's own ``tables/`` (package
+    data, so an installed wheel finds them)."""
     env = os.environ.get("ACCKV_AUTOTUNE_DIR")
-    return Path(env) if env else Path(__file__).resolve().parent.parent / "autotune"
+    if env:
+        return Path(env)
+    return Path(str(importlib.resources.files("acckv_triton") / "tables"))
 
 
 def device_folder(device_name: str) -> str:

@@ -1,4 +1,4 @@
-"""Sweep every kernel's config space on this GPU and write ``autotune/<gpu>/<kernel>.json``.
+"""Sweep every kernel's config space on this GPU and write ``acckv_triton/tables/<gpu>/<kernel>.json``.
 
     python autotune/tune.py                 # all kernels, all keys
     python autotune/tune.py --quick         # one length bucket and batch, for a first table in a minute

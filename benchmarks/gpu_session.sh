@@ -3,7 +3,7 @@
 #
 #   bash benchmarks/gpu_session.sh [LOG_DIR]
 #
-# Writes autotune/<gpu>/*.json and benchmarks/results/<gpu>-<date>/ in the tree, and into LOG_DIR (default
+# Writes acckv_triton/tables/<gpu>/*.json and benchmarks/results/<gpu>-<date>/ in the tree, and into LOG_DIR (default
 # gpu-logs/): env.txt, pytest.log, tune.log, bench-e2e.log, bench.log and tarballs of the tables and results.
 # Budgets (seconds): PYTEST_S (170), TUNE_S (0: skipped, the H200 tables are committed), E2E_S (300), BENCH_S (190);
 # about 11 minutes in all, which leaves room for the machine's start inside 15 minutes of device time. Uses the python3 on PATH and this tree (PYTHONPATH), so a
@@ -40,7 +40,7 @@ if [ "${TUNE_S:-0}" != 0 ]; then  # the H200 has committed tables; give TUNE_S=2
   timeout "${TUNE_S}" $PY autotune/tune.py ${TUNE_ARGS:-} > "$LOG/tune.log" 2>&1
   echo "tune exit $?"; grep -v "skipped" "$LOG/tune.log" | tail -8
 fi
-tar czf "$LOG/autotune.tgz" autotune/"$GPU" 2>/dev/null
+tar czf "$LOG/autotune.tgz" acckv_triton/tables/"$GPU" 2>/dev/null
 
 # The end-to-end suite first: it carries the targets (28-layer stack at B 1/8/32 against every pinned SDPA
 # backend, generate with the Omni-7B thinker's real sizes, a profiler summary); then the kernel suite: the
