@@ -231,7 +231,8 @@ class LayerKVCache:
                                  f"{tuple(x.shape)} {x.dtype}")
         if v.shape != k.shape or v.dtype != k.dtype or v.device != k.device:
             raise ValueError(f"v must match k in shape, dtype and device, got {tuple(v.shape)} {v.dtype} {v.device}")
-        k, v = k.detach(), v.detach()  # the cache holds values, never an autograd graph (nor the activations it keeps)
+        if k.requires_grad or v.requires_grad:  # the cache holds values, never an autograd graph (nor its activations)
+            k, v = k.detach(), v.detach()
         B, Hkv, T, D = k.shape
         if self.k is not None and ((B, Hkv, D) != (self.k.shape[0], self.k.shape[1], self.k.shape[3])
                                    or k.dtype != self.k.dtype or k.device != self.k.device):
@@ -303,7 +304,8 @@ class LayerKVCache:
         """
         if self.k is None:
             raise ValueError("the cache is empty: append the prompt first")
-        k, v = k.detach(), v.detach()
+        if k.requires_grad or v.requires_grad:
+            k, v = k.detach(), v.detach()
         B, Hkv, _, D = self.k.shape
         if k.shape != (B, Hkv, 1, D) or v.shape != k.shape or k.dtype != self.k.dtype or v.dtype != k.dtype \
                 or k.device != self.k.device or v.device != k.device:
@@ -579,7 +581,7 @@ class BudgetedLayerCache:
         before = None
         if valid_rows is not None or self._valid is not None:
             before = None if self.store.lengths is None else self.store.lengths.long().clone()
-        scores = scores.detach()
+        scores = scores.detach() if scores.requires_grad else scores
         mass = scores.float() if valid_rows is None else torch.where(valid_rows, scores.float(), 0.0)
         st = self.store
         # the first prompt of a layer that shrinks at once is compacted straight out of the inputs: no copy

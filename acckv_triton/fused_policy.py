@@ -71,6 +71,25 @@ def _pick(v, m):
 
 
 @triton.jit
+def _row(STATS, N, H, NSTAT: tl.constexpr):
+    """This program's row r = (sequence b, kv head h), its offset in the [R, N] scratch and its statistics."""
+    r = tl.program_id(0)
+    return r, r // H, r % H, r.to(tl.int64) * N, STATS + r * NSTAT
+
+
+@triton.jit
+def _block(RANK, MOD, row, mod_base, s0, N, BLOCK: tl.constexpr):
+    """One block of a row's tokens: indices, in-bounds mask, valid rank (-1 invalid), validity, modality (0 if
+    invalid: slots past the lengths may hold any id)."""
+    t = s0 + tl.arange(0, BLOCK)
+    inb = t < N
+    rank = tl.load(RANK + row + t, mask=inb, other=-1)
+    valid = rank >= 0
+    mod = tl.where(valid, tl.load(MOD + mod_base + t, mask=inb, other=0).to(tl.int32), 0)
+    return t, inb, rank, valid, mod
+
+
+@triton.jit
 def _evidence_kernel(
     S, sSb, sSh, MOD, sMb, sMh, TIME, sTb, sTh, VALID, sVb, sVh, LEN, sLb, sLh,
     RAW, RANK, SRANK, SORT_S, SORT_I, STATS, N, H, SINK,
@@ -135,11 +154,7 @@ def _evidence_kernel(
         off = tl.cumsum(cnt, 0) - cnt
         mcarry = tl.zeros((4,), tl.int64)
         for s0 in range(0, N, BLOCK):
-            t = s0 + tl.arange(0, BLOCK)
-            inb = t < N
-            rank = tl.load(RANK + row + t, mask=inb, other=-1)
-            valid = rank >= 0
-            mod = tl.where(valid, tl.load(MOD + b * sMb + h * sMh + t, mask=inb, other=0).to(tl.int32), 0)
+            t, inb, rank, valid, mod = _block(RANK, MOD, row, b * sMb + h * sMh, s0, N, BLOCK)
             onehot = ((mod[:, None] == m4[None, :]) & valid[:, None]).to(tl.int64)
             incl = tl.cumsum(onehot, 0) + mcarry[None, :]
             pos = tl.sum(tl.where(onehot != 0, incl - 1 + off[None, :], 0), 1)
@@ -187,11 +202,7 @@ def _protect_kernel(
     MERGE_KEYS: tl.constexpr, HAS_SPATIAL: tl.constexpr, NSTAT: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """MODE 0: one ranking by pooled score (keys in KEYF); 1: StreamingLLM (selects here); 2: AccKV."""
-    r = tl.program_id(0)
-    b = r // H
-    h = r % H
-    row = r.to(tl.int64) * N
-    st = STATS + r * NSTAT
+    r, b, h, row, st = _row(STATS, N, H, NSTAT)
     m4 = tl.arange(0, 4)
     n_b = _batch_vec4(STATS, b, H, 0, NSTAT)
     has_av = (tl.sum(tl.where(m4 >= 1, n_b, 0.0), 0) > 0).to(tl.int32)
@@ -207,11 +218,7 @@ def _protect_kernel(
     lev_cnt = tl.zeros((4,), tl.int32)
     renorm = tl.zeros((), tl.float64)
     for s0 in range(0, N, BLOCK):
-        t = s0 + tl.arange(0, BLOCK)
-        inb = t < N
-        rank = tl.load(RANK + row + t, mask=inb, other=-1)
-        valid = rank >= 0
-        mod = tl.where(valid, tl.load(MOD + b * sMb + h * sMh + t, mask=inb, other=0).to(tl.int32), 0)
+        t, inb, rank, valid, mod = _block(RANK, MOD, row, b * sMb + h * sMh, s0, N, BLOCK)
         level = _level(rank, valid, mod, has_av, n_valid, t, WIN, b * sWb + h * sWh, inb, SINK, WINDOW, RECENT,
                        win_lo, win_hi, P_SINK, P_WINDOW, P_RECENT, P_TEXT, P_ALL, WIN_MODE)
         lev_cnt += tl.sum(((level[:, None] - 1) == m4[None, :]).to(tl.int32), 0)
@@ -238,11 +245,7 @@ def _protect_kernel(
     n_kept = tl.zeros((), tl.int32)
     cmass = tl.zeros((4,), tl.float64)
     for s0 in range(0, N, BLOCK):
-        t = s0 + tl.arange(0, BLOCK)
-        inb = t < N
-        rank = tl.load(RANK + row + t, mask=inb, other=-1)
-        valid = rank >= 0
-        mod = tl.where(valid, tl.load(MOD + b * sMb + h * sMh + t, mask=inb, other=0).to(tl.int32), 0)
+        t, inb, rank, valid, mod = _block(RANK, MOD, row, b * sMb + h * sMh, s0, N, BLOCK)
         level = _level(rank, valid, mod, has_av, n_valid, t, WIN, b * sWb + h * sWh, inb, SINK, WINDOW, RECENT,
                        win_lo, win_hi, P_SINK, P_WINDOW, P_RECENT, P_TEXT, P_ALL, WIN_MODE)
         at_star = (level == lstar) & (level > 0)
@@ -326,11 +329,7 @@ def _groups_kernel(
     VIDEO_PRIOR: tl.constexpr, NSTAT: tl.constexpr, BLOCK: tl.constexpr, BLOCK_G: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    r = tl.program_id(0)
-    b = r // H
-    h = r % H
-    row = r.to(tl.int64) * N
-    st = STATS + r * NSTAT
+    r, b, h, row, st = _row(STATS, N, H, NSTAT)
     m4 = tl.arange(0, 4)
     # ---- Step 1 (focusing): shares of the AV modalities present, the priority modality, this row's budgets ----
     n_b = _batch_vec4(STATS, b, H, 0, NSTAT)
@@ -469,11 +468,7 @@ def _consume_kernel(
 ):
     """Keep the best of a sorted ranking within budget (per modality or per row), then AFTER: 1 alignment and the
     L keys, 2 the leftover keys, 3 the plan. BUDGET: 0 stats free, 1 stats budgets, 2 stats rest."""
-    r = tl.program_id(0)
-    b = r // H
-    h = r % H
-    row = r.to(tl.int64) * N
-    st = STATS + r * NSTAT
+    r, b, h, row, st = _row(STATS, N, H, NSTAT)
     m4 = tl.arange(0, 4)
     if BUDGET == 1:
         bud = tl.load(st + 16 + m4)
@@ -512,11 +507,7 @@ def _consume_kernel(
         if ALIGN:
             t0 = tl.load(st + 21).to(tl.int64)
             for s0 in range(0, N, BLOCK):
-                t = s0 + tl.arange(0, BLOCK)
-                inb = t < N
-                rank = tl.load(RANK + row + t, mask=inb, other=-1)
-                valid = rank >= 0
-                mod = tl.where(valid, tl.load(MOD + b * sMb + h * sMh + t, mask=inb, other=0).to(tl.int32), 0)
+                t, inb, rank, valid, mod = _block(RANK, MOD, row, b * sMb + h * sMh, s0, N, BLOCK)
                 p_tok = valid & (mod == prio)  # prio -1 matches no token
                 tm = tl.load(TIME + b * sTb + h * sTh + t, mask=inb, other=0).to(tl.int64)
                 bins = tl.minimum(tl.maximum(tm - t0, 0) // time_bin, N - 1)
@@ -534,11 +525,7 @@ def _consume_kernel(
                 n_bins += tl.sum(tl.load(HASP + row + p, mask=p < N, other=0), 0)
             n_bins_f = tl.maximum(n_bins, 1).to(tl.float64)
         for s0 in range(0, N, BLOCK):
-            t = s0 + tl.arange(0, BLOCK)
-            inb = t < N
-            rank = tl.load(RANK + row + t, mask=inb, other=-1)
-            valid = rank >= 0
-            mod = tl.where(valid, tl.load(MOD + b * sMb + h * sMh + t, mask=inb, other=0).to(tl.int32), 0)
+            t, inb, rank, valid, mod = _block(RANK, MOD, row, b * sMb + h * sMh, s0, N, BLOCK)
             pb = tl.zeros_like(mod) + prio
             is_l = (pb >= 0) & (mod != pb) & ((mod == 1) | (mod == 2))
             score = tl.load(SCORE + row + t, mask=inb, other=0.0)

@@ -91,6 +91,11 @@ MODEL_SPECS: tuple[ModelSpec, ...] = (
     ModelSpec("Llama", ("llama",)),
     ModelSpec("Qwen2", ("qwen2",)),
     ModelSpec("Qwen3", ("qwen3",)),
+    ModelSpec("Mistral", ("mistral",)),
+    ModelSpec("Qwen2.5-VL", ("qwen2_5_vl",), decoder=("model.language_model", "model"), mrope=True,
+              modality_token_ids=(("image_token_id", Modality.IMAGE), ("video_token_id", Modality.VIDEO))),
+    ModelSpec("Qwen3-VL", ("qwen3_vl",), decoder=("model.language_model", "model"), mrope=True,
+              modality_token_ids=(("image_token_id", Modality.IMAGE), ("video_token_id", Modality.VIDEO))),
     ModelSpec("Qwen2.5-Omni thinker", ("qwen2_5_omni_thinker",), decoder=("model.language_model", "model"), mrope=True,
               modality_token_ids=(("audio_token_index", Modality.AUDIO), ("video_token_index", Modality.VIDEO),
                                   ("image_token_index", Modality.IMAGE))),
@@ -121,6 +126,11 @@ def _refuse_sliding_layers(model) -> None:
                              f"{type(model).__name__} are {types[sliding[0]]!r} (config.layer_types), and a "
                              "compressed cache would attend beyond their window. Use a config whose layers are all "
                              "full attention (e.g. use_sliding_window=False).")
+        window = getattr(cfg, "sliding_window", None)
+        if not types and window is not None and getattr(cfg, "use_sliding_window", True):
+            raise ValueError(f"apply_acckv does not support sliding-window attention yet: this "
+                             f"{type(model).__name__} attends within config.sliding_window={window} in every layer. "
+                             "Use a config with sliding_window=None (e.g. Mistral v0.2 and later).")
 
 
 def _resolve(obj, path: str):
@@ -344,6 +354,9 @@ def _make_attention(original: str):
         cache = None if state is None else state.cache
         if cache is None:  # not an AccKV forward (another model sharing the config, or no AccKV cache)
             return delegate(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+        if kwargs.get("sliding_window") is not None:  # a safety net under the check apply_acckv makes
+            raise ValueError(f"AccKV does not support sliding-window attention yet (layer {module.layer_idx} "
+                             f"passes sliding_window={kwargs['sliding_window']})")
         scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
         out = cache.layers[module.layer_idx].attend(module, query, attention_mask, scaling, delegate, kwargs)
         return out, None
@@ -515,7 +528,8 @@ def apply_acckv(model, cfg: AccKVConfig | None = None) -> AccKVHandle:
 
     Args:
         model: a supported transformers model (see :data:`SUPPORTED_MODELS`): ``LlamaForCausalLM``,
-            ``Qwen2ForCausalLM``, ``Qwen3ForCausalLM`` (or their base models) or
+            ``Qwen2ForCausalLM``, ``Qwen3ForCausalLM``, ``MistralForCausalLM`` (or their base models),
+            ``Qwen2_5_VLForConditionalGeneration``, ``Qwen3VLForConditionalGeneration`` or
             ``Qwen2_5OmniThinkerForConditionalGeneration``.
         cfg: the :class:`~acckv_triton.AccKVConfig` (default ``AccKVConfig()``).
 

@@ -95,3 +95,30 @@ def test_sliding_window_layers_are_refused_with_the_layers_named():
     with pytest.raises(ValueError, match=r"sliding-window attention yet: layers \[2, 3\]"):
         apply_acckv(model, ak.AccKVConfig())
     assert "_acckv_handle" not in model.__dict__  # nothing was patched
+
+
+def test_beam_search_on_the_omni_thinker_at_budget_one_is_the_unpatched_model():
+    from .tiny_models import omni_av_inputs, tiny_omni_thinker
+
+    model = tiny_omni_thinker()
+    inputs = omni_av_inputs(question_len=6)
+    kw = dict(BEAMS, max_new_tokens=4, min_new_tokens=4)
+    ref = model.generate(**inputs, **kw)
+    with apply_acckv(model, ak.AccKVConfig(budget=1.0)):
+        out = model.generate(**inputs, **kw)
+    assert torch.equal(out.sequences, ref.sequences)
+    with apply_acckv(model, ak.AccKVConfig(budget=0.5)):
+        out = model.generate(**inputs, **kw)  # the compressed AV cache reordered beam by beam
+    assert out.sequences.shape == ref.sequences.shape
+
+
+def test_sampling_with_num_return_sequences_at_budget_one_is_the_unpatched_model():
+    model = tiny_causal_lm("qwen3")
+    inputs = _left_padded((26, 19))
+    kw = dict(do_sample=True, top_k=20, num_return_sequences=3, pad_token_id=0, max_new_tokens=6, min_new_tokens=6)
+    torch.manual_seed(7)
+    ref = model.generate(**inputs, **kw)
+    with apply_acckv(model, ak.AccKVConfig(budget=1.0)):
+        torch.manual_seed(7)
+        out = model.generate(**inputs, **kw)
+    assert out.shape[0] == 6 and torch.equal(out, ref)

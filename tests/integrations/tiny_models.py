@@ -70,3 +70,53 @@ def omni_av_inputs(*, seed: int = 0, question_len: int = 12, batch: int = 1) -> 
         feature_attention_mask=torch.ones(batch, 400, dtype=torch.long),
         use_audio_in_video=True,
     )
+
+
+# Qwen2.5-VL / Qwen3-VL placeholder ids remapped into the tiny vocabulary.
+VL_IMAGE, VL_VIDEO, VL_BOS, VL_EOS = 150, 151, 152, 153
+
+
+def tiny_mistral(*, seed: int = 0, sliding_window=None):
+    """A random Mistral causal LM (hidden 64, 4 / 2 heads); ``sliding_window=None`` as Mistral v0.2 and later."""
+    import transformers as tf
+
+    config = tf.MistralConfig(**_text_kwargs(), sliding_window=sliding_window)
+    torch.manual_seed(seed)
+    return tf.MistralForCausalLM._from_config(config).eval()
+
+
+def tiny_vl(family: str, *, seed: int = 0):
+    """A random ``qwen2_5_vl`` or ``qwen3_vl`` model: the tiny text model with M-RoPE and a 1-layer vision encoder."""
+    import transformers as tf
+
+    ids = dict(image_token_id=VL_IMAGE, video_token_id=VL_VIDEO, vision_start_token_id=VL_BOS,
+               vision_end_token_id=VL_EOS)
+    vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, spatial_merge_size=2,
+                  temporal_patch_size=2)
+    if family == "qwen2_5_vl":
+        text = _text_kwargs(rope_parameters=dict(rope_type="default", rope_theta=1e6, mrope_section=[2, 3, 3]))
+        config = tf.Qwen2_5_VLConfig(text_config=text, vision_config=dict(**vision, patch_size=14,
+                                                                          fullatt_block_indexes=[0]), **ids)
+        model_cls = tf.Qwen2_5_VLForConditionalGeneration
+    else:
+        text = _text_kwargs(head_dim=16, rope_parameters=dict(rope_type="default", rope_theta=5e5,
+                                                              mrope_section=[2, 3, 3], mrope_interleaved=True))
+        config = tf.Qwen3VLConfig(text_config=text, vision_config=dict(**vision, patch_size=16, num_position_embeddings=64,
+                                                                       deepstack_visual_indexes=[0]), **ids)
+        model_cls = tf.Qwen3VLForConditionalGeneration
+    torch.manual_seed(seed)
+    return model_cls._from_config(config).eval()
+
+
+def vl_image_inputs(family: str, *, seed: int = 0, batch: int = 1, question_len: int = 6) -> dict:
+    """``<text> <vision_bos> [IMAGE x16] <vision_eos> <question>``: one 8x8-patch image (16 tokens after merging)."""
+    g = torch.Generator().manual_seed(seed)
+    patch = 14 if family == "qwen2_5_vl" else 16
+    text = lambda n: torch.randint(1, 140, (n,), generator=g).tolist()  # noqa: E731
+    ids = text(5) + [VL_BOS] + [VL_IMAGE] * 16 + [VL_EOS] + text(question_len)
+    input_ids = torch.tensor([ids] * batch)
+    out = dict(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+               pixel_values=torch.randn(batch * 64, 3 * 2 * patch * patch, generator=g),
+               image_grid_thw=torch.tensor([[1, 8, 8]] * batch))
+    out["mm_token_type_ids"] = (input_ids == VL_IMAGE).int()  # as the processor returns it: M-RoPE needs it
+    return out
