@@ -367,9 +367,13 @@ def _cases(dtype, D: int, Hq: int, Hkv: int, case_set: str) -> dict:
     def policy(**cfg) -> None:
         plan_layer_fused(ak.AccKVConfig(**cfg), tokens, target=target, max_keep=K)
 
-    policies = [("acckv", lambda: policy()), ("acckv avg pool, renorm", lambda: policy(pool_mode="avg", head_renorm=True,
-                                                                                          gamma=2.0)),
-                ("lookm", lambda: policy(method="lookm")), ("streaming", lambda: policy(method="streaming"))]
+    # The policy's kernels depend on the dtype only through an upcast of the keys, use a few KiB of shared memory,
+    # and take long to compile: every flag path once, in the fp32 "paths" job (sm_90).
+    policies = []
+    if case_set == "paths" and dtype == torch.float32:
+        policies = [("acckv", lambda: policy()), ("lookm", lambda: policy(method="lookm")),
+                    ("acckv avg pool, renorm", lambda: policy(pool_mode="avg", head_renorm=True, gamma=2.0)),
+                    ("streaming", lambda: policy(method="streaming"))]
     T = 40
     q_chunk, k_chunk = torch.randn(B, Hq, T, D, generator=g).to(dtype), kv(T)
     key_valid = torch.ones(B, T, dtype=torch.bool)

@@ -2,13 +2,16 @@
 
 The interpreter that runs the kernels here accepts code the GPU compiler rejects and knows nothing of shared memory,
 so ``tests/gpu_compile_check.py`` compiles them for real in subprocesses (a stand-in driver, compile only; see its
-docstring). A compile takes 0.1 to 2.7 s of CPU (fp32 window kernels the most), so the matrix is cut to about 200
-compiles, about 100 s of CPU in four processes at once (about a minute on two idle cores):
+docstring). A compile takes 0.1 to 2.7 s of CPU (fp32 window kernels the most; the fused policy's row kernels more),
+so the matrix is cut to about 250 compiles, about 6 min of CPU in four processes at once (about 3 min on two idle
+cores with an empty Triton cache):
 
 * sm_90: every flag path at D=128 and the every-flag variants at D=64, for fp32, fp16 and bf16 on GQA 28/4 (the
   largest window row blocks); bf16 at D=128 on layouts 8/8 and 32/4; every config of every space at bf16, D=128,
   28/4.
 * sm_80: the every-flag variants at the default configs, every dtype and head dim, on 28/4.
+* the fused policy (``acckv_triton.fused_policy``): every flag path once, fp32 keys, sm_90 (its kernels depend on the
+  dtype only through an upcast of the keys and use a few KiB of shared memory).
 
 Configs other than a space's first that do not fit are reported as a warning, not a failure: live autotuning and
 ``autotune/tune.py`` skip a config whose launch raises ``OutOfResources``, which the last two tests check.
@@ -35,7 +38,7 @@ from acckv_triton import tuning
 from tests.gpu_compile_check import SHARED_MEMORY_LIMIT, SWEEP, config_label, parse_point
 
 SCRIPT = Path(__file__).with_name("gpu_compile_check.py")
-OPS = ("decode_attention", "window_scores", "compact_kv")
+OPS = ("decode_attention", "window_scores", "compact_kv", "chunk_attention")
 DTYPES = ("float32", "float16", "bfloat16")
 HEAD_DIMS = (64, 128)
 JOBS = {  # per arch, the script's argument lists; each runs in its own process, all at once

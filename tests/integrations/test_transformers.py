@@ -281,7 +281,7 @@ def test_unsupported_model_and_double_patch_raise():
     from transformers import GPT2Config, GPT2LMHeadModel
 
     gpt2 = GPT2LMHeadModel._from_config(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
-    with pytest.raises(ValueError, match="Llama, Qwen2, Qwen3, Qwen2.5-Omni thinker"):
+    with pytest.raises(ValueError, match="Llama, Qwen2, Qwen3, Mistral, Qwen2.5-VL, Qwen3-VL, Qwen2.5-Omni thinker"):
         apply_acckv(gpt2, ak.AccKVConfig())
     model = tiny_causal_lm("llama")
     with acckv(model, ak.AccKVConfig(budget=0.5)):
