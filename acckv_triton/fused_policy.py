@@ -39,9 +39,11 @@ __all__ = ["plan_layer_fused"]
 _EPS = 1e-12
 _BLOCK = 1024
 _NSTAT = 32
-# per-row statistics (float64): counts and sums per modality, then scalars
-_S_N, _S_A, _S_S, _S_CM, _S_BUD = 0, 4, 8, 12, 16  # each 4 wide
-_S_NVALID, _S_T0, _S_FREE, _S_TARGET, _S_NCAND, _S_REST, _S_BAD = 20, 21, 22, 23, 24, 25, 26
+"""Per-row statistics, float64 (ints are exact): [0:4] valid tokens per modality, [4:8] the focusing mass A per
+modality, [8:12] the score sum per modality, [12:16] the candidates' score per modality, [16:20] the budgets per
+modality; then 20 valid tokens, 21 the first AV time, 22 free slots after protection, 23 the target, 24 candidates,
+25 the leftover budget, 26 modality ids out of range."""
+_S_BAD = 26
 
 
 @triton.jit
@@ -750,7 +752,7 @@ def plan_layer_fused(cfg: AccKVConfig, x: LayerTokens, layer: int = 0, num_layer
     else:
         flags = _PROTECT[method]
         mode = 1 if method == "streaming" else 0
-    spatial = x.spatial if x.spatial is not None else None
+    spatial = x.spatial
     sp_args = (spatial, spatial.stride(0), spatial.stride(1), spatial.stride(2)) if spatial is not None else \
         (mod, 0, 0, 0)
     key64 = ws.get("key64", ws["sidx"])
