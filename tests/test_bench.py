@@ -192,3 +192,30 @@ def test_gpu_prefill_rows_run_end_to_end_on_tiny_shapes():
     assert [r["method"] for r in up] == ["acckv", "snapkv"]
     chunk = prefill.chunk_rows(cpu, torch.float32, stored=(100,), chunk=20, heads=(4, 2), head_dim=64, timer=timer)
     assert chunk[0]["ours / SDPA"] == 1.0 and chunk[0]["SDPA backend"] != "none"
+
+
+def test_real_suite_runs_on_a_users_checkpoint_and_text(tmp_path, capsys):
+    """--suite real --model PATH --text FILE: a tiny Llama saved with save_pretrained, its own word tokenizer."""
+    pytest.importorskip("transformers")
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from tests.integrations.tiny_models import VOCAB, tiny_causal_lm
+
+    words = [f"w{i}" for i in range(VOCAB - 1)]
+    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(["[UNK]"] + words)}, unk_token="[UNK]"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=core, unk_token="[UNK]").save_pretrained(tmp_path / "ckpt")
+    tiny_causal_lm("llama").save_pretrained(tmp_path / "ckpt")
+    g = torch.Generator().manual_seed(0)
+    text = tmp_path / "notes.txt"
+    text.write_text(" ".join(words[int(i)] for i in torch.randint(0, len(words), (700,), generator=g)))
+    assert main(["--suite", "real", "--model", str(tmp_path / "ckpt"), "--text", str(text),
+                 "--out", str(tmp_path / "out")]) == 0
+    report = capsys.readouterr().out
+    assert "ckpt (LlamaForCausalLM)" in report and "notes.txt" in report
+    rows = json.loads((tmp_path / "out" / "bench.json").read_text())["tables"]["real_fidelity"]
+    assert {r["method"] for r in rows} == {"full", "acckv", "snapkv", "h2o", "streaming"}
+    assert all(0.0 <= r["top1"] <= 1.0 and r["kl"] >= 0.0 for r in rows)
+    with pytest.raises(FileNotFoundError, match="--model"):
+        main(["--suite", "real", "--model", str(tmp_path / "missing")])

