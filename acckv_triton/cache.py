@@ -468,7 +468,11 @@ class LayerKVCache:
     @property
     def uses_kernels(self) -> bool:
         """Whether compaction and decode attention run the Triton kernels (see ``backend``)."""
-        return self.backend == "triton" or (self.backend == "auto" and self.k is not None and self.k.is_cuda)
+        return self.kernels_on(self.k.device) if self.k is not None else self.backend == "triton"
+
+    def kernels_on(self, device: torch.device) -> bool:
+        """Whether storage on ``device`` would run the Triton kernels: ``"triton"``, or ``"auto"`` on CUDA."""
+        return self.backend == "triton" or (self.backend == "auto" and device.type == "cuda")
 
     # --------------------------------------------------------------------------------------------------- decode
     def decode_attention(self, q: torch.Tensor, *, scale: float | None = None, accumulate_mass: bool = True,
@@ -584,18 +588,18 @@ class BudgetedLayerCache:
         scores = scores.detach() if scores.requires_grad else scores
         mass = scores.float() if valid_rows is None else torch.where(valid_rows, scores.float(), 0.0)
         st = self.store
+        chunk_max = T + self._decoded  # tokens decoded since the last prefill become part of the prompt
+        prompt_max = self._prompt_max + chunk_max
+        target_max = budget_tokens(self.cfg, prompt_max, self.layer, self.num_layers)
         # the first prompt of a layer that shrinks at once is compacted straight out of the inputs: no copy
-        kernels = st.backend == "triton" or (st.backend == "auto" and k.is_cuda)
-        borrow = st.k is None and kernels and not self.cfg.is_full and \
-            _round_up(budget_tokens(self.cfg, T, self.layer, self.num_layers) + self.cfg.slack + 1, st.align) < T
-        st.append(k, v, token_mass=mass, borrow=borrow, **metadata)
+        borrow = st.k is None and st.kernels_on(k.device) and not self.cfg.is_full and \
+            _round_up(self._capacity_after_prefill(target_max), st.align) < T
+        st.append(k, v, token_mass=mass, borrow=borrow, **metadata)  # validates: nothing changed if it raises
         if valid_rows is not None:
             self._mark_valid(before, valid_rows)
         elif self._valid is not None:
             self._mark_valid(before, torch.ones(B, Hkv, T, dtype=torch.bool, device=k.device))
-        chunk_max = T + self._decoded  # tokens decoded since the last prefill become part of the prompt
-        self._prompt_max += chunk_max
-        self._target_max = budget_tokens(self.cfg, self._prompt_max, self.layer, self.num_layers)
+        self._prompt_max, self._target_max = prompt_max, target_max
         if valid_rows is not None or self._padded:  # per-row prompts on the device (no read-back)
             chunk = (valid_rows.sum(-1) if valid_rows is not None else
                      torch.full((B, Hkv), T, dtype=torch.long, device=k.device)) + self._decoded
@@ -708,6 +712,11 @@ class BudgetedLayerCache:
             self._valid = self._valid.index_select(0, index.to(self._valid.device))
         self.last = None  # the latest plan described the old rows
 
+    def _capacity_after_prefill(self, target_max: int) -> int:
+        """Slots per row after a prefill's compression: the largest target, the slack, and the token that triggers
+        the upkeep (the store rounds it up to its alignment)."""
+        return target_max + self.cfg.slack + 1
+
     def needs_upkeep(self) -> bool:
         """True when some row holds more than its budget plus ``cfg.slack`` tokens (decided on the host, no sync)."""
         return self.target is not None and not self.cfg.is_full and self._excess > self.cfg.slack
@@ -733,7 +742,7 @@ class BudgetedLayerCache:
                                          max_keep=self._target_max)
         else:
             self.last = plan_layer(self.cfg, x, self.layer, self.num_layers, target=self.target)
-        capacity = st.capacity if upkeep else self._target_max + self.cfg.slack + 1
+        capacity = st.capacity if upkeep else self._capacity_after_prefill(self._target_max)
         st.compress(self.last.plan, check_plan=False, capacity=capacity, length_bounds=(0, min(self._target_max, w)))
         self._excess = 0  # every row now holds at most its target
         self._valid = None

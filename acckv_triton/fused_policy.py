@@ -531,8 +531,7 @@ def _consume_kernel(
             pb = tl.zeros_like(mod) + prio
             is_l = (pb >= 0) & (mod != pb) & ((mod == 1) | (mod == 2))
             score = tl.load(SCORE + row + t, mask=inb, other=0.0)
-            if ALIGN:
-                t0 = tl.load(st + 21).to(tl.int64)
+            if ALIGN:  # t0, total and n_bins from the passes above
                 tm = tl.load(TIME + b * sTb + h * sTh + t, mask=inb, other=0).to(tl.int64)
                 bins = tl.minimum(tl.maximum(tm - t0, 0) // time_bin, N - 1)
                 share = tl.where(total > 0, tl.load(BINM + row + bins, mask=inb, other=0.0) / tl.maximum(total, 1e-12),

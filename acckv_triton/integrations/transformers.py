@@ -170,10 +170,6 @@ def _cache_argument(kwargs: dict):
 
 
 # ------------------------------------------------------------------------------------------------------ the cache
-def _use_kernels(cfg: AccKVConfig, x: torch.Tensor) -> bool:
-    return cfg.backend == "triton" or (cfg.backend == "auto" and x.is_cuda)
-
-
 class AccKVLayer(CacheLayerMixin):
     """One decoder layer's cache: a :class:`~acckv_triton.cache.BudgetedLayerCache` behind the transformers layer API.
 
@@ -280,7 +276,7 @@ class AccKVLayer(CacheLayerMixin):
         W = min(self.cfg.window, T)
         key_start = None if valid is None else valid.int().argmax(-1).to(torch.int32)  # first valid token (left pad)
         q_window = query[:, :, T - W:]
-        if _use_kernels(self.cfg, query):
+        if self.store.kernels_on(query.device):
             return window_scores_kernel(q_window, k, scale=scaling, key_start=key_start).scores
         return torch_ops.window_scores(q_window, k, scale=scaling, key_start=key_start).scores
 
