@@ -9,8 +9,8 @@ from .modality import NUM_MODALITIES, Modality
 from .cache import BudgetedLayerCache, LayerKVCache
 from .config import METHODS, AccKVConfig
 from .fused_policy import plan_layer_fused
-from .ops import (ChunkAttention, DecodeAttentionOutput, WindowScores, chunk_attention, compact_kv, compact_kv_,
-                  decode_attention, window_scores)
+from .ops import (ChunkAttention, DecodeAttentionOutput, ObservedAttention, WindowScores, chunk_attention, compact_kv,
+                  compact_kv_, decode_attention, observed_attention, window_scores)
 from .plan import CompactionPlan
 from .policy import LayerTokens, PolicyResult, budget_tokens, plan_layer
 
@@ -27,6 +27,7 @@ __all__ = [
     "METHODS",
     "Modality",
     "NUM_MODALITIES",
+    "ObservedAttention",
     "PolicyResult",
     "WindowScores",
     "budget_tokens",
@@ -34,6 +35,7 @@ __all__ = [
     "compact_kv",
     "compact_kv_",
     "decode_attention",
+    "observed_attention",
     "plan_layer",
     "plan_layer_fused",
     "window_scores",

@@ -12,8 +12,8 @@ import torch
 
 from .modality import NUM_MODALITIES
 
-__all__ = ["ChunkAttention", "DecodeAttentionOutput", "WindowScores", "append_token_", "chunk_attention", "compact_kv_", "decode_attention", "pool_scores",
-           "window_scores"]
+__all__ = ["ChunkAttention", "DecodeAttentionOutput", "ObservedAttention", "WindowScores", "append_token_",
+           "chunk_attention", "compact_kv_", "decode_attention", "observed_attention", "pool_scores", "window_scores"]
 
 
 class DecodeAttentionOutput(NamedTuple):
@@ -310,3 +310,40 @@ def chunk_attention(q, k_cache, v_cache, lengths, k_new, v_new, *, scale=None, m
     W = min(window, T)
     mass = p[:, :, T - W:].sum(dim=2).view(B, Hkv, G, S + T).sum(dim=2)
     return ChunkAttention(out.to(q.dtype), lse.float(), mass[..., :S].float(), mass[..., S:].float())
+
+
+class ObservedAttention(NamedTuple):
+    """Result of a prompt's observed attention (:func:`observed_attention`)."""
+
+    out: torch.Tensor | None  # [B, Hq, T, D] in q's dtype; None when no values were given
+    lse: torch.Tensor  # [B, Hq, T] float32, natural log; -inf for a row that sees no key
+    key_mass: torch.Tensor  # [B, Hkv, T] float32: the mass each key receives from every query (0 at padding)
+
+
+def observed_attention(q, k, v=None, *, scale=None, key_start=None) -> ObservedAttention:
+    """Causal GQA self-attention over a prompt and the mass each key receives from all of it, in float64.
+
+    Query ``i`` sees the keys ``key_start[b] <= t <= i`` (``key_start`` is the left padding; a query inside it sees
+    nothing). Args as :func:`acckv_triton.ops.observed_attention.observed_attention`: ``q [B, Hq, T, D]``, ``k, v
+    [B, Hkv, T, D]`` (query head ``hq`` reads kv head ``hq // G``), ``key_start [B]`` int. ``key_mass[b, h, t]`` sums
+    the probability of key t over every query i and the G query heads of kv head h.
+    """
+    B, Hq, T, D = q.shape
+    Hkv = k.shape[1]
+    G = Hq // Hkv
+    scale = D**-0.5 if scale is None else scale
+    start = key_start.long() if key_start is not None else torch.zeros(B, dtype=torch.long, device=q.device)
+    t = torch.arange(T, device=q.device)
+    key_ok = t[None, :] >= start[:, None]  # [B, T]: padding keys may hold anything (NaN included)
+    visible = (t[None, :] <= t[:, None])[None] & key_ok[:, None, :]  # [B, i, t]
+    keys = torch.where(key_ok[:, None, :, None], k.double(), 0.0).repeat_interleave(G, dim=1)  # [B, Hq, T, D]
+    logits = torch.einsum("bhid,bhtd->bhit", q.double(), keys) * scale
+    logits = logits.masked_fill(~visible[:, None], float("-inf"))
+    lse = torch.logsumexp(logits, dim=-1)  # [B, Hq, T], -inf for a row that sees nothing
+    p = torch.where(torch.isfinite(lse)[..., None], torch.exp(logits - lse[..., None]), 0.0)
+    key_mass = p.sum(dim=2).view(B, Hkv, G, T).sum(dim=2)
+    out = None
+    if v is not None:
+        values = torch.where(key_ok[:, None, :, None], v.double(), 0.0).repeat_interleave(G, dim=1)
+        out = torch.einsum("bhit,bhtd->bhid", p, values).to(q.dtype)
+    return ObservedAttention(out, lse.float(), key_mass.float())

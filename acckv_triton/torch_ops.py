@@ -13,6 +13,8 @@ launchers' validators where the cache calls them) with batched tensor code:
 * :func:`compact_kv_` applies a compaction plan in place with gathers and ``scatter_add`` over all rows at once;
   its scratch is bounded by the kept part of the cache (float32), never by ``kept x length``.
 * :func:`window_scores` computes the observation-window scores in float32 without repeating K per query head.
+* :func:`observed_attention` runs a prompt's causal attention and the mass every key receives from all of it, in
+  float32 query blocks (the CPU prefill of H2O-style evidence).
 
 Tests compare each against :mod:`acckv_triton.reference` (tests/test_torch_ops.py).
 """
@@ -26,7 +28,7 @@ from . import reference
 from .modality import NUM_MODALITIES
 from .reference import DecodeAttentionOutput, WindowScores
 
-__all__ = ["TorchDecodePlan", "append_token_", "chunk_attention", "compact_kv_", "window_scores"]
+__all__ = ["TorchDecodePlan", "append_token_", "chunk_attention", "compact_kv_", "observed_attention", "window_scores"]
 
 
 class TorchDecodePlan:
@@ -296,3 +298,53 @@ def chunk_attention(q, k_cache, v_cache, lengths, k_new, v_new, *, scale=None, m
             old_mass += p_old[..., w0:, :].sum(dim=(2, 3))
             new_mass[..., :t1] += p_new[..., w0:, :].sum(dim=(2, 3))
     return reference.ChunkAttention(out.view(B, Hq, T, D).to(q.dtype), lse.view(B, Hq, T), old_mass, new_mass)
+
+
+def observed_attention(q, k, v=None, *, scale=None, key_start=None, block: int = 256) -> reference.ObservedAttention:
+    """:func:`acckv_triton.ops.observed_attention.observed_attention` on any device: float32 math, query rows in
+    blocks of ``block``, so the logits never exceed ``[B, Hq, block, T]``.
+
+    Each block's logits come from one matmul of the block's G query heads against their kv head (q viewed as
+    ``[B, Hkv, G*block, D]``: K is never repeated), over the keys up to the block's last query only; the softmax runs
+    in place. Rows below every sequence's ``key_start`` are skipped (one host read of ``key_start.min()``).
+    """
+    B, Hq, T, D = q.shape
+    Hkv = k.shape[1]
+    G = Hq // Hkv
+    scale = D**-0.5 if scale is None else scale
+    dev = q.device
+    lse = torch.full((B, Hkv, G, T), -math.inf, device=dev)
+    key_mass = torch.zeros(B, Hkv, T, device=dev)
+    out = torch.zeros(B, Hkv, G, T, D, device=dev) if v is not None else None
+    first = int(key_start.min()) if key_start is not None and B and T else 0  # rows before it see nothing
+    kf = k.float()  # a padding key's logits are overwritten with -inf below, whatever it holds
+    vf = None
+    if v is not None:
+        vf = v.float()
+        if key_start is not None:  # padding values may be NaN: zero them, never multiply them by 0
+            pad = torch.arange(T, device=dev)[None, :] < key_start.long()[:, None]  # [B, T]
+            vf = vf.masked_fill(pad[:, None, :, None], 0.0)
+    qf = q.view(B, Hkv, G, T, D)
+    for t0 in range(first, T, block):
+        t1 = min(t0 + block, T)
+        n = t1 - t0
+        qb = (qf[:, :, :, t0:t1].float() * scale).reshape(B, Hkv, G * n, D)
+        logits = torch.matmul(qb, kf[:, :, first:t1].transpose(-1, -2))  # [B, Hkv, G*n, t1 - first]
+        view = logits.view(B, Hkv, G, n, t1 - first)
+        rows = torch.arange(t0, t1, device=dev)
+        view[..., t0 - first:].masked_fill_(rows[None, :] > rows[:, None], -math.inf)  # [query, key]: key > query
+        if key_start is not None:
+            pad = torch.arange(first, t1, device=dev)[None, :] < key_start.long()[:, None]  # [B, t1 - first]
+            view.masked_fill_(pad[:, None, None, None, :], -math.inf)
+        top = logits.amax(dim=-1, keepdim=True).clamp_(min=torch.finfo(torch.float32).min)  # rows seeing no key: 0
+        logits.sub_(top).exp_()
+        total = logits.sum(dim=-1, keepdim=True)
+        lse[:, :, :, t0:t1] = torch.where(total > 0, top + total.log(), -math.inf).view(B, Hkv, G, n)
+        inv = total.clamp_(min=torch.finfo(torch.float32).tiny).reciprocal_()  # [B, Hkv, G*n, 1]
+        # normalise through two products, never in a pass over the logits: mass = inv^T . e, out = (e . V) * inv
+        key_mass[:, :, first:t1] += torch.matmul(inv.transpose(-1, -2), logits).squeeze(-2)
+        if v is not None:
+            out[:, :, :, t0:t1] = (torch.matmul(logits, vf[:, :, first:t1]) * inv).view(B, Hkv, G, n, D)
+    if out is not None:
+        out = out.view(B, Hq, T, D).to(q.dtype)
+    return reference.ObservedAttention(out, lse.view(B, Hq, T), key_mass)

@@ -92,6 +92,22 @@ CONFIG_SPACES: dict[str, list[triton.Config]] = {
         triton.Config({"BLOCK_N": 128}, num_warps=8, num_stages=2),
         triton.Config({"BLOCK_N": 32}, num_warps=4, num_stages=3),
     ],
+    # Observed prefill attention, pass 1 (flash forward: lse, and the output with values): one program per
+    # (BLOCK_M queries, query head), BLOCK_N keys per K/V tile over the causally visible tiles. Compute-bound on
+    # long prompts; the first entry fits every dtype and head dim in sm_80's shared memory.
+    "observed_attention": [
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=2),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 32}, num_warps=4, num_stages=3),
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3),
+    ],
+    # Pass 2 (key mass): one program per (BLOCK_N keys, kv head) loops over the G heads and the query tiles of
+    # BLOCK_M rows at or after its keys, recomputing p = exp(s - lse).
+    "observed_attention_mass": [
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2),
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 128}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=2),
+    ],
     # Compaction phase 1: gather or weighted-merge BLOCK_K slots of one (b, h) from the old cache into a strip or
     # the out buffers. A row move (memory-bound): the space trades slots per program against warps.
     "compact_kv": [
@@ -120,6 +136,9 @@ INTERPRETER_CONFIGS: dict[str, triton.Config] = {
     "compact_kv": triton.Config({"BLOCK_K": 64}, num_warps=4, num_stages=1),
     "compact_kv_copy_back": triton.Config({"BLOCK_K": 64}, num_warps=4, num_stages=1),
     "compact_kv_metadata": triton.Config({"BLOCK_T": 1024}, num_warps=4, num_stages=1),
+    # Tiles of at most 64 x 32 rows x keys: numpy's BLAS goes multithreaded (and, next to torch's threads, slower
+    # by 100x) on a 64 x 128 x 64 product.
+    "observed_attention_mass": triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=1),
 }
 """Configs used under Triton's interpreter instead of a space's first config."""
 

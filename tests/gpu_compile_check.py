@@ -11,9 +11,11 @@ Each ``--run CASES:DTYPES:HEAD_DIMS:LAYOUTS`` calls the public ops at every (dty
 product, the kernels at their default config (the first of each space: what runs with no tuned table and
 ``ACCKV_AUTOTUNE=0``). CASES ``paths`` turns each launcher flag off and on (decode without any and with modality,
 token_mass, multiplicity and 128 splits; window scores plain, with lse given, with modality and key_start;
-compact_kv and compact_kv_ with and without merges, with token_data and token_sums of every width); ``rich`` keeps
-only the every-flag variants, which need the most shared memory. ``--configs all`` (the default) or ``sweep`` also
-compiles every other config of every space, forced one kernel at a time, at ``--sweep`` (bf16, D=128, 28/4).
+compact_kv and compact_kv_ with and without merges, with token_data and token_sums of every width; chunk_attention
+plain and with multiplicity and key_valid; observed_attention without values, with values, and with values and
+key_start); ``rich`` keeps only the every-flag variants, which need the most shared memory. ``--configs all`` (the
+default) or ``sweep`` also compiles every other config of every space, forced one kernel at a time, at ``--sweep``
+(bf16, D=128, 28/4).
 
 Prints one JSON object on stdout:
 ``{"triton", "arch", "shared_limit", "seconds", "compiles", "kernels": {name: launches},
@@ -203,7 +205,7 @@ def compile_all(matrix, *, sweep) -> dict:
     if tuning.INTERPRET:
         raise RuntimeError("acckv_triton was imported under the interpreter; run this script in a fresh process")
     modules = {op: importlib.import_module(f"acckv_triton.ops.{op}")
-               for op in ("decode_attention", "window_scores", "compact_kv")}
+               for op in ("decode_attention", "window_scores", "compact_kv", "observed_attention")}
     for module in [_common, *modules.values()]:  # CPU tensors are fine: nothing is launched
         if hasattr(module, "check_kernel_device"):
             module.check_kernel_device = lambda *a, **k: None
@@ -381,8 +383,16 @@ def _cases(dtype, D: int, Hq: int, Hkv: int, case_set: str) -> dict:
                                                                    multiplicity=multiplicity, key_valid=key_valid))]
     if not rich:
         chunk.append(("no flags", lambda: ak.chunk_attention(q_chunk, k, v, lengths, k_chunk, k_chunk)))
+    T_prompt = 200
+    q_prompt, k_prompt = torch.randn(B, Hq, T_prompt, D, generator=g).to(dtype), kv(T_prompt)
+    prompt_start = torch.tensor([0, 70], dtype=torch.int32)
+    observed = [("values+key_start", lambda: ak.observed_attention(q_prompt, k_prompt, k_prompt,
+                                                                   key_start=prompt_start))]
+    if not rich:
+        observed += [("no flags", lambda: ak.observed_attention(q_prompt, k_prompt)),
+                     ("values", lambda: ak.observed_attention(q_prompt, k_prompt, k_prompt))]
     return {"decode_attention": decode, "window_scores": window, "compact_kv": compact, "fused_policy": policies,
-            "chunk_attention": chunk}
+            "chunk_attention": chunk, "observed_attention": observed}
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ from acckv_triton import tuning
 from tests.gpu_compile_check import SHARED_MEMORY_LIMIT, SWEEP, config_label, parse_point
 
 SCRIPT = Path(__file__).with_name("gpu_compile_check.py")
-OPS = ("decode_attention", "window_scores", "compact_kv", "chunk_attention")
+OPS = ("decode_attention", "window_scores", "compact_kv", "chunk_attention", "observed_attention")
 DTYPES = ("float32", "float16", "bfloat16")
 HEAD_DIMS = (64, 128)
 JOBS = {  # per arch, the script's argument lists; each runs in its own process, all at once
