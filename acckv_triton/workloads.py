@@ -27,6 +27,19 @@ Each planted event is a short audio moment plus a spatial region of the video fr
 query j targets event ``j % num_events`` with a strong boost, and the window (question) queries weakly boost every
 event. Values share the content structure and carry a per-event signature, so losing an event shows in the
 attention output.
+
+Each layer also carries ``q_prompt [B, Hq, N, D]``, one query per prompt position (``prompt_queries=True``, the
+default), so evidence that needs every prompt query's attention (H2O's accumulated attention) can be computed: its
+last W rows are ``q_window`` itself; the earlier rows are drawn like the window's but boost every event by half as
+much (``PROMPT_EVENT_SHARE * window_event_logit``: the question is what asks about the events, the earlier prompt
+only weakly), from their own generator seeded from ``seed``, so adding them changes no other tensor. Attention from
+row i is causal (it sees tokens 0..i); applying the mask is the consumer's job.
+
+``modalities`` selects which AV streams the chunks hold (audio and video by default; one of them for a single-stream
+trace: the clock still advances 2 s per chunk, and the planted events live in the present stream only).
+
+:data:`STRESS_VARIANTS` names reproducible variants of the trace that stress one assumption of the methods each (low
+redundancy, a flat window, one AV modality, no layer-wise shift, a long trace); :func:`stress_workload` draws one.
 """
 from __future__ import annotations
 
@@ -42,6 +55,7 @@ __all__ = [
     "AVWorkload",
     "AVWorkloadConfig",
     "LayerTrace",
+    "STRESS_VARIANTS",
     "attention_mass_retained",
     "attention_output_error",
     "covered_tokens",
@@ -49,10 +63,21 @@ __all__ = [
     "gather_kept",
     "generate_av_workload",
     "salient_recall",
+    "stress_workload",
 ]
 
 TIME_UNITS_PER_SECOND = 25
 """TMRoPE temporal resolution of Qwen2.5-Omni: audio and video share this time axis."""
+
+AV_MODALITIES = ("audio", "video")
+"""The streams a chunk can hold, in the order ``AVWorkloadConfig.modalities`` names them."""
+
+PROMPT_EVENT_SHARE = 0.5
+"""Event boost of the prompt queries before the window, as a share of ``window_event_logit``."""
+
+_PROMPT_SEED_OFFSET = 0x9E3779B97F4A7C15
+"""The prompt queries' generator is seeded with ``(seed + this) mod 2**64``: its own stream, so the other tensors
+stay those of the same seed without prompt queries."""
 
 
 @dataclass(frozen=True)
@@ -72,7 +97,9 @@ class AVWorkloadConfig:
     grid_w: int = 6  # merged patch columns per frame
     question_len: int = 32  # text question; it is the observation window W
     num_decode_queries: int = 16
+    prompt_queries: bool = True  # draw LayerTrace.q_prompt (one query per prompt position); False: q_prompt is None
     # Structure.
+    modalities: tuple[str, ...] = AV_MODALITIES  # AV streams in each chunk: ("audio", "video"), ("audio",), ("video",)
     video_redundancy: float = 0.9  # AR(1) coefficient of a patch's key/value content across consecutive frames
     audio_smoothness: float = 0.9  # AR(1) coefficient across consecutive audio tokens
     content_logit_std: float = 1.0  # std of the random part of each logit
@@ -83,7 +110,7 @@ class AVWorkloadConfig:
     video_logit: tuple[float, float] = (-1.0, 1.5)  # video bias at the first and at the last layer
     head_jitter: float = 0.25  # std of a per-(layer, query head) perturbation of the modality biases
     num_events: int = 2
-    event_audio_len: int = 6  # audio tokens per event (0.24 s)
+    event_audio_len: int = 6  # time units per event moment (0.24 s): its audio tokens, and the frames overlapping it
     event_region: tuple[int, int] = (2, 2)  # (rows, cols) of video patches per aligned frame
     event_logit: float = 6.0  # boost of a decode query on the tokens of its event
     window_event_logit: float = 2.0  # boost of the window queries on every event's tokens
@@ -97,14 +124,19 @@ class AVWorkloadConfig:
         return self.num_kv_heads * self.group_size
 
     @property
-    def audio_per_chunk(self) -> int:
-        """Audio tokens per chunk: 25 per second."""
+    def time_units_per_chunk(self) -> int:
+        """TMRoPE time units one chunk spans: 25 per second, whichever streams it holds."""
         return self.chunk_seconds * TIME_UNITS_PER_SECOND
 
     @property
+    def audio_per_chunk(self) -> int:
+        """Audio tokens per chunk: 25 per second (0 when ``modalities`` has no audio)."""
+        return self.time_units_per_chunk if "audio" in self.modalities else 0
+
+    @property
     def video_per_chunk(self) -> int:
-        """Video tokens per chunk: frames_per_chunk frames of grid_h x grid_w patches."""
-        return self.frames_per_chunk * self.grid_h * self.grid_w
+        """Video tokens per chunk: frames_per_chunk frames of grid_h x grid_w patches (0 when there is no video)."""
+        return self.frames_per_chunk * self.grid_h * self.grid_w if "video" in self.modalities else 0
 
     @property
     def num_tokens(self) -> int:
@@ -115,12 +147,15 @@ class AVWorkloadConfig:
 @dataclass
 class LayerTrace:
     """One layer's tensors. ``k, v [B, Hkv, N, D]``; ``q_window [B, Hq, W, D]`` are the queries of the last W
-    prompt tokens; ``q_decode [B, Hq, Qd, D]`` are later decode queries (they see all N tokens)."""
+    prompt tokens; ``q_decode [B, Hq, Qd, D]`` are later decode queries (they see all N tokens); ``q_prompt
+    [B, Hq, N, D]`` (None unless ``prompt_queries``) holds the query of every prompt position, causal, its last W
+    rows equal to ``q_window``."""
 
     k: torch.Tensor
     v: torch.Tensor
     q_window: torch.Tensor
     q_decode: torch.Tensor
+    q_prompt: torch.Tensor | None = None
 
 
 @dataclass
@@ -164,8 +199,9 @@ class AVWorkload:
 def _layout(cfg: AVWorkloadConfig, gen: torch.Generator):
     """Metadata tensors ``[N]`` and the planted events, in Qwen2.5-Omni's token order."""
     P, C, F, Hh, Ww = cfg.prefix_len, cfg.num_chunks, cfg.frames_per_chunk, cfg.grid_h, cfg.grid_w
-    A = cfg.audio_per_chunk
+    A = cfg.time_units_per_chunk
     frame_units = A // F
+    has_audio, has_video = "audio" in cfg.modalities, "video" in cfg.modalities
     mods, times, rows, cols, chunks = [], [], [], [], []
 
     def text(n: int, t0: int):
@@ -180,17 +216,18 @@ def _layout(cfg: AVWorkloadConfig, gen: torch.Generator):
     patch_c = torch.arange(Ww).repeat(Hh)
     for c in range(C):
         t_chunk = P + c * A
-        for f in range(F):
+        for f in range(F if has_video else 0):
             mods.append(torch.full((Hh * Ww,), int(Modality.VIDEO)))
             times.append(torch.full((Hh * Ww,), t_chunk + f * frame_units))
             rows.append(patch_r)
             cols.append(patch_c)
             chunks.append(torch.full((Hh * Ww,), c))
-        mods.append(torch.full((A,), int(Modality.AUDIO)))
-        times.append(t_chunk + torch.arange(A))
-        rows.append(torch.full((A,), -1))
-        cols.append(torch.full((A,), -1))
-        chunks.append(torch.full((A,), c))
+        if has_audio:
+            mods.append(torch.full((A,), int(Modality.AUDIO)))
+            times.append(t_chunk + torch.arange(A))
+            rows.append(torch.full((A,), -1))
+            cols.append(torch.full((A,), -1))
+            chunks.append(torch.full((A,), c))
     text(cfg.question_len, P + C * A)
 
     modality = torch.cat(mods).to(torch.uint8)
@@ -199,7 +236,8 @@ def _layout(cfg: AVWorkloadConfig, gen: torch.Generator):
     chunk = torch.cat(chunks).long()
     position = torch.arange(modality.numel())
 
-    # Planted events: spread over the chunks; an audio moment and the region of the frame(s) covering it in time.
+    # Planted events: spread over the chunks; an audio moment and the region of the frame(s) covering it in time
+    # (the same draws with one stream only: the event then holds that stream's part).
     event = torch.full_like(position, -1)
     is_audio = modality == Modality.AUDIO
     is_video = modality == Modality.VIDEO
@@ -252,13 +290,18 @@ def _check_config(cfg: AVWorkloadConfig) -> None:
     for name in positive:
         if not (isinstance(getattr(cfg, name), int) and getattr(cfg, name) >= 1):
             raise ValueError(f"config.{name} must be a positive int, got {getattr(cfg, name)!r}")
-    if cfg.audio_per_chunk % cfg.frames_per_chunk:
+    mods = cfg.modalities
+    if (not isinstance(mods, tuple) or not mods or len(set(mods)) != len(mods)
+            or any(m not in AV_MODALITIES for m in mods)):
+        raise ValueError(f"config.modalities must be a non-empty tuple of distinct names from {AV_MODALITIES}, "
+                         f"got {mods!r}")
+    if cfg.time_units_per_chunk % cfg.frames_per_chunk:
         raise ValueError(f"config.frames_per_chunk={cfg.frames_per_chunk} must divide the chunk's "
-                         f"{cfg.audio_per_chunk} time units")
+                         f"{cfg.time_units_per_chunk} time units")
     if not 0 <= cfg.num_sinks <= cfg.prefix_len:
         raise ValueError(f"config.num_sinks must lie in [0, prefix_len={cfg.prefix_len}], got {cfg.num_sinks}")
-    if cfg.num_events < 0 or not 1 <= cfg.event_audio_len <= cfg.audio_per_chunk:
-        raise ValueError("config.num_events must be >= 0 and event_audio_len in [1, audio tokens per chunk]")
+    if cfg.num_events < 0 or not 1 <= cfg.event_audio_len <= cfg.time_units_per_chunk:
+        raise ValueError("config.num_events must be >= 0 and event_audio_len in [1, time units per chunk]")
     if not (1 <= cfg.event_region[0] <= cfg.grid_h and 1 <= cfg.event_region[1] <= cfg.grid_w):
         raise ValueError(f"config.event_region must fit the {cfg.grid_h}x{cfg.grid_w} patch grid, "
                          f"got {cfg.event_region}")
@@ -268,6 +311,8 @@ def _check_config(cfg: AVWorkloadConfig) -> None:
     for name in ("video_redundancy", "audio_smoothness"):
         if not 0.0 <= getattr(cfg, name) <= 1.0:
             raise ValueError(f"config.{name} must lie in [0, 1], got {getattr(cfg, name)}")
+    if not isinstance(cfg.prompt_queries, bool):
+        raise ValueError(f"config.prompt_queries must be a bool, got {cfg.prompt_queries!r}")
 
 
 def generate_av_workload(config: AVWorkloadConfig | None = None, **overrides) -> AVWorkload:
@@ -279,11 +324,13 @@ def generate_av_workload(config: AVWorkloadConfig | None = None, **overrides) ->
 
     Returns:
         an :class:`AVWorkload` with the metadata and ``num_layers`` :class:`LayerTrace` s in ``config.dtype``
-        (k, v ``[B, Hkv, N, D]``, q_window ``[B, Hq, W, D]``, q_decode ``[B, Hq, Qd, D]``) on the CPU.
+        (k, v ``[B, Hkv, N, D]``, q_window ``[B, Hq, W, D]``, q_decode ``[B, Hq, Qd, D]``, q_prompt
+        ``[B, Hq, N, D]`` or None) on the CPU.
     """
     cfg = replace(config or AVWorkloadConfig(), **overrides)
     _check_config(cfg)
     gen = torch.Generator().manual_seed(cfg.seed)
+    prompt_gen = torch.Generator().manual_seed((cfg.seed + _PROMPT_SEED_OFFSET) % 2**64)
     modality, time, spatial, position, chunk, event = _layout(cfg, gen)
     N, D, B, Hkv, Hq = modality.numel(), cfg.head_dim, cfg.batch, cfg.num_kv_heads, cfg.num_query_heads
     E, W, Qd = cfg.num_events, cfg.question_len, cfg.num_decode_queries
@@ -319,13 +366,13 @@ def generate_av_workload(config: AVWorkloadConfig | None = None, **overrides) ->
         bias[..., Modality.IMAGE] = _lerp(cfg.video_logit, frac)  # no image tokens here; kept like video
         bias = bias + cfg.head_jitter * torch.randn(Hq, len(Modality), generator=gen)
 
-        def queries(n: int, event_boost: torch.Tensor) -> torch.Tensor:
+        def queries(n: int, event_boost: torch.Tensor, g: torch.Generator = gen) -> torch.Tensor:
             struct = torch.cat([
                 bias[:, :, None, :].expand(B, Hq, n, len(Modality)),
                 torch.full((B, Hq, n, 1), cfg.sink_logit),
                 event_boost.expand(B, Hq, n, E),
             ], dim=-1)
-            noise = torch.randn(B, Hq, n, d_content, generator=gen) * cfg.content_logit_std * math.sqrt(D / d_content)
+            noise = torch.randn(B, Hq, n, d_content, generator=g) * cfg.content_logit_std * math.sqrt(D / d_content)
             return root * struct @ struct_dirs.T + noise @ content_dirs.T
 
         q_window = queries(W, torch.full((E,), cfg.window_event_logit))
@@ -333,9 +380,49 @@ def generate_av_workload(config: AVWorkloadConfig | None = None, **overrides) ->
         if E:
             targets[torch.arange(Qd), torch.arange(Qd) % E] = cfg.event_logit
         q_decode = queries(Qd, targets)
-        layers.append(LayerTrace(*(x.to(cfg.dtype).contiguous() for x in (k, v, q_window, q_decode))))
+        q_prompt = None
+        if cfg.prompt_queries:  # the earlier prompt queries, then the window itself: the window is the prompt's tail
+            early = queries(N - W, torch.full((E,), PROMPT_EVENT_SHARE * cfg.window_event_logit), prompt_gen)
+            q_prompt = torch.cat([early, q_window], dim=2).to(cfg.dtype).contiguous()
+        layers.append(LayerTrace(*(x.to(cfg.dtype).contiguous() for x in (k, v, q_window, q_decode)), q_prompt))
 
     return AVWorkload(cfg, modality, time, spatial, position, chunk, event, layers)
+
+
+_STRESS_BASE = dict(seed=1, num_chunks=6, num_layers=2, num_kv_heads=1, group_size=4, num_decode_queries=2)
+"""What every stress variant shares: a seed other than the default trace's 0 (the one the method was developed on),
+and a size whose fidelity table runs through the interpreter in about three minutes for all variants on two CPU
+cores: N = 780 with both streams (10% still leaves room past the 32-token window), 2 layers (the first and the
+last of the modality shift), the default's 4 query heads on one kv head, one decode query per event."""
+
+STRESS_VARIANTS: dict[str, dict] = {
+    # The default structure at the stress size and seed: the row every stressed one is read against.
+    "control": dict(_STRESS_BASE),
+    # Little to merge: consecutive frames of a patch and consecutive audio tokens are only weakly alike.
+    "low-redundancy": dict(_STRESS_BASE, video_redundancy=0.3, audio_smoothness=0.3),
+    # The question carries no event signal and the heads disagree more: window scores rank events like the rest.
+    "flat-window": dict(_STRESS_BASE, window_event_logit=0.0, head_jitter=0.75),
+    # One AV stream: nothing to align across modalities, and focusing has a single AV modality to serve.
+    # The chunk count is raised so that N stays near the others' (budgets of the same sizes in tokens).
+    "audio-only": dict(_STRESS_BASE, modalities=("audio",), num_chunks=14),  # N = 748
+    "video-only": dict(_STRESS_BASE, modalities=("video",), num_chunks=10),  # N = 768
+    # No layer-wise modality shift: every layer's biases are the default's mid-depth ones.
+    "no-shift": dict(_STRESS_BASE, audio_logit=(0.0, 0.0), video_logit=(0.25, 0.25)),
+    # A long trace: 2x the chunks, so the same two events are half as dense and lie twice as far apart in time.
+    "long": dict(_STRESS_BASE, num_chunks=12),  # N = 1512
+}
+"""Named, reproducible stress variants of the AV trace: :class:`AVWorkloadConfig` overrides, drawn by
+:func:`stress_workload`."""
+
+
+def stress_workload(name: str, **overrides) -> AVWorkload:
+    """The stress variant ``name`` of :data:`STRESS_VARIANTS`, with ``overrides`` (e.g. ``dtype``) applied on top.
+
+    Raises ValueError naming the valid variants when ``name`` is not one of them.
+    """
+    if name not in STRESS_VARIANTS:
+        raise ValueError(f"name must be one of {sorted(STRESS_VARIANTS)}, got {name!r}")
+    return generate_av_workload(AVWorkloadConfig(**STRESS_VARIANTS[name]), **overrides)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -440,15 +527,24 @@ def attention_mass_retained(
     merged_into: torch.Tensor | None = None,
     scale: float | None = None,
     reduction: str = "mean",
+    token_mass: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Share of the full cache's decode attention mass that falls on tokens the compressed cache covers.
 
     Args: q_decode ``[B, Hq, Qd, D]``; k the full keys ``[B, Hkv, N, D]``; positions, lengths, merged_into as in
-    this section's header. Returns a float64 scalar in [0, 1] averaged over (b, kv head), or ``[B, Hkv]`` (``"none"``).
+    this section's header; token_mass, optional: :func:`decode_token_mass` of ``(q_decode, k, scale)`` computed
+    once, so that several caches of one layer are scored without recomputing it. Returns a float64 scalar in [0, 1]
+    averaged over (b, kv head), or ``[B, Hkv]`` (``"none"``).
     """
     if reduction not in ("mean", "none"):
         raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
-    mass = decode_token_mass(q_decode, k, scale=scale)
+    if token_mass is None:
+        mass = decode_token_mass(q_decode, k, scale=scale)
+    elif token_mass.shape != k.shape[:3]:
+        raise ValueError(f"token_mass must have shape [B, Hkv, N] = {tuple(k.shape[:3])}, "
+                         f"got {tuple(token_mass.shape)}")
+    else:
+        mass = token_mass.double()
     covered = covered_tokens(positions, lengths, k.shape[2], merged_into=merged_into)
     share = (mass * covered).sum(-1) / mass.sum(-1)
     return share.mean() if reduction == "mean" else share

@@ -30,7 +30,7 @@ def test_same_seed_same_trace_other_seed_other_trace(small):
     again = generate_av_workload(SMALL)
     other = generate_av_workload(SMALL, seed=1)
     for a, b, c in zip(small.layers, again.layers, other.layers):
-        for name in ("k", "v", "q_window", "q_decode"):
+        for name in ("k", "v", "q_window", "q_decode", "q_prompt"):
             assert torch.equal(getattr(a, name), getattr(b, name))
             assert not torch.equal(getattr(a, name), getattr(c, name))
     assert torch.equal(small.event, again.event)
@@ -194,6 +194,18 @@ def test_metrics_for_random_and_oracle_drops(small):
     assert attention_mass_retained(layer.q_decode, layer.k, positions, lengths) > rand_mass
 
 
+def test_mass_retained_takes_a_precomputed_token_mass(small):
+    layer = small.layers[1]
+    B, H, N, _ = layer.k.shape
+    positions, lengths = _random_keep(B, H, N, N // 3, seed=2)
+    mass = decode_token_mass(layer.q_decode, layer.k)
+    share = attention_mass_retained(layer.q_decode, layer.k, positions, lengths, reduction="none")
+    assert torch.equal(attention_mass_retained(layer.q_decode, layer.k, positions, lengths, reduction="none",
+                                               token_mass=mass), share)
+    with pytest.raises(ValueError, match="token_mass must have shape"):
+        attention_mass_retained(layer.q_decode, layer.k, positions, lengths, token_mass=mass[..., :-1])
+
+
 def test_merged_tokens_count_as_covered(small):
     B, H, N = 2, 2, small.num_tokens
     keep = (~small.salient).nonzero().flatten()
@@ -219,6 +231,11 @@ def test_merged_tokens_count_as_covered(small):
         pytest.param(dict(head_dim=12), "head_dim", id="head-dim-too-small"),
         pytest.param(dict(event_region=(5, 1)), "event_region", id="region-too-big"),
         pytest.param(dict(video_redundancy=1.5), "video_redundancy", id="redundancy-range"),
+        pytest.param(dict(modalities=()), "modalities", id="no-modality"),
+        pytest.param(dict(modalities=("text",)), "modalities", id="text-is-not-an-av-stream"),
+        pytest.param(dict(modalities=("audio", "audio")), "modalities", id="repeated-modality"),
+        pytest.param(dict(modalities="audio"), "modalities", id="modalities-not-a-tuple"),
+        pytest.param(dict(prompt_queries=1), "prompt_queries", id="prompt-queries-not-bool"),
     ],
 )
 def test_bad_config(override, match):
