@@ -60,13 +60,41 @@ def test_av_fidelity_through_the_kernels():
                                                       num_layers=2), DEVICE)  # the kernels need it on DEVICE
     scores, full = av.prefill_scores(w), av.full_outputs(w)
     exact = av.evaluate(w, AccKVConfig(budget=1.0), scores, full)
-    assert exact["out err"] < 1e-5 and exact["recall"] == 1.0 and exact["KV kept %"] == 100.0
+    assert exact["out err"] < 1e-5 and exact["KV kept %"] == 100.0
+    assert exact["recall kept"] == exact["recall kept+merged"] == 1.0
+    assert exact["mass kept"] == pytest.approx(1.0, abs=1e-12) and exact["mass kept+merged"] == exact["mass kept"]
     rows = av.fidelity_rows(w, budgets=(0.25,))
     names = [r["method"] for r in rows]
     assert names[0] == "acckv" and {"snapkv", "h2o", "streaming", "pyramidkv", "lookm"} <= set(names)
     assert all(abs(r["KV kept %"] - 25.0) < 1.0 for r in rows if r["method"] != "pyramidkv")
     by = {r["method"]: r for r in rows}
     assert by["streaming"]["out err"] > by["acckv"]["out err"]  # sinks + recent lose the planted events
+    # Kept slots alone cover at most what kept and merged tokens cover; without merging the two agree.
+    for r in rows:
+        assert r["recall kept"] <= r["recall kept+merged"] and r["mass kept"] <= r["mass kept+merged"] + 1e-12
+    assert by["snapkv"]["recall kept"] == by["snapkv"]["recall kept+merged"]
+    assert by["snapkv"]["mass kept"] == by["snapkv"]["mass kept+merged"]
+    # LOOK-M merges every evicted token: credited as covered it scores full recall; kept alone, it does not.
+    assert by["lookm"]["recall kept+merged"] == 1.0 and by["lookm"]["recall kept"] < 1.0
+    assert by["lookm"]["mass kept"] < by["lookm"]["mass kept+merged"]
+
+
+def test_av_stress_rows_label_each_variant(monkeypatch):
+    from acckv_triton import workloads
+    from acckv_triton.bench import av
+
+    tiny = dict(num_chunks=2, grid_h=4, grid_w=4, num_decode_queries=2, num_layers=1, seed=5)
+    monkeypatch.setitem(workloads.STRESS_VARIANTS, "tiny", tiny)
+    monkeypatch.setitem(workloads.STRESS_VARIANTS, "tiny-audio", dict(tiny, modalities=("audio",)))
+    seen = []
+    rows = av.av_stress_rows(budgets=(0.5,), variants=["tiny", "tiny-audio"], device=DEVICE,
+                             progress=lambda names: seen.extend(names) or names)
+    assert seen == ["tiny", "tiny-audio"]
+    assert [r["variant"] for r in rows] == ["tiny"] * 11 + ["tiny-audio"] * 11
+    assert all(r["budget"] == 0.5 and abs(r["KV kept %"] - 50.0) < 1.0 for r in rows if r["method"] != "pyramidkv")
+    assert {"out err", "recall kept", "recall kept+merged", "mass kept", "mass kept+merged"} <= set(rows[0])
+    with pytest.raises(ValueError, match="variants must be names from"):
+        av.av_stress_rows(variants=["tiny", "nope"], device=DEVICE)
 
 
 def test_memory_rows_follow_the_budget():

@@ -26,7 +26,8 @@ def _speed_row(B, heads, L, ms):
 def _tables() -> dict[str, list[dict]]:
     speed = [_speed_row(B, h, L, L / 4096) for B in (1, 4) for h in ("28/4", "32/8") for L in (4096, 32768)]
     speed.append({"B": 4, "Hq/Hkv": "32/8", "L": 131072, "note": "skipped: does not fit in memory"})
-    av = [{"budget": b, "method": m, "out err": e * b, "recall": 1.0, "mass": 0.9, "KV kept %": 100 * b}
+    av = [{"budget": b, "method": m, "out err": e * b, "recall kept": 0.9, "recall kept+merged": 1.0,
+           "mass kept": 0.8, "mass kept+merged": 0.9, "KV kept %": 100 * b}
           for b in (0.5, 0.25) for m, e in (("acckv", 0.1), ("acckv-no-focusing", 0.2), ("snapkv", 0.3))]
     shares = [{"layer": i, "rho audio": a, "rho video": 1 - a, "priority": "audio" if a > 0.5 else "video"}
               for i, a in enumerate((0.7, 0.3))]
@@ -60,6 +61,19 @@ def test_unknown_absent_and_incomplete_tables_are_skipped(tmp_path):
     assert plot.plot_tables(tables, tmp_path / "figs") == []
     assert not (tmp_path / "figs").exists()
     assert plot.plot_tables({}, tmp_path) == []
+
+
+def test_av_fidelity_plots_recall_and_mass_of_kept_tokens_and_labels_older_results():
+    plt = plot._pyplot()
+    rows = _tables()["av_fidelity"]
+    labels = [ax.get_ylabel() for ax in plot._av_fidelity(plt, rows, None).axes]
+    assert labels[1:] == ["salient-token recall, kept (fraction)", "attention mass on kept tokens (fraction)"]
+    older = [{"budget": r["budget"], "method": r["method"], "out err": r["out err"], "recall": 1.0, "mass": 0.9}
+             for r in rows]  # written before the split: merged tokens counted as covered
+    labels = [ax.get_ylabel() for ax in plot._av_fidelity(plt, older, None).axes]
+    assert labels[1:] == ["salient-token recall, kept or merged (fraction)",
+                          "attention mass on kept or merged tokens (fraction)"]
+    plt.close("all")
 
 
 def test_note_rows_are_dropped_and_the_rest_plotted(tmp_path):

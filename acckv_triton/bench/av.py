@@ -3,10 +3,18 @@
 Per layer the prefill scores come from ``window_scores`` (computed once, shared by every method), the policy emits a
 plan, ``compact_kv`` applies it out of place, and ``decode_attention`` (with multiplicity where the method weighs
 merged slots) answers the workload's decode queries on the compressed cache. Rows report, averaged over layers:
-    out err       relative L2 error of the decode attention output against the full cache (float64 reference)
-    recall        share of the planted salient tokens kept or merged into a kept slot
-    mass          share of the full cache's decode attention mass that falls on kept or merged tokens
-    KV kept %     bytes of K/V stored after compression relative to the full cache
+    out err             relative L2 error of the decode attention output against the full cache (float64 reference)
+    recall kept         share of the planted salient tokens kept in a slot of their own
+    recall kept+merged  share of the planted salient tokens kept or merged into a kept slot
+    mass kept           share of the full cache's decode attention mass that falls on kept tokens
+    mass kept+merged    share of that mass that falls on kept or merged tokens
+    KV kept %           bytes of K/V stored after compression relative to the full cache
+    merged/head         tokens merged into a kept slot, per (sequence, kv head)
+The kept+merged figures credit a merge as if it preserved the token; the kept figures do not, so a method that
+merges everything (LOOK-M) shows its coverage as recall and mass kept, and what merging adds as the difference.
+
+:func:`av_stress_rows` runs the same table on each of the workloads' stress variants
+(:data:`acckv_triton.workloads.STRESS_VARIANTS`), one row per (variant, budget, method).
 """
 from __future__ import annotations
 
@@ -15,7 +23,7 @@ from typing import Callable, Iterable
 
 import torch
 
-from .. import reference, workloads
+from .. import reference, tuning, workloads
 from ..config import AccKVConfig
 from ..ops import compact_kv, decode_attention, window_scores
 from ..policy import LayerTokens, budget_tokens, plan_layer
@@ -35,7 +43,8 @@ def method_configs(budget: float | int, base: AccKVConfig | None = None) -> dict
 def workload_to(w: workloads.AVWorkload, device: torch.device) -> workloads.AVWorkload:
     """The same workload with every tensor on ``device`` (the kernels need CUDA tensors on a GPU)."""
     moved = {name: getattr(w, name).to(device) for name in ("modality", "time", "spatial", "position", "chunk", "event")}
-    layers = [workloads.LayerTrace(*(t.to(device) for t in (lt.k, lt.v, lt.q_window, lt.q_decode))) for lt in w.layers]
+    layers = [workloads.LayerTrace(*(t.to(device) for t in (lt.k, lt.v, lt.q_window, lt.q_decode)),
+                                   None if lt.q_prompt is None else lt.q_prompt.to(device)) for lt in w.layers]
     return dataclasses.replace(w, **moved, layers=layers)
 
 
@@ -81,18 +90,27 @@ def full_outputs(w: workloads.AVWorkload) -> list[torch.Tensor]:
     return outs
 
 
+def full_token_masses(w: workloads.AVWorkload) -> list[torch.Tensor]:
+    """Float64 full-cache decode attention mass per token ``[B, Hkv, N]`` of every layer (the mass columns' whole)."""
+    return [workloads.decode_token_mass(lt.q_decode, lt.k) for lt in w.layers]
+
+
 def evaluate(w: workloads.AVWorkload, cfg: AccKVConfig, scores: list[torch.Tensor],
-             full_out: list[torch.Tensor] | None = None) -> dict:
+             full_out: list[torch.Tensor] | None = None, token_mass: list[torch.Tensor] | None = None) -> dict:
     """Compress every layer of ``w`` with ``cfg`` and measure fidelity against the full cache.
 
     ``scores`` are the layers' prefill window scores (:func:`prefill_scores`); ``full_out`` the reference outputs
-    (:func:`full_outputs`), computed here when not given.
+    (:func:`full_outputs`) and ``token_mass`` the full cache's decode mass per token (:func:`full_token_masses`),
+    each computed here when not given.
     """
     full_out = full_out if full_out is not None else full_outputs(w)
+    token_mass = token_mass if token_mass is not None else full_token_masses(w)
     B, H, N, D = w.layers[0].k.shape
     dev = w.layers[0].k.device
     num_layers = len(w.layers)
-    errs, recalls, masses, kept, merged = [], [], [], [], []
+    errs, kept, merged = [], [], []
+    recalls = {"kept": [], "kept+merged": []}
+    masses = {"kept": [], "kept+merged": []}
     rho = []
     for layer, lt in enumerate(w.layers):
         x = layer_inputs(w, layer, scores[layer])
@@ -113,26 +131,55 @@ def evaluate(w: workloads.AVWorkload, cfg: AccKVConfig, scores: list[torch.Tenso
         out_c = _decode_on(k_c, v_c, lens, lt.q_decode, mult).double()
         out = full_out[layer]
         errs.append(float(((out_c - out).norm(dim=-1) / out.norm(dim=-1)).mean()))
-        recalls.append(float(workloads.salient_recall(w.salient, pos_c, lens, merged_into=plan.merge_target)))
-        masses.append(float(workloads.attention_mass_retained(lt.q_decode, lt.k, pos_c, lens,
-                                                              merged_into=plan.merge_target)))
+        for cover, merged_into in (("kept", None), ("kept+merged", plan.merge_target)):
+            recalls[cover].append(float(workloads.salient_recall(w.salient, pos_c, lens, merged_into=merged_into)))
+            masses[cover].append(float(workloads.attention_mass_retained(
+                lt.q_decode, lt.k, pos_c, lens, merged_into=merged_into, token_mass=token_mass[layer])))
         kept.append(float(lens.double().mean()))
         merged.append(float(res.merged.double().mean()))
         rho.append(res.rho.mean(0))
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
-    return {"out err": mean(errs), "recall": mean(recalls), "mass": mean(masses),
+    return {"out err": mean(errs),
+            "recall kept": mean(recalls["kept"]), "recall kept+merged": mean(recalls["kept+merged"]),
+            "mass kept": mean(masses["kept"]), "mass kept+merged": mean(masses["kept+merged"]),
             "KV kept %": 100.0 * mean(kept) / N, "merged/head": mean(merged), "rho": torch.stack(rho)}
 
 
 def fidelity_rows(w: workloads.AVWorkload, budgets: Iterable[float] = DEFAULT_BUDGETS,
                   progress: Callable[[Iterable], Iterable] = lambda x: x) -> list[dict]:
     """One row per (budget, method): fidelity and bytes kept on the workload ``w``."""
-    scores, full_out = prefill_scores(w), full_outputs(w)
+    scores, full_out, token_mass = prefill_scores(w), full_outputs(w), full_token_masses(w)
     jobs = [(b, name, cfg) for b in budgets for name, cfg in method_configs(b).items()]
     rows = []
     for budget, name, cfg in progress(jobs):
-        r = evaluate(w, cfg, scores, full_out)
+        r = evaluate(w, cfg, scores, full_out, token_mass)
         rows.append({"budget": budget, "method": name, **{k: v for k, v in r.items() if k != "rho"}})
+    return rows
+
+
+def av_stress_rows(budgets: Iterable[float] = DEFAULT_BUDGETS, variants: Iterable[str] | None = None,
+                   progress: Callable[[Iterable], Iterable] = lambda x: x,
+                   device: torch.device | str | None = None) -> list[dict]:
+    """The fidelity table on each stress variant: one row per (variant, budget, method), :func:`fidelity_rows`'
+    columns plus ``"variant"``.
+
+    Args:
+        budgets: KV budgets, as for :func:`fidelity_rows`.
+        variants: names from :data:`acckv_triton.workloads.STRESS_VARIANTS` (default: all, in registry order).
+        progress: wraps the iterable of variants (e.g. a tqdm bar).
+        device: where the kernels run; default CUDA on a GPU, else the CPU (through Triton's interpreter).
+    """
+    names = list(workloads.STRESS_VARIANTS) if variants is None else list(variants)
+    for name in names:
+        if name not in workloads.STRESS_VARIANTS:
+            raise ValueError(f"variants must be names from {sorted(workloads.STRESS_VARIANTS)}, got {name!r}")
+    budgets = tuple(budgets)
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() and not tuning.INTERPRET else "cpu"
+    rows = []
+    for name in progress(names):
+        w = workload_to(workloads.stress_workload(name), torch.device(device))
+        rows += [{"variant": name, **r} for r in fidelity_rows(w, budgets)]
     return rows
 
 
