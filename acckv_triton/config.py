@@ -3,9 +3,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
 
-__all__ = ["AccKVConfig", "METHODS"]
+__all__ = ["AccKVConfig", "EVIDENCE", "METHODS"]
 
-METHODS = ("acckv", "snapkv", "h2o", "streaming", "pyramidkv", "lookm", "full")
+METHODS = ("acckv", "snapkv", "h2o", "tova", "streaming", "pyramidkv", "adakv", "lookm", "full")
+EVIDENCE = ("auto", "window", "observed", "mean", "last")
+_METHOD_EVIDENCE = {"acckv": "auto", "h2o": "observed", "tova": "last"}  # each paper's own; the rest: the window
 
 
 @dataclass(frozen=True)
@@ -24,6 +26,16 @@ class AccKVConfig:
     redistribution: bool = True  # Step 2: rank by score relative to the modality mean; sinks/text out of A
     intra_merge: bool = True  # Step 3a: merge similar neighbours within a modality
     cross_align: bool = True  # Step 3b: calibrate the low-priority modality on the high one's time bins
+    evidence: str | None = None  # Step 0 scores: "window" (last W queries, SnapKV), "observed" (every query's mass
+    #   summed, H2O), "mean" (every query's, averaged over the queries that see each token), "last" (the last
+    #   query, TOVA), "auto" (the window on audio/video/image prompts, the mean on text prompts); None: the
+    #   method's own (auto for acckv, observed for h2o, last for tova, else the window)
+    value_aware: bool = False  # rank by attention mass x ||v|| (value-aware evidence, after CriticalKV)
+    head_budgets: str = "uniform"  # "uniform" or "adaptive": Ada-KV's allocation of a layer's budget across kv heads
+    ada_floor: float = 0.2  # adaptive: each kv head keeps at least this fraction of the uniform free budget
+    decode_budget: str = "all"  # while decoding: "fixed" holds the prompt's budget (decoded tokens compete for
+    #   it, memory stays put), "all" applies the budget to every token seen (it grows by budget x decoded),
+    #   "prompt" keeps every decoded token (only the prompt is compressed, as single-pass presses do)
     # --- constants ---
     window: int = 32  # W: observation window (last prompt queries), always kept
     pool_kernel: int = 7  # 1-D pooling of scores along each modality's own token order (1 = off)
@@ -43,8 +55,8 @@ class AccKVConfig:
     slack: int = 64  # decode/streaming: re-compress once a head holds budget + slack tokens
     head_renorm: bool = False  # Step 2.3: renormalise scores per head
     video_from_layer: int | None = None  # depth prior: video is high-priority from this layer on (off: None)
-    layer_budgets: str = "uniform"  # "uniform" or "pyramid" (PyramidKV)
-    pyramid_strength: float = 0.5  # pyramid: layer 0 keeps (1+p)x the mean budget, the last layer (1-p)x
+    layer_budgets: str = "uniform"  # "uniform" or "pyramid" (PyramidKV's arithmetic schedule over depth)
+    pyramid_beta: float = 20.0  # pyramid: the last layer keeps 1/beta of the mean unprotected budget (PyramidKV's β)
     # --- execution ---
     backend: str = "auto"  # "auto" (Triton on GPU, vectorised PyTorch ops on CPU), "triton" or "torch"
 
@@ -66,8 +78,16 @@ class AccKVConfig:
             raise ValueError(f"rho_min must lie in [0, 0.5), got {self.rho_min}")
         if self.layer_budgets not in ("uniform", "pyramid"):
             raise ValueError(f"layer_budgets must be 'uniform' or 'pyramid', got {self.layer_budgets!r}")
-        if not (0.0 <= self.pyramid_strength < 1.0):
-            raise ValueError(f"pyramid_strength must lie in [0, 1), got {self.pyramid_strength}")
+        if not (self.pyramid_beta >= 1.0):
+            raise ValueError(f"pyramid_beta must be >= 1, got {self.pyramid_beta}")
+        if self.evidence is not None and self.evidence not in EVIDENCE:
+            raise ValueError(f"evidence must be None or one of {', '.join(EVIDENCE)}, got {self.evidence!r}")
+        if self.head_budgets not in ("uniform", "adaptive"):
+            raise ValueError(f"head_budgets must be 'uniform' or 'adaptive', got {self.head_budgets!r}")
+        if not (0.0 <= self.ada_floor <= 1.0):
+            raise ValueError(f"ada_floor must lie in [0, 1], got {self.ada_floor}")
+        if self.decode_budget not in ("fixed", "all", "prompt"):
+            raise ValueError(f"decode_budget must be 'fixed', 'all' or 'prompt', got {self.decode_budget!r}")
         if self.backend not in ("auto", "triton", "torch"):
             raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {self.backend!r}")
         for name in ("window", "sink", "recent", "slack", "time_bin", "max_group"):
@@ -83,6 +103,27 @@ class AccKVConfig:
     def is_full(self) -> bool:
         """True when nothing is evicted: method "full" or a budget of 1.0 keeps the exact model."""
         return self.method == "full" or (isinstance(self.budget, float) and self.budget >= 1.0)
+
+    @property
+    def score_evidence(self) -> str:
+        """The Step 0 evidence that runs: ``evidence``, or the method's own when it is None."""
+        return self.evidence if self.evidence is not None else _METHOD_EVIDENCE.get(self.method, "window")
+
+    def evidence_for(self, audio_video: bool) -> str:
+        """The evidence that runs on a prompt with (True) or without audio/video/image tokens: ``"auto"`` resolved."""
+        ev = self.score_evidence
+        return ("window" if audio_video else "mean") if ev == "auto" else ev
+
+    @property
+    def windowed(self) -> bool:
+        """Whether the observation window is the evidence (window or auto evidence): then the window is protected
+        and scores are pooled; every-query and last-query evidence is ranked as it is, the window unprotected."""
+        return self.score_evidence in ("window", "auto")
+
+    @property
+    def adaptive_heads(self) -> bool:
+        """True when a layer's budget is shared across its kv heads by evidence (Ada-KV), not split evenly."""
+        return self.method == "adakv" or (self.head_budgets == "adaptive" and self.method not in ("streaming", "full"))
 
     @property
     def uses_multiplicity(self) -> bool:

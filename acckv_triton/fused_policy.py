@@ -643,7 +643,7 @@ def _strides3(x: torch.Tensor) -> tuple[int, int]:
 
 _PROTECT = {  # (sink, window, recent, text, all) per method
     "acckv": None, "snapkv": (0, 1, 0, 0, 0), "pyramidkv": (0, 1, 0, 0, 0), "h2o": (0, 0, 1, 0, 0),
-    "streaming": (1, 0, 0, 0, 0), "lookm": (0, 1, 0, 1, 0), "full": (0, 0, 0, 0, 1),
+    "tova": (0, 0, 0, 0, 0), "streaming": (1, 0, 0, 0, 0), "lookm": (0, 1, 0, 1, 0), "full": (0, 0, 0, 0, 1),
 }
 
 
@@ -693,6 +693,8 @@ def plan_layer_fused(cfg: AccKVConfig, x: LayerTokens, layer: int = 0, num_layer
     """
     if cfg.is_full and cfg.method != "full":
         cfg = cfg.replace(method="full")
+    if cfg.adaptive_heads:
+        raise ValueError("adaptive head budgets (Ada-KV) share a budget across rows: run policy.plan_layer for them")
     s = x.scores
     B, H, N = s.shape
     dev = s.device
@@ -728,7 +730,7 @@ def plan_layer_fused(cfg: AccKVConfig, x: LayerTokens, layer: int = 0, num_layer
     valid = x.valid.view(torch.uint8) if x.valid is not None else mod
     time = x.time if x.time is not None else mod
     grid = (R,)
-    pool = cfg.pool_kernel // 2 if method in ("acckv", "snapkv", "pyramidkv", "lookm") else 0
+    pool = cfg.pool_kernel // 2 if method in ("acckv", "snapkv", "pyramidkv", "lookm") and cfg.windowed else 0
     _evidence_kernel[grid](
         s, *_strides3(s), mod, *_strides3(mod), time, *_strides3(time), valid, *_strides3(valid),
         x.lengths, x.lengths.stride(0), x.lengths.stride(1),
@@ -751,6 +753,8 @@ def plan_layer_fused(cfg: AccKVConfig, x: LayerTokens, layer: int = 0, num_layer
     else:
         flags = _PROTECT[method]
         mode = 1 if method == "streaming" else 0
+    if not cfg.windowed:  # every-query / last-query evidence: the window is ranked like any token
+        flags = (flags[0], 0) + tuple(flags[2:])
     spatial = x.spatial
     sp_args = (spatial, spatial.stride(0), spatial.stride(1), spatial.stride(2)) if spatial is not None else \
         (mod, 0, 0, 0)

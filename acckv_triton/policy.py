@@ -33,7 +33,7 @@ __all__ = ["LayerTokens", "PolicyResult", "budget_tokens", "plan_layer"]
 
 _AV = (int(Modality.AUDIO), int(Modality.VIDEO), int(Modality.IMAGE))
 _EPS = 1e-12
-_POOLED = ("acckv", "snapkv", "pyramidkv", "lookm")
+_POOLED = ("acckv", "snapkv", "pyramidkv", "adakv", "lookm")
 
 
 @dataclass
@@ -76,30 +76,45 @@ class PolicyResult(NamedTuple):
 
 
 def budget_tokens(cfg: AccKVConfig, n_valid, layer: int, num_layers: int):
-    """Tokens kept per row for ``layer``: ``cfg.layer_budget`` applied to each row's valid count ``n_valid``.
+    """Tokens kept per row for ``layer``: the budget applied to each row's valid count ``n_valid``.
 
     ``n_valid`` is a tensor (the result has its dtype) or a host int (the result is an int, with the same
-    double-precision arithmetic: the host's bound on every row's target, no device read).
+    double-precision arithmetic: the host's bound on every row's target, no device read). With pyramid layer budgets
+    (``layer_budgets="pyramid"`` or ``method="pyramidkv"``) the unprotected part of the budget follows PyramidKV's
+    arithmetic schedule over depth (:func:`_pyramid`); the mean over layers stays the uniform budget.
     """
-    if isinstance(n_valid, int):
-        if cfg.is_full:
-            return n_valid
-        base = math.ceil(cfg.budget * float(n_valid)) if isinstance(cfg.budget, float) else float(cfg.budget)
-        if cfg.layer_budgets == "pyramid" or cfg.method == "pyramidkv":
-            base = math.ceil(base * _pyramid_frac(cfg, layer, num_layers))
-        return int(min(base, n_valid))
+    host = isinstance(n_valid, int)
     if cfg.is_full:
-        return n_valid.clone()
-    n = n_valid.double()
-    base = torch.ceil(cfg.budget * n) if isinstance(cfg.budget, float) else torch.full_like(n, float(cfg.budget))
+        return n_valid if host else n_valid.clone()
+    n = float(n_valid) if host else n_valid.double()
+    if isinstance(cfg.budget, float):
+        base = math.ceil(cfg.budget * n) if host else torch.ceil(cfg.budget * n)
+    else:
+        base = float(cfg.budget) if host else torch.full_like(n, float(cfg.budget))
     if cfg.layer_budgets == "pyramid" or cfg.method == "pyramidkv":
-        base = torch.ceil(base * _pyramid_frac(cfg, layer, num_layers))
-    return torch.minimum(base, n).to(n_valid.dtype)
+        base = _pyramid(cfg, base, n, layer, num_layers)
+    return int(min(base, n)) if host else torch.minimum(base, n).to(n_valid.dtype)
 
 
-def _pyramid_frac(cfg: AccKVConfig, layer: int, num_layers: int) -> float:
-    p = cfg.pyramid_strength
-    return 1.0 if num_layers <= 1 else 1.0 + p * (1.0 - 2.0 * layer / (num_layers - 1))
+def _pyramid(cfg: AccKVConfig, base, n, layer: int, num_layers: int):
+    """PyramidKV's schedule: the W window tokens are kept at every layer; the rest, b = base - W per layer on
+    average, falls linearly from ``2b - b/β`` at layer 0 to ``b/β`` at the last layer. When layer 0 would exceed
+    the row (n - W), its share is capped there and the last layer's raised so that the total stays L·b. Works on
+    host floats and on float64 tensors with the same operations (same results bit for bit)."""
+    if num_layers <= 1:
+        return base
+    host = not isinstance(base, torch.Tensor)
+    at_least = (lambda x, lo: max(x, lo)) if host else (lambda x, lo: torch.clamp(x, min=lo))
+    at_most = (lambda x, hi: min(x, hi)) if host else (lambda x, hi: torch.minimum(x, hi) if isinstance(hi, torch.Tensor)
+                                                       else torch.clamp(x, max=hi))
+    w = float(cfg.window)
+    b = at_least(base - w, 0.0)
+    top = b / cfg.pyramid_beta
+    bottom = at_most(2.0 * b - top, at_least(n - w, 0.0))
+    top = 2.0 * b - bottom
+    layer_b = bottom - (bottom - top) * (layer / (num_layers - 1))
+    out = at_most(base, w) + layer_b
+    return math.ceil(out) if host else torch.ceil(out)
 
 
 def _topk_mask(score: torch.Tensor, k: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
@@ -217,7 +232,7 @@ def _alignment_boost(cfg, time, P_mask, P_kept_mass, L_mask):
 
 
 def plan_layer(cfg: AccKVConfig, x: LayerTokens, layer: int = 0, num_layers: int = 1,
-               target: torch.Tensor | None = None) -> PolicyResult:
+               target: torch.Tensor | None = None, max_per_row: int | None = None) -> PolicyResult:
     """Decide which tokens of one layer to keep and where evicted tokens merge.
 
     Args:
@@ -225,10 +240,13 @@ def plan_layer(cfg: AccKVConfig, x: LayerTokens, layer: int = 0, num_layers: int
         x: the layer's token evidence (see :class:`LayerTokens`).
         layer, num_layers: position in depth (pyramid budgets, depth prior).
         target: ``[B, Hkv]`` slots to keep per row; default :func:`budget_tokens` of the valid counts.
+        max_per_row: with adaptive head budgets (``cfg.adaptive_heads``), the most slots one row may keep (the
+            storage's room); None: no cap beyond the row's valid tokens.
 
     Returns:
         :class:`PolicyResult` whose plan keeps exactly ``min(target, valid)`` slots per row (fewer only when
-        merging leaves fewer candidates), never an invalid slot, and merges only within a modality (except
+        merging leaves fewer candidates; with adaptive head budgets the rows of a sequence share the sum of their
+        targets instead, see :func:`_adaptive_targets`), never an invalid slot, and merges only within a modality (except
         ``lookm``, which merges into the nearest kept key as LOOK-M does).
     """
     s_raw = x.scores.float()
@@ -253,7 +271,7 @@ def plan_layer(cfg: AccKVConfig, x: LayerTokens, layer: int = 0, num_layers: int
     # ---- Step 0: pooled rank scores (never across modalities) ----
     method = cfg.method
     s_rank = s_raw
-    if method in _POOLED and cfg.pool_kernel > 1:
+    if method in _POOLED and cfg.pool_kernel > 1 and cfg.windowed:
         pooled = pool_scores(s_raw, torch.where(valid, mod, 255), cfg.pool_kernel, cfg.pool_mode)
         s_rank = torch.where(valid, pooled, torch.zeros_like(pooled))
 
@@ -267,6 +285,8 @@ def plan_layer(cfg: AccKVConfig, x: LayerTokens, layer: int = 0, num_layers: int
     else:
         window = valid & (rank_valid >= n_valid[..., None] - cfg.window)
     recent = valid & (rank_valid >= n_valid[..., None] - cfg.recent)
+    if not cfg.windowed:  # every-query / last-query evidence: the window is ranked like any token
+        window = torch.zeros_like(window)
     has_av = (valid & (mod != Modality.TEXT)).flatten(1).any(-1)[:, None, None]  # [B,1,1]
     text = valid & (mod == Modality.TEXT) & has_av
     none = torch.zeros_like(valid)
@@ -274,7 +294,9 @@ def plan_layer(cfg: AccKVConfig, x: LayerTokens, layer: int = 0, num_layers: int
         "acckv": (sink, window, recent, text if cfg.protect_text else none),
         "snapkv": (none, window, none, none),
         "pyramidkv": (none, window, none, none),
+        "adakv": (none, window, none, none),
         "h2o": (none, none, recent, none),
+        "tova": (none, none, none, none),
         "streaming": (sink, none, none, none),
         "lookm": (none, window, none, text),
         "full": (valid, none, none, none),
@@ -283,6 +305,8 @@ def plan_layer(cfg: AccKVConfig, x: LayerTokens, layer: int = 0, num_layers: int
     protected = level > 0
     kept = _topk_mask(level * N + rank_valid.float(), target, protected)  # newest first within a level
     cand = valid & ~protected
+    if cfg.adaptive_heads:  # Ada-KV: the layer's free budget goes where the evidence is, across kv heads
+        target = _adaptive_targets(cfg, s_rank, cand, kept.sum(-1), target, max_per_row)
     free = target - kept.sum(-1)
 
     if method == "streaming":
@@ -370,6 +394,33 @@ def plan_layer(cfg: AccKVConfig, x: LayerTokens, layer: int = 0, num_layers: int
         rep_kept = torch.gather(kept, 2, rep)
         merge_to = torch.where(cand & ~kept & rep_kept & (rep != ar), rep, torch.full_like(rep, -1))
     return _finish(kept, merge_to, s_raw, mod, valid, rho, priority)
+
+
+def _adaptive_targets(cfg: AccKVConfig, score: torch.Tensor, cand: torch.Tensor, protected: torch.Tensor,
+                      target: torch.Tensor, max_per_row: int | None) -> torch.Tensor:
+    """Ada-KV's allocation: per-row targets ``[B, Hkv]`` whose sum over the kv heads of a sequence equals the sum
+    of ``target`` (as far as candidates allow).
+
+    Each row first gets ``floor(ada_floor · free)`` of its own free budget (free = target − protected); the rest
+    of the sequence's free budget goes to the best remaining candidates of all its heads by ``score`` (window
+    scores are probability mass over the same queries, so heads compare). ``max_per_row`` caps a row. The policy
+    then runs per row with these targets, so for SnapKV the kept set is exactly the global top-k.
+    """
+    B, H, N = score.shape
+    free = (target - protected).clamp(min=0)
+    floor = torch.minimum(torch.floor(cfg.ada_floor * free.double()).long(), cand.sum(-1))
+    cap = cand.sum(-1) if max_per_row is None else torch.minimum(cand.sum(-1), (max_per_row - protected).clamp(min=0))
+    floor = torch.minimum(floor, cap)
+    masked = torch.where(cand, score, torch.full_like(score, float("-inf")))
+    order = torch.argsort(masked, dim=-1, descending=True, stable=True)
+    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(N, device=score.device).expand_as(order)
+                                             .contiguous())
+    # a candidate may go to the shared pool when its row's floor already took better ones and the cap has room
+    pool = cand & (rank >= floor[..., None]) & (rank < cap[..., None])
+    share = (free - floor).sum(-1)  # [B]: the free budget left to share
+    flat = torch.where(pool, score, torch.full_like(score, float("-inf"))).reshape(B, H * N)
+    won = _topk_mask(flat, share, pool.reshape(B, H * N)).view(B, H, N).sum(-1)
+    return protected + floor + won
 
 
 MERGE_BYTES = 256 * 2**20

@@ -1,0 +1,172 @@
+"""Budget schedules and baselines as their papers define them: PyramidKV's layer schedule, Ada-KV's head allocation,
+TOVA's last-query ranking, H2O's evidence over every prompt query, and the two decode budget modes."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from acckv_triton import reference
+from acckv_triton.cache import BudgetedLayerCache
+from acckv_triton.config import AccKVConfig
+from acckv_triton.policy import _adaptive_targets, budget_tokens, plan_layer
+from tests.test_policy import W, kept_mask, tokens
+
+N = W.num_tokens
+
+
+@pytest.mark.parametrize("budget, n", [(0.25, 1536), (0.1, 1536), (0.9, 1536), (0.5, 700), (100, 5000)])
+def test_pyramid_schedule_is_pyramidkvs(budget, n):
+    cfg = AccKVConfig(method="pyramidkv", budget=budget)
+    L = 30
+    per_layer = [budget_tokens(cfg, n, layer, L) for layer in range(L)]
+    uniform = budget_tokens(cfg.replace(method="snapkv"), n, 0, L)
+    assert all(a >= b for a, b in zip(per_layer, per_layer[1:]))  # falls with depth
+    assert max(per_layer) <= n
+    assert abs(sum(per_layer) / L - uniform) <= 1.0  # the mean is the uniform budget (ceil per layer)
+    if uniform - cfg.window > 0 and 2 * (uniform - cfg.window) <= n - cfg.window:
+        # layer 0 keeps 2b - b/beta and the last b/beta of the unprotected part b (rounded up)
+        b = uniform - cfg.window
+        assert abs(per_layer[-1] - (cfg.window + b / cfg.pyramid_beta)) <= 1.0
+        assert abs(per_layer[0] - (cfg.window + 2 * b - b / cfg.pyramid_beta)) <= 1.0
+    # the device path computes the same integers
+    rows = torch.tensor([[n, max(1, n // 3)]])
+    for layer in (0, 7, L - 1):
+        got = budget_tokens(cfg, rows, layer, L)
+        assert got.tolist() == [[budget_tokens(cfg, n, layer, L), budget_tokens(cfg, max(1, n // 3), layer, L)]]
+
+
+def test_adaptive_targets_share_the_layer_budget_across_heads():
+    g = torch.Generator().manual_seed(0)
+    B, H, n = 2, 4, 50
+    score = torch.rand(B, H, n, generator=g) ** 4
+    score[:, 0] *= 10.0  # head 0 is where the evidence is
+    cand = torch.rand(B, H, n, generator=g) > 0.1
+    protected = torch.full((B, H), 3)
+    target = torch.full((B, H), 13)
+    cfg = AccKVConfig(method="adakv")
+    got = _adaptive_targets(cfg, score, cand, protected, target, None)
+    assert torch.equal(got.sum(-1), target.sum(-1))
+    free = target - protected
+    assert bool((got - protected >= torch.floor(cfg.ada_floor * free)).all())
+    assert bool((got[:, 0] > target[:, 0]).all())  # the concentrated head wins slots
+    capped = _adaptive_targets(cfg, score, cand, protected, target, 20)
+    assert int(capped.max()) <= 20 and torch.equal(capped.sum(-1), target.sum(-1))
+    # without a floor SnapKV's kept set is the global top-k over the heads of a sequence
+    plan_target = _adaptive_targets(cfg.replace(ada_floor=0.0), score, cand, protected, target, None)
+    flat = torch.where(cand, score, -1.0).reshape(B, -1)
+    top = flat.topk(int((target - protected).sum(-1)[0]), dim=-1).indices
+    want = torch.zeros(B, H * n, dtype=torch.long).scatter_(1, top, 1).view(B, H, n).sum(-1)
+    assert torch.equal(plan_target - protected, want)
+
+
+def test_adakv_plan_keeps_the_layer_total_and_more_where_mass_concentrates():
+    x = tokens()
+    x.scores = x.scores.clone()
+    x.scores[:, 0] *= 50.0
+    snap = plan_layer(AccKVConfig(method="snapkv", budget=0.25), x, 1, 2).plan
+    ada = plan_layer(AccKVConfig(method="adakv", budget=0.25), x, 1, 2).plan
+    assert torch.equal(ada.keep_lengths.sum(-1), snap.keep_lengths.sum(-1))
+    assert bool((ada.keep_lengths[:, 0] > snap.keep_lengths[:, 0]).all())
+    kept = kept_mask(ada)
+    window = torch.arange(N) >= N - AccKVConfig().window
+    assert bool(kept[..., window].all())  # every head keeps its window
+
+
+def test_tova_ranks_by_raw_scores_and_protects_nothing():
+    x = tokens()
+    res = plan_layer(AccKVConfig(method="tova", budget=0.1), x, 1, 2)
+    k = int(res.plan.keep_lengths[0, 0])
+    want = x.scores[0, 0].float().topk(k).indices.sort().values
+    assert torch.equal(res.plan.keep[0, 0, :k].long(), want)
+
+
+def test_methods_evidence_follows_their_papers():
+    assert AccKVConfig(method="h2o").score_evidence == "observed"
+    assert AccKVConfig(method="tova").score_evidence == "last"
+    assert AccKVConfig(method="snapkv").score_evidence == "window"
+    assert AccKVConfig(method="h2o", evidence="window").score_evidence == "window"  # the window variant
+
+
+@pytest.mark.parametrize("kwargs, msg", [
+    (dict(evidence="all"), "evidence"), (dict(head_budgets="ada"), "head_budgets"), (dict(ada_floor=1.5), "ada_floor"),
+    (dict(decode_budget="prefill"), "decode_budget"), (dict(pyramid_beta=0.5), "pyramid_beta"),
+])
+def test_new_config_fields_are_validated(kwargs, msg):
+    with pytest.raises(ValueError, match=msg):
+        AccKVConfig(**kwargs)
+
+
+def _prefilled(cfg, T=160, D=16, Hq=4, Hkv=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(1, h, T, D, generator=g) for h in (Hq, Hkv, Hkv))
+    cache = BudgetedLayerCache(cfg.replace(backend="torch"), 0, 1)
+    cache.prefill(k, v, scores=cache.prompt_evidence(q, k))
+    return cache, (q, k, v), g
+
+
+@pytest.mark.parametrize("evidence, rows", [("window", 8), ("last", 1), ("observed", None)])
+def test_prompt_evidence_is_the_named_queries_attention(evidence, rows):
+    cfg = AccKVConfig(window=8, evidence=evidence, backend="torch")
+    cache = BudgetedLayerCache(cfg, 0, 1)
+    g = torch.Generator().manual_seed(1)
+    q, k = torch.randn(2, 6, 40, 16, generator=g), torch.randn(2, 2, 40, 16, generator=g)
+    valid = torch.ones(2, 40, dtype=torch.bool)
+    valid[1, :5] = False
+    got = cache.prompt_evidence(q, k, valid=valid)
+    n = rows or 40
+    want = reference.window_scores(q[:, :, 40 - n:], k, key_start=torch.tensor([0, 5])).scores
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def _decode(cache, g, n):
+    for _ in range(n):
+        cache.decode_step(torch.randn(1, 4, 16, generator=g), torch.randn(1, 2, 1, 16, generator=g),
+                          torch.randn(1, 2, 1, 16, generator=g))
+
+
+def test_decode_budget_modes():
+    """prompt: every decoded token kept; fixed: the prompt's budget whatever is decoded; all: the budget of every
+    token seen (it grows with the decoded tokens)."""
+    kept = {}
+    for mode in ("prompt", "fixed", "all"):
+        cfg = AccKVConfig(budget=0.25, decode_budget=mode, slack=4)
+        cache, _, g = _prefilled(cfg)
+        target = int(cache.target.max())
+        _decode(cache, g, 80)
+        kept[mode] = int(cache.store.stored_tokens().max())
+        if mode == "prompt":
+            assert cache.compressions == 1 and kept[mode] == target + 80
+        elif mode == "fixed":
+            assert cache.compressions > 1 and target <= kept[mode] <= target + cfg.slack
+        else:
+            grown = budget_tokens(cfg, 160 + 80, 0, 1)
+            assert cache.compressions > 1 and grown <= kept[mode] <= grown + cfg.slack
+            assert int(cache.target.max()) == grown
+    assert kept["fixed"] < kept["all"] < kept["prompt"]
+
+
+def test_adaptive_cache_sizes_storage_to_the_longest_head_and_caps_upkeep():
+    cfg = AccKVConfig(method="adakv", budget=0.25, slack=8)
+    cache, (q, k, v), g = _prefilled(cfg)
+    lengths = cache.store.lengths.long()
+    assert int(lengths.sum()) == int(cache.target.sum())
+    cap = cache.store.capacity - cfg.slack - 1
+    assert int(lengths.max()) <= cap
+    for _ in range(30):  # several upkeeps at the storage's room
+        _decode(cache, g, 1)
+        assert int(cache.store.lengths.max()) <= cache.store.capacity
+    assert cache.compressions > 1
+
+
+def test_value_aware_ranks_by_mass_times_value_norm():
+    base = AccKVConfig(method="snapkv", budget=0.25, pool_kernel=1, window=8)
+    cache, (q, k, v), _ = _prefilled(base.replace(value_aware=True))
+    T, Wn = k.shape[2], base.window
+    score = cache.prompt_evidence(q, k) * v.float().norm(dim=-1)
+    for h in range(2):
+        n = int(cache.store.lengths[0, h])
+        top = score[0, h, :T - Wn].topk(n - Wn).indices
+        want = torch.cat([top, torch.arange(T - Wn, T)]).sort().values
+        assert torch.equal(cache.store.position[0, h, :n].long(), want)
+    plain, _, _ = _prefilled(base)
+    assert not torch.equal(plain.store.position[..., :n], cache.store.position[..., :n])  # the switch matters
