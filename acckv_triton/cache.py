@@ -45,6 +45,8 @@ from .ops.append_token import append_token_
 from .ops.chunk_attention import chunk_attention
 from .ops.compact_kv import compact_kv, compact_kv_, validate_plan
 from .ops.decode_attention import DecodeAttentionOutput, DecodeAttentionPlan, decode_attention
+from .ops.observed_attention import observed_attention
+from .ops.window_scores import window_scores
 from .plan import CompactionPlan
 from .fused_policy import plan_layer_fused
 from .policy import LayerTokens, PolicyResult, budget_tokens, plan_layer
@@ -519,9 +521,12 @@ class BudgetedLayerCache:
     latest prefill stays protected across re-compressions.
 
     The decode loop calls :meth:`decode_step` once per token: append, attention (with mass accumulation when the
-    method reads it) and, when it is due, the upkeep. Memory is fixed after each prefill: the storage holds
-    ``max(target) + slack + 1`` slots per row (rounded up to 16), upkeep compacts in place when a row would pass
-    ``target + slack``, so K/V keep their addresses from one upkeep to the next. The schedule is decided on the
+    method reads it) and, when it is due, the upkeep. After each prefill the storage holds ``max(target) + slack
+    + 1`` slots per row (rounded up to 16) and an upkeep compacts in place when a row would pass ``target +
+    slack``. ``cfg.decode_budget`` says what the target covers while decoding: ``"fixed"`` the prompt's budget
+    (K/V keep their addresses from one upkeep to the next), ``"all"`` the budget of every token seen (an upkeep
+    grows the storage when the target outgrows it), ``"prompt"`` only the prompt's (no upkeep: decoded tokens
+    are kept). The schedule is decided on the
     host from counts it already knows, so a step without upkeep performs no host synchronisation and, with the
     decode plan bound once, no allocation.
 
@@ -543,6 +548,7 @@ class BudgetedLayerCache:
         self.prompt_tokens: torch.Tensor | None = None  # [B, Hkv] prompt tokens seen, padding excluded
         self.window = (0, 0)  # positions [start, end) of the latest prefill's observation window
         self.last: PolicyResult | None = None
+        self.policy_cfg = cfg  # what the policy runs: cfg with "auto" evidence resolved by the latest prefill
         self.compressions = 0
         self._valid: torch.Tensor | None = None  # [B, Hkv, stored] False at padding not yet compressed away
         self._decoded = 0  # tokens appended by decode since the last prefill
@@ -556,15 +562,57 @@ class BudgetedLayerCache:
         """Whether decode steps accumulate token mass: only for methods whose upkeep ranks by it."""
         return not self.cfg.is_full and self.cfg.method != "streaming"
 
+    def prompt_evidence(self, q: torch.Tensor, k: torch.Tensor, *, scale: float | None = None,
+                        valid: torch.Tensor | None = None, audio_video: bool | None = None) -> torch.Tensor:
+        """Step 0's evidence on a first prompt: ``[B, Hkv, T]`` float32, the attention mass each token receives from
+        the queries ``cfg.score_evidence`` names, summed over the query heads of its group.
+
+        Args:
+            q: ``[B, Hq, T, D]`` the prompt's queries (RoPE applied); k: ``[B, Hkv, T, D]`` its keys.
+            scale: softmax scale (default ``D ** -0.5``).
+            valid: optional ``[B, T]`` bool, False at left padding (excluded from every softmax).
+            audio_video: whether the prompt holds audio, video or image tokens (a host flag); ``"auto"`` evidence
+                (AccKV's default) is the window's on such prompts and every query's on text; None: the window's.
+
+        ``"window"``: the last W queries (:func:`acckv_triton.window_scores`); ``"last"``: the last query;
+        ``"observed"`` and ``"mean"``: every prompt query (:func:`acckv_triton.observed_attention`, flash-tiled, no
+        T x T); the mean is taken when the layer is compressed, over the queries that saw each token by then.
+        Kernels where the cache runs them, their torch twins elsewhere. Pass the result to :meth:`prefill`.
+        """
+        T = k.shape[2]
+        if valid is not None and (valid.dim() != 2 or tuple(valid.shape) != (k.shape[0], T)):
+            raise ValueError(f"valid must be a [B, T] = {(k.shape[0], T)} bool tensor, got {tuple(valid.shape)}")
+        key_start = None if valid is None else valid.int().argmax(-1).to(torch.int32)  # first valid token
+        kernels = self.store.kernels_on(q.device)
+        evidence = self._resolve(audio_video).score_evidence
+        if evidence in ("observed", "mean"):  # the mean divides by the number of queries at compression time
+            op = observed_attention if kernels else torch_ops.observed_attention
+            return op(q, k, scale=scale, key_start=key_start).key_mass
+        W = min(self.cfg.window if evidence == "window" else 1, T)
+        op = window_scores if kernels else torch_ops.window_scores
+        return op(q[:, :, T - W:], k, scale=scale, key_start=key_start).scores
+
+    def _resolve(self, audio_video: bool | None) -> AccKVConfig:
+        """The config the policy runs for a prompt: ``"auto"`` evidence resolved (None: the window)."""
+        if self.cfg.score_evidence != "auto":
+            return self.cfg
+        return self.cfg.replace(evidence=self.cfg.evidence_for(audio_video is None or bool(audio_video)))
+
+    def _evidence_rows(self, T: int, cfg: AccKVConfig) -> int:
+        """How many of a chunk's last queries give evidence (``cfg.score_evidence``, resolved)."""
+        return {"window": min(cfg.window, T), "observed": T, "mean": T, "last": min(1, T)}[cfg.score_evidence]
+
     def prefill(self, k: torch.Tensor, v: torch.Tensor, *, scores: torch.Tensor, valid: torch.Tensor | None = None,
-                **metadata) -> None:
+                audio_video: bool | None = None, **metadata) -> None:
         """Store a prompt (or a streaming chunk) and compress the layer to its budget.
 
         Args:
             k, v: ``[B, Hkv, T, D]`` the chunk's keys (RoPE applied) and values.
-            scores: ``[B, Hkv, T]`` float32 window scores of these tokens (:func:`acckv_triton.window_scores`).
+            scores: ``[B, Hkv, T]`` float32 attention mass of these tokens (:meth:`prompt_evidence`).
             valid: optional ``[B, T]`` or ``[B, Hkv, T]`` bool, False at left padding (never kept, not counted in
                 the budget).
+            audio_video: as :meth:`prompt_evidence` took it (the evidence decides what the policy protects and
+                pools).
             metadata: ``modality``, ``time``, ``spatial``, ``position`` as :meth:`LayerKVCache.append` takes them.
 
         Afterwards the storage holds ``max(target) + slack + 1`` slots per row (rounded up to 16).
@@ -593,7 +641,7 @@ class BudgetedLayerCache:
         target_max = budget_tokens(self.cfg, prompt_max, self.layer, self.num_layers)
         # the first prompt of a layer that shrinks at once is compacted straight out of the inputs: no copy
         borrow = st.k is None and st.kernels_on(k.device) and not self.cfg.is_full and \
-            _round_up(self._capacity_after_prefill(target_max), st.align) < T
+            not self.cfg.adaptive_heads and _round_up(self._capacity_after_prefill(target_max), st.align) < T
         st.append(k, v, token_mass=mass, borrow=borrow, **metadata)  # validates: nothing changed if it raises
         if valid_rows is not None:
             self._mark_valid(before, valid_rows)
@@ -614,10 +662,12 @@ class BudgetedLayerCache:
             self.target = torch.full((B, Hkv), self._target_max, dtype=torch.long, device=k.device)
         self._decoded = 0
         self.window = (self.store.seen - self.cfg.window, self.store.seen)
+        self.policy_cfg = self._resolve(audio_video)
         self.compress()
 
     def prefill_chunk(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None,
-                      valid: torch.Tensor | None = None, **metadata) -> torch.Tensor:
+                      valid: torch.Tensor | None = None, audio_video: bool | None = None,
+                      **metadata) -> torch.Tensor:
         """A later chunk (a second question, a streaming chunk, teacher forcing): attend, then store and compress.
 
         Args:
@@ -639,7 +689,7 @@ class BudgetedLayerCache:
         args = (st.k[:, :, :S], st.v[:, :, :S], st.lengths, k, v)
         opts = dict(scale=scale, multiplicity=st.multiplicity[:, :, :S] if st.proportional else None,
                     key_valid=None if valid is None else (valid if valid.dim() == 2 else valid[:, 0]),
-                    window=self.cfg.window)
+                    window=self._evidence_rows(T, self._resolve(audio_video)))
         if st.uses_kernels:
             out = torch.empty(B, T, Hq, D, dtype=q.dtype, device=q.device)
             res = chunk_attention(q, *args, **opts, out=out.transpose(1, 2))
@@ -647,7 +697,7 @@ class BudgetedLayerCache:
             res = torch_ops.chunk_attention(q, *args, **opts)
             out = res.out.transpose(1, 2)
         st.token_mass[:, :, :S] += res.stored_mass  # the window's evidence on stored tokens, as decode adds its own
-        self.prefill(k, v, scores=res.chunk_mass, valid=valid, **metadata)
+        self.prefill(k, v, scores=res.chunk_mass, valid=valid, audio_video=audio_video, **metadata)
         return out
 
     def _mark_valid(self, before: torch.Tensor | None, valid: torch.Tensor) -> None:
@@ -717,33 +767,68 @@ class BudgetedLayerCache:
         the upkeep (the store rounds it up to its alignment)."""
         return target_max + self.cfg.slack + 1
 
+    def _grown_target_max(self) -> int:
+        """``decode_budget="all"``: the host's bound on every row's target counting the tokens decoded since."""
+        return budget_tokens(self.cfg, self._prompt_max + self._decoded, self.layer, self.num_layers)
+
     def needs_upkeep(self) -> bool:
-        """True when some row holds more than its budget plus ``cfg.slack`` tokens (decided on the host, no sync)."""
-        return self.target is not None and not self.cfg.is_full and self._excess > self.cfg.slack
+        """True when some row holds more than its budget plus ``cfg.slack`` tokens (decided on the host, no sync).
+
+        Never with ``decode_budget="prompt"``: decoded tokens are kept until the next prefill counts them. With
+        ``"all"`` the budget grows with the tokens decoded, so the excess over it grows by ``1 - budget`` a token.
+        """
+        cfg = self.cfg
+        if self.target is None or cfg.is_full or cfg.decode_budget == "prompt":
+            return False
+        grown = self._grown_target_max() - self._target_max if cfg.decode_budget == "all" else 0
+        return self._excess - grown > cfg.slack
 
     def compress(self, *, upkeep: bool = False) -> None:
         """Run the policy on the stored tokens and apply its plan (nothing to do at budget 1.0 / method full).
 
         ``upkeep=True`` compacts in place (the storage keeps its capacity and addresses); after a prefill the
-        storage is sized to ``max(target) + slack + 1`` slots.
+        storage is sized to ``max(target) + slack + 1`` slots. With adaptive head budgets (Ada-KV) the rows of a
+        layer get different lengths: the policy runs as torch ops on every backend, a prefill reads the longest row
+        back (one sync) to size the storage, and an upkeep caps every row at the room the storage has.
         """
         st = self.store
-        if self.cfg.is_full or st.k is None:
+        cfg = self.policy_cfg
+        if cfg.is_full or st.k is None:
             return
+        if upkeep and cfg.decode_budget == "all":  # the budget of every token seen so far
+            self._target_max = self._grown_target_max()
+            self.target = budget_tokens(cfg, self.prompt_tokens + self._decoded, self.layer, self.num_layers)
         w = st.max_length
+        scores = st.token_mass[:, :, :w]
+        if cfg.score_evidence == "mean":  # every query from a token on adds to its mass: rank by the mean per query
+            scores = scores / (st.seen - st.position[:, :, :w].float()).clamp(min=1.0)
+        if cfg.value_aware:  # evidence x ||v||: a token that is attended but adds little to the output ranks lower
+            scores = scores * st.v[:, :, :w].float().norm(dim=-1)
         x = LayerTokens(
-            scores=st.token_mass[:, :, :w], modality=st.modality[:, :, :w], lengths=st.lengths,
+            scores=scores, modality=st.modality[:, :, :w], lengths=st.lengths,
             time=st.time[:, :, :w], keys=st.k[:, :, :w], spatial=st.spatial[:, :, :w],
             valid=None if self._valid is None else self._valid[..., :w],
             position=st.position[:, :, :w], window_range=self.window,
         )
-        if st.uses_kernels:  # a few launches, nothing read back: sizes come from the host's bounds
-            self.last = plan_layer_fused(self.cfg, x, self.layer, self.num_layers, target=self.target,
-                                         max_keep=self._target_max)
+        if cfg.adaptive_heads:
+            cap = st.capacity - cfg.slack - 1 if upkeep else None
+            self.last = plan_layer(cfg, x, self.layer, self.num_layers, target=self.target, max_per_row=cap)
+            longest = cap if upkeep else self.last.plan.keep.shape[-1]  # the longest row (read back by the policy)
+            self._target_max = max(self._target_max, longest) if upkeep else longest
+            bounds = (0, min(longest, w))
         else:
-            self.last = plan_layer(self.cfg, x, self.layer, self.num_layers, target=self.target)
-        capacity = st.capacity if upkeep else self._capacity_after_prefill(self._target_max)
-        st.compress(self.last.plan, check_plan=False, capacity=capacity, length_bounds=(0, min(self._target_max, w)))
+            if st.uses_kernels:  # a few launches, nothing read back: sizes come from the host's bounds
+                self.last = plan_layer_fused(cfg, x, self.layer, self.num_layers, target=self.target,
+                                             max_keep=self._target_max)
+            else:
+                self.last = plan_layer(cfg, x, self.layer, self.num_layers, target=self.target)
+            bounds = (0, min(self._target_max, w))
+        capacity = self._capacity_after_prefill(self._target_max)
+        if upkeep:  # in place; the storage grows only when a budget on every token seen outgrows it
+            capacity = max(st.capacity, _round_up(capacity, st.align) if cfg.decode_budget == "all" else 0)
+        st.compress(self.last.plan, check_plan=False, capacity=capacity, length_bounds=bounds)
+        if cfg.score_evidence == "last" and cfg.method == "tova":
+            st.token_mass.zero_()  # TOVA ranks by the latest queries only: the next upkeep sees the steps since
         self._excess = 0  # every row now holds at most its target
         self._valid = None
         self.compressions += 1

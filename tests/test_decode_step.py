@@ -60,7 +60,8 @@ def test_decode_step_is_attention_over_the_stored_tokens_plus_the_new_one(backen
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_capacity_and_addresses_stay_fixed_across_three_upkeeps(backend):
-    cfg = ak.AccKVConfig(budget=0.25, slack=8, backend=backend)
+    """With the budget fixed at the prompt's (``decode_budget="fixed"``); "all" grows it with the tokens seen."""
+    cfg = ak.AccKVConfig(budget=0.25, slack=8, backend=backend, decode_budget="fixed")
     cache, g = _prefilled(cfg, N=100)
     st = cache.store
     target = int(cache.target.max())

@@ -28,7 +28,7 @@ def prompt():
                 modality=mod.view(1, N), time=tm.view(1, N).int(), spatial=sp.view(1, N, 2).int())
 
 
-@pytest.mark.parametrize("cfg", [pytest.param(AccKVConfig(method=m), id=m) for m in METHODS if m != "full"] +
+@pytest.mark.parametrize("cfg", [pytest.param(AccKVConfig(method=m), id=m) for m in METHODS if m not in ("full", "adakv")] +
                          [pytest.param(AccKVConfig(budget=0.1, pool_mode="avg", head_renorm=True), id="acckv-variant")])
 def test_end_of_prefill_is_a_few_device_operations_and_no_sync(cfg, prompt):
     cache = BudgetedLayerCache(cfg.replace(backend="triton"), layer=3, num_layers=28)
@@ -38,3 +38,13 @@ def test_end_of_prefill_is_a_few_device_operations_and_no_sync(cfg, prompt):
     assert ops.syncs == 0, dict(ops.sync_ops)
     assert total <= MAX_DEVICE_OPS, (dict(ops.by_name), dict(launches))
     assert cache.store.capacity < N  # compacted out of the prompt: the prefill-size storage is gone
+
+
+def test_adaptive_head_budgets_read_back_twice(prompt):
+    """Ada-KV gives the heads of a layer different lengths; the storage is as long as the longest, which the host
+    reads back, and the torch policy (which runs on every backend for Ada-KV) checks the modality ids: two syncs
+    per layer's end of prefill, where every other method has none."""
+    cache = BudgetedLayerCache(AccKVConfig(method="adakv", backend="triton"), layer=3, num_layers=28)
+    with count_triton_launches(dry_run=True), OpCounter() as ops:
+        cache.prefill(**prompt)
+    assert ops.syncs == 2, dict(ops.sync_ops)

@@ -37,10 +37,10 @@ def test_prefill_compresses_to_budget_and_releases_memory():
 
 
 @pytest.mark.parametrize("cfg", [
-    pytest.param(AccKVConfig(budget=0.2, slack=16), id="acckv"),
-    pytest.param(AccKVConfig(budget=0.2, slack=16, method="h2o"), id="h2o"),
+    pytest.param(AccKVConfig(budget=0.2, slack=16, decode_budget="fixed"), id="acckv"),
+    pytest.param(AccKVConfig(budget=0.2, slack=16, method="h2o", decode_budget="fixed"), id="h2o"),
 ])
-def test_decode_upkeep_holds_budget_plus_slack(cfg):
+def test_decode_upkeep_holds_budget_plus_slack(cfg):  # the "fixed" mode; tests/test_budgets_and_baselines: the others
     cache = prefilled(cfg)
     target = cache.target.clone()
     window = torch.arange(N - cfg.window, N)

@@ -23,8 +23,9 @@ Design (data flows integration -> cache -> policy -> ops):
        unregistered when the last handle reverts). It routes calls that carry an :class:`AccKVCache` to the cache
        layer and everything else to the original implementation, so a model sharing the config stays exact.
 * **Paths** (per layer, inside the attention call; the cache layer's ``update`` only stages the new K/V):
-    - prefill (empty layer): the original attention (SDPA) over the full K/V, then ``window_scores`` of the last W
-      queries, then :meth:`BudgetedLayerCache.prefill` (policy -> ``compact_kv``), layer by layer;
+    - prefill (empty layer): the original attention (SDPA) over the full K/V, then the cache's
+      :meth:`BudgetedLayerCache.prompt_evidence` (the window's, the last query's or every query's attention mass),
+      then :meth:`BudgetedLayerCache.prefill` (policy -> ``compact_kv``), layer by layer;
     - decode (one query): :meth:`BudgetedLayerCache.decode_step`: append, attention over the stored tokens (token
       mass accumulated where the method reads it, multiplicity weighted), the upkeep when a row passes budget +
       slack; no host sync and no allocation between upkeeps;
@@ -53,11 +54,9 @@ from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from .. import torch_ops
 from ..cache import BudgetedLayerCache
 from ..config import AccKVConfig
 from ..modality import Modality
-from ..ops.window_scores import window_scores as window_scores_kernel
 
 __all__ = ["AccKVCache", "AccKVHandle", "AccKVLayer", "MODEL_SPECS", "ModelSpec", "SUPPORTED_MODELS", "acckv",
            "apply_acckv"]
@@ -203,6 +202,7 @@ class AccKVLayer(CacheLayerMixin):
         if self.cfg.is_full:  # exactly a DynamicLayer: store everything, hand the model the full K/V
             meta = self._owner._metadata(key_states.shape[2])
             del meta["valid"]  # padding is stored as DynamicCache stores it; the model's mask excludes it
+            meta.pop("audio_video", None)
             self.store.append(key_states, value_states, **meta)
             n = self.store.max_length
             return self.store.k[:, :, :n], self.store.v[:, :, :n]
@@ -266,19 +266,11 @@ class AccKVLayer(CacheLayerMixin):
             return self._decode(query, k, v, scaling, meta)
         if not self.store.initialized:
             out, _ = delegate(module, query, k, v, attention_mask, scaling=scaling, dropout=0.0, **kwargs)
-            scores = self._window_scores(query, k, scaling, valid)
-            self.budgeted.prefill(k, v, scores=scores, valid=valid, **meta)
+            av = meta.pop("audio_video", None)
+            scores = self.budgeted.prompt_evidence(query, k, scale=scaling, valid=valid, audio_video=av)
+            self.budgeted.prefill(k, v, scores=scores, valid=valid, audio_video=av, **meta)
             return out
         return self._chunk(query, k, v, scaling, valid, meta)
-
-    def _window_scores(self, query, k, scaling, valid) -> torch.Tensor:
-        T = k.shape[2]
-        W = min(self.cfg.window, T)
-        key_start = None if valid is None else valid.int().argmax(-1).to(torch.int32)  # first valid token (left pad)
-        q_window = query[:, :, T - W:]
-        if self.store.kernels_on(query.device):
-            return window_scores_kernel(q_window, k, scale=scaling, key_start=key_start).scores
-        return torch_ops.window_scores(q_window, k, scale=scaling, key_start=key_start).scores
 
     def _decode(self, query, k, v, scaling, meta) -> torch.Tensor:
         """One token: the cache's decode step (append, attention + mass, upkeep when due) -> ``[B, 1, Hq, D]``."""
@@ -315,7 +307,10 @@ class AccKVCache(Cache):
         for name in ("valid", "modality", "time", "spatial"):
             x = self._step.get(name)
             out[name] = x if x is not None and x.shape[1] == T else None
-        return {k: v for k, v in out.items() if v is not None or k == "valid"}
+        out = {k: v for k, v in out.items() if v is not None or k == "valid"}
+        if T > 1:
+            out["audio_video"] = self._step.get("audio_video")  # host flag: whether the prompt has AV tokens
+        return out
 
     def stored_tokens(self) -> torch.Tensor:
         """``[num_layers, B, Hkv]`` int64: tokens stored now per (layer, sequence, kv head)."""
@@ -508,6 +503,8 @@ class AccKVHandle:
                 patch = (modality == Modality.VIDEO) | (modality == Modality.IMAGE)
                 hw = torch.stack([rows[1], rows[2]], dim=-1)
                 step["spatial"] = torch.where(patch[..., None], hw, -1)
+        if T > 1 and cache.cfg.score_evidence == "auto":  # AccKV's evidence follows the prompt: one read per chunk
+            step["audio_video"] = bool((modality != Modality.TEXT).any()) if modality is not None else False
         for layer in cache.layers:  # a forward that raised half-way may have left a chunk staged
             layer._staged = None
         cache._step = step
