@@ -90,7 +90,7 @@ def test_av_stress_rows_label_each_variant(monkeypatch):
     rows = av.av_stress_rows(budgets=(0.5,), variants=["tiny", "tiny-audio"], device=DEVICE,
                              progress=lambda names: seen.extend(names) or names)
     assert seen == ["tiny", "tiny-audio"]
-    assert [r["variant"] for r in rows] == ["tiny"] * 11 + ["tiny-audio"] * 11
+    assert [r["variant"] for r in rows] == ["tiny"] * 13 + ["tiny-audio"] * 13
     assert all(r["budget"] == 0.5 and abs(r["KV kept %"] - 50.0) < 1.0 for r in rows if r["method"] != "pyramidkv")
     assert {"out err", "recall kept", "recall kept+merged", "mass kept", "mass kept+merged"} <= set(rows[0])
     with pytest.raises(ValueError, match="variants must be names from"):
@@ -112,7 +112,8 @@ def test_cli_fidelity_suite(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "AV workload fidelity" in out and "Focusing shares" in out and "Memory held" in out
     results = json.loads((tmp_path / "bench.json").read_text())
-    assert len(results["tables"]["av_fidelity"]) == 3 * 11
+    assert len(results["tables"]["av_fidelity"]) == 3 * 13  # AccKV, 5 ablations, 7 baselines
+    assert {r["variant"] for r in results["tables"]["av_stress"]} == {"control", "low-redundancy"}
     assert "AV workload fidelity" in (tmp_path / "bench.md").read_text()  # the printed report, kept
 
 
@@ -125,7 +126,7 @@ def test_prefill_cost_and_compaction_rows_with_a_stand_in_timer():
 
     (row,) = prefill.cost_rows(DEVICE, torch.float32, lengths=[400], heads=(4, 2), head_dim=32,
                                window=8, timer=timer)
-    assert row["scores % attn"] == 100.0 and row["N"] == 400
+    assert row["scores % attn"] == 100.0 and row["observed % attn"] == 100.0 and row["N"] == 400
     (crow,) = prefill.compaction_rows(DEVICE, torch.float32, batches=[2], num_kv_heads=2, capacity=64,
                                       head_dim=32, timer=timer, copy_gbs=10.0)
     assert crow["kept"] == 16 and crow["compact_kv vs torch ×"] == 1.0
@@ -238,7 +239,7 @@ def test_real_suite_runs_on_a_users_checkpoint_and_text(tmp_path, capsys):
     g = torch.Generator().manual_seed(0)
     text = tmp_path / "notes.txt"
     text.write_text(" ".join(words[int(i)] for i in torch.randint(0, len(words), (700,), generator=g)))
-    assert main(["--suite", "real", "--model", str(tmp_path / "ckpt"), "--text", str(text),
+    assert main(["--suite", "real", "--quick", "--model", str(tmp_path / "ckpt"), "--text", str(text),
                  "--out", str(tmp_path / "out")]) == 0
     report = capsys.readouterr().out
     assert "ckpt (LlamaForCausalLM)" in report and "notes.txt" in report

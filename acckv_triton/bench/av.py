@@ -25,7 +25,7 @@ import torch
 
 from .. import reference, tuning, workloads
 from ..config import AccKVConfig
-from ..ops import compact_kv, decode_attention, window_scores
+from ..ops import compact_kv, decode_attention, observed_attention, window_scores
 from ..policy import LayerTokens, budget_tokens, plan_layer
 
 DEFAULT_BUDGETS = (0.5, 0.25, 0.1)
@@ -35,7 +35,7 @@ def method_configs(budget: float | int, base: AccKVConfig | None = None) -> dict
     """AccKV, each ablation and every baseline at ``budget``, by display name."""
     base = (base or AccKVConfig()).replace(budget=budget)
     configs = {"acckv": base, **base.ablations()}
-    for method in ("snapkv", "pyramidkv", "h2o", "lookm", "streaming"):
+    for method in ("snapkv", "pyramidkv", "adakv", "h2o", "tova", "lookm", "streaming"):
         configs[method] = base.replace(method=method)
     return configs
 
@@ -63,10 +63,25 @@ def layer_inputs(w: workloads.AVWorkload, layer: int, scores: torch.Tensor) -> L
     )
 
 
-def prefill_scores(w: workloads.AVWorkload) -> list[torch.Tensor]:
-    """Window scores of every layer, from the ``window_scores`` kernel."""
-    mod = w.token_modality()
-    return [window_scores(lt.q_window, lt.k, modality=mod).scores for lt in w.layers]
+def prefill_scores(w: workloads.AVWorkload, evidence: str = "window") -> list[torch.Tensor]:
+    """Step 0's evidence of every layer (``AccKVConfig.evidence_for``): ``"window"`` the window queries' scores
+    (``window_scores``), ``"last"`` the last prompt query's, ``"observed"`` every prompt query's attention mass
+    (``observed_attention`` over the workload's ``q_prompt``), ``"mean"`` that mass over the queries that see each
+    token."""
+    if evidence == "window":
+        mod = w.token_modality()
+        return [window_scores(lt.q_window, lt.k, modality=mod).scores for lt in w.layers]
+    if evidence == "last":
+        return [window_scores(lt.q_window[:, :, -1:].contiguous(), lt.k).scores for lt in w.layers]
+    if evidence in ("observed", "mean"):
+        if w.layers[0].q_prompt is None:
+            raise ValueError("observed evidence needs the workload's prompt queries (AVWorkloadConfig.prompt_queries)")
+        mass = [observed_attention(lt.q_prompt, lt.k).key_mass for lt in w.layers]
+        if evidence == "mean":  # over the queries that see each token: N - t of them
+            n = w.num_tokens - torch.arange(w.num_tokens, device=mass[0].device, dtype=torch.float32)
+            mass = [m / n for m in mass]
+        return mass
+    raise ValueError(f"evidence must be 'window', 'last', 'observed' or 'mean', got {evidence!r}")
 
 
 def _decode_on(k, v, lengths, q_decode, multiplicity=None) -> torch.Tensor:
@@ -99,7 +114,7 @@ def evaluate(w: workloads.AVWorkload, cfg: AccKVConfig, scores: list[torch.Tenso
              full_out: list[torch.Tensor] | None = None, token_mass: list[torch.Tensor] | None = None) -> dict:
     """Compress every layer of ``w`` with ``cfg`` and measure fidelity against the full cache.
 
-    ``scores`` are the layers' prefill window scores (:func:`prefill_scores`); ``full_out`` the reference outputs
+    ``scores`` are the layers' prefill evidence (:func:`prefill_scores` of ``cfg.score_evidence``); ``full_out`` the reference outputs
     (:func:`full_outputs`) and ``token_mass`` the full cache's decode mass per token (:func:`full_token_masses`),
     each computed here when not given.
     """
@@ -148,11 +163,12 @@ def evaluate(w: workloads.AVWorkload, cfg: AccKVConfig, scores: list[torch.Tenso
 def fidelity_rows(w: workloads.AVWorkload, budgets: Iterable[float] = DEFAULT_BUDGETS,
                   progress: Callable[[Iterable], Iterable] = lambda x: x) -> list[dict]:
     """One row per (budget, method): fidelity and bytes kept on the workload ``w``."""
-    scores, full_out, token_mass = prefill_scores(w), full_outputs(w), full_token_masses(w)
+    full_out, token_mass = full_outputs(w), full_token_masses(w)
     jobs = [(b, name, cfg) for b in budgets for name, cfg in method_configs(b).items()]
+    scores = {e: prefill_scores(w, e) for e in sorted({cfg.evidence_for(True) for _, _, cfg in jobs})}
     rows = []
-    for budget, name, cfg in progress(jobs):
-        r = evaluate(w, cfg, scores, full_out, token_mass)
+    for budget, name, cfg in progress(jobs):  # an AV prompt: "auto" evidence is the window's
+        r = evaluate(w, cfg, scores[cfg.evidence_for(True)], full_out, token_mass)
         rows.append({"budget": budget, "method": name, **{k: v for k, v in r.items() if k != "rho"}})
     return rows
 

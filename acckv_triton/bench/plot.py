@@ -19,9 +19,10 @@ import math
 import sys
 from pathlib import Path
 
-NAMES = {"acckv": "AccKV", "snapkv": "SnapKV", "pyramidkv": "PyramidKV", "h2o": "H2O", "lookm": "LOOK-M-like",
-         "streaming": "StreamingLLM"}
-BASELINE_COLORS = {"snapkv": "C0", "pyramidkv": "C1", "h2o": "C2", "lookm": "C3", "streaming": "C4"}
+NAMES = {"acckv": "AccKV", "snapkv": "SnapKV", "pyramidkv": "PyramidKV", "adakv": "Ada-KV (SnapKV)", "h2o": "H2O",
+         "tova": "TOVA", "lookm": "LOOK-M-like", "streaming": "StreamingLLM"}
+BASELINE_COLORS = {"snapkv": "C0", "pyramidkv": "C1", "h2o": "C2", "lookm": "C3", "streaming": "C4", "adakv": "C5",
+                   "tova": "C6"}
 MODALITY_COLORS = {"text": "0.6", "audio": "tab:orange", "video": "tab:blue", "image": "tab:green"}
 DPI = 120
 

