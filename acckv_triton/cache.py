@@ -556,6 +556,7 @@ class BudgetedLayerCache:
         self._target_max = 0  # budget_tokens of _prompt_max: the host's bound on every row's target
         self._padded = False  # whether some prefill had padding (then targets differ per row, on the device)
         self._excess = 0  # bound on max over rows of (stored - target), on the host: upkeep is due past cfg.slack
+        self._longest = 0  # the host's bound on the longest row after the latest compression
 
     @property
     def reads_mass(self) -> bool:
@@ -781,7 +782,8 @@ class BudgetedLayerCache:
         if self.target is None or cfg.is_full or cfg.decode_budget == "prompt":
             return False
         grown = self._grown_target_max() - self._target_max if cfg.decode_budget == "all" else 0
-        return self._excess - grown > cfg.slack
+        # due past the slack, or before a row would outgrow the storage (Ada-KV's longest head, a growing budget)
+        return self._excess - grown > cfg.slack or self._longest + self._excess >= self.store.capacity
 
     def compress(self, *, upkeep: bool = False) -> None:
         """Run the policy on the stored tokens and apply its plan (nothing to do at budget 1.0 / method full).
@@ -810,22 +812,23 @@ class BudgetedLayerCache:
             valid=None if self._valid is None else self._valid[..., :w],
             position=st.position[:, :, :w], window_range=self.window,
         )
+        room = st.capacity  # an upkeep compacts in place; it grows the storage only when the budget outgrows it
+        if upkeep and cfg.decode_budget == "all":
+            room = max(room, _round_up(self._capacity_after_prefill(self._target_max), st.align))
         if cfg.adaptive_heads:
-            cap = st.capacity - cfg.slack - 1 if upkeep else None
+            cap = room - cfg.slack - 1 if upkeep else None
             self.last = plan_layer(cfg, x, self.layer, self.num_layers, target=self.target, max_per_row=cap)
             longest = cap if upkeep else self.last.plan.keep.shape[-1]  # the longest row (read back by the policy)
-            self._target_max = max(self._target_max, longest) if upkeep else longest
-            bounds = (0, min(longest, w))
         else:
             if st.uses_kernels:  # a few launches, nothing read back: sizes come from the host's bounds
                 self.last = plan_layer_fused(cfg, x, self.layer, self.num_layers, target=self.target,
                                              max_keep=self._target_max)
             else:
                 self.last = plan_layer(cfg, x, self.layer, self.num_layers, target=self.target)
-            bounds = (0, min(self._target_max, w))
-        capacity = self._capacity_after_prefill(self._target_max)
-        if upkeep:  # in place; the storage grows only when a budget on every token seen outgrows it
-            capacity = max(st.capacity, _round_up(capacity, st.align) if cfg.decode_budget == "all" else 0)
+            longest = self._target_max
+        bounds = (0, min(longest, w))
+        self._longest = min(longest, w)
+        capacity = room if upkeep else self._capacity_after_prefill(longest)
         st.compress(self.last.plan, check_plan=False, capacity=capacity, length_bounds=bounds)
         if cfg.score_evidence == "last" and cfg.method == "tova":
             st.token_mass.zero_()  # TOVA ranks by the latest queries only: the next upkeep sees the steps since

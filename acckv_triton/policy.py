@@ -264,7 +264,8 @@ def plan_layer(cfg: AccKVConfig, x: LayerTokens, layer: int = 0, num_layers: int
     n_valid = valid.sum(-1)
     if target is None:
         target = budget_tokens(cfg, n_valid, layer, num_layers)
-    target = torch.minimum(target.long(), n_valid)
+    requested = target.long()  # Ada-KV shares what the rows asked for, also what a short row cannot use
+    target = torch.minimum(requested, n_valid)
     rho = torch.zeros(B, NUM_MODALITIES, device=dev, dtype=torch.float64)
     priority = torch.full((B,), -1, dtype=torch.long, device=dev)
 
@@ -306,7 +307,7 @@ def plan_layer(cfg: AccKVConfig, x: LayerTokens, layer: int = 0, num_layers: int
     kept = _topk_mask(level * N + rank_valid.float(), target, protected)  # newest first within a level
     cand = valid & ~protected
     if cfg.adaptive_heads:  # Ada-KV: the layer's free budget goes where the evidence is, across kv heads
-        target = _adaptive_targets(cfg, s_rank, cand, kept.sum(-1), target, max_per_row)
+        target = _adaptive_targets(cfg, s_rank, cand, kept.sum(-1), requested, max_per_row)
     free = target - kept.sum(-1)
 
     if method == "streaming":
@@ -399,7 +400,7 @@ def plan_layer(cfg: AccKVConfig, x: LayerTokens, layer: int = 0, num_layers: int
 def _adaptive_targets(cfg: AccKVConfig, score: torch.Tensor, cand: torch.Tensor, protected: torch.Tensor,
                       target: torch.Tensor, max_per_row: int | None) -> torch.Tensor:
     """Ada-KV's allocation: per-row targets ``[B, Hkv]`` whose sum over the kv heads of a sequence equals the sum
-    of ``target`` (as far as candidates allow).
+    of ``target`` (as far as candidates and ``max_per_row`` allow; a row shorter than its target gives the rest).
 
     Each row first gets ``floor(ada_floor · free)`` of its own free budget (free = target − protected); the rest
     of the sequence's free budget goes to the best remaining candidates of all its heads by ``score`` (window

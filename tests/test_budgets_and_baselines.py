@@ -146,16 +146,25 @@ def test_decode_budget_modes():
 
 
 def test_adaptive_cache_sizes_storage_to_the_longest_head_and_caps_upkeep():
-    cfg = AccKVConfig(method="adakv", budget=0.25, slack=8)
+    cfg = AccKVConfig(method="adakv", budget=0.25, slack=8, decode_budget="fixed")
     cache, (q, k, v), g = _prefilled(cfg)
     lengths = cache.store.lengths.long()
     assert int(lengths.sum()) == int(cache.target.sum())
     cap = cache.store.capacity - cfg.slack - 1
     assert int(lengths.max()) <= cap
-    for _ in range(30):  # several upkeeps at the storage's room
+    capacity = cache.store.capacity
+    for _ in range(30):  # several upkeeps, each keeping the layer's whole budget within the storage's room
         _decode(cache, g, 1)
-        assert int(cache.store.lengths.max()) <= cache.store.capacity
+        if cache._excess == 0:
+            assert int(cache.store.lengths.sum()) == int(cache.target.sum())
     assert cache.compressions > 1
+    assert cache.store.capacity == capacity  # nothing outgrew it: upkeeps came before any row would
+
+
+def test_adaptive_targets_hand_a_short_rows_unused_budget_to_the_others():
+    x = tokens(lengths=[N, 40, N, N])  # row (0, 1) holds fewer tokens than its target (as after an upkeep)
+    plan = plan_layer(AccKVConfig(method="adakv", budget=100), x, 1, 2, target=torch.full((2, 2), 100)).plan
+    assert int(plan.keep_lengths[0].sum()) == 200 and int(plan.keep_lengths[0, 1]) <= 40
 
 
 def test_value_aware_ranks_by_mass_times_value_norm():
