@@ -60,6 +60,6 @@ def test_decode_steps_on_real_weights_stay_close_to_the_full_cache(smollm2):
     rows = _by_key(fidelity_rows(model, tokenizer, context=512, continuation=128, budgets=(0.5,),
                                  methods=("acckv", "streaming"), step="decode"))
     acc, stream = rows[("acckv", 0.5)], rows[("streaming", 0.5)]
-    assert acc["kept"] <= 0.5 + 0.01
+    assert acc["kept"] <= 0.5 + 64 / 639 + 0.01  # the budget of every token seen, plus at most the slack (64)
     assert acc["top1"] >= 0.9 and acc["kl"] <= 0.04
     assert acc["top1"] >= stream["top1"] and acc["kl"] <= stream["kl"]

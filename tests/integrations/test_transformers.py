@@ -162,8 +162,9 @@ def test_omni_thinker_budget_with_modality_time_and_patch_metadata():
 
 
 def test_upkeep_keeps_the_budget_over_a_long_generation():
+    """The prompt's budget held over 60 steps (decode_budget "fixed"; "all" grows it, tests/test_budgets_...)."""
     model = tiny_causal_lm("qwen2")
-    cfg = ak.AccKVConfig(budget=0.25, slack=8, window=8, recent=4)
+    cfg = ak.AccKVConfig(budget=0.25, slack=8, window=8, recent=4, decode_budget="fixed")
     prompt = _left_padded((64,))
     with apply_acckv(model, cfg) as handle:
         cache = handle.new_cache()
