@@ -10,8 +10,10 @@ Methods (``AccKVConfig.method``), all at the same budget per (layer, sequence, k
                relative to the modality mean (redistribution), merging of similar neighbours within a modality and
                time-bin alignment of the low-priority modality to the high-priority one (cross-calibration)
     snapkv     observation window + top-k of pooled window scores
-    pyramidkv  snapkv with a layer pyramid of budgets
-    h2o        recent tokens + top-k of accumulated attention (no pooling)
+    pyramidkv  snapkv with PyramidKV's layer schedule of budgets
+    adakv      snapkv with Ada-KV's allocation of a layer's budget across its kv heads
+    h2o        recent tokens + top-k of every prompt query's accumulated attention (no pooling)
+    tova       top-k of the last query's attention, nothing protected (TOVA)
     streaming  sink tokens + the most recent tokens
     lookm      text first, then top-k of pooled scores, then every evicted token merges into its nearest kept key
     full       keep everything
