@@ -585,11 +585,11 @@ class BudgetedLayerCache:
             raise ValueError(f"valid must be a [B, T] = {(k.shape[0], T)} bool tensor, got {tuple(valid.shape)}")
         key_start = None if valid is None else valid.int().argmax(-1).to(torch.int32)  # first valid token
         kernels = self.store.kernels_on(q.device)
-        evidence = self._resolve(audio_video).score_evidence
-        if evidence in ("observed", "mean"):  # the mean divides by the number of queries at compression time
+        cfg = self._resolve(audio_video)
+        if cfg.score_evidence in ("observed", "mean"):  # the mean divides by the queries at compression time
             op = observed_attention if kernels else torch_ops.observed_attention
             return op(q, k, scale=scale, key_start=key_start).key_mass
-        W = min(self.cfg.window if evidence == "window" else 1, T)
+        W = self._evidence_rows(T, cfg)
         op = window_scores if kernels else torch_ops.window_scores
         return op(q[:, :, T - W:], k, scale=scale, key_start=key_start).scores
 
