@@ -37,7 +37,12 @@ Design (data flows integration -> cache -> policy -> ops):
 * **Backends**: ``"triton"`` runs the kernels (interpreted on a CPU); ``"torch"`` the vectorised PyTorch ops of
   :mod:`acckv_triton.torch_ops` (``LayerKVCache(backend=...)``); ``"auto"`` the kernels on CUDA tensors and the
   torch ops on CPU ones.
-* Not supported: beam search (``reorder_cache``), ``crop`` (assisted decoding), static caches / ``torch.compile``.
+* **Sliding-window layers** keep the layer transformers' ``DynamicCache(config=...)`` would build for them (a
+  ``DynamicSlidingWindowLayer``) and their original attention over it, exactly as the model defines them; only the
+  full-attention layers are :class:`AccKVLayer` s. A model with no full-attention layer is refused below budget 1.0.
+* **generate modes**: beam search and ``num_return_sequences`` reorder every row of every layer (K/V, lengths,
+  metadata, targets); ``crop`` (assisted decoding) works at budget 1.0 and is refused below it.
+* Not supported: static caches / ``torch.compile``, attention logit soft-capping, bidirectional attention.
   A Qwen2.5-Omni hand-written decode loop must pass ``position_ids`` or no 2-D mask (the thinker derives decode
   positions from a 2-D mask correctly only inside ``generate``).
 """
@@ -50,7 +55,7 @@ from typing import Any
 
 import torch
 from transformers import AttentionInterface
-from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
@@ -91,6 +96,7 @@ MODEL_SPECS: tuple[ModelSpec, ...] = (
     ModelSpec("Qwen2", ("qwen2",)),
     ModelSpec("Qwen3", ("qwen3",)),
     ModelSpec("Mistral", ("mistral",)),
+    ModelSpec("Gemma 3", ("gemma3_text",)),
     ModelSpec("Qwen2.5-VL", ("qwen2_5_vl",), decoder=("model.language_model", "model"), mrope=True,
               modality_token_ids=(("image_token_id", Modality.IMAGE), ("video_token_id", Modality.VIDEO))),
     ModelSpec("Qwen3-VL", ("qwen3_vl",), decoder=("model.language_model", "model"), mrope=True,
@@ -113,23 +119,38 @@ def _spec_for(model) -> ModelSpec:
                      "apply_acckv(model.thinker, cfg).")
 
 
-def _refuse_sliding_layers(model) -> None:
-    """Sliding-window layers are not supported yet: a compressed cache would attend beyond their window, silently.
-    Raises ValueError naming the layers (configs whose ``layer_types`` are all full attention pass)."""
-    config = getattr(model, "config", None)
-    for cfg in (config, getattr(config, "text_config", None)):
-        types = getattr(cfg, "layer_types", None) or ()
-        sliding = [i for i, t in enumerate(types) if t != "full_attention"]
-        if sliding:
-            raise ValueError(f"apply_acckv does not support sliding-window attention yet: layers {sliding} of this "
-                             f"{type(model).__name__} are {types[sliding[0]]!r} (config.layer_types), and a "
-                             "compressed cache would attend beyond their window. Use a config whose layers are all "
-                             "full attention (e.g. use_sliding_window=False).")
-        window = getattr(cfg, "sliding_window", None)
-        if not types and window is not None and getattr(cfg, "use_sliding_window", True):
-            raise ValueError(f"apply_acckv does not support sliding-window attention yet: this "
-                             f"{type(model).__name__} attends within config.sliding_window={window} in every layer. "
-                             "Use a config with sliding_window=None (e.g. Mistral v0.2 and later).")
+def _model_layers(config) -> list:
+    """The cache layers transformers' own ``DynamicCache(config=config)`` builds for this model, one per decoder layer:
+    ``DynamicLayer`` (full attention: AccKV compresses it) or ``DynamicSlidingWindowLayer`` (sliding-window attention:
+    kept as the model defines it, the last ``window - 1`` tokens, uncompressed). Raises ValueError for any other kind
+    (linear attention, shared or dummy layers): AccKV would not know what that layer's attention sees."""
+    layers = DynamicCache(config=config).layers
+    for i, layer in enumerate(layers):
+        if type(layer) is not DynamicLayer and not isinstance(layer, DynamicSlidingWindowLayer):
+            raise ValueError(f"apply_acckv supports full-attention and sliding-window layers; layer {i} of this model "
+                             f"is cached by transformers as a {type(layer).__name__}")
+    return layers
+
+
+def _check_layers(model, cfg: AccKVConfig, num_layers: int) -> None:
+    """Refuse what the cache cannot honour: a layer kind other than full / sliding-window attention, a layer count
+    that differs from the decoder's, logit soft-capping or bidirectional attention (AccKV's kernels are plain causal
+    softmax attention), and a budget below 1.0 on a model with no full-attention layer (nothing to compress)."""
+    layers = _model_layers(model.config)
+    if len(layers) != num_layers:
+        raise ValueError(f"apply_acckv: the config describes {len(layers)} cache layers, the decoder has {num_layers}")
+    text = model.config.get_text_config(decoder=True)
+    if getattr(text, "attn_logit_softcapping", None) is not None:
+        raise ValueError(f"apply_acckv does not support attention logit soft-capping (config.attn_logit_softcapping="
+                         f"{text.attn_logit_softcapping}); AccKV's kernels compute plain softmax attention")
+    if getattr(text, "use_bidirectional_attention", False):
+        raise ValueError("apply_acckv does not support bidirectional attention (config.use_bidirectional_attention="
+                         "True): a KV cache is for causal decoding")
+    if not cfg.is_full and all(type(layer) is not DynamicLayer for layer in layers):
+        window = getattr(layers[0], "sliding_window", None)
+        raise ValueError(f"apply_acckv compresses full-attention layers, and every layer of this "
+                         f"{type(model).__name__} is sliding-window attention (config.sliding_window={window}): there is nothing to compress. "
+                         "Use budget=1.0, or a config with sliding_window=None (e.g. Mistral v0.2 and later).")
 
 
 def _resolve(obj, path: str):
@@ -262,15 +283,19 @@ class AccKVLayer(CacheLayerMixin):
         T = query.shape[2]
         meta = self._owner._metadata(T)
         valid = meta.pop("valid")
-        if T == 1 and self.store.initialized:
-            return self._decode(query, k, v, scaling, meta)
+        # The cache is inference state: no autograd graph through its storage, even in a forward run with grad on
+        # (the prompt's own attention, the model's, keeps its graph).
         if not self.store.initialized:
             out, _ = delegate(module, query, k, v, attention_mask, scaling=scaling, dropout=0.0, **kwargs)
             av = meta.pop("audio_video", None)
-            scores = self.budgeted.prompt_evidence(query, k, scale=scaling, valid=valid, audio_video=av)
-            self.budgeted.prefill(k, v, scores=scores, valid=valid, audio_video=av, **meta)
+            with torch.no_grad():
+                scores = self.budgeted.prompt_evidence(query, k, scale=scaling, valid=valid, audio_video=av)
+                self.budgeted.prefill(k, v, scores=scores, valid=valid, audio_video=av, **meta)
             return out
-        return self._chunk(query, k, v, scaling, valid, meta)
+        with torch.no_grad():
+            if T == 1:
+                return self._decode(query, k, v, scaling, meta)
+            return self._chunk(query, k, v, scaling, valid, meta)
 
     def _decode(self, query, k, v, scaling, meta) -> torch.Tensor:
         """One token: the cache's decode step (append, attention + mass, upkeep when due) -> ``[B, 1, Hq, D]``."""
@@ -285,18 +310,30 @@ class AccKVLayer(CacheLayerMixin):
 
 
 class AccKVCache(Cache):
-    """A transformers ``Cache`` whose layers hold AccKV-compressed K/V (:class:`AccKVLayer`).
+    """A transformers ``Cache`` whose full-attention layers hold AccKV-compressed K/V (:class:`AccKVLayer`).
 
-    Build it with :meth:`AccKVHandle.new_cache` (``generate`` on a patched model builds one itself).
-    ``get_seq_length()`` is the number of tokens seen; :meth:`stored_tokens` and :meth:`nbytes` say what is held.
+    Build it with :meth:`AccKVHandle.new_cache` (``generate`` on a patched model builds one itself). With
+    ``model_config``, the layers transformers caches in a sliding window (``config.layer_types``, a
+    ``sliding_window`` in every layer) stay transformers' own ``DynamicSlidingWindowLayer``: their attention runs as
+    the model defines it, over the last ``window - 1`` tokens, uncompressed. ``get_seq_length()`` is the number of
+    tokens seen; :meth:`stored_tokens` and :meth:`nbytes` say what is held.
     """
 
-    def __init__(self, cfg: AccKVConfig, num_layers: int):
+    def __init__(self, cfg: AccKVConfig, num_layers: int, *, model_config=None):
         if not isinstance(cfg, AccKVConfig):
             raise TypeError(f"cfg must be an AccKVConfig, got {type(cfg).__name__}")
-        super().__init__(layers=[AccKVLayer(cfg, i, num_layers, self) for i in range(num_layers)])
+        kinds = [None] * num_layers if model_config is None else _model_layers(model_config)
+        if len(kinds) != num_layers:
+            raise ValueError(f"num_layers is {num_layers} but model_config describes {len(kinds)} cache layers")
+        super().__init__(layers=[AccKVLayer(cfg, i, num_layers, self) if kind is None or type(kind) is DynamicLayer
+                                 else kind for i, kind in enumerate(kinds)])
         self.cfg = cfg
         self._step: dict[str, Any] = {}  # metadata of the chunk the current forward feeds ([B, T] tensors or None)
+
+    @property
+    def compressed_layers(self) -> list[AccKVLayer]:
+        """The layers AccKV compresses (every full-attention layer)."""
+        return [layer for layer in self.layers if isinstance(layer, AccKVLayer)]
 
     def _metadata(self, T: int) -> dict:
         """The current chunk's metadata as ``BudgetedLayerCache`` takes it (entries that do not fit T are dropped).
@@ -313,16 +350,34 @@ class AccKVCache(Cache):
         return out
 
     def stored_tokens(self) -> torch.Tensor:
-        """``[num_layers, B, Hkv]`` int64: tokens stored now per (layer, sequence, kv head)."""
-        return torch.stack([layer.store.stored_tokens().long() for layer in self.layers])
+        """``[num_layers, B, Hkv]`` int64: tokens stored now per (layer, sequence, kv head); a sliding-window layer
+        holds the same count in every row (padding included, as transformers stores it)."""
+        counts = {i: layer.store.stored_tokens().long() for i, layer in enumerate(self.layers)
+                  if isinstance(layer, AccKVLayer)}
+        like = next(iter(counts.values()), None)
+        for i, layer in enumerate(self.layers):
+            if i not in counts:
+                k = layer.keys if layer.is_initialized else like
+                n = layer.keys.shape[-2] if layer.is_initialized else 0
+                shape = (0, 0) if k is None else tuple(k.shape[:2])
+                counts[i] = torch.full(shape, n, dtype=torch.long, device=None if k is None else k.device)
+        return torch.stack([counts[i] for i in range(len(self.layers))])
 
     def nbytes(self) -> int:
-        """Bytes held by every layer: K, V, lengths and token metadata at their allocated capacity."""
-        return sum(layer.store.nbytes() for layer in self.layers)
+        """Bytes held by every layer: K, V, lengths and token metadata at their allocated capacity (a sliding-window
+        layer: its K and V)."""
+        total = 0
+        for layer in self.layers:
+            if isinstance(layer, AccKVLayer):
+                total += layer.store.nbytes()
+            elif layer.is_initialized:
+                total += layer.keys.nbytes + layer.values.nbytes
+        return total
 
     def __repr__(self) -> str:
-        seen = self.layers[0].store.seen if self.layers else 0
-        return f"AccKVCache(layers={len(self.layers)}, seen={seen}, method={self.cfg.method}, budget={self.cfg.budget})"
+        seen = self.get_seq_length() if self.layers else 0
+        return (f"AccKVCache(layers={len(self.layers)}, compressed={len(self.compressed_layers)}, seen={seen}, "
+                f"method={self.cfg.method}, budget={self.cfg.budget})")
 
 
 # ------------------------------------------------------------------------------------- attention / mask registry
@@ -345,11 +400,14 @@ def _make_attention(original: str):
         cache = None if state is None else state.cache
         if cache is None:  # not an AccKV forward (another model sharing the config, or no AccKV cache)
             return delegate(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
-        if kwargs.get("sliding_window") is not None:  # a safety net under the check apply_acckv makes
-            raise ValueError(f"AccKV does not support sliding-window attention yet (layer {module.layer_idx} "
-                             f"passes sliding_window={kwargs['sliding_window']})")
+        layer = cache.layers[module.layer_idx]
+        if not isinstance(layer, AccKVLayer):  # a sliding-window layer: as the model defines it, over its window
+            return delegate(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+        if kwargs.get("sliding_window") is not None or kwargs.get("softcap") is not None:  # under apply_acckv's checks
+            raise ValueError(f"AccKV layer {module.layer_idx} got sliding_window={kwargs.get('sliding_window')}, "
+                             f"softcap={kwargs.get('softcap')}: its cache was built for full, plain attention")
         scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
-        out = cache.layers[module.layer_idx].attend(module, query, attention_mask, scaling, delegate, kwargs)
+        out = layer.attend(module, query, attention_mask, scaling, delegate, kwargs)
         return out, None
 
     acckv_attention.__name__ = f"acckv_attention_{original}"
@@ -406,7 +464,7 @@ class AccKVHandle:
     # ---- public
     def new_cache(self) -> AccKVCache:
         """An empty compressed cache for this model: ``model(ids, past_key_values=cache)``."""
-        return AccKVCache(self.cfg, self.num_layers)
+        return AccKVCache(self.cfg, self.num_layers, model_config=self.model.config)
 
     def revert(self) -> None:
         """Restore the model exactly: hooks removed, attention implementation and generate's cache set-up restored."""
@@ -505,7 +563,7 @@ class AccKVHandle:
                 step["spatial"] = torch.where(patch[..., None], hw, -1)
         if T > 1 and cache.cfg.score_evidence == "auto":  # AccKV's evidence follows the prompt: one read per chunk
             step["audio_video"] = bool((modality != Modality.TEXT).any()) if modality is not None else False
-        for layer in cache.layers:  # a forward that raised half-way may have left a chunk staged
+        for layer in cache.compressed_layers:  # a forward that raised half-way may have left a chunk staged
             layer._staged = None
         cache._step = step
         self._state.cache = cache
@@ -521,23 +579,29 @@ def apply_acckv(model, cfg: AccKVConfig | None = None) -> AccKVHandle:
 
     Args:
         model: a supported transformers model (see :data:`SUPPORTED_MODELS`): ``LlamaForCausalLM``,
-            ``Qwen2ForCausalLM``, ``Qwen3ForCausalLM``, ``MistralForCausalLM`` (or their base models),
+            ``Qwen2ForCausalLM``, ``Qwen3ForCausalLM``, ``MistralForCausalLM``, ``Gemma3ForCausalLM`` (or their base
+            models),
             ``Qwen2_5_VLForConditionalGeneration``, ``Qwen3VLForConditionalGeneration`` or
             ``Qwen2_5OmniThinkerForConditionalGeneration``.
         cfg: the :class:`~acckv_triton.AccKVConfig` (default ``AccKVConfig()``).
 
     Raises:
-        ValueError: unsupported model (the message names the supported ones), a model with sliding-window layers,
-            or a model already patched.
+        ValueError: unsupported model (the message names the supported ones), a model already patched, a layer kind
+            other than full or sliding-window attention, logit soft-capping, or a budget below 1.0 on a model whose
+            every layer is sliding-window attention (nothing to compress).
+
+    Sliding-window layers (``config.layer_types``, e.g. Gemma 3's five in six, Qwen2's above ``max_window_layers``)
+    keep transformers' own window cache and attention: the last ``window - 1`` tokens, uncompressed. AccKV
+    compresses the full-attention layers.
     """
     cfg = AccKVConfig() if cfg is None else cfg
     if not isinstance(cfg, AccKVConfig):
         raise TypeError(f"cfg must be an AccKVConfig, got {type(cfg).__name__}")
     spec = _spec_for(model)
-    _refuse_sliding_layers(model)
     if "_acckv_handle" in model.__dict__:
         raise ValueError("this model is already patched by apply_acckv: revert() its handle first")
     handle = AccKVHandle(model, cfg, spec)
+    _check_layers(model, cfg, handle.num_layers)
     try:
         handle._apply()
     except Exception:

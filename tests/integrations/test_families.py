@@ -1,5 +1,5 @@
-"""Mistral, Qwen2.5-VL and Qwen3-VL through the spec table, on tiny random models: budget 1.0 is the unpatched model
-bit for bit, a budget is held, image tokens carry their modality and (h, w) from the placeholders and M-RoPE rows,
+"""Mistral, Gemma 3, Qwen2.5-VL and Qwen3-VL through the spec table, on tiny random models: budget 1.0 is the
+unpatched model bit for bit, a budget is held, image tokens carry their modality and (h, w) from the placeholders and M-RoPE rows,
 a second question continues the compressed cache."""
 from __future__ import annotations
 
@@ -12,16 +12,18 @@ import acckv_triton as ak  # noqa: E402
 from acckv_triton.integrations.transformers import apply_acckv  # noqa: E402
 
 from .test_transformers import _left_padded  # noqa: E402
-from .tiny_models import tiny_mistral, tiny_vl, vl_image_inputs  # noqa: E402
+from .tiny_models import tiny_gemma3, tiny_mistral, tiny_vl, vl_image_inputs  # noqa: E402
 
 GEN = dict(do_sample=False, pad_token_id=0, max_new_tokens=6, min_new_tokens=6, return_dict_in_generate=True,
            output_logits=True)
-FAMILIES = ["mistral", "qwen2_5_vl", "qwen3_vl"]
+FAMILIES = ["mistral", "gemma3", "qwen2_5_vl", "qwen3_vl"]
 
 
 def _model_and_inputs(family):
     if family == "mistral":
         return tiny_mistral(), _left_padded((30, 21))
+    if family == "gemma3":  # five sliding-window layers of 8 tokens, then a full one (tests/test_sliding_window.py)
+        return tiny_gemma3(), _left_padded((30, 21))
     return tiny_vl(family), vl_image_inputs(family)
 
 
@@ -69,6 +71,10 @@ def test_image_tokens_carry_modality_and_patch_position(family):
     assert len(set(map(tuple, hw[image].tolist()))) == 16  # 4 x 4 merged patches, each its own (h, w)
 
 
-def test_mistral_with_a_sliding_window_is_refused():
-    with pytest.raises(ValueError, match="config.sliding_window=4096"):
-        apply_acckv(tiny_mistral(sliding_window=4096), ak.AccKVConfig())
+def test_mistral_with_a_sliding_window_in_every_layer_is_refused_below_budget_one():
+    model = tiny_mistral(sliding_window=4096)
+    with pytest.raises(ValueError, match=r"every layer .* sliding-window attention \(config.sliding_window=4096\)"):
+        apply_acckv(model, ak.AccKVConfig())
+    assert "_acckv_handle" not in model.__dict__  # nothing was patched
+    with apply_acckv(model, ak.AccKVConfig(budget=1.0)):  # nothing to compress, nothing refused: the model's own cache
+        pass

@@ -85,18 +85,6 @@ def test_crop_below_budget_one_names_the_mode():
     handle.revert()
 
 
-def test_sliding_window_layers_are_refused_with_the_layers_named():
-    import transformers as tf
-
-    config = tf.Qwen2Config(vocab_size=160, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                            num_attention_heads=4, num_key_value_heads=2, use_sliding_window=True, sliding_window=16,
-                            max_window_layers=2)
-    model = tf.Qwen2ForCausalLM._from_config(config).eval()
-    with pytest.raises(ValueError, match=r"sliding-window attention yet: layers \[2, 3\]"):
-        apply_acckv(model, ak.AccKVConfig())
-    assert "_acckv_handle" not in model.__dict__  # nothing was patched
-
-
 def test_beam_search_on_the_omni_thinker_at_budget_one_is_the_unpatched_model():
     from .tiny_models import omni_av_inputs, tiny_omni_thinker
 

@@ -7,6 +7,7 @@ budgets must respect the bounds; revert() must restore everything.
 from __future__ import annotations
 
 import math
+import re
 import subprocess
 import sys
 
@@ -282,7 +283,11 @@ def test_unsupported_model_and_double_patch_raise():
     from transformers import GPT2Config, GPT2LMHeadModel
 
     gpt2 = GPT2LMHeadModel._from_config(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
-    with pytest.raises(ValueError, match="Llama, Qwen2, Qwen3, Mistral, Qwen2.5-VL, Qwen3-VL, Qwen2.5-Omni thinker"):
+    from acckv_triton.integrations.transformers import SUPPORTED_MODELS
+
+    assert {"Llama", "Qwen2", "Qwen3", "Mistral", "Gemma 3", "Qwen2.5-VL", "Qwen3-VL",
+            "Qwen2.5-Omni thinker"} <= set(SUPPORTED_MODELS)
+    with pytest.raises(ValueError, match=re.escape(", ".join(SUPPORTED_MODELS)) + ".*'gpt2'"):
         apply_acckv(gpt2, ak.AccKVConfig())
     model = tiny_causal_lm("llama")
     with acckv(model, ak.AccKVConfig(budget=0.5)):

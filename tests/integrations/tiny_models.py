@@ -120,3 +120,28 @@ def vl_image_inputs(family: str, *, seed: int = 0, batch: int = 1, question_len:
                image_grid_thw=torch.tensor([[1, 8, 8]] * batch))
     out["mm_token_type_ids"] = (input_ids == VL_IMAGE).int()  # as the processor returns it: M-RoPE needs it
     return out
+
+def tiny_gemma3(*, seed: int = 0, num_layers: int = 6, sliding_window: int = 8, layer_types=None):
+    """A random Gemma 3 text model (``gemma3_text``: hidden 64, 4 / 2 heads, head_dim 16): five sliding-window layers
+    of ``sliding_window`` tokens, then one full-attention layer, as Gemma 3 lays them out (or ``layer_types``)."""
+    import transformers as tf
+
+    config = tf.Gemma3TextConfig(**{**_text_kwargs(head_dim=16), "num_hidden_layers": num_layers},
+                                 sliding_window=sliding_window, layer_types=layer_types, pad_token_id=0)
+    torch.manual_seed(seed)
+    return tf.Gemma3ForCausalLM._from_config(config).eval()
+
+
+def tiny_qwen2_sliding(*, seed: int = 0, num_layers: int = 4, sliding_window: int = 8, max_window_layers: int = 2):
+    """A random Qwen2 whose layers from ``max_window_layers`` on attend within ``sliding_window`` tokens."""
+    import transformers as tf
+
+    config = tf.Qwen2Config(**{**_text_kwargs(), "num_hidden_layers": num_layers}, use_sliding_window=True,
+                            sliding_window=sliding_window, max_window_layers=max_window_layers)
+    torch.manual_seed(seed)
+    return tf.Qwen2ForCausalLM._from_config(config).eval()
+
+
+# Qwen3-Omni thinker: the Qwen2.5-Omni ids above; TMRoPE time counts 13 per second (the real checkpoint's
+# position_id_per_seconds and the processor's default; transformers' config default of 25 is a Qwen2.5-Omni leftover).
+QWEN3_OMNI_POSITIONS_PER_SECOND = 13
