@@ -43,8 +43,8 @@ Design (data flows integration -> cache -> policy -> ops):
 * **generate modes**: beam search and ``num_return_sequences`` reorder every row of every layer (K/V, lengths,
   metadata, targets); ``crop`` (assisted decoding) works at budget 1.0 and is refused below it.
 * Not supported: static caches / ``torch.compile``, attention logit soft-capping, bidirectional attention.
-  A Qwen2.5-Omni hand-written decode loop must pass ``position_ids`` or no 2-D mask (the thinker derives decode
-  positions from a 2-D mask correctly only inside ``generate``).
+  A Qwen2.5-Omni or Qwen3-Omni hand-written decode loop must pass ``position_ids`` or no 2-D mask (the thinkers
+  derive decode positions from a 2-D mask correctly only inside ``generate``, patched or not).
 """
 from __future__ import annotations
 
@@ -104,6 +104,9 @@ MODEL_SPECS: tuple[ModelSpec, ...] = (
     ModelSpec("Qwen2.5-Omni thinker", ("qwen2_5_omni_thinker",), decoder=("model.language_model", "model"), mrope=True,
               modality_token_ids=(("audio_token_index", Modality.AUDIO), ("video_token_index", Modality.VIDEO),
                                   ("image_token_index", Modality.IMAGE))),
+    ModelSpec("Qwen3-Omni thinker", ("qwen3_omni_moe_thinker",), decoder=("model.language_model", "model"), mrope=True,
+              modality_token_ids=(("audio_token_id", Modality.AUDIO), ("video_token_id", Modality.VIDEO),
+                                  ("image_token_id", Modality.IMAGE))),
 )
 SUPPORTED_MODELS: tuple[str, ...] = tuple(s.name for s in MODEL_SPECS)
 
@@ -115,7 +118,7 @@ def _spec_for(model) -> ModelSpec:
             return spec
     raise ValueError(f"apply_acckv supports {', '.join(SUPPORTED_MODELS)} (model_type "
                      f"{', '.join(t for s in MODEL_SPECS for t in s.model_types)}); got {type(model).__name__} with "
-                     f"model_type {model_type!r}. For a full Qwen2.5-Omni model, patch its thinker: "
+                     f"model_type {model_type!r}. For a full Qwen2.5-Omni or Qwen3-Omni model, patch its thinker: "
                      "apply_acckv(model.thinker, cfg).")
 
 
@@ -581,8 +584,8 @@ def apply_acckv(model, cfg: AccKVConfig | None = None) -> AccKVHandle:
         model: a supported transformers model (see :data:`SUPPORTED_MODELS`): ``LlamaForCausalLM``,
             ``Qwen2ForCausalLM``, ``Qwen3ForCausalLM``, ``MistralForCausalLM``, ``Gemma3ForCausalLM`` (or their base
             models),
-            ``Qwen2_5_VLForConditionalGeneration``, ``Qwen3VLForConditionalGeneration`` or
-            ``Qwen2_5OmniThinkerForConditionalGeneration``.
+            ``Qwen2_5_VLForConditionalGeneration``, ``Qwen3VLForConditionalGeneration``,
+            ``Qwen2_5OmniThinkerForConditionalGeneration`` or ``Qwen3OmniMoeThinkerForConditionalGeneration``.
         cfg: the :class:`~acckv_triton.AccKVConfig` (default ``AccKVConfig()``).
 
     Raises:

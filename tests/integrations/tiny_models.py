@@ -121,6 +121,7 @@ def vl_image_inputs(family: str, *, seed: int = 0, batch: int = 1, question_len:
     out["mm_token_type_ids"] = (input_ids == VL_IMAGE).int()  # as the processor returns it: M-RoPE needs it
     return out
 
+
 def tiny_gemma3(*, seed: int = 0, num_layers: int = 6, sliding_window: int = 8, layer_types=None):
     """A random Gemma 3 text model (``gemma3_text``: hidden 64, 4 / 2 heads, head_dim 16): five sliding-window layers
     of ``sliding_window`` tokens, then one full-attention layer, as Gemma 3 lays them out (or ``layer_types``)."""
@@ -145,3 +146,61 @@ def tiny_qwen2_sliding(*, seed: int = 0, num_layers: int = 4, sliding_window: in
 # Qwen3-Omni thinker: the Qwen2.5-Omni ids above; TMRoPE time counts 13 per second (the real checkpoint's
 # position_id_per_seconds and the processor's default; transformers' config default of 25 is a Qwen2.5-Omni leftover).
 QWEN3_OMNI_POSITIONS_PER_SECOND = 13
+
+
+def tiny_qwen3_omni_thinker(*, seed: int = 0):
+    """A random Qwen3-Omni thinker: hidden 64, 4 query / 2 kv heads, 2 MoE layers (4 experts, top 2), interleaved
+    M-RoPE, a 1-layer vision encoder (deepstack on it) and a 1-layer audio encoder (13 tokens per 100 mel frames)."""
+    from transformers import Qwen3OmniMoeThinkerConfig, Qwen3OmniMoeThinkerForConditionalGeneration
+
+    text = _text_kwargs(moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2,
+                        rope_parameters=dict(rope_type="default", rope_theta=1e6, mrope_section=[2, 3, 3],
+                                             interleaved=True))
+    config = Qwen3OmniMoeThinkerConfig(
+        text_config=text,
+        vision_config=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+                           patch_size=16, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64,
+                           deepstack_visual_indexes=[0]),
+        audio_config=dict(num_mel_bins=128, d_model=32, encoder_layers=1, encoder_attention_heads=2,
+                          encoder_ffn_dim=64, output_dim=64, n_window=50, downsample_hidden_size=16),
+        audio_token_id=AUDIO, video_token_id=VIDEO, image_token_id=IMAGE, audio_start_token_id=AUDIO_BOS,
+        position_id_per_seconds=QWEN3_OMNI_POSITIONS_PER_SECOND,
+    )
+    config.vision_start_token_id, config.vision_end_token_id = VISION_BOS, VISION_EOS
+    config.audio_end_token_id = AUDIO_EOS
+    torch.manual_seed(seed)
+    return Qwen3OmniMoeThinkerForConditionalGeneration._from_config(config).eval()
+
+
+def qwen3_omni_av_inputs(*, seed: int = 0, question_lens: tuple[int, ...] = (12,)) -> dict:
+    """One video with its audio per row, interleaved as Qwen3-Omni's processor lays them out (``use_audio_in_video``).
+
+    ``<text> <vision_bos> <audio_bos> [V x4, A x26] [V x4, A x26] <audio_eos> <vision_eos> <question>``: the video has
+    grid (t, h, w) = (2, 4, 4) at 2 s per grid (frames at TMRoPE time 0 and 26), the audio 400 mel frames (52 tokens,
+    one time step each); a video frame goes before the audio tokens whose time it reaches. Row b asks a question of
+    ``question_lens[b]`` tokens; shorter rows are left padded (id 0, mask 0).
+    """
+    g = torch.Generator().manual_seed(seed)
+    text = lambda n: torch.randint(1, 140, (n,), generator=g).tolist()  # noqa: E731
+    frame_times = [t * 2 * QWEN3_OMNI_POSITIONS_PER_SECOND for t in range(2) for _ in range(4)]
+    audio_times = list(range(52))
+    av, v, a = [], 0, 0
+    while v < len(frame_times) or a < len(audio_times):
+        if a == len(audio_times) or (v < len(frame_times) and frame_times[v] <= audio_times[a]):
+            av, v = av + [VIDEO], v + 1
+        else:
+            av, a = av + [AUDIO], a + 1
+    rows = [text(5) + [VISION_BOS, AUDIO_BOS] + av + [AUDIO_EOS, VISION_EOS] + text(n) for n in question_lens]
+    T, B = max(map(len, rows)), len(rows)
+    input_ids = torch.tensor([[0] * (T - len(r)) + r for r in rows])
+    attention_mask = torch.tensor([[0] * (T - len(r)) + [1] * len(r) for r in rows])
+    return dict(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        pixel_values_videos=torch.randn(B * 2 * 4 * 4, 3 * 2 * 16 * 16, generator=g),
+        video_grid_thw=torch.tensor([[2, 4, 4]] * B),
+        video_second_per_grid=torch.tensor([2.0] * B),
+        input_features=torch.randn(B, 128, 400, generator=g),
+        feature_attention_mask=torch.ones(B, 400, dtype=torch.long),
+        use_audio_in_video=True,
+    )
