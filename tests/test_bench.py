@@ -239,6 +239,10 @@ def test_real_suite_runs_on_a_users_checkpoint_and_text(tmp_path, capsys):
     g = torch.Generator().manual_seed(0)
     text = tmp_path / "notes.txt"
     text.write_text(" ".join(words[int(i)] for i in torch.randint(0, len(words), (700,), generator=g)))
+    from acckv_triton.bench import realmodel
+
+    checkpoint = realmodel.load_checkpoint(tmp_path / "ckpt")
+    assert type(checkpoint.model).__name__ == "LlamaForCausalLM" and checkpoint.processor is None  # tokenizer only
     assert main(["--suite", "real", "--quick", "--model", str(tmp_path / "ckpt"), "--text", str(text),
                  "--out", str(tmp_path / "out")]) == 0
     report = capsys.readouterr().out

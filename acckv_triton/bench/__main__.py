@@ -24,7 +24,13 @@ Suites:
             argparse's source), 1,536 tokens compressed by every method and AccKV's decode budget modes at
             50/25/10%, then 128 tokens decoded one per step: top-1 agreement and mean KL against the full cache,
             KV kept and bytes held (about 25 minutes on 2 CPU cores); with ``--model PATH`` (a save_pretrained
-            folder or a .gguf file of a supported family) on that checkpoint, with ``--text FILE`` on that text
+            folder or a .gguf file of a supported family: Llama, Qwen2/3, Mistral, Qwen2.5-VL, Qwen3-VL, the
+            Qwen2.5-Omni thinker) on that checkpoint, with ``--text FILE`` on that text. ``--image``, ``--video``
+            and ``--audio FILE`` (any combination; the checkpoint folder must hold its processor) open the context
+            with those media as the checkpoint's processor lays them out (placeholders expanded, pixel values,
+            grids, audio features), the text's first tokens after them; the rows add the share of each
+            modality's tokens kept. Readers: .wav (mono-mixed, resampled), .npy frames [T, H, W, 3] uint8 (other
+            video formats need a backend of transformers' video loader), images PIL opens
   all       every suite (the default)
 
 With no GPU the kernels run through Triton's interpreter at small sizes and no timing is printed: interpreter
@@ -69,8 +75,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch", type=_ints, default=None, help="comma-separated batch sizes for the GPU sweep")
     p.add_argument("--out", type=Path, default=None, help="folder for JSON and CSV of every row and the report")
     p.add_argument("--model", type=Path, default=None,
-                   help="real suite: a local checkpoint (save_pretrained folder or .gguf file) instead of SmolLM2")
+                   help="real suite: a local checkpoint (save_pretrained folder or .gguf file) instead of SmolLM2; "
+                        "a folder holding its processor also takes --image, --video, --audio")
     p.add_argument("--text", type=Path, default=None, help="real suite: a text file to compress (default: argparse)")
+    p.add_argument("--image", type=Path, default=None,
+                   help="real suite with --model (a folder with its processor): an image (PNG, JPEG, ...) before "
+                        "the text")
+    p.add_argument("--video", type=Path, default=None,
+                   help="real suite with --model (a folder with its processor): video frames before the text, .npy "
+                        "[T, H, W, 3] uint8 (other formats need PyAV, decord, OpenCV or torchcodec); without "
+                        "torchvision through the bench's torch port of the Qwen2-VL video processor")
+    p.add_argument("--audio", type=Path, default=None,
+                   help="real suite with --model (a folder with its processor): a .wav file before the text (mixed to "
+                        "mono, resampled to the feature extractor's rate)")
     p.add_argument("--plot", action="store_true",
                    help="also write PNG plots (needs matplotlib: the `plot` extra) into --out, or ./bench-plots")
     return p.parse_args(argv)
@@ -160,11 +177,12 @@ def _real(args, device, tables, full: bool = True) -> None:
              " (or --model PATH).")
         return
     if args.model is not None:
-        model, tokenizer = realmodel.load_checkpoint(args.model)
+        model, tokenizer, processor = realmodel.load_checkpoint(args.model)
         name = f"{args.model.name} ({type(model).__name__})"
     else:
-        model, tokenizer = realmodel.load_smollm2()
+        (model, tokenizer), processor = realmodel.load_smollm2(), None
         name = "SmolLM2-135M-Instruct"
+    media, media_note, media_row = _real_media(args, model, processor)
     if full and not args.quick:
         size = dict(context=REAL_CONTEXT, continuation=REAL_CONTINUATION, step="decode", configs=_real_configs())
         texts = [(args.text.name, args.text.read_text())] if args.text is not None else \
@@ -177,15 +195,58 @@ def _real(args, device, tables, full: bool = True) -> None:
     with torch.no_grad():
         for text_name, text in texts:
             source = dict(text_name=text_name) if text is None else dict(text=text)
-            got = realmodel.fidelity_rows(model.to(device), tokenizer, **size, **source,
+            got = realmodel.fidelity_rows(model.to(device), tokenizer, **size, **source, media=media,
                                           progress=_progress(f"real weights, {text_name}"))
             # wall seconds per row say nothing about speed (and without a GPU could pass for a timing): dropped
-            rows += [{"text": text_name, **{k: v for k, v in r.items() if k != "seconds"}} for r in got]
+            rows += [{"text": text_name, **media_row, **{k: v for k, v in r.items() if k != "seconds"}} for r in got]
     tables["real_fidelity"] = rows
     how = "decoded one token per step" if size["step"] == "decode" else "teacher-forced as one chunk"
-    _say(_table(f"{name} (float32, {device.type}): {size['context']} tokens compressed, then {size['continuation']} "
-                f"{how}; agreement with the full cache (top-1, mean KL), KV kept at the end and bytes held on average "
-                "over the steps (allocated, with metadata) over the full cache's K/V", rows))
+    _say(_table(f"{name} (float32, {device.type}): {media_note}{size['context']} {'text ' if media else ''}tokens "
+                f"compressed, then {size['continuation']} {how}; agreement with the full cache (top-1, mean KL), KV "
+                "kept at the end and bytes held on average over the steps (allocated, with metadata) over the full "
+                "cache's K/V", rows))
+
+
+def _check_media_args(args) -> None:
+    """``--image`` / ``--video`` / ``--audio`` need ``--model``, a checkpoint folder holding its processor, and
+    files that exist in a format their reader takes: checked before any suite runs (ValueError or
+    FileNotFoundError naming the option)."""
+    given = [name for name in ("image", "video", "audio") if getattr(args, name, None) is not None]
+    if not given:
+        return
+    from .media import PROCESSOR_FILES, check_media_path, has_processor
+    options = ", ".join(f"--{name}" for name in given)
+    if args.suite not in ("real", "e2e", "all"):
+        raise ValueError(f"{options}: media feed the real-weight table, run by --suite real (or e2e, all); "
+                         f"got --suite {args.suite}")
+    if args.model is None:
+        raise ValueError(f"{options}: media need --model PATH, a checkpoint folder of a multimodal family "
+                         "(Qwen2.5-VL, Qwen3-VL, Qwen2.5-Omni thinker) that holds its processor")
+    if not has_processor(args.model):
+        raise ValueError(f"{options}: --model {args.model} has no processor (none of {', '.join(PROCESSOR_FILES)}); "
+                         "save the model's processor into the folder with processor.save_pretrained")
+    for name in given:
+        check_media_path(name, getattr(args, name))
+
+
+def _real_media(args, model, processor) -> tuple[dict | None, str, dict]:
+    """The processor's inputs for ``--image`` / ``--video`` / ``--audio`` (None without them), the title's note on
+    them and the row's ``media`` entry."""
+    from . import media, realmodel
+
+    paths = {name: getattr(args, name) for name in media.MEDIA if getattr(args, name, None) is not None}
+    if not paths:
+        return None, "", {}
+    inputs = realmodel.media_inputs(processor, model.config, media.read_media(paths, processor))
+    counts = realmodel.media_token_counts(model, inputs["input_ids"])
+    missing = [name for name in paths if name not in counts]
+    if missing:
+        raise ValueError(f"{', '.join(f'--{m}' for m in missing)}: the processor wrote no placeholder token the "
+                         f"model's config names for {', '.join(missing)} (processor and config ids disagree)")
+    used = ", ".join(f"{name} {path.name}" for name, path in paths.items())
+    note = (f"{inputs['input_ids'].shape[1]} media tokens ({used}: "
+            + ", ".join(f"{n} {m}" for m, n in counts.items()) + ") + ")
+    return inputs, note, {"media": used}
 
 
 def _e2e(args, device, tables, checkpoint) -> None:
@@ -249,6 +310,7 @@ def _e2e_cpu(args, tables) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    _check_media_args(args)
     _REPORT.clear()
     device = torch.device("cuda") if torch.cuda.is_available() and not INTERPRET else torch.device("cpu")
     header = machine_header(device)

