@@ -204,3 +204,63 @@ def qwen3_omni_av_inputs(*, seed: int = 0, question_lens: tuple[int, ...] = (12,
         feature_attention_mask=torch.ones(B, 400, dtype=torch.long),
         use_audio_in_video=True,
     )
+
+
+# Qwen2.5-VL / Qwen3-VL video: grid (t, h, w) = (3, 4, 4), 6 frames in 3 temporal patches of 2, 4 merged tokens each.
+VL_VIDEO_GRID = (3, 4, 4)
+VL_SECONDS_PER_GRID = 1.0  # Qwen2.5-VL: temporal_patch_size / fps, as its processor computes second_per_grid_ts
+
+
+def _vl_left_padded(rows: list[list[int]], family: str, *, visual: str, grid: tuple[int, int, int],
+                    g: torch.Generator) -> dict:
+    """Rows left padded (id 0, mask 0) to one length, with one image or video per row (``grid``), the pixel patches
+    and ``mm_token_type_ids`` (text 0, image 1, video 2) as the processor returns them."""
+    patch = 14 if family == "qwen2_5_vl" else 16
+    T, B = max(map(len, rows)), len(rows)
+    input_ids = torch.tensor([[0] * (T - len(r)) + r for r in rows])
+    attention_mask = torch.tensor([[0] * (T - len(r)) + [1] * len(r) for r in rows])
+    t, h, w = grid
+    pixels = torch.randn(B * t * h * w, 3 * 2 * patch * patch, generator=g)
+    grids = torch.tensor([list(grid)] * B)
+    mm_token_type_ids = torch.where(input_ids == VL_IMAGE, 1, torch.where(input_ids == VL_VIDEO, 2, 0))
+    out = dict(input_ids=input_ids, attention_mask=attention_mask, mm_token_type_ids=mm_token_type_ids)
+    if visual == "image":
+        out.update(pixel_values=pixels, image_grid_thw=grids)
+    else:
+        out.update(pixel_values_videos=pixels, video_grid_thw=grids)
+        if family == "qwen2_5_vl":
+            out["second_per_grid_ts"] = torch.tensor([VL_SECONDS_PER_GRID] * B)
+    return out
+
+
+def vl_video_inputs(family: str, *, seed: int = 0, question_lens: tuple[int, ...] = (6,)) -> dict:
+    """One video per row (grid (3, 4, 4): 3 temporal patches of 2 x 2 merged tokens) as each processor lays it out.
+
+    Qwen2.5-VL: ``<text x5> <vision_bos> [VIDEO x12] <vision_eos> <question>``, ``second_per_grid_ts`` 1.0 (frames at
+    M-RoPE time 6, 6 + 4, 6 + 8 with the tiny config's ``tokens_per_second`` 4).
+    Qwen3-VL: one group per temporal patch, its timestamp as text before it (``<0.5 seconds>``: 3 tokens here),
+    ``<text x5> [<ts x3> <vision_bos> [VIDEO x4] <vision_eos>] x3 <question>``; ``video_grid_thw`` stays (3, 4, 4)
+    per video (the model splits it into frames itself).
+    Row b asks a question of ``question_lens[b]`` tokens; shorter rows are left padded (id 0, mask 0).
+    """
+    g = torch.Generator().manual_seed(seed)
+    text = lambda n: torch.randint(1, 140, (n,), generator=g).tolist()  # noqa: E731
+    t, h, w = VL_VIDEO_GRID
+    per_frame = h * w // 4
+    rows = []
+    for n in question_lens:
+        if family == "qwen2_5_vl":
+            video = [VL_BOS] + [VL_VIDEO] * (t * per_frame) + [VL_EOS]
+        else:
+            video = [tok for _ in range(t) for tok in text(3) + [VL_BOS] + [VL_VIDEO] * per_frame + [VL_EOS]]
+        rows.append(text(5) + video + text(n))
+    return _vl_left_padded(rows, family, visual="video", grid=VL_VIDEO_GRID, g=g)
+
+
+def vl_padded_image_inputs(family: str, *, seed: int = 0, question_lens: tuple[int, ...] = (6, 2)) -> dict:
+    """:func:`vl_image_inputs`'s layout (one 8x8-patch image, 16 tokens) with a question of ``question_lens[b]``
+    tokens in row b; shorter rows left padded (id 0, mask 0)."""
+    g = torch.Generator().manual_seed(seed)
+    text = lambda n: torch.randint(1, 140, (n,), generator=g).tolist()  # noqa: E731
+    rows = [text(5) + [VL_BOS] + [VL_IMAGE] * 16 + [VL_EOS] + text(n) for n in question_lens]
+    return _vl_left_padded(rows, family, visual="image", grid=(1, 8, 8), g=g)
