@@ -556,8 +556,8 @@ class AccKVHandle:
                 modality = torch.where(ids == token_id, m, modality)
             step["modality"] = modality
         pos = kwargs.get("position_ids")
-        if (self.spec.mrope and isinstance(pos, torch.Tensor) and pos.dim() == 3 and pos.shape[0] in (3, 4)
-                and pos.shape[-1] == T):
+        if (self.spec.mrope and isinstance(pos, torch.Tensor) and pos.dim() == 3 and pos.shape[0] in (1, 3, 4)
+                and pos.shape[-1] == T):  # 1: a continuation's text positions, one row for all three
             rows = pos[-3:].expand(3, B, T)
             step["time"] = rows[0]
             if modality is not None:

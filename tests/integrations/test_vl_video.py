@@ -204,9 +204,6 @@ def test_generate_with_a_budget_and_continue_with_a_second_question(family, case
     assert torch.isfinite(torch.stack(out2.logits)).all()
 
 
-@pytest.mark.xfail(strict=True, reason="integration bug: a continuation's position ids come as [1, B, T] (the model's "
-                   "rope-delta text positions, one row for all three); AccKVHandle._before_decoder takes M-RoPE rows "
-                   "only when pos.shape[0] in (3, 4), so those tokens store time = seen index instead")
 @pytest.mark.parametrize("family", FAMILIES)
 def test_a_second_question_stores_the_time_the_model_gives_it(family):
     """Budget 1.0 (nothing evicted): after a second ``generate`` on the cache, every stored token's time is the
