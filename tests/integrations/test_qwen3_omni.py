@@ -12,8 +12,9 @@ import torch
 pytest.importorskip("transformers")
 
 import acckv_triton as ak  # noqa: E402
-from acckv_triton.integrations.transformers import AccKVCache, apply_acckv  # noqa: E402
+from acckv_triton.integrations.transformers import apply_acckv  # noqa: E402
 
+from .checks import assert_unpatched_at_budget_one  # noqa: E402
 from .tiny_models import AUDIO, VIDEO, qwen3_omni_av_inputs, tiny_qwen3_omni_thinker  # noqa: E402
 
 GEN = dict(do_sample=False, pad_token_id=0, max_new_tokens=6, min_new_tokens=6, return_dict_in_generate=True,
@@ -31,12 +32,7 @@ def _tmrope_rows(model, inputs) -> torch.Tensor:
 @pytest.mark.parametrize("question_lens", [(12,), (12, 5)], ids=["one-row", "left-padded"])
 def test_budget_one_is_the_unpatched_model(question_lens):
     model, inputs = tiny_qwen3_omni_thinker(), qwen3_omni_av_inputs(question_lens=question_lens)
-    ref = model.generate(**inputs, **GEN)
-    with apply_acckv(model, ak.AccKVConfig(budget=1.0)):
-        out = model.generate(**inputs, **GEN)
-    assert isinstance(out.past_key_values, AccKVCache)
-    assert torch.equal(out.sequences, ref.sequences)
-    assert all(torch.equal(a, b) for a, b in zip(out.logits, ref.logits))
+    assert_unpatched_at_budget_one(model, inputs, GEN)
 
 
 def test_budget_that_evicts_nothing_matches_the_model():

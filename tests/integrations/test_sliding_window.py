@@ -15,6 +15,7 @@ import acckv_triton as ak  # noqa: E402
 from acckv_triton.integrations.transformers import AccKVLayer, apply_acckv  # noqa: E402
 
 from .test_transformers import _left_padded  # noqa: E402
+from .checks import assert_unpatched_at_budget_one  # noqa: E402
 from .tiny_models import tiny_gemma3, tiny_qwen2_sliding  # noqa: E402
 
 WINDOW = 8
@@ -26,23 +27,13 @@ MODELS = {"gemma3": lambda: tiny_gemma3(sliding_window=WINDOW),
 
 @pytest.mark.parametrize("family", list(MODELS))
 def test_budget_one_with_sliding_layers_is_the_unpatched_model(family):
-    model, inputs = MODELS[family](), _left_padded((30, 21))
-    ref = model.generate(**inputs, **GEN)
-    with apply_acckv(model, ak.AccKVConfig(budget=1.0)):
-        out = model.generate(**inputs, **GEN)
-    assert torch.equal(out.sequences, ref.sequences)
-    assert all(torch.equal(a, b) for a, b in zip(out.logits, ref.logits))
+    assert_unpatched_at_budget_one(MODELS[family](), _left_padded((30, 21)), GEN)
 
 
 def test_beam_search_with_sliding_layers_at_budget_one_is_the_unpatched_model():
-    model, inputs = tiny_gemma3(sliding_window=WINDOW), _left_padded((30, 21))
     beams = dict(num_beams=3, num_return_sequences=2, do_sample=False, pad_token_id=0, max_new_tokens=10,
                  min_new_tokens=10, return_dict_in_generate=True, output_scores=True)
-    ref = model.generate(**inputs, **beams)
-    with apply_acckv(model, ak.AccKVConfig(budget=1.0)):
-        out = model.generate(**inputs, **beams)
-    assert torch.equal(out.sequences, ref.sequences)
-    assert all(torch.equal(a, b) for a, b in zip(out.scores, ref.scores))
+    assert_unpatched_at_budget_one(tiny_gemma3(sliding_window=WINDOW), _left_padded((30, 21)), beams, scores="scores")
 
 
 @pytest.mark.parametrize("family", list(MODELS))

@@ -13,6 +13,7 @@ pytest.importorskip("transformers")
 import acckv_triton as ak  # noqa: E402
 from acckv_triton.integrations.transformers import AccKVCache, apply_acckv  # noqa: E402
 
+from .checks import assert_unpatched_at_budget_one  # noqa: E402
 from .tiny_models import (VL_IMAGE, VL_SECONDS_PER_GRID, VL_VIDEO, tiny_vl, vl_padded_image_inputs,  # noqa: E402
                           vl_video_inputs)
 
@@ -66,12 +67,7 @@ def _record_positions(model):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_budget_one_is_the_unpatched_model(family, case):
     model, inputs = tiny_vl(family), _inputs(family, case)
-    ref = model.generate(**inputs, **GEN)
-    with apply_acckv(model, ak.AccKVConfig(budget=1.0)):
-        out = model.generate(**inputs, **GEN)
-    assert isinstance(out.past_key_values, AccKVCache)
-    assert torch.equal(out.sequences, ref.sequences)
-    assert all(torch.equal(a, b) for a, b in zip(out.logits, ref.logits))
+    assert_unpatched_at_budget_one(model, inputs, GEN)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
