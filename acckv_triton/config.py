@@ -40,11 +40,15 @@ class AccKVConfig:
     window: int = 32  # W: observation window (last prompt queries), always kept
     pool_kernel: int = 7  # 1-D pooling of scores along each modality's own token order (1 = off)
     pool_mode: str = "max"  # "max" or "avg"
+    pool_lift: float = 0.5  # AccKV ranks by max(s, pool_lift x pool(s)): a peak stays above the neighbours it
+    #   lifts, so a tight budget keeps peaks before neighbourhoods (1.0: SnapKV's pooling; baselines always use it)
     gamma: float = 1.0  # γ: sharpness of the modality shares
     rho_min: float = 0.1  # ρ_min: floor of any present AV modality's share
     theta_audio: float = 0.9  # θ_a: key cosine for grouping neighbouring audio tokens
     theta_video: float = 0.9  # θ_v: key cosine for grouping a video patch with the same patch one frame earlier
     max_group: int = 4  # largest merge group (bounds the drift of chained similarity)
+    redundancy_min: float = 0.05  # fallback: a row whose AV candidates link to a neighbour less than this share
+    #   has nothing to merge; focusing and redistribution are skipped there (a plain top-k of its pooled scores)
     merge_frees_budget: bool = True  # a group competes as one slot (True) or tokens compete alone, evicted ones merge
     proportional: bool = True  # a merged slot weighs as many tokens as it holds in attention (multiplicity)
     align_lambda: float = 0.5  # λ: strength of cross-modal alignment
@@ -74,6 +78,10 @@ class AccKVConfig:
             raise ValueError(f"pool_mode must be 'max' or 'avg', got {self.pool_mode!r}")
         if self.pool_kernel < 1 or self.pool_kernel % 2 == 0:
             raise ValueError(f"pool_kernel must be a positive odd int, got {self.pool_kernel}")
+        if not (0.0 <= self.pool_lift <= 1.0):
+            raise ValueError(f"pool_lift must lie in [0, 1], got {self.pool_lift}")
+        if not (0.0 <= self.redundancy_min <= 1.0):
+            raise ValueError(f"redundancy_min must lie in [0, 1], got {self.redundancy_min}")
         if not (0.0 <= self.rho_min < 0.5):
             raise ValueError(f"rho_min must lie in [0, 0.5), got {self.rho_min}")
         if self.layer_budgets not in ("uniform", "pyramid"):
@@ -131,9 +139,13 @@ class AccKVConfig:
         return self.method == "acckv" and self.intra_merge and self.proportional
 
     def ablations(self) -> dict[str, "AccKVConfig"]:
-        """AccKV with each switch off in turn, named ``acckv-no-<switch>``."""
+        """AccKV with each switch off in turn, named ``acckv-no-<switch>``, then each fallback off:
+        ``acckv-no-lift`` (SnapKV's pooling, ``pool_lift=1``) and ``acckv-no-fallback`` (``redundancy_min=0``)."""
         switches = ("focusing", "redistribution", "intra_merge", "cross_align", "proportional")
-        return {f"acckv-no-{s.replace('_', '-')}": self.replace(method="acckv", **{s: False}) for s in switches}
+        out = {f"acckv-no-{s.replace('_', '-')}": self.replace(method="acckv", **{s: False}) for s in switches}
+        out["acckv-no-lift"] = self.replace(method="acckv", pool_lift=1.0)
+        out["acckv-no-fallback"] = self.replace(method="acckv", redundancy_min=0.0)
+        return out
 
     def as_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}

@@ -14,6 +14,7 @@ Launches per layer (one program per (sequence, kv head) row; each loops over its
     ``torch.sort``         AccKV only: candidates by (class, video patch, token), bringing each merge chain together
     ``_groups_kernel``     AccKV only: chain links from neighbouring keys' cosine, groups cut every ``max_group``,
                            representatives, group scores and masses; the focusing shares, priority and budgets
+                           (none, and pooled scores for the ranking, on a row with nothing to merge)
     ``torch.sort`` + ``_consume_kernel``, up to three times: a ranking, then each modality's (or the row's) best
                            within budget; between the rounds, AccKV's cross-modal alignment and the leftover fill;
                            the last round emits the plan (keep, keep_lengths, merge targets and weights)
@@ -94,9 +95,9 @@ def _block(RANK, MOD, row, mod_base, s0, N, BLOCK: tl.constexpr):
 @triton.jit
 def _evidence_kernel(
     S, sSb, sSh, MOD, sMb, sMh, TIME, sTb, sTh, VALID, sVb, sVh, LEN, sLb, sLh,
-    RAW, RANK, SRANK, SORT_S, SORT_I, STATS, N, H, SINK,
-    R_POOL: tl.constexpr, POOL_AVG: tl.constexpr, REDIST_MASK: tl.constexpr, HAS_VALID: tl.constexpr,
-    HAS_TIME: tl.constexpr, NSTAT: tl.constexpr, BLOCK: tl.constexpr,
+    RAW, RANK, SRANK, SORT_S, SORT_I, STATS, N, H, SINK, lift,
+    R_POOL: tl.constexpr, POOL_AVG: tl.constexpr, LIFT: tl.constexpr, REDIST_MASK: tl.constexpr,
+    HAS_VALID: tl.constexpr, HAS_TIME: tl.constexpr, NSTAT: tl.constexpr, BLOCK: tl.constexpr,
 ):
     r = tl.program_id(0)
     b = r // H
@@ -191,6 +192,8 @@ def _evidence_kernel(
                 pooled = (acc / num).to(tl.float32)
             else:
                 pooled = acc
+            if LIFT:  # AccKV: a peak stays above the neighbourhood it lifts
+                pooled = tl.maximum(centre, lift * pooled)
             tok = tl.load(SORT_I + row + p, mask=live, other=0)
             tl.store(SRANK + row + tok, pooled, mask=live)
 
@@ -325,8 +328,9 @@ def _level(rank, valid, mod, has_av, n_valid, t, WIN, win_base, inb, SINK, WINDO
 
 @triton.jit
 def _groups_kernel(
-    MOD, sMb, sMh, KEYS, sKb, sKh, sKt, RAW, RANK, SHAT, SCORE, GMASS, CAND, ISREP, REP, KEYF,
-    SKEY, SIDX, GID, BEST, GS, GM, STATS, RHO, PRIO, N, H, D, theta_a, theta_v, MAXG, gamma, rho_min,
+    MOD, sMb, sMh, KEYS, sKb, sKh, sKt, RAW, RANK, SRANK, SHAT, SCORE, GMASS, CAND, ISREP, REP, KEYF,
+    SKEY, SIDX, GID, BEST, GS, GM, GR, STATS, RHO, PRIO, N, H, D, theta_a, theta_v, MAXG, gamma, rho_min,
+    redundancy_min,
     MERGE: tl.constexpr, FREES: tl.constexpr, FOCUSING: tl.constexpr, GAMMA_ONE: tl.constexpr,
     VIDEO_PRIOR: tl.constexpr, NSTAT: tl.constexpr, BLOCK: tl.constexpr, BLOCK_G: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -367,7 +371,6 @@ def _groups_kernel(
         budgets = tl.floor(share * free)
     else:
         budgets = tl.zeros((4,), tl.float64)
-    tl.store(st + 16 + m4, budgets)
     if h == 0:
         tl.store(RHO + b * 4 + m4, rho.to(tl.float32))
         tl.store(PRIO + b, prio.to(tl.int64))
@@ -378,11 +381,14 @@ def _groups_kernel(
             tl.store(BEST + row + p, -1, mask=p < N)
             tl.store(GS + row + p, 0.0, mask=p < N)
             tl.store(GM + row + p, 0.0, mask=p < N)
+            tl.store(GR + row + p, 0.0, mask=p < N)
         tl.debug_barrier()
         d = tl.arange(0, BLOCK_D)
         dm = d < D
         start_c = tl.zeros((), tl.int32)
         gid_c = tl.zeros((), tl.int32)
+        n_link = tl.zeros((), tl.int32)
+        n_av = tl.zeros((), tl.int32)
         for p0 in range(0, N, BLOCK_G):
             p = p0 + tl.arange(0, BLOCK_G)
             inb = p < N
@@ -403,6 +409,8 @@ def _groups_kernel(
             cos = tl.sum((ka / na[:, None]) * (kb / nb[:, None]), 1)
             theta = tl.where(cls == 0, theta_a, theta_v)
             link = (p >= 1) & (cls == pcls) & (cls < 2) & (hw == phw) & (cos >= theta)
+            n_link += tl.sum((link & inb).to(tl.int32), 0)
+            n_av += tl.sum((inb & (cls < 2)).to(tl.int32), 0)
             brk = ~link
             start = tl.maximum(tl.associative_scan(tl.where(brk, p, 0), 0, _max_combine), start_c)
             brk = brk | ((p - start) % MAXG == 0)
@@ -417,7 +425,14 @@ def _groups_kernel(
             grouped = inb & (cls < 2)
             tl.atomic_add(GS + row + gid, s_hat.to(tl.float64), mask=grouped)
             tl.atomic_add(GM + row + gid, raw.to(tl.float64), mask=grouped)
+            srank = tl.load(SRANK + row + tok, mask=inb, other=0.0)
+            tl.atomic_add(GR + row + gid, srank.to(tl.float64), mask=grouped)
         tl.debug_barrier()
+        # fallback: little redundancy leaves nothing for the modality budgets to trade for: rank by pooled scores
+        weak = (n_av > 0) & (n_link.to(tl.float64) < redundancy_min * n_av.to(tl.float64))
+    else:
+        weak = tl.zeros((), tl.int1)
+    tl.store(st + 16 + m4, tl.where(weak, 0.0, budgets))
     prio_b = prio
     for p0 in range(0, N, BLOCK):
         p = p0 + tl.arange(0, BLOCK)
@@ -437,13 +452,17 @@ def _groups_kernel(
         cand = tl.load(CAND + row + tok, mask=inb, other=0) != 0
         s_hat = tl.load(SHAT + row + tok, mask=inb, other=0.0)
         raw = tl.load(RAW + row + tok, mask=inb, other=0.0)
+        if MERGE:  # the fallback rows rank by pooled scores; the leftover fill reads them back from SHAT
+            s_hat = tl.where(weak, tl.load(SRANK + row + tok, mask=inb, other=0.0), s_hat)
+            tl.store(SHAT + row + tok, s_hat, mask=inb)
         if FREES:
             is_rep = cand & (rep == tok)
             score = tl.where(cand, s_hat, 0.0)
             mass = tl.where(cand, raw, 0.0)
             if MERGE:
-                score = tl.where(grouped, tl.where(is_rep, tl.load(GS + row + gid, mask=inb, other=0.0).to(tl.float32),
-                                                   0.0), score)
+                gsum = tl.where(weak, tl.load(GR + row + gid, mask=inb, other=0.0),
+                                tl.load(GS + row + gid, mask=inb, other=0.0))
+                score = tl.where(grouped, tl.where(is_rep, gsum.to(tl.float32), 0.0), score)
                 mass = tl.where(grouped, tl.where(is_rep, tl.load(GM + row + gid, mask=inb, other=0.0).to(tl.float32),
                                                   0.0), mass)
         else:
@@ -716,7 +735,7 @@ def plan_layer_fused(cfg: AccKVConfig, x: LayerTokens, layer: int = 0, num_layer
     if merge:
         ws_spec += [("key64", i64, (R, N)), ("skey", i64, (R, N)), ("best", i64, (R, N))]
     if merge or acckv:
-        ws_spec += [("gs", f64, (R, N)), ("gm", f64, (R, N))]
+        ws_spec += [("gs", f64, (R, N)), ("gm", f64, (R, N)), ("gr", f64, (R, N))]
     has_merge_out = merge or lookm
     out_spec = [("keep", i32, (B, H, K)), ("keep_len", i32, (B, H)), ("kpm", i64, (B, H, NUM_MODALITIES)),
                 ("merged", i64, (B, H)), ("rho", f32, (B, NUM_MODALITIES)), ("prio", i64, (B,))]
@@ -734,8 +753,9 @@ def plan_layer_fused(cfg: AccKVConfig, x: LayerTokens, layer: int = 0, num_layer
     _evidence_kernel[grid](
         s, *_strides3(s), mod, *_strides3(mod), time, *_strides3(time), valid, *_strides3(valid),
         x.lengths, x.lengths.stride(0), x.lengths.stride(1),
-        ws["raw"], ws["rank"], ws["srank"], ws["keyf"], ws["hasp"], ws["stats"], N, H, cfg.sink,
-        R_POOL=pool, POOL_AVG=cfg.pool_mode == "avg", REDIST_MASK=acckv and cfg.redistribution,
+        ws["raw"], ws["rank"], ws["srank"], ws["keyf"], ws["hasp"], ws["stats"], N, H, cfg.sink, float(cfg.pool_lift),
+        R_POOL=pool, POOL_AVG=cfg.pool_mode == "avg", LIFT=acckv and pool > 0 and cfg.pool_lift < 1.0,
+        REDIST_MASK=acckv and cfg.redistribution,
         HAS_VALID=x.valid is not None, HAS_TIME=x.time is not None, NSTAT=_NSTAT, BLOCK=_BLOCK)
     if check:
         if bool((ws["stats"][:, _S_BAD] > 0).any()):
@@ -787,10 +807,10 @@ def plan_layer_fused(cfg: AccKVConfig, x: LayerTokens, layer: int = 0, num_layer
             torch.sort(ws["key64"], dim=-1, out=(ws["skey"], ws["sidx"]))
         video_prior = cfg.video_from_layer is not None and layer >= cfg.video_from_layer
         _groups_kernel[grid](
-            *m_args, *k_args, ws["raw"], ws["rank"], ws["shat"], ws["score"], ws["gmass"], ws["cand"], ws["isrep"],
-            ws["rep"], ws["keyf"], ws.get("skey", ws["sidx"]), ws["sidx"], ws["hasp"], ws.get("best", ws["sidx"]),
-            ws["gs"], ws["gm"], ws["stats"], out["rho"], out["prio"], N, H, D, cfg.theta_audio, cfg.theta_video,
-            cfg.max_group, float(cfg.gamma), cfg.rho_min,
+            *m_args, *k_args, ws["raw"], ws["rank"], ws["srank"], ws["shat"], ws["score"], ws["gmass"], ws["cand"],
+            ws["isrep"], ws["rep"], ws["keyf"], ws.get("skey", ws["sidx"]), ws["sidx"], ws["hasp"],
+            ws.get("best", ws["sidx"]), ws["gs"], ws["gm"], ws["gr"], ws["stats"], out["rho"], out["prio"], N, H, D,
+            cfg.theta_audio, cfg.theta_video, cfg.max_group, float(cfg.gamma), cfg.rho_min, float(cfg.redundancy_min),
             MERGE=merge, FREES=cfg.merge_frees_budget, FOCUSING=cfg.focusing, GAMMA_ONE=cfg.gamma == 1.0,
             VIDEO_PRIOR=video_prior, BLOCK_G=64 if D > 64 else 128, BLOCK_D=next_pow2(D), **common)
         align = cfg.cross_align and x.time is not None

@@ -170,7 +170,8 @@ def _per_modality_sum(x: torch.Tensor, mod: torch.Tensor, mask: torch.Tensor) ->
 
 def _merge_groups(cfg: AccKVConfig, x: LayerTokens, rank_score: torch.Tensor, cand: torch.Tensor):
     """Step 3a: group similar neighbours inside a modality. Returns ``rep [B,Hkv,N]`` (the index of each token's
-    group representative, itself for singletons) for candidate audio and video tokens.
+    group representative, itself for singletons) for candidate audio and video tokens, the number of links found
+    ``[B,Hkv]`` (candidates that link to their predecessor, before the ``max_group`` cuts) and of AV candidates.
 
     Audio tokens link to the previous candidate audio token in time order, video patches to the same (h, w) patch
     of the previous frame; a link holds when the keys' cosine reaches θ. Chains are cut every ``max_group`` tokens.
@@ -210,7 +211,7 @@ def _merge_groups(cfg: AccKVConfig, x: LayerTokens, rank_score: torch.Tensor, ca
     rep_sorted = torch.gather(order, 2, torch.gather(best_pos, 2, gid))
     rep = torch.empty_like(order).scatter_(2, order, rep_sorted)
     grouped = audio | video
-    return torch.where(grouped, rep, ar)
+    return torch.where(grouped, rep, ar), link.sum(-1), grouped.sum(-1)
 
 
 def _alignment_boost(cfg, time, P_mask, P_kept_mass, L_mask):
@@ -276,6 +277,8 @@ def plan_layer(cfg: AccKVConfig, x: LayerTokens, layer: int = 0, num_layers: int
     s_rank = s_raw
     if method in _POOLED and cfg.pool_kernel > 1 and cfg.windowed:
         pooled = pool_scores(s_raw, torch.where(valid, mod, 255), cfg.pool_kernel, cfg.pool_mode)
+        if method == "acckv" and cfg.pool_lift < 1.0:  # a peak stays above the neighbourhood it lifts
+            pooled = torch.maximum(s_raw, cfg.pool_lift * pooled)
         s_rank = torch.where(valid, pooled, torch.zeros_like(pooled))
 
     # ---- protected tokens, by priority: sinks > window > recent > text ----
@@ -336,10 +339,15 @@ def plan_layer(cfg: AccKVConfig, x: LayerTokens, layer: int = 0, num_layers: int
 
     # Step 3a (intra-modal integration): group reps carry their group's summed score
     rep = ar
+    weak = torch.zeros(B, H, dtype=torch.bool, device=dev)
     if cfg.intra_merge:
         if x.keys is None:
             raise ValueError("x.keys is required when cfg.intra_merge is on")
-        rep = _merge_groups(cfg, x, s_hat, cand)
+        rep, n_link, n_av = _merge_groups(cfg, x, s_hat, cand)
+        # fallback: little redundancy (few AV candidates link to a neighbour) leaves nothing for the modality
+        # budgets to trade for; those rows rank by their pooled scores alone, as one top-k
+        weak = (n_av > 0) & (n_link.double() < cfg.redundancy_min * n_av.double())
+        s_hat = torch.where(weak[..., None], s_rank, s_hat)
     if cfg.merge_frees_budget:
         is_rep = cand & (rep == ar)
         group_score = _segment_sum(torch.where(cand, s_hat, torch.zeros_like(s_hat)), rep, N).float()
@@ -373,6 +381,7 @@ def plan_layer(cfg: AccKVConfig, x: LayerTokens, layer: int = 0, num_layers: int
         share = rho * (1.0 - text_share[:, None])
         share[:, int(Modality.TEXT)] = torch.where(present.any(-1), text_share, torch.ones_like(text_share))
         budgets = torch.floor(share[:, None, :] * free[..., None].double()).long()  # [B, H, M]
+        budgets = torch.where(weak[..., None], 0, budgets)  # the fallback rows: all by the leftover top-k
     else:
         budgets = torch.zeros(B, H, NUM_MODALITIES, dtype=torch.long, device=dev)
 

@@ -90,7 +90,7 @@ def test_av_stress_rows_label_each_variant(monkeypatch):
     rows = av.av_stress_rows(budgets=(0.5,), variants=["tiny", "tiny-audio"], device=DEVICE,
                              progress=lambda names: seen.extend(names) or names)
     assert seen == ["tiny", "tiny-audio"]
-    assert [r["variant"] for r in rows] == ["tiny"] * 13 + ["tiny-audio"] * 13
+    assert [r["variant"] for r in rows] == ["tiny"] * 15 + ["tiny-audio"] * 15
     assert all(r["budget"] == 0.5 and abs(r["KV kept %"] - 50.0) < 1.0 for r in rows if r["method"] != "pyramidkv")
     assert {"out err", "recall kept", "recall kept+merged", "mass kept", "mass kept+merged"} <= set(rows[0])
     with pytest.raises(ValueError, match="variants must be names from"):
@@ -112,7 +112,7 @@ def test_cli_fidelity_suite(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "AV workload fidelity" in out and "Focusing shares" in out and "Memory held" in out
     results = json.loads((tmp_path / "bench.json").read_text())
-    assert len(results["tables"]["av_fidelity"]) == 3 * 13  # AccKV, 5 ablations, 7 baselines
+    assert len(results["tables"]["av_fidelity"]) == 3 * 15  # AccKV, 5 ablations, 2 fallbacks off, 7 baselines
     assert {r["variant"] for r in results["tables"]["av_stress"]} == {"control", "low-redundancy"}
     assert "AV workload fidelity" in (tmp_path / "bench.md").read_text()  # the printed report, kept
 

@@ -30,6 +30,8 @@ SWITCHES = [pytest.param(c, id=name) for name, c in AccKVConfig().ablations().it
     pytest.param(AccKVConfig(video_from_layer=1), id="video-prior"),
     pytest.param(AccKVConfig(max_group=2, theta_audio=0.5, theta_video=0.5), id="loose-merges"),
     pytest.param(AccKVConfig(sink=0, window=5, recent=3, time_bin=7), id="small-constants"),
+    pytest.param(AccKVConfig(pool_lift=0.0, pool_mode="avg"), id="zero-lift-avg"),
+    pytest.param(AccKVConfig(redundancy_min=1.0), id="fallback-everywhere"),
 ]
 
 
@@ -138,3 +140,15 @@ def test_adaptive_head_budgets_are_refused_on_the_fused_path():
     x = LayerTokens(scores=SCORES[0], modality=W.token_modality(), lengths=torch.full((2, 2), N, dtype=torch.int32))
     with pytest.raises(ValueError, match="adaptive head budgets"):
         plan_layer_fused(AccKVConfig(method="adakv"), x, 0, 2, target=torch.full((2, 2), 9), max_keep=9)
+
+
+@pytest.mark.parametrize("budget", [pytest.param(0.5, id="50%"), pytest.param(0.1, id="10%")])
+def test_low_redundancy_fallback_rows_match_the_reference(budget):
+    """Rows whose keys are noise (nothing links) take the fallback, the others not: both paths in one call."""
+    x = tokens()
+    g = torch.Generator().manual_seed(7)
+    keys = x.keys.clone()
+    keys[0, 1] = torch.randn(keys.shape[2:], generator=g).to(keys.device, keys.dtype)
+    keys[1, 0] = torch.randn(keys.shape[2:], generator=g).to(keys.device, keys.dtype)
+    x.keys = keys.contiguous()
+    assert_same(AccKVConfig(budget=budget), x)

@@ -195,7 +195,10 @@ def test_merge_groups_chain_similar_neighbours_only():
     spatial = torch.tensor([[-1, -1]] * 6 + [[0, 0], [0, 1], [0, 0], [0, 1], [0, 0], [1, 1]]).view(1, 1, n, 2)
     x = LayerTokens(scores=torch.arange(n, dtype=torch.float32).view(1, 1, n), modality=mod,
                     lengths=torch.tensor([[n]], dtype=torch.int32), keys=keys.view(1, 1, n, D), spatial=spatial)
-    rep = _merge_groups(AccKVConfig(max_group=4), x, x.scores, torch.ones(B, H, n, dtype=torch.bool))[0, 0]
+    rep, n_link, n_av = _merge_groups(AccKVConfig(max_group=4), x, x.scores, torch.ones(B, H, n, dtype=torch.bool))
+    rep = rep[0, 0]
+    # links before the max_group cut: audio 0-1-2-3-4, video (0,0) 6-8-10 and (0,1) 7-9; 12 AV candidates
+    assert n_link.tolist() == [[4 + 2 + 1]] and n_av.tolist() == [[12]]
     # audio 0..4 identical: groups {0..3} (capped at 4, rep = highest score 3) and {4}; 5 differs
     assert rep[:6].tolist() == [3, 3, 3, 3, 4, 5]
     # video (0,0) at 6, 8, 10 identical across frames -> one group with rep 10; (0,1) at 7, 9 -> rep 9; (1,1) alone
