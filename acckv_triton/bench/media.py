@@ -26,7 +26,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers.video_processing_utils import VideoProcessorMixin
+try:  # transformers 5.2x+: a video processor base that needs no torchvision
+    from transformers.video_processing_utils import VideoProcessorMixin as _VideoProcessorBase
+except ImportError:  # earlier 5.x (5.17): every video processor is built on torchvision; no stand-in there
+    _VideoProcessorBase = None
 
 __all__ = ["MEDIA", "PROCESSOR_FILES", "TorchVideoProcessor", "check_media_path", "has_processor", "load_processor",
            "read_audio", "read_image", "read_media", "read_video"]
@@ -189,6 +192,12 @@ def load_processor(folder):
     cls = _processor_class(folder)
     if is_torchvision_available() or "video_processor" not in cls.get_attributes():
         return AutoProcessor.from_pretrained(folder)
+    if _VideoProcessorBase is None:
+        import transformers
+
+        raise ModuleNotFoundError(f"--model {folder}: {cls.__name__} holds a video processor, which transformers "
+                                  f"{transformers.__version__} builds only with torchvision: pip install torchvision "
+                                  "(or use transformers 5.24, where this bench brings its own)")
     return _without_torchvision(cls).from_pretrained(folder)
 
 
@@ -221,7 +230,7 @@ def _without_torchvision(cls):
                                            __module__=__name__))
 
 
-class TorchVideoProcessor(VideoProcessorMixin):
+class TorchVideoProcessor(_VideoProcessorBase if _VideoProcessorBase is not None else object):
     """Qwen2-VL video preprocessing in plain torch (transformers' ``Qwen2VLVideoProcessor`` needs torchvision).
 
     ``videos``: one array or a list of ``[T, H, W, 3]`` uint8 frames. Each video is resized to ``(h, w)``, multiples
