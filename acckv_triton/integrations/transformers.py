@@ -152,8 +152,9 @@ def _check_layers(model, cfg: AccKVConfig, num_layers: int) -> None:
     if not cfg.is_full and all(type(layer) is not DynamicLayer for layer in layers):
         window = getattr(layers[0], "sliding_window", None)
         raise ValueError(f"apply_acckv compresses full-attention layers, and every layer of this "
-                         f"{type(model).__name__} is sliding-window attention (config.sliding_window={window}): there is nothing to compress. "
-                         "Use budget=1.0, or a config with sliding_window=None (e.g. Mistral v0.2 and later).")
+                         f"{type(model).__name__} is sliding-window attention (config.sliding_window={window}): "
+                         "there is nothing to compress. Use budget=1.0, or a config with sliding_window=None (e.g. "
+                         "Mistral v0.2 and later).")
 
 
 def _resolve(obj, path: str):
@@ -584,15 +585,14 @@ def apply_acckv(model, cfg: AccKVConfig | None = None) -> AccKVHandle:
     Args:
         model: a supported transformers model (see :data:`SUPPORTED_MODELS`): ``LlamaForCausalLM``,
             ``Qwen2ForCausalLM``, ``Qwen3ForCausalLM``, ``MistralForCausalLM``, ``Gemma3ForCausalLM`` (or their base
-            models),
-            ``Qwen2_5_VLForConditionalGeneration``, ``Qwen3VLForConditionalGeneration``,
+            models), ``Qwen2_5_VLForConditionalGeneration``, ``Qwen3VLForConditionalGeneration``,
             ``Qwen2_5OmniThinkerForConditionalGeneration`` or ``Qwen3OmniMoeThinkerForConditionalGeneration``.
         cfg: the :class:`~acckv_triton.AccKVConfig` (default ``AccKVConfig()``).
 
     Raises:
         ValueError: unsupported model (the message names the supported ones), a model already patched, a layer kind
-            other than full or sliding-window attention, logit soft-capping, or a budget below 1.0 on a model whose
-            every layer is sliding-window attention (nothing to compress).
+            other than full or sliding-window attention, logit soft-capping, bidirectional attention, or a budget
+            below 1.0 on a model whose every layer is sliding-window attention (nothing to compress).
 
     Sliding-window layers (``config.layer_types``, e.g. Gemma 3's five in six, Qwen2's above ``max_window_layers``)
     keep transformers' own window cache and attention: the last ``window - 1`` tokens, uncompressed. AccKV
