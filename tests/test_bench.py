@@ -113,7 +113,8 @@ def test_cli_fidelity_suite(tmp_path, capsys):
     assert "AV workload fidelity" in out and "Focusing shares" in out and "Memory held" in out
     results = json.loads((tmp_path / "bench.json").read_text())
     assert len(results["tables"]["av_fidelity"]) == 3 * 15  # AccKV, 5 ablations, 2 fallbacks off, 7 baselines
-    assert {r["variant"] for r in results["tables"]["av_stress"]} == {"control", "low-redundancy"}
+    stress = results["tables"]["av_stress"]
+    assert {r["variant"] for r in stress} == {"control", "low-redundancy"} and {r["budget"] for r in stress} == {0.25}
     assert "AV workload fidelity" in (tmp_path / "bench.md").read_text()  # the printed report, kept
 
 

@@ -69,7 +69,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--suite", choices=SUITES, default="all", help="which suite to run (see above)")
     p.add_argument("--quick", action="store_true",
-                   help="fewer shapes: one batch, one head layout, two lengths; a smaller AV workload and model run")
+                   help="fewer shapes: one batch, one head layout, two lengths; a smaller AV workload and model run; "
+                        "two stress variants at 25%")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="dtype of the GPU speed sweep")
     p.add_argument("--lengths", type=_ints, default=None, help="comma-separated cache lengths for the GPU sweep")
     p.add_argument("--batch", type=_ints, default=None, help="comma-separated batch sizes for the GPU sweep")
@@ -143,9 +144,8 @@ def _fidelity(args, device, tables) -> None:
              f"D={cfg.head_dim}, {cfg.num_decode_queries} decode queries, {str(cfg.dtype).removeprefix('torch.')}")
     tables["av_fidelity"] = av.fidelity_rows(w, progress=_progress("AV fidelity"))
     _say(_table(f"AV workload fidelity per budget (lower out err is better; {shape})", tables["av_fidelity"]))
-    variants = ("control", "low-redundancy") if args.quick else None
-    tables["av_stress"] = av.av_stress_rows(variants=variants, progress=_progress("AV stress variants"),
-                                            device=device)
+    quick = dict(variants=("control", "low-redundancy"), budgets=(0.25,)) if args.quick else {}  # a smoke run
+    tables["av_stress"] = av.av_stress_rows(**quick, progress=_progress("AV stress variants"), device=device)
     _say(_table("AV stress variants (workloads.STRESS_VARIANTS: other seeds and structure than the default "
                 "workload; lower out err is better)", tables["av_stress"]))
     tables["modality_shares"] = av.modality_share_rows(w)
