@@ -33,6 +33,7 @@ import importlib
 
 decode_module = importlib.import_module("acckv_triton.ops.decode_attention")  # the modules; the package exports
 window_module = importlib.import_module("acckv_triton.ops.window_scores")  # functions of the same names
+observed_module = importlib.import_module("acckv_triton.ops.observed_attention")
 
 
 @dataclass
@@ -42,6 +43,7 @@ class Target:
     kernel: tuning.TunedKernel
     keys: list[dict]
     make_call: Callable[[dict, int, int, torch.device], Callable[[], object]]
+    lengths: tuple[int, ...] | None = None  # timed prompt lengths when not the decode buckets (prefill kernels)
 
 
 def _decode_call(key: dict, length: int, batch: int, device: torch.device) -> Callable[[], object]:
@@ -86,15 +88,41 @@ def _window_keys(dtypes, head_dims, groups) -> list[dict]:
              "HAS_KEY_START": False} for dtype, D, G in itertools.product(dtypes, head_dims, groups)]
 
 
+PROMPT_LENGTHS = (4096, 16384)  # prefill kernels: T x T work, so shorter buckets than decode's, batch 1
+
+
+def _observed_call(key: dict, length: int, batch: int, device: torch.device) -> Callable[[], object]:
+    """observed_attention as the cache calls it for evidence (no values): 4 kv heads, the key's group (the forward
+    kernel's key has none: 7, Qwen2.5-Omni-7B's)."""
+    dtype = getattr(torch, key["dtype"])
+    D, G, Hkv = key["HEAD_DIM"], key.get("GROUP_SIZE", 7), 4
+    q = torch.randn(batch, Hkv * G, length, D, device=device, dtype=dtype)
+    k = torch.randn(batch, Hkv, length, D, device=device, dtype=dtype)
+    v = torch.randn_like(k) if key.get("HAS_V", False) else None
+    return lambda: ak.observed_attention(q, k, v)
+
+
+def _observed_keys(dtypes, head_dims, groups) -> tuple[list[dict], list[dict]]:
+    """(forward keys, key-mass keys): the forward kernel is keyed without the group size, the mass kernel with it."""
+    fwd = [{"dtype": dtype, "HEAD_DIM": D, "HAS_V": False, "HAS_KEY_START": False}
+           for dtype, D in itertools.product(dtypes, head_dims)]
+    mass = [{"dtype": dtype, "HEAD_DIM": D, "GROUP_SIZE": G, "HAS_KEY_START": False}
+            for dtype, D, G in itertools.product(dtypes, head_dims, groups)]
+    return fwd, mass
+
+
 def targets(dtypes=("bfloat16", "float16"), head_dims=(64, 128), groups=(1, 2, 4, 7, 8)) -> list[Target]:
     """Every kernel the library tunes, with the keys worth tuning."""
     keys = _decode_keys(dtypes, head_dims, groups)
     window_keys = _window_keys(dtypes, head_dims, groups)
+    fwd_keys, mass_keys = _observed_keys(dtypes, head_dims, groups)
     return [
         Target(decode_module._split_kernel, keys, _decode_call),
         Target(decode_module._mass_kernel, [k for k in keys if k["HAS_TOKEN_MASS"]], _decode_call),
         Target(window_module._lse_kernel, window_keys, _window_call),
         Target(window_module._scores_kernel, window_keys, _window_call),
+        Target(observed_module._fwd_kernel, fwd_keys, _observed_call, PROMPT_LENGTHS),
+        Target(observed_module._mass_kernel, mass_keys, _observed_call, PROMPT_LENGTHS),
     ]
 
 
@@ -118,7 +146,7 @@ def precompile(all_targets: list[Target], length: int, jobs: int) -> None:
     import concurrent.futures
     import multiprocessing
 
-    work = [(t.kernel.name, i, j, c, length) for i, t in enumerate(all_targets)
+    work = [(t.kernel.name, i, j, c, t.lengths[0] if t.lengths else length) for i, t in enumerate(all_targets)
             for j in range(len(t.keys)) for c in range(len(t.kernel.configs))]
     ctx = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
@@ -195,7 +223,9 @@ def main(argv=None) -> int:
         return triton.testing.do_bench(call, warmup=5, rep=args.rep, return_mode="median")
 
     for target in all_targets:
-        entries = tune_target(target, lengths, batches, device, timer)
+        shapes = (lengths, batches) if target.lengths is None else (target.lengths[-1:] if args.quick else
+                                                                    target.lengths, (1,))
+        entries = tune_target(target, *shapes, device, timer)
         print(f"{target.kernel.name}: {len(entries)} keys -> {write_table(args.out, name, target.kernel.name, entries)}")
     return 0
 
