@@ -42,10 +42,10 @@ def test_forcing_is_scoped():
     assert _split_kernel.resolve({}, None).source == "default"
 
 
-def test_window_scores_target_keys_match_the_launcher(monkeypatch):
-    """The key tune.py writes for window_scores is the key the launcher then looks up."""
-    target = next(t for t in tune.targets(dtypes=("float32",), head_dims=(64,), groups=(2,))
-                  if t.kernel.name == "window_scores")
+def _tune_recording_lookups(monkeypatch, name: str, length: int):
+    """tune.py's target ``name`` (fp32, D 64, G 2) tuned at one length with a stand-in timer: (target, the table
+    entries it writes, every key the launcher looked up meanwhile)."""
+    target = next(t for t in tune.targets(dtypes=("float32",), head_dims=(64,), groups=(2,)) if t.kernel.name == name)
     looked_up = []
     resolve = target.kernel.resolve
 
@@ -54,8 +54,14 @@ def test_window_scores_target_keys_match_the_launcher(monkeypatch):
         return resolve(args, device_name)
 
     monkeypatch.setattr(target.kernel, "resolve", recording_resolve)
-    entries = tune.tune_target(target, lengths=[64], batches=[1], device=DEVICE,
+    entries = tune.tune_target(target, lengths=[length], batches=[1], device=DEVICE,
                                timer=lambda call: (call(), 1.0)[1])
+    return target, entries, looked_up
+
+
+def test_window_scores_target_keys_match_the_launcher(monkeypatch):
+    """The key tune.py writes for window_scores is the key the launcher then looks up."""
+    _, entries, looked_up = _tune_recording_lookups(monkeypatch, "window_scores", 64)
     assert looked_up and all(k == entries[0]["key"] for k in looked_up)
     assert entries[0]["key"] == {"dtype": "float32", "HEAD_DIM": 64, "GROUP_SIZE": 2, "BLOCK_R": 64,
                                  "HAS_MODALITY": True, "HAS_KEY_START": False}
@@ -64,17 +70,7 @@ def test_window_scores_target_keys_match_the_launcher(monkeypatch):
 @pytest.mark.parametrize("name", ["observed_attention", "observed_attention_mass"])
 def test_observed_attention_target_keys_match_the_launcher(monkeypatch, name):
     """The keys tune.py writes for the prefill evidence kernels are the keys the launcher looks up."""
-    target = next(t for t in tune.targets(dtypes=("float32",), head_dims=(64,), groups=(2,))
-                  if t.kernel.name == name)
+    target, entries, looked_up = _tune_recording_lookups(monkeypatch, name, 40)
     assert target.lengths == tune.PROMPT_LENGTHS
-    looked_up = []
-    resolve = target.kernel.resolve
-
-    def recording_resolve(args, device_name):
-        looked_up.append(target.kernel.tuning_key(args))
-        return resolve(args, device_name)
-
-    monkeypatch.setattr(target.kernel, "resolve", recording_resolve)
-    entries = tune.tune_target(target, lengths=[40], batches=[1], device=DEVICE, timer=lambda call: (call(), 1.0)[1])
     assert looked_up and all(k == entries[0]["key"] for k in looked_up)
     assert entries[0]["key"]["HEAD_DIM"] == 64 and entries[0]["key"]["HAS_KEY_START"] is False
