@@ -826,10 +826,9 @@ class BudgetedLayerCache:
             else:
                 self.last = plan_layer(cfg, x, self.layer, self.num_layers, target=self.target)
             longest = self._target_max
-        bounds = (0, min(longest, w))
         self._longest = min(longest, w)
         capacity = room if upkeep else self._capacity_after_prefill(longest)
-        st.compress(self.last.plan, check_plan=False, capacity=capacity, length_bounds=bounds)
+        st.compress(self.last.plan, check_plan=False, capacity=capacity, length_bounds=(0, self._longest))
         if cfg.score_evidence == "last" and cfg.method == "tova":
             st.token_mass.zero_()  # TOVA ranks by the latest queries only: the next upkeep sees the steps since
         self._excess = 0  # every row now holds at most its target

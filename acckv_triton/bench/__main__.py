@@ -24,8 +24,8 @@ Suites:
             argparse's source), 1,536 tokens compressed by every method and AccKV's decode budget modes at
             50/25/10%, then 128 tokens decoded one per step: top-1 agreement and mean KL against the full cache,
             KV kept and bytes held (about 25 minutes on 2 CPU cores); with ``--model PATH`` (a save_pretrained
-            folder or a .gguf file of a supported family: Llama, Qwen2/3, Mistral, Qwen2.5-VL, Qwen3-VL, the
-            Qwen2.5-Omni thinker) on that checkpoint, with ``--text FILE`` on that text. ``--image``, ``--video``
+            folder or a .gguf file of a supported family: Llama, Qwen2/3, Mistral, Gemma 3, Qwen2.5-VL, Qwen3-VL, the
+            Qwen2.5-Omni and Qwen3-Omni thinkers) on that checkpoint, with ``--text FILE`` on that text. ``--image``, ``--video``
             and ``--audio FILE`` (any combination; the checkpoint folder must hold its processor) open the context
             with those media as the checkpoint's processor lays them out (placeholders expanded, pixel values,
             grids, audio features), the text's first tokens after them; the rows add the share of each

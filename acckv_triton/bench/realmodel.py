@@ -160,23 +160,27 @@ def _kv_bytes_per_token(model, ids: torch.Tensor) -> float:
     return total / 4
 
 
-def _stored_by_modality(cache) -> torch.Tensor:
-    """``[NUM_MODALITIES]`` int64: stored slots of each modality, summed over layers, sequences and kv heads."""
+def _stored_by_modality(cache) -> tuple[torch.Tensor, int]:
+    """``[NUM_MODALITIES]`` int64 stored slots of each modality summed over the compressed rows (layer, sequence,
+    kv head), and the number of those rows; sliding-window layers, which AccKV leaves as the model defines them,
+    do not count."""
     counts = torch.zeros(NUM_MODALITIES, dtype=torch.long)
-    for layer in cache.layers:
+    rows = 0
+    for layer in cache.compressed_layers:
         store = layer.store
         w = store.max_length
         stored = torch.arange(w, device=store.lengths.device) < store.lengths[..., None]
         counts += torch.bincount(store.modality[:, :, :w][stored].long().cpu(), minlength=NUM_MODALITIES)
-    return counts
+        rows += store.lengths.numel()
+    return counts, rows
 
 
 def _logprobs_under(model, cfg: AccKVConfig | None, context: torch.Tensor, continuation: torch.Tensor,
-                    step: str, first: dict | None = None) -> tuple[torch.Tensor, float, float, torch.Tensor]:
+                    step: str, first: dict | None = None) -> tuple[torch.Tensor, float, float, tuple]:
     """Log-probs ``[n, V]`` of the next token at the n continuation positions, the kept fraction of the cache at the
     end, the bytes it held on average over the steps (after each step), and the stored slots per modality at the
-    end (:func:`_stored_by_modality`). ``first``: more inputs of the first forward (the media tensors of
-    :func:`media_inputs`, their attention mask); the continuation's steps take ids alone."""
+    end with the rows they lie in (:func:`_stored_by_modality`). ``first``: more inputs of the first forward (the
+    media tensors of :func:`media_inputs`, their attention mask); the continuation's steps take ids alone."""
     from ..integrations.transformers import apply_acckv
 
     with apply_acckv(model, cfg) as handle:
@@ -319,7 +323,6 @@ def fidelity_rows(model=None, tokenizer=None, *, context: int = 1024, continuati
         context += media_ids.shape[1]
         first_kw = {k: v[:, :context] if k in _PER_TOKEN else v for k, v in full_kw.items()}
         counts = media_token_counts(model, media_ids)
-        slots = _slots_per_token(model, media_ids)
     ctx, cont = ids[:, :context], ids[:, context:]
 
     t0 = time.perf_counter()
@@ -340,25 +343,18 @@ def fidelity_rows(model=None, tokenizer=None, *, context: int = 1024, continuati
     jobs = [(name, b) for name in named for b in budgets]
     for name, budget in (progress(jobs) if progress else jobs):
         t0 = time.perf_counter()
-        logp, kept, held, stored = _logprobs_under(model, named[name].replace(budget=budget), ctx, cont, step,
-                                                   first_kw)
+        logp, kept, held, (stored, cache_rows) = _logprobs_under(model, named[name].replace(budget=budget), ctx, cont,
+                                                                 step, first_kw)
         rows.append(dict(
             method=name, budget=budget,
             top1=(logp.argmax(-1) == full_top1).float().mean().item(),
             kl=(full.exp() * (full - logp)).sum(-1).mean().item(),
             ppl=math_exp(-logp.gather(-1, target[:, None]).mean().item()),
             kept=kept, held=held / full_held,
-            **{f"kept {m}": stored[int(Modality[m.upper()])].item() / (slots * n) for m, n in counts.items()},
+            **{f"kept {m}": stored[int(Modality[m.upper()])].item() / (cache_rows * n) for m, n in counts.items()},
             seconds=time.perf_counter() - t0,
         ))
     return rows
-
-
-def _slots_per_token(model, ids: torch.Tensor) -> int:
-    """Cache rows one token fills: layers x sequences x kv heads."""
-    config = getattr(model.config, "text_config", None) or model.config
-    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    return config.num_hidden_layers * ids.shape[0] * heads
 
 
 def math_exp(x: float) -> float:

@@ -111,3 +111,18 @@ def test_logit_softcapping_and_bidirectional_attention_are_refused():
     with pytest.raises(ValueError, match="use_bidirectional_attention"):
         apply_acckv(model, ak.AccKVConfig())
     assert "_acckv_handle" not in model.__dict__
+
+
+def test_the_real_weight_bench_runs_on_a_model_with_sliding_layers():
+    """``--suite real --model`` on a Gemma 3 checkpoint: the bench's per-modality count reads the compressed layers
+    only (a sliding layer has no AccKV store)."""
+    from acckv_triton.bench.realmodel import _logprobs_under
+
+    model = tiny_gemma3(sliding_window=WINDOW)
+    ids = torch.randint(1, 140, (1, 40), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        logp, kept, held, (stored, rows) = _logprobs_under(model, ak.AccKVConfig(budget=0.5), ids[:, :30],
+                                                           ids[:, 30:], "decode")
+    assert logp.shape == (10, model.config.vocab_size) and torch.isfinite(logp).all()
+    assert rows == 1 * 1 * model.config.num_key_value_heads  # one full layer, batch 1
+    assert 0 < int(stored.sum()) <= rows * 40 and 0 < kept < 1 and held > 0
