@@ -274,14 +274,14 @@ class ChunkAttention(NamedTuple):
 
 
 def chunk_attention(q, k_cache, v_cache, lengths, k_new, v_new, *, scale=None, multiplicity=None, key_valid=None,
-                    window: int = 32) -> ChunkAttention:
+                    window: int = 32, reduce: str = "sum") -> ChunkAttention:
     """T chunk queries over a ragged compressed cache plus the chunk itself (causal), in float64.
 
     Args as :func:`acckv_triton.ops.chunk_attention.chunk_attention`: ``q [B, Hq, T, D]``; stored ``k_cache, v_cache
     [B, Hkv, S, D]`` with ``lengths [B, Hkv]`` valid slots, each weighing ``multiplicity`` tokens (``+ log n`` on its
     logit); the chunk's ``k_new, v_new [B, Hkv, T, D]``, chunk query i seeing chunk keys ``u <= i`` with
     ``key_valid[b, u]``. The masses sum the probabilities of the last ``min(window, T)`` queries over them and the G
-    query heads of each kv head.
+    query heads of each kv head (``reduce="max"``: the largest of those probabilities).
     """
     B, Hq, T, D = q.shape
     Hkv, S = k_cache.shape[1], k_cache.shape[2]
@@ -308,7 +308,8 @@ def chunk_attention(q, k_cache, v_cache, lengths, k_new, v_new, *, scale=None, m
     p = torch.where(torch.isfinite(lse)[..., None], torch.exp(logits - lse[..., None]), 0.0)
     out = torch.einsum("bhts,bhsd->bhtd", p, values.repeat_interleave(G, dim=1))
     W = min(window, T)
-    mass = p[:, :, T - W:].sum(dim=2).view(B, Hkv, G, S + T).sum(dim=2)
+    rows = p[:, :, T - W:].reshape(B, Hkv, G * W, S + T)
+    mass = rows.amax(dim=2) if reduce == "max" else rows.sum(dim=2)
     return ChunkAttention(out.to(q.dtype), lse.float(), mass[..., :S].float(), mass[..., S:].float())
 
 

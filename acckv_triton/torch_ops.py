@@ -256,7 +256,7 @@ def window_scores(q_window: torch.Tensor, k: torch.Tensor, *, scale: float | Non
 
 
 def chunk_attention(q, k_cache, v_cache, lengths, k_new, v_new, *, scale=None, multiplicity=None, key_valid=None,
-                    window: int = 32, block: int = 256) -> reference.ChunkAttention:
+                    window: int = 32, reduce: str = "sum", block: int = 256) -> reference.ChunkAttention:
     """:func:`acckv_triton.ops.chunk_attention.chunk_attention` on any device: float32 math, query rows in blocks of
     ``block``, so the logits never exceed ``[B, Hq, block, S + T]``."""
     B, Hq, T, D = q.shape
@@ -294,7 +294,10 @@ def chunk_attention(q, k_cache, v_cache, lengths, k_new, v_new, *, scale=None, m
             + torch.einsum("bhgtu,bhud->bhgtd", p_new, v_n[:, :, :t1])
         lse[:, :, :, t0:t1] = row_lse
         w0 = max(T - W, t0) - t0  # the observation window's rows inside this block
-        if w0 < t1 - t0:
+        if w0 < t1 - t0 and reduce == "max":
+            torch.maximum(old_mass, p_old[..., w0:, :].amax(dim=(2, 3)), out=old_mass)
+            new_mass[..., :t1] = torch.maximum(new_mass[..., :t1], p_new[..., w0:, :].amax(dim=(2, 3)))
+        elif w0 < t1 - t0:
             old_mass += p_old[..., w0:, :].sum(dim=(2, 3))
             new_mass[..., :t1] += p_new[..., w0:, :].sum(dim=(2, 3))
     return reference.ChunkAttention(out.view(B, Hq, T, D).to(q.dtype), lse.view(B, Hq, T), old_mass, new_mass)

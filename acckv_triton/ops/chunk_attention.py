@@ -5,7 +5,8 @@ holds S compressed slots per (b, kv head) (``lengths`` valid, merged slots weigh
 n`` on their logit). Query i of the chunk sees every valid stored slot and the chunk keys ``u <= i`` that are valid
 (left padding excluded). Besides the output it returns what the cache needs to re-compress: the mass the chunk's last
 W queries (the observation window) give each stored slot and each chunk token, summed over the window and the G query
-heads of the group. No ``(S + T) x T`` tensor and no float32 logits tensor are formed. The spec is
+heads of the group (``reduce="sum"``), or its largest probability over them (``reduce="max"``: a reconstruction
+pass's evidence, after KVzip). No ``(S + T) x T`` tensor and no float32 logits tensor are formed. The spec is
 :func:`acckv_triton.reference.chunk_attention`.
 
 Kernels and grids (G = Hq / Hkv; rows are (head g, query i) pairs of one GQA group, so ``tl.dot`` shares K):
@@ -136,7 +137,7 @@ def _chunk_mass_kernel(
     S, T, W, Hkv, qk_scale,
     s_qb, s_qh, s_qt, s_kob, s_koh, s_kot, s_knb, s_knh, s_knt, s_mb, s_mh, s_vb,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_MULT: tl.constexpr,
-    HAS_VALID: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_VALID: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, REDUCE_MAX: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     bh = tl.program_id(0).to(tl.int64)
@@ -169,7 +170,11 @@ def _chunk_mass_kernel(
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale + bias[None, :]
         visible = row_ok[:, None] & ((offs_n[None, :] < S) | (offs_n[None, :] - S <= i[:, None])) & \
             seen_key[None, :]
-        acc += tl.sum(tl.where(visible, tl.exp2(s - lse2[:, None]), 0.0), axis=0)
+        p = tl.where(visible, tl.exp2(s - lse2[:, None]), 0.0)
+        if REDUCE_MAX:
+            acc = tl.maximum(acc, tl.max(p, axis=0))
+        else:
+            acc += tl.sum(p, axis=0)
     tl.store(old_mass_ptr + bh * S + offs_n, acc, mask=offs_n < S)
     tl.store(new_mass_ptr + bh * T + (offs_n - S), acc, mask=(offs_n >= S) & (offs_n < S + T))
 
@@ -186,6 +191,7 @@ def chunk_attention(
     multiplicity: torch.Tensor | None = None,
     key_valid: torch.Tensor | None = None,
     window: int = 32,
+    reduce: str = "sum",
     out: torch.Tensor | None = None,
 ) -> ChunkAttention:
     """Causal attention of T chunk queries over the stored slots and the chunk, and the window's mass on both.
@@ -199,6 +205,8 @@ def chunk_attention(
         multiplicity: optional ``[B, Hkv, S]`` float32 > 0: slot t weighs ``n_t`` tokens (``p ∝ n_t exp(s_t)``).
         key_valid: optional ``[B, T]`` bool, False at the chunk's left padding (never seen).
         window: W, the chunk's last ``min(window, T)`` queries whose mass is returned.
+        reduce: ``"sum"``: each key's mass summed over the W queries and the G heads of its group; ``"max"``: the
+            largest probability any of them gives it.
         out: optional ``[B, Hq, T, D]`` buffer in q's dtype (any strides, e.g. a transposed ``[B, T, Hq, D]``).
 
     Returns:
@@ -233,6 +241,8 @@ def chunk_attention(
             raise ValueError("key_valid must have a contiguous last dim")
     if not (isinstance(window, int) and window >= 1):
         raise ValueError(f"window must be an int >= 1, got {window!r}")
+    if reduce not in ("sum", "max"):
+        raise ValueError(f"reduce must be 'sum' or 'max', got {reduce!r}")
     if out is None:
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
     else:
@@ -265,5 +275,6 @@ def chunk_attention(
         q, k_cache, k_new, lengths_c, mult, valid, lse, stored_mass, chunk_mass, S, T, W, Hkv, qk_scale,
         q.stride(0), q.stride(1), q.stride(2), *k_cache.stride()[:3], *k_new.stride()[:3], *m_strides,
         key_valid.stride(0) if key_valid is not None else 0,
-        BLOCK_R=max(16, min(64, next_pow2(G * W))), BLOCK_N=block_n, num_warps=4, num_stages=2, **flags)
+        REDUCE_MAX=reduce == "max", BLOCK_R=max(16, min(64, next_pow2(G * W))), BLOCK_N=block_n, num_warps=4,
+        num_stages=2, **flags)
     return ChunkAttention(out, lse, stored_mass, chunk_mass)

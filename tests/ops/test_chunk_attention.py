@@ -68,6 +68,29 @@ def test_kernel_and_torch_twin_match_the_reference(shape, dtype, proportional):
     torch.testing.assert_close(total, rows_seen.double().float(), atol=1e-4, rtol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_max_reduction_matches_the_reference(shape, dtype):
+    """reduce="max" (a reconstruction pass's evidence): each key's largest probability over the window's rows."""
+    args, opts = case(**dict(shape), dtype=dtype, seed=1)
+    want = reference.chunk_attention(*args, **opts, window=5, reduce="max")
+    total = reference.chunk_attention(*args, **opts, window=5)
+    for res in (chunk_attention(*args, **opts, window=5, reduce="max"),
+                torch_ops.chunk_attention(*args, **opts, window=5, reduce="max", block=4)):
+        torch.testing.assert_close(res.stored_mass, want.stored_mass, atol=MASS_TOL[dtype], rtol=1e-4)
+        torch.testing.assert_close(res.chunk_mass, want.chunk_mass, atol=MASS_TOL[dtype], rtol=1e-4)
+    # a max of probabilities: in [0, 1], at most the sum, and equal to it when one row sees the key (G = 1, W = 1)
+    for m, s in ((want.stored_mass, total.stored_mass), (want.chunk_mass, total.chunk_mass)):
+        assert bool((m >= 0).all() and (m <= 1 + 1e-6).all() and (m <= s + 1e-6).all())
+    if args[0].shape[1] == args[1].shape[1]:
+        one_max = reference.chunk_attention(*args, **opts, window=1, reduce="max")
+        one_sum = reference.chunk_attention(*args, **opts, window=1)
+        torch.testing.assert_close(one_max.stored_mass, one_sum.stored_mass)
+        torch.testing.assert_close(one_max.chunk_mass, one_sum.chunk_mass)
+    if args[0].shape[2] > 1:  # a key the window sees: its max is positive
+        assert bool((want.chunk_mass[..., -1] > 0).any())
+
+
 def test_bad_arguments_name_what_was_expected():
     args, opts = case(B=1, Hq=4, Hkv=2, S=10, T=5, D=64, dtype=torch.float32, lengths=[10, 3])
     q, kc, vc, lengths, kn, vn = args
@@ -79,5 +102,7 @@ def test_bad_arguments_name_what_was_expected():
         chunk_attention(q[:, :3], kc, vc, lengths, kn, vn)
     with pytest.raises(ValueError, match="window must be an int >= 1"):
         chunk_attention(q, kc, vc, lengths, kn, vn, window=0)
+    with pytest.raises(ValueError, match="reduce must be 'sum' or 'max'"):
+        chunk_attention(q, kc, vc, lengths, kn, vn, reduce="mean")
     with pytest.raises(TypeError, match="key_valid must have dtype bool"):
         chunk_attention(q, kc, vc, lengths, kn, vn, key_valid=opts["key_valid"].int())
