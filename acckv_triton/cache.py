@@ -557,6 +557,7 @@ class BudgetedLayerCache:
         self._padded = False  # whether some prefill had padding (then targets differ per row, on the device)
         self._excess = 0  # bound on max over rows of (stored - target), on the host: upkeep is due past cfg.slack
         self._longest = 0  # the host's bound on the longest row after the latest compression
+        self.awaiting_reconstruction = False  # reconstruction evidence: the first prompt is stored, not compressed
 
     @property
     def reads_mass(self) -> bool:
@@ -577,7 +578,8 @@ class BudgetedLayerCache:
 
         ``"window"``: the last W queries (:func:`acckv_triton.window_scores`); ``"last"``: the last query;
         ``"observed"`` and ``"mean"``: every prompt query (:func:`acckv_triton.observed_attention`, flash-tiled, no
-        T x T); the mean is taken when the layer is compressed, over the queries that saw each token by then.
+        T x T); the mean is taken when the layer is compressed, over the queries that saw each token by then;
+        ``"reconstruction"``: zeros (the evidence comes from :meth:`reconstruct`, after :meth:`prefill`).
         Kernels where the cache runs them, their torch twins elsewhere. Pass the result to :meth:`prefill`.
         """
         T = k.shape[2]
@@ -586,6 +588,8 @@ class BudgetedLayerCache:
         key_start = None if valid is None else valid.int().argmax(-1).to(torch.int32)  # first valid token
         kernels = self.store.kernels_on(q.device)
         cfg = self._resolve(audio_video)
+        if cfg.score_evidence == "reconstruction":
+            return torch.zeros(k.shape[:3], dtype=torch.float32, device=k.device)
         if cfg.score_evidence in ("observed", "mean"):  # the mean divides by the queries at compression time
             op = observed_attention if kernels else torch_ops.observed_attention
             return op(q, k, scale=scale, key_start=key_start).key_mass
@@ -601,7 +605,8 @@ class BudgetedLayerCache:
 
     def _evidence_rows(self, T: int, cfg: AccKVConfig) -> int:
         """How many of a chunk's last queries give evidence (``cfg.score_evidence``, resolved)."""
-        return {"window": min(cfg.window, T), "observed": T, "mean": T, "last": min(1, T)}[cfg.score_evidence]
+        return {"window": min(cfg.window, T), "observed": T, "mean": T, "last": min(1, T),
+                "reconstruction": min(cfg.window, T)}[cfg.score_evidence]  # a later chunk: its window
 
     def prefill(self, k: torch.Tensor, v: torch.Tensor, *, scores: torch.Tensor, valid: torch.Tensor | None = None,
                 audio_video: bool | None = None, **metadata) -> None:
@@ -616,8 +621,11 @@ class BudgetedLayerCache:
                 pools).
             metadata: ``modality``, ``time``, ``spatial``, ``position`` as :meth:`LayerKVCache.append` takes them.
 
-        Afterwards the storage holds ``max(target) + slack + 1`` slots per row (rounded up to 16).
+        Afterwards the storage holds ``max(target) + slack + 1`` slots per row (rounded up to 16). With
+        reconstruction evidence (``method="kvzip"``) a first prompt is stored whole and compressed by
+        :meth:`end_reconstruction`, after :meth:`reconstruct` has scored it; a later chunk ranks by its window.
         """
+        self._check_not_awaiting("prefill")
         B, Hkv, T = k.shape[:3]
         if not isinstance(scores, torch.Tensor) or tuple(scores.shape) != (B, Hkv, T):
             raise ValueError(f"scores must be a [B, Hkv, T] = {(B, Hkv, T)} tensor, got "
@@ -637,11 +645,13 @@ class BudgetedLayerCache:
         scores = scores.detach() if scores.requires_grad else scores
         mass = scores.float() if valid_rows is None else torch.where(valid_rows, scores.float(), 0.0)
         st = self.store
+        first = st.k is None
+        defer = first and self.cfg.score_evidence == "reconstruction" and not self.cfg.is_full
         chunk_max = T + self._decoded  # tokens decoded since the last prefill become part of the prompt
         prompt_max = self._prompt_max + chunk_max
         target_max = budget_tokens(self.cfg, prompt_max, self.layer, self.num_layers)
         # the first prompt of a layer that shrinks at once is compacted straight out of the inputs: no copy
-        borrow = st.k is None and st.kernels_on(k.device) and not self.cfg.is_full and \
+        borrow = first and not defer and st.kernels_on(k.device) and not self.cfg.is_full and \
             not self.cfg.adaptive_heads and _round_up(self._capacity_after_prefill(target_max), st.align) < T
         st.append(k, v, token_mass=mass, borrow=borrow, **metadata)  # validates: nothing changed if it raises
         if valid_rows is not None:
@@ -664,7 +674,56 @@ class BudgetedLayerCache:
         self._decoded = 0
         self.window = (self.store.seen - self.cfg.window, self.store.seen)
         self.policy_cfg = self._resolve(audio_video)
+        if self.policy_cfg.score_evidence == "reconstruction" and not first:  # no pass for a later chunk
+            self.policy_cfg = self.policy_cfg.replace(evidence="window")
+        if defer:
+            self.awaiting_reconstruction = True
+            return
         self.compress()
+
+    def reconstruct(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None,
+                    valid: torch.Tensor | None = None) -> torch.Tensor:
+        """Score the stored first prompt by a reconstruction chunk (reconstruction evidence, after KVzip).
+
+        Args:
+            q: ``[B, Hq, T, D]`` the chunk's queries (RoPE applied); k, v: ``[B, Hkv, T, D]`` its keys and values. The
+                integration feeds the prompt again after itself, at the positions that follow it.
+            scale: softmax scale (default ``D ** -0.5``).
+            valid: optional ``[B, T]`` bool, False at the chunk's left padding.
+
+        Each query attends over every stored token and the chunk causally (:func:`acckv_triton.ops.chunk_attention`,
+        ``reduce="max"``); each stored token's evidence becomes the largest probability any query head of its group
+        gives it (a max over calls too). The chunk is not stored. Returns ``[B, T, Hq, D]`` (transformers' layout),
+        what the model's next layer reads; call :meth:`end_reconstruction` once every layer has been scored.
+        """
+        if not self.awaiting_reconstruction:
+            raise ValueError("reconstruct scores a first prompt stored by prefill with reconstruction evidence "
+                             "(method='kvzip'); this layer has none waiting")
+        st = self.store
+        B, Hq, T, D = q.shape
+        S = st.max_length
+        args = (st.k[:, :, :S], st.v[:, :, :S], st.lengths, k, v)
+        opts = dict(scale=scale, key_valid=valid, window=T, reduce="max")
+        if st.uses_kernels:
+            out = torch.empty(B, T, Hq, D, dtype=q.dtype, device=q.device)
+            res = chunk_attention(q, *args, **opts, out=out.transpose(1, 2))
+        else:
+            res = torch_ops.chunk_attention(q, *args, **opts)
+            out = res.out.transpose(1, 2)
+        torch.maximum(st.token_mass[:, :, :S], res.stored_mass, out=st.token_mass[:, :, :S])
+        return out
+
+    def end_reconstruction(self) -> None:
+        """Compress the first prompt :meth:`reconstruct` scored (to ``max(target) + slack + 1`` slots per row)."""
+        if not self.awaiting_reconstruction:
+            raise ValueError("end_reconstruction: this layer has no first prompt waiting for reconstruction")
+        self.awaiting_reconstruction = False
+        self.compress()
+
+    def _check_not_awaiting(self, what: str) -> None:
+        if self.awaiting_reconstruction:
+            raise ValueError(f"{what}: the first prompt waits for its reconstruction pass (method='kvzip'); call "
+                             "reconstruct(...) and end_reconstruction() first")
 
     def prefill_chunk(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None,
                       valid: torch.Tensor | None = None, audio_video: bool | None = None,
@@ -685,6 +744,7 @@ class BudgetedLayerCache:
         st = self.store
         if st.k is None:
             raise ValueError("prefill_chunk needs a prefilled cache: call prefill(k, v, scores=...) first")
+        self._check_not_awaiting("prefill_chunk")
         B, Hq, T, D = q.shape
         S = st.max_length
         args = (st.k[:, :, :S], st.v[:, :, :S], st.lengths, k, v)
@@ -716,6 +776,7 @@ class BudgetedLayerCache:
 
         :meth:`decode_step` is the one-call decode path; this is for hand-written loops that attend separately.
         """
+        self._check_not_awaiting("append")
         self.store.append(k, v, **metadata)
         self._decoded += k.shape[2]
         self._excess += k.shape[2]
@@ -742,6 +803,7 @@ class BudgetedLayerCache:
         st = self.store
         if self.target is None:
             raise ValueError("decode_step needs a prefilled cache: call prefill(k, v, scores=...) first")
+        self._check_not_awaiting("decode_step")
         st.append_token(k, v, modality=modality, time=time, spatial=spatial)
         self._decoded += 1
         self._excess += 1

@@ -5,9 +5,10 @@ from dataclasses import dataclass, fields, replace
 
 __all__ = ["AccKVConfig", "EVIDENCE", "METHODS"]
 
-METHODS = ("acckv", "snapkv", "h2o", "tova", "streaming", "pyramidkv", "adakv", "lookm", "full")
-EVIDENCE = ("auto", "window", "observed", "mean", "last")
-_METHOD_EVIDENCE = {"acckv": "auto", "h2o": "observed", "tova": "last"}  # each paper's own; the rest: the window
+METHODS = ("acckv", "snapkv", "h2o", "tova", "streaming", "pyramidkv", "adakv", "lookm", "kvzip", "full")
+EVIDENCE = ("auto", "window", "observed", "mean", "last", "reconstruction")
+_METHOD_EVIDENCE = {"acckv": "auto", "h2o": "observed", "tova": "last",  # each paper's own; the rest: the window
+                    "kvzip": "reconstruction"}
 
 
 @dataclass(frozen=True)
@@ -28,8 +29,10 @@ class AccKVConfig:
     cross_align: bool = True  # Step 3b: calibrate the low-priority modality on the high one's time bins
     evidence: str | None = None  # Step 0 scores: "window" (last W queries, SnapKV), "observed" (every query's mass
     #   summed, H2O), "mean" (every query's, averaged over the queries that see each token), "last" (the last
-    #   query, TOVA), "auto" (the window on audio/video/image prompts, the mean on text prompts); None: the
-    #   method's own (auto for acckv, observed for h2o, last for tova, else the window)
+    #   query, TOVA), "reconstruction" (a second pass that feeds the first prompt again after itself; each token's
+    #   largest attention from it, after KVzip: about 2x prefill), "auto" (the window on audio/video/image prompts,
+    #   the mean on text prompts); None: the method's own (auto for acckv, observed for h2o, last for tova,
+    #   reconstruction for kvzip, else the window)
     value_aware: bool = False  # rank by attention mass x ||v|| (value-aware evidence, after CriticalKV)
     head_budgets: str = "uniform"  # "uniform" or "adaptive": Ada-KV's allocation of a layer's budget across kv heads
     ada_floor: float = 0.2  # adaptive: each kv head keeps at least this fraction of the uniform free budget
@@ -125,7 +128,8 @@ class AccKVConfig:
     @property
     def windowed(self) -> bool:
         """Whether the observation window is the evidence (window or auto evidence): then the window is protected
-        and scores are pooled; every-query and last-query evidence is ranked as it is, the window unprotected."""
+        and scores are pooled; every-query, last-query and reconstruction evidence is ranked as it is, the window
+        unprotected."""
         return self.score_evidence in ("window", "auto")
 
     @property

@@ -16,6 +16,8 @@ Methods (``AccKVConfig.method``), all at the same budget per (layer, sequence, k
     tova       top-k of the last query's attention, nothing protected (TOVA)
     streaming  sink tokens + the most recent tokens
     lookm      text first, then top-k of pooled scores, then every evicted token merges into its nearest kept key
+    kvzip      recent tokens + top-k of a reconstruction pass's evidence (each token's largest attention from the
+               prompt fed again after itself, after KVzip; the cache and the integration run that pass)
     full       keep everything
 """
 from __future__ import annotations
@@ -302,6 +304,7 @@ def plan_layer(cfg: AccKVConfig, x: LayerTokens, layer: int = 0, num_layers: int
         "pyramidkv": (none, window, none, none),
         "adakv": (none, window, none, none),
         "h2o": (none, none, recent, none),
+        "kvzip": (none, none, recent, none),
         "tova": (none, none, none, none),
         "streaming": (sink, none, none, none),
         "lookm": (none, window, none, text),
@@ -318,7 +321,7 @@ def plan_layer(cfg: AccKVConfig, x: LayerTokens, layer: int = 0, num_layers: int
     if method == "streaming":
         kept |= _topk_mask(rank_valid.float(), free, cand)
         return _finish(kept, None, s_raw, mod, valid, rho, priority)
-    if method != "acckv":  # full, snapkv, pyramidkv, h2o, lookm: one ranking by (pooled) score
+    if method != "acckv":  # full, snapkv, pyramidkv, h2o, tova, kvzip, lookm: one ranking by (pooled) score
         kept |= _topk_mask(s_rank, free, cand)
         merge_to = _nearest_kept(x.keys, kept, valid) if method == "lookm" else None
         return _finish(kept, merge_to, s_raw, mod, valid, rho, priority)

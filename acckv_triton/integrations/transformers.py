@@ -32,6 +32,12 @@ Design (data flows integration -> cache -> policy -> ops):
     - a later chunk of several tokens (a second question, teacher forcing): exact attention over the stored tokens
       and the chunk (causal inside the chunk, log-multiplicity bias on merged slots), the window queries' mass added
       to the stored tokens, then the chunk is stored as a streaming prefill.
+* **Reconstruction evidence** (``method="kvzip"``, after KVzip): the first prompt's forward stores every layer
+  uncompressed; when the decoder stack returns, the handle runs it once more on the same inputs at the positions that
+  follow (the prompt fed again after itself, stored nothing), each layer scoring every stored token by the largest
+  attention any reconstruction query gives it (:meth:`BudgetedLayerCache.reconstruct`), then compresses every layer.
+  About twice a prefill; the logits the model returns are the first pass's. Text decoders without sliding-window
+  layers only (refused elsewhere); later chunks rank by their window.
 * **Budget 1.0** (or ``method="full"``) switches no attention function: the cache stores every token and hands the
   model its full K/V exactly like ``DynamicCache``, so outputs are bit-identical.
 * **Backends**: ``"triton"`` runs the kernels (interpreted on a CPU); ``"torch"`` the vectorised PyTorch ops of
@@ -149,6 +155,14 @@ def _check_layers(model, cfg: AccKVConfig, num_layers: int) -> None:
     if getattr(text, "use_bidirectional_attention", False):
         raise ValueError("apply_acckv does not support bidirectional attention (config.use_bidirectional_attention="
                          "True): a KV cache is for causal decoding")
+    if not cfg.is_full and cfg.score_evidence == "reconstruction":
+        spec = _spec_for(model)
+        if spec.mrope or spec.modality_token_ids:
+            raise ValueError(f"apply_acckv: reconstruction evidence (method={cfg.method!r}) feeds the prompt's ids again; "
+                             f"{spec.name} prompts carry media and M-RoPE positions it cannot repeat (use a text model)")
+        if any(type(layer) is not DynamicLayer for layer in layers):
+            raise ValueError(f"apply_acckv: reconstruction evidence (method={cfg.method!r}) needs every layer to be full "
+                             "attention; the reconstruction pass would enter this model's sliding-window caches")
     if not cfg.is_full and all(type(layer) is not DynamicLayer for layer in layers):
         window = getattr(layers[0], "sliding_window", None)
         raise ValueError(f"apply_acckv compresses full-attention layers, and every layer of this "
@@ -290,6 +304,9 @@ class AccKVLayer(CacheLayerMixin):
         valid = meta.pop("valid")
         # The cache is inference state: no autograd graph through its storage, even in a forward run with grad on
         # (the prompt's own attention, the model's, keeps its graph).
+        if self._owner._reconstructing:  # the handle's second pass: score the stored prompt, store nothing
+            with torch.no_grad():
+                return self.budgeted.reconstruct(query, k, v, scale=scaling, valid=valid)
         if not self.store.initialized:
             out, _ = delegate(module, query, k, v, attention_mask, scaling=scaling, dropout=0.0, **kwargs)
             av = meta.pop("audio_video", None)
@@ -334,11 +351,17 @@ class AccKVCache(Cache):
                                  else kind for i, kind in enumerate(kinds)])
         self.cfg = cfg
         self._step: dict[str, Any] = {}  # metadata of the chunk the current forward feeds ([B, T] tensors or None)
+        self._reconstructing = False  # inside the handle's reconstruction pass (reconstruction evidence)
 
     @property
     def compressed_layers(self) -> list[AccKVLayer]:
         """The layers AccKV compresses (every full-attention layer)."""
         return [layer for layer in self.layers if isinstance(layer, AccKVLayer)]
+
+    @property
+    def awaiting_reconstruction(self) -> bool:
+        """True between a first prompt stored for reconstruction evidence and the end of its reconstruction pass."""
+        return any(layer.budgeted.awaiting_reconstruction for layer in self.compressed_layers)
 
     def _metadata(self, T: int) -> dict:
         """The current chunk's metadata as ``BudgetedLayerCache`` takes it (entries that do not fit T are dropped).
@@ -449,6 +472,7 @@ class _ForwardState:
     def __init__(self):
         self.cache: AccKVCache | None = None
         self.input_ids: torch.Tensor | None = None
+        self.replay: tuple | None = None  # (args, kwargs, T) of a first prompt whose evidence is a reconstruction
 
 
 class AccKVHandle:
@@ -572,11 +596,37 @@ class AccKVHandle:
             layer._staged = None
         cache._step = step
         self._state.cache = cache
+        first = not cache._reconstructing and cache.get_seq_length() == 0
+        self._state.replay = (args, dict(kwargs), T) if first and cache.cfg.score_evidence == "reconstruction" \
+            and not cache.cfg.is_full else None
 
     def _after_decoder(self, module, args, output):
-        if self._state.cache is not None:
-            self._state.cache._step = {}
-        self._state.cache = None
+        cache, replay = self._state.cache, self._state.replay
+        if cache is not None:
+            cache._step = {}
+        self._state.cache, self._state.replay = None, None
+        if replay is not None and cache.awaiting_reconstruction:
+            self._reconstruct(cache, *replay)
+
+    def _reconstruct(self, cache: AccKVCache, args: tuple, kwargs: dict, T: int) -> None:
+        """Reconstruction evidence: run the decoder stack again on the first prompt's inputs, at the T positions after
+        it (a 2-D mask covers both copies), so every layer scores its stored prompt; then compress every layer."""
+        kwargs = dict(kwargs)
+        for name in ("position_ids", "cache_position"):
+            if isinstance(kwargs.get(name), torch.Tensor):
+                kwargs[name] = kwargs[name] + T
+        mask = kwargs.get("attention_mask")
+        if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+            kwargs["attention_mask"] = torch.cat([mask, mask[:, -T:]], dim=1)
+        kwargs.pop("use_cache", None)
+        cache._reconstructing = True
+        try:
+            with torch.no_grad():
+                self.decoder(*args, **kwargs, use_cache=True)
+        finally:
+            cache._reconstructing = False
+        for layer in cache.compressed_layers:
+            layer.budgeted.end_reconstruction()
 
 
 def apply_acckv(model, cfg: AccKVConfig | None = None) -> AccKVHandle:
