@@ -35,6 +35,7 @@ class AccKVConfig:
     #   reconstruction for kvzip, else the window)
     value_aware: bool = False  # rank by attention mass x ||v|| (value-aware evidence, after CriticalKV)
     head_budgets: str = "uniform"  # "uniform" or "adaptive": Ada-KV's allocation of a layer's budget across kv heads
+    #   (adakv and kvzip always share it: KVzip's budgets are not uniform across heads either)
     ada_floor: float = 0.2  # adaptive: each kv head keeps at least this fraction of the uniform free budget
     decode_budget: str = "all"  # while decoding: "fixed" holds the prompt's budget (decoded tokens compete for
     #   it, memory stays put), "all" applies the budget to every token seen (it grows by budget x decoded),
@@ -135,7 +136,8 @@ class AccKVConfig:
     @property
     def adaptive_heads(self) -> bool:
         """True when a layer's budget is shared across its kv heads by evidence (Ada-KV), not split evenly."""
-        return self.method == "adakv" or (self.head_budgets == "adaptive" and self.method not in ("streaming", "full"))
+        return self.method in ("adakv", "kvzip") or (self.head_budgets == "adaptive"
+                                                     and self.method not in ("streaming", "full"))
 
     @property
     def uses_multiplicity(self) -> bool:

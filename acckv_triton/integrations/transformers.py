@@ -605,7 +605,7 @@ class AccKVHandle:
         if cache is not None:
             cache._step = {}
         self._state.cache, self._state.replay = None, None
-        if replay is not None and cache.awaiting_reconstruction:
+        if replay is not None and output is not None and cache.awaiting_reconstruction:  # None: the forward raised
             self._reconstruct(cache, *replay)
 
     def _reconstruct(self, cache: AccKVCache, args: tuple, kwargs: dict, T: int) -> None:
