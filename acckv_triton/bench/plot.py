@@ -20,9 +20,9 @@ import sys
 from pathlib import Path
 
 NAMES = {"acckv": "AccKV", "snapkv": "SnapKV", "pyramidkv": "PyramidKV", "adakv": "Ada-KV (SnapKV)", "h2o": "H2O",
-         "tova": "TOVA", "lookm": "LOOK-M-like", "streaming": "StreamingLLM"}
+         "tova": "TOVA", "lookm": "LOOK-M-like", "streaming": "StreamingLLM", "kvzip": "KVzip-style (2 passes)"}
 BASELINE_COLORS = {"snapkv": "C0", "pyramidkv": "C1", "h2o": "C2", "lookm": "C3", "streaming": "C4", "adakv": "C5",
-                   "tova": "C6"}
+                   "tova": "C6", "kvzip": "C7"}
 MODALITY_COLORS = {"text": "0.6", "audio": "tab:orange", "video": "tab:blue", "image": "tab:green"}
 DPI = 120
 
@@ -42,8 +42,8 @@ def _complete(rows: list[dict], cols: tuple[str, ...]) -> list[dict]:
     return [r for r in rows if all(r.get(c) is not None for c in cols)]
 
 
-def _figure(plt, panels: int, title: str, subtitle: str | None):
-    ncols = min(panels, 3)
+def _figure(plt, panels: int, title: str, subtitle: str | None, ncols: int = 3):
+    ncols = min(panels, ncols)
     nrows = math.ceil(panels / ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(4.8 * ncols, 3.8 * nrows + 0.5), squeeze=False)
     for ax in axes.flat[panels:]:
@@ -75,8 +75,8 @@ def _budget_axis(ax, rows: list[dict]) -> None:
     ax.set_xlabel("KV budget (% of prompt tokens)")
 
 
-def _method_lines(fig, axes, rows, panels) -> None:
-    """One line per method on each panel (column, y label, log y); one legend for the figure."""
+def _method_lines(fig, axes, rows, panels, legend: bool = True) -> None:
+    """One line per method on each panel (column, y label, log y); one legend for the figure (``legend``)."""
     for i, (method, rs) in enumerate(_by_method(rows).items()):
         style = _method_style(method, i)
         for ax, (col, ylabel, logy) in zip(axes, panels):
@@ -87,7 +87,9 @@ def _method_lines(fig, axes, rows, panels) -> None:
         if logy:
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
-    fig.legend(*axes[0].get_legend_handles_labels(), loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize="small")
+    if legend:
+        fig.legend(*axes[0].get_legend_handles_labels(), loc="center left", bbox_to_anchor=(1.0, 0.5),
+                   fontsize="small")
 
 
 def _decode_speed(plt, rows: list[dict], subtitle: str | None):
@@ -158,14 +160,17 @@ def _real_fidelity(plt, rows: list[dict], subtitle: str | None):
     if not compressed:
         return None
     panels = [("top1", "top-1 agreement with full cache (fraction)", False), ("kl", "mean KL to full cache (nats)", False)]
-    fig, axes = _figure(plt, 2, "Real weights (SmolLM2-135M-Instruct): agreement with the full cache vs KV budget",
-                        subtitle)
-    for full in [r for r in rows if r["method"] == "full"][:1]:
-        for ax, (col, _, _) in zip(axes, panels):
-            ax.axhline(full[col], color="0.5", ls=":", lw=1, label="full cache")
-    _method_lines(fig, axes, compressed, panels)
-    axes[0].set_title("top-1 agreement (higher is better)")
-    axes[1].set_title("mean KL (lower is better)")
+    texts = list(dict.fromkeys(r.get("text") for r in rows))  # one row of panels per text
+    fig, axes = _figure(plt, 2 * len(texts), "Real weights (SmolLM2-135M-Instruct): agreement with the full cache "
+                        "vs KV budget", subtitle, ncols=2)
+    for i, text in enumerate(texts):
+        pair = axes[2 * i:2 * i + 2]
+        for ax, (col, _, _) in zip(pair, panels):
+            ax.axhline(1.0 if col == "top1" else 0.0, color="0.5", ls=":", lw=1, label="full cache")
+        _method_lines(fig, pair, [r for r in compressed if r.get("text") == text], panels, legend=i == 0)
+        name = f"{text}: " if text is not None else ""
+        pair[0].set_title(f"{name}top-1 agreement (higher is better)")
+        pair[1].set_title(f"{name}mean KL (lower is better)")
     return fig
 
 
