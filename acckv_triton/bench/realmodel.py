@@ -324,8 +324,9 @@ def fidelity_rows(model=None, tokenizer=None, *, context: int = 1024, continuati
     media tensor; the continuation is the ``continuation`` text tokens after them, as without media.
 
     Returns dicts with ``method, budget, top1, kl, ppl, kept, held, prefill×, seconds``; the full cache row has top1
-    1, kl 0, held 1 and prefill× 1 (``prefill×``: see the module docstring). With media, also ``kept <modality>`` per modality in the context: its stored slots at the end
-    over its context tokens (averaged over layers and kv heads).
+    1, kl 0, held 1 and prefill× 1 (``prefill×``: see the module docstring). With media, also ``kept <modality>``
+    per modality in the context: its stored slots at the end over its context tokens (averaged over layers and kv
+    heads).
     """
     if step not in ("decode", "chunk"):
         raise ValueError(f"step must be 'decode' or 'chunk', got {step!r}")

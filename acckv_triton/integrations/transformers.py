@@ -36,8 +36,8 @@ Design (data flows integration -> cache -> policy -> ops):
   uncompressed; when the decoder stack returns, the handle runs it once more on the same inputs at the positions that
   follow (the prompt fed again after itself, stored nothing), each layer scoring every stored token by the largest
   attention any reconstruction query gives it (:meth:`BudgetedLayerCache.reconstruct`), then compresses every layer.
-  About twice a prefill; the logits the model returns are the first pass's. Text decoders without sliding-window
-  layers only (refused elsewhere); later chunks rank by their window.
+  A second forward over the prompt (its attention over twice the keys); the logits returned are the first pass's.
+  Text decoders without sliding-window layers only (refused elsewhere); later chunks rank by their window.
 * **Budget 1.0** (or ``method="full"``) switches no attention function: the cache stores every token and hands the
   model its full K/V exactly like ``DynamicCache``, so outputs are bit-identical.
 * **Backends**: ``"triton"`` runs the kernels (interpreted on a CPU); ``"torch"`` the vectorised PyTorch ops of
@@ -157,12 +157,13 @@ def _check_layers(model, cfg: AccKVConfig, num_layers: int) -> None:
                          "True): a KV cache is for causal decoding")
     if not cfg.is_full and cfg.score_evidence == "reconstruction":
         spec = _spec_for(model)
+        what = f"apply_acckv: reconstruction evidence (method={cfg.method!r})"
         if spec.mrope or spec.modality_token_ids:
-            raise ValueError(f"apply_acckv: reconstruction evidence (method={cfg.method!r}) feeds the prompt's ids again; "
-                             f"{spec.name} prompts carry media and M-RoPE positions it cannot repeat (use a text model)")
+            raise ValueError(f"{what} feeds the prompt's ids again; {spec.name} prompts carry media and M-RoPE "
+                             "positions it cannot repeat (use a text model)")
         if any(type(layer) is not DynamicLayer for layer in layers):
-            raise ValueError(f"apply_acckv: reconstruction evidence (method={cfg.method!r}) needs every layer to be full "
-                             "attention; the reconstruction pass would enter this model's sliding-window caches")
+            raise ValueError(f"{what} needs every layer to be full attention; the reconstruction pass would enter "
+                             "this model's sliding-window caches")
     if not cfg.is_full and all(type(layer) is not DynamicLayer for layer in layers):
         window = getattr(layers[0], "sliding_window", None)
         raise ValueError(f"apply_acckv compresses full-attention layers, and every layer of this "
