@@ -662,9 +662,8 @@ def _strides3(x: torch.Tensor) -> tuple[int, int]:
 
 _PROTECT = {  # (sink, window, recent, text, all) per method
     "acckv": None, "snapkv": (0, 1, 0, 0, 0), "pyramidkv": (0, 1, 0, 0, 0), "h2o": (0, 0, 1, 0, 0),
-    "kvzip": (0, 0, 1, 0, 0), "tova": (0, 0, 0, 0, 0), "streaming": (1, 0, 0, 0, 0), "lookm": (0, 1, 0, 1, 0),
-    "full": (0, 0, 0, 0, 1),
-}
+    "tova": (0, 0, 0, 0, 0), "streaming": (1, 0, 0, 0, 0), "lookm": (0, 1, 0, 1, 0), "full": (0, 0, 0, 0, 1),
+}  # adakv and kvzip share budgets across heads: plan_layer only
 
 
 def _alloc(nbytes: int, device: torch.device) -> torch.Tensor:

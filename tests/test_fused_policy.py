@@ -19,7 +19,8 @@ from tests.conftest import DEVICE
 W = workloads.generate_av_workload(num_chunks=3, grid_h=4, grid_w=4, batch=2, num_layers=2, seed=1)
 N = W.num_tokens
 SCORES = [reference.window_scores(lt.q_window, lt.k, modality=W.token_modality()).scores for lt in W.layers]
-METHOD_CFGS = [pytest.param(AccKVConfig(method=m), id=m) for m in METHODS if m != "adakv"]  # Ada-KV: see below
+METHOD_CFGS = [pytest.param(AccKVConfig(method=m), id=m) for m in METHODS
+               if not AccKVConfig(method=m).adaptive_heads]  # adakv, kvzip (Ada-KV's head budgets): see below
 SWITCHES = [pytest.param(c, id=name) for name, c in AccKVConfig().ablations().items()] + [
     pytest.param(AccKVConfig(pool_mode="avg"), id="avg-pool"),
     pytest.param(AccKVConfig(pool_kernel=1), id="no-pool"),
