@@ -699,19 +699,23 @@ class BudgetedLayerCache:
         if not self.awaiting_reconstruction:
             raise ValueError("reconstruct scores a first prompt stored by prefill with reconstruction evidence "
                              "(method='kvzip'); this layer has none waiting")
+        S = self.store.max_length
+        out, res = self._attend_chunk(q, k, v, scale=scale, key_valid=valid, window=q.shape[2], reduce="max")
+        torch.maximum(self.store.token_mass[:, :, :S], res.stored_mass, out=self.store.token_mass[:, :, :S])
+        return out
+
+    def _attend_chunk(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **opts):
+        """``chunk_attention`` of a chunk over the stored slots and itself (the kernel where the store runs kernels,
+        its torch twin elsewhere): ``(out [B, T, Hq, D], ChunkAttention)``."""
         st = self.store
         B, Hq, T, D = q.shape
         S = st.max_length
         args = (st.k[:, :, :S], st.v[:, :, :S], st.lengths, k, v)
-        opts = dict(scale=scale, key_valid=valid, window=T, reduce="max")
         if st.uses_kernels:
             out = torch.empty(B, T, Hq, D, dtype=q.dtype, device=q.device)
-            res = chunk_attention(q, *args, **opts, out=out.transpose(1, 2))
-        else:
-            res = torch_ops.chunk_attention(q, *args, **opts)
-            out = res.out.transpose(1, 2)
-        torch.maximum(st.token_mass[:, :, :S], res.stored_mass, out=st.token_mass[:, :, :S])
-        return out
+            return out, chunk_attention(q, *args, **opts, out=out.transpose(1, 2))
+        res = torch_ops.chunk_attention(q, *args, **opts)
+        return res.out.transpose(1, 2), res
 
     def end_reconstruction(self) -> None:
         """Compress the first prompt :meth:`reconstruct` scored (to ``max(target) + slack + 1`` slots per row)."""
@@ -745,18 +749,11 @@ class BudgetedLayerCache:
         if st.k is None:
             raise ValueError("prefill_chunk needs a prefilled cache: call prefill(k, v, scores=...) first")
         self._check_not_awaiting("prefill_chunk")
-        B, Hq, T, D = q.shape
         S = st.max_length
-        args = (st.k[:, :, :S], st.v[:, :, :S], st.lengths, k, v)
-        opts = dict(scale=scale, multiplicity=st.multiplicity[:, :, :S] if st.proportional else None,
-                    key_valid=None if valid is None else (valid if valid.dim() == 2 else valid[:, 0]),
-                    window=self._evidence_rows(T, self._resolve(audio_video)))
-        if st.uses_kernels:
-            out = torch.empty(B, T, Hq, D, dtype=q.dtype, device=q.device)
-            res = chunk_attention(q, *args, **opts, out=out.transpose(1, 2))
-        else:
-            res = torch_ops.chunk_attention(q, *args, **opts)
-            out = res.out.transpose(1, 2)
+        out, res = self._attend_chunk(
+            q, k, v, scale=scale, multiplicity=st.multiplicity[:, :, :S] if st.proportional else None,
+            key_valid=None if valid is None else (valid if valid.dim() == 2 else valid[:, 0]),
+            window=self._evidence_rows(q.shape[2], self._resolve(audio_video)))
         st.token_mass[:, :, :S] += res.stored_mass  # the window's evidence on stored tokens, as decode adds its own
         self.prefill(k, v, scores=res.chunk_mass, valid=valid, audio_video=audio_video, **metadata)
         return out
