@@ -681,15 +681,14 @@ class BudgetedLayerCache:
             return
         self.compress()
 
-    def reconstruct(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None,
-                    valid: torch.Tensor | None = None) -> torch.Tensor:
+    def reconstruct(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
+                    scale: float | None = None) -> torch.Tensor:
         """Score the stored first prompt by a reconstruction chunk (reconstruction evidence, after KVzip).
 
         Args:
             q: ``[B, Hq, T, D]`` the chunk's queries (RoPE applied); k, v: ``[B, Hkv, T, D]`` its keys and values. The
                 integration feeds the prompt again after itself, at the positions that follow it.
             scale: softmax scale (default ``D ** -0.5``).
-            valid: optional ``[B, T]`` bool, False at the chunk's left padding.
 
         Each query attends over every stored token and the chunk causally (:func:`acckv_triton.ops.chunk_attention`,
         ``reduce="max"``); each stored token's evidence becomes the largest probability any query head of its group
@@ -699,8 +698,11 @@ class BudgetedLayerCache:
         if not self.awaiting_reconstruction:
             raise ValueError("reconstruct scores a first prompt stored by prefill with reconstruction evidence "
                              "(method='kvzip'); this layer has none waiting")
+        if self._valid is not None:  # padding queries would score too, and padding keys be attended
+            raise ValueError("reconstruct does not support a padded prompt (prefill got valid=...): prefill prompts "
+                             "without padding for reconstruction evidence")
         S = self.store.max_length
-        out, res = self._attend_chunk(q, k, v, scale=scale, key_valid=valid, window=q.shape[2], reduce="max")
+        out, res = self._attend_chunk(q, k, v, scale=scale, window=q.shape[2], reduce="max")
         torch.maximum(self.store.token_mass[:, :, :S], res.stored_mass, out=self.store.token_mass[:, :, :S])
         return out
 

@@ -37,7 +37,8 @@ Design (data flows integration -> cache -> policy -> ops):
   follow (the prompt fed again after itself, stored nothing), each layer scoring every stored token by the largest
   attention any reconstruction query gives it (:meth:`BudgetedLayerCache.reconstruct`), then compresses every layer.
   A second forward over the prompt (its attention over twice the keys); the logits returned are the first pass's.
-  Text decoders without sliding-window layers only (refused elsewhere); later chunks rank by their window.
+  Text decoders without sliding-window layers and prompts without padding only (refused elsewhere); later chunks
+  rank by their window.
 * **Budget 1.0** (or ``method="full"``) switches no attention function: the cache stores every token and hands the
   model its full K/V exactly like ``DynamicCache``, so outputs are bit-identical.
 * **Backends**: ``"triton"`` runs the kernels (interpreted on a CPU); ``"torch"`` the vectorised PyTorch ops of
@@ -307,7 +308,7 @@ class AccKVLayer(CacheLayerMixin):
         # (the prompt's own attention, the model's, keeps its graph).
         if self._owner._reconstructing:  # the handle's second pass: score the stored prompt, store nothing
             with torch.no_grad():
-                return self.budgeted.reconstruct(query, k, v, scale=scaling, valid=valid)
+                return self.budgeted.reconstruct(query, k, v, scale=scaling)
         if not self.store.initialized:
             out, _ = delegate(module, query, k, v, attention_mask, scaling=scaling, dropout=0.0, **kwargs)
             av = meta.pop("audio_video", None)
@@ -593,13 +594,17 @@ class AccKVHandle:
                 step["spatial"] = torch.where(patch[..., None], hw, -1)
         if T > 1 and cache.cfg.score_evidence == "auto":  # AccKV's evidence follows the prompt: one read per chunk
             step["audio_video"] = bool((modality != Modality.TEXT).any()) if modality is not None else False
+        first = not cache._reconstructing and cache.get_seq_length() == 0
+        replay = first and cache.cfg.score_evidence == "reconstruction" and not cache.cfg.is_full
+        if replay and "valid" in step:  # refused before the forward: the cache is left as it was
+            raise ValueError(f"method={cache.cfg.method!r} (reconstruction evidence) does not support a left-padded "
+                             "batch (attention_mask with zeros): its second pass would score from padding queries; "
+                             "give prompts of one length, or one at a time")
         for layer in cache.compressed_layers:  # a forward that raised half-way may have left a chunk staged
             layer._staged = None
         cache._step = step
         self._state.cache = cache
-        first = not cache._reconstructing and cache.get_seq_length() == 0
-        self._state.replay = (args, dict(kwargs), T) if first and cache.cfg.score_evidence == "reconstruction" \
-            and not cache.cfg.is_full else None
+        self._state.replay = (args, dict(kwargs), T) if replay else None
 
     def _after_decoder(self, module, args, output):
         cache, replay = self._state.cache, self._state.replay
@@ -610,8 +615,9 @@ class AccKVHandle:
             self._reconstruct(cache, *replay)
 
     def _reconstruct(self, cache: AccKVCache, args: tuple, kwargs: dict, T: int) -> None:
-        """Reconstruction evidence: run the decoder stack again on the first prompt's inputs, at the T positions after
-        it (a 2-D mask covers both copies), so every layer scores its stored prompt; then compress every layer."""
+        """Reconstruction evidence: run the decoder stack again on the first prompt's inputs (never padded), at the T
+        positions after it (a 2-D mask covers both copies), so every layer scores its stored prompt; then compress
+        every layer."""
         kwargs = dict(kwargs)
         for name in ("position_ids", "cache_position"):
             if isinstance(kwargs.get(name), torch.Tensor):

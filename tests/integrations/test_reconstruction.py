@@ -100,7 +100,8 @@ def test_generate_decodes_after_the_pass_and_a_second_question_ranks_by_its_wind
         handle.revert()
 
 
-def test_left_padding_is_never_kept_and_the_copy_keeps_its_mask():
+def test_a_left_padded_batch_is_refused_before_the_forward():
+    """Padding queries would score in the second pass: refused, and the cache is left empty."""
     model = tiny_causal_lm("llama")
     ids = _ids()
     mask = torch.ones_like(ids)
@@ -108,12 +109,16 @@ def test_left_padding_is_never_kept_and_the_copy_keeps_its_mask():
     cfg = ak.AccKVConfig(method="kvzip", budget=0.5, backend="torch")
     with torch.no_grad(), apply_acckv(model, cfg) as handle:
         cache = handle.new_cache()
-        model(ids, attention_mask=mask, past_key_values=cache, use_cache=True)
-    for layer in cache.compressed_layers:
-        st = layer.store
-        assert st.lengths[0].sum() == 2 * (T // 2) and st.lengths[1].sum() == 2 * ((T - 10 + 1) // 2)
-        for h in range(2):
-            assert (st.position[1, h, :st.lengths[1, h]] >= 10).all()
+        with pytest.raises(ValueError, match="does not support a left-padded batch"):
+            model(ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+        assert cache.get_seq_length() == 0 and not cache.awaiting_reconstruction
+        model(ids, attention_mask=torch.ones_like(ids), past_key_values=cache, use_cache=True)  # unpadded: runs
+        assert cache.get_seq_length() == T and not cache.awaiting_reconstruction
+    layer = BudgetedLayerCache(cfg)  # the cache API says the same
+    k = torch.randn(1, 2, 4, 16)
+    layer.prefill(k, k, scores=torch.zeros(1, 2, 4), valid=torch.tensor([[False, True, True, True]]))
+    with pytest.raises(ValueError, match="does not support a padded prompt"):
+        layer.reconstruct(torch.randn(1, 4, 4, 16), k, k)
 
 
 def test_budget_one_is_the_unpatched_model():
