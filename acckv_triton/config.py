@@ -29,9 +29,9 @@ class AccKVConfig:
     cross_align: bool = True  # Step 3b: calibrate the low-priority modality on the high one's time bins
     evidence: str | None = None  # Step 0 scores: "window" (last W queries, SnapKV), "observed" (every query's mass
     #   summed, H2O), "mean" (every query's, averaged over the queries that see each token), "last" (the last
-    #   query, TOVA), "reconstruction" (a second pass that feeds the first prompt again after itself; each token's
-    #   largest attention from it, after KVzip: about 2x prefill), "auto" (the window on audio/video/image prompts,
-    #   the mean on text prompts); None: the method's own (auto for acckv, observed for h2o, last for tova,
+    #   query, TOVA), "reconstruction" (a second forward that feeds the first prompt again after itself; each
+    #   token's largest attention from it, after KVzip), "auto" (the window on audio/video/image prompts, the mean
+    #   on text prompts); None: the method's own (auto for acckv, observed for h2o, last for tova,
     #   reconstruction for kvzip, else the window)
     value_aware: bool = False  # rank by attention mass x ||v|| (value-aware evidence, after CriticalKV)
     head_budgets: str = "uniform"  # "uniform" or "adaptive": Ada-KV's allocation of a layer's budget across kv heads

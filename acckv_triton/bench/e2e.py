@@ -209,21 +209,15 @@ def generate_timing_rows(model, ids: torch.Tensor, budgets: Iterable[float] = (0
     layer). TTFT is ``generate(max_new_tokens=1)``; decode ms/token is ``(t(n + 1) - t(1)) / n``. ``repeats`` takes
     the best of several runs of each.
     """
-    import time
-
     from ..integrations.transformers import apply_acckv
+    from .machine import wall_timed
 
     device = ids.device
     kwargs = dict(do_sample=False, return_dict_in_generate=True, pad_token_id=0)
 
     def timed(n):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        res = model.generate(ids, max_new_tokens=n, min_new_tokens=n, **kwargs)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - t0, res
+        res, seconds = wall_timed(lambda: model.generate(ids, max_new_tokens=n, min_new_tokens=n, **kwargs), device)
+        return seconds, res
 
     variants: list[tuple[str, float | None, object]] = [("transformers (full), default SDPA", None, None)]
     if pin_sdpa:

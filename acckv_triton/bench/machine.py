@@ -47,6 +47,20 @@ def machine_header(device: torch.device, measure_bandwidth: bool = True) -> dict
     return header
 
 
+def wall_timed(fn: Callable[[], object], device: torch.device) -> tuple[object, float]:
+    """``fn()`` and its wall seconds, the device synchronised on both sides (whole model calls: generate, a
+    prefill forward)."""
+    import time
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    out = fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return out, time.perf_counter() - t0
+
+
 def gpu_timer(fn: Callable[[], object]) -> float:
     """Median milliseconds of ``fn`` on the GPU (``triton.testing.do_bench``: warm-up, L2 flushed between runs)."""
     return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")

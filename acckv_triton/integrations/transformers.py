@@ -617,8 +617,7 @@ class AccKVHandle:
     def _reconstruct(self, cache: AccKVCache, args: tuple, kwargs: dict, T: int) -> None:
         """Reconstruction evidence: run the decoder stack again on the first prompt's inputs (never padded), at the T
         positions after it (a 2-D mask covers both copies), so every layer scores its stored prompt; then compress
-        every layer."""
-        kwargs = dict(kwargs)
+        every layer. ``kwargs`` is the replay's own copy (changed here)."""
         for name in ("position_ids", "cache_position"):
             if isinstance(kwargs.get(name), torch.Tensor):
                 kwargs[name] = kwargs[name] + T
