@@ -583,19 +583,64 @@ class BudgetedLayerCache:
         Kernels where the cache runs them, their torch twins elsewhere. Pass the result to :meth:`prefill`.
         """
         T = k.shape[2]
-        if valid is not None and (valid.dim() != 2 or tuple(valid.shape) != (k.shape[0], T)):
-            raise ValueError(f"valid must be a [B, T] = {(k.shape[0], T)} bool tensor, got {tuple(valid.shape)}")
-        key_start = None if valid is None else valid.int().argmax(-1).to(torch.int32)  # first valid token
-        kernels = self.store.kernels_on(q.device)
+        key_start = self._key_start(valid, k)
         cfg = self._resolve(audio_video)
         if cfg.score_evidence == "reconstruction":
             return torch.zeros(k.shape[:3], dtype=torch.float32, device=k.device)
-        if cfg.score_evidence in ("observed", "mean"):  # the mean divides by the queries at compression time
-            op = observed_attention if kernels else torch_ops.observed_attention
+        if self.reads_every_query(audio_video):  # the mean divides by the queries at compression time
+            op = observed_attention if self.store.kernels_on(q.device) else torch_ops.observed_attention
             return op(q, k, scale=scale, key_start=key_start).key_mass
         W = self._evidence_rows(T, cfg)
-        op = window_scores if kernels else torch_ops.window_scores
+        op = window_scores if self.store.kernels_on(q.device) else torch_ops.window_scores
         return op(q[:, :, T - W:], k, scale=scale, key_start=key_start).scores
+
+    def reads_every_query(self, audio_video: bool | None = None) -> bool:
+        """Whether a first prompt's evidence is every query's attention (``"observed"`` or ``"mean"``, resolved for a
+        prompt with or without audio/video/image tokens): then :meth:`prompt_attention` gives the prompt's
+        attention output and its evidence in one pass."""
+        return self._resolve(audio_video).score_evidence in ("observed", "mean")
+
+    def prompt_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None,
+                         valid: torch.Tensor | None = None, audio_video: bool | None = None
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A first prompt's causal attention and its every-query evidence from the same pass.
+
+        For a model whose attention is plain causal softmax attention (left padding as ``valid``), this replaces
+        the model's own attention call and :meth:`prompt_evidence`: one pass of
+        :func:`acckv_triton.observed_attention` with values (its torch twin off the kernels) computes the output
+        and the mass each key receives, where the two calls compute the logits twice.
+
+        Args: as :meth:`prompt_evidence`, plus ``v [B, Hkv, T, D]`` (the prompt's values, in q's dtype).
+
+        Returns:
+            ``(out, scores)``: ``out [B, T, Hq, D]`` in q's dtype (transformers' layout; 0 at a padded query) and the
+            ``[B, Hkv, T]`` float32 scores to pass to :meth:`prefill`.
+
+        Raises:
+            ValueError when the evidence is not every query's (:meth:`reads_every_query`) or ``valid`` has the wrong
+            shape.
+        """
+        if not self.reads_every_query(audio_video):
+            raise ValueError(f"prompt_attention needs every-query evidence ('observed' or 'mean'); this layer's is "
+                             f"{self._resolve(audio_video).score_evidence!r}: run the attention, then prompt_evidence")
+        B, Hq, T, D = q.shape
+        key_start = self._key_start(valid, k)
+        if self.store.kernels_on(q.device):  # written straight into transformers' [B, T, Hq, D]
+            out = torch.empty(B, T, Hq, D, dtype=q.dtype, device=q.device)
+            res = observed_attention(q, k, v, scale=scale, key_start=key_start, out=out.transpose(1, 2))
+            return out, res.key_mass
+        res = torch_ops.observed_attention(q, k, v, scale=scale, key_start=key_start)
+        return res.out.transpose(1, 2).contiguous(), res.key_mass
+
+    @staticmethod
+    def _key_start(valid: torch.Tensor | None, k: torch.Tensor) -> torch.Tensor | None:
+        """``[B]`` int32 first valid token of each sequence (None without ``valid``), checking ``valid``'s shape."""
+        B, T = k.shape[0], k.shape[2]
+        if valid is None:
+            return None
+        if valid.dim() != 2 or tuple(valid.shape) != (B, T):
+            raise ValueError(f"valid must be a [B, T] = {(B, T)} bool tensor, got {tuple(valid.shape)}")
+        return valid.int().argmax(-1).to(torch.int32)
 
     def _resolve(self, audio_video: bool | None) -> AccKVConfig:
         """The config the policy runs for a prompt: ``"auto"`` evidence resolved (None: the window)."""

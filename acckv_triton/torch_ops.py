@@ -303,7 +303,7 @@ def chunk_attention(q, k_cache, v_cache, lengths, k_new, v_new, *, scale=None, m
     return reference.ChunkAttention(out.view(B, Hq, T, D).to(q.dtype), lse.view(B, Hq, T), old_mass, new_mass)
 
 
-def observed_attention(q, k, v=None, *, scale=None, key_start=None, block: int = 256) -> reference.ObservedAttention:
+def observed_attention(q, k, v=None, *, scale=None, key_start=None, block: int = 64) -> reference.ObservedAttention:
     """:func:`acckv_triton.ops.observed_attention.observed_attention` on any device: float32 math, query rows in
     blocks of ``block``, so the logits never exceed ``[B, Hq, block, T]``.
 

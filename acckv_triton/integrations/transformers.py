@@ -25,7 +25,10 @@ Design (data flows integration -> cache -> policy -> ops):
 * **Paths** (per layer, inside the attention call; the cache layer's ``update`` only stages the new K/V):
     - prefill (empty layer): the original attention (SDPA) over the full K/V, then the cache's
       :meth:`BudgetedLayerCache.prompt_evidence` (the window's, the last query's or every query's attention mass),
-      then :meth:`BudgetedLayerCache.prefill` (policy -> ``compact_kv``), layer by layer;
+      then :meth:`BudgetedLayerCache.prefill` (policy -> ``compact_kv``), layer by layer. When the evidence is every
+      query's and the prompt's attention is plain causal (no padding, no mask, no other attention kwargs, no
+      autograd), :meth:`BudgetedLayerCache.prompt_attention` computes the attention output and that evidence in one
+      pass instead of the original attention plus a second pass over the same logits;
     - decode (one query): :meth:`BudgetedLayerCache.decode_step`: append, attention over the stored tokens (token
       mass accumulated where the method reads it, multiplicity weighted), the upkeep when a row passes budget +
       slack; no host sync and no allocation between upkeeps;
@@ -310,10 +313,16 @@ class AccKVLayer(CacheLayerMixin):
             with torch.no_grad():
                 return self.budgeted.reconstruct(query, k, v, scale=scaling)
         if not self.store.initialized:
-            out, _ = delegate(module, query, k, v, attention_mask, scaling=scaling, dropout=0.0, **kwargs)
             av = meta.pop("audio_video", None)
+            if self.budgeted.reads_every_query(av) and _plain_causal(module, query, attention_mask, kwargs):
+                with torch.no_grad():  # the model's attention and every query's evidence from one pass
+                    out, scores = self.budgeted.prompt_attention(query, k, v, scale=scaling, valid=valid,
+                                                                 audio_video=av)
+            else:
+                out, _ = delegate(module, query, k, v, attention_mask, scaling=scaling, dropout=0.0, **kwargs)
+                with torch.no_grad():
+                    scores = self.budgeted.prompt_evidence(query, k, scale=scaling, valid=valid, audio_video=av)
             with torch.no_grad():
-                scores = self.budgeted.prompt_evidence(query, k, scale=scaling, valid=valid, audio_video=av)
                 self.budgeted.prefill(k, v, scores=scores, valid=valid, audio_video=av, **meta)
             return out
         with torch.no_grad():
@@ -331,6 +340,18 @@ class AccKVLayer(CacheLayerMixin):
     def _chunk(self, query, k, v, scaling, valid, meta) -> torch.Tensor:
         """A multi-token chunk over the stored tokens plus itself (the cache's ``prefill_chunk``) -> ``[B, T, Hq, D]``."""
         return self.budgeted.prefill_chunk(query, k, v, scale=scaling, valid=valid, **meta)
+
+
+_PLAIN_KWARGS = frozenset({"position_ids", "use_cache", "cache_position"})  # attention kwargs that change nothing
+
+
+def _plain_causal(module, query: torch.Tensor, attention_mask, kwargs: dict) -> bool:
+    """Whether the model's attention for this prompt is plain causal softmax attention that AccKV may compute
+    itself: no mask tensor (transformers skips it for a causal prompt without padding), a causal module, no other
+    attention kwargs set (sinks, packed sequences, ...) and no autograd graph to keep."""
+    given = {name for name, value in kwargs.items() if value is not None}
+    return (attention_mask is None and getattr(module, "is_causal", True) and given <= _PLAIN_KWARGS
+            and not (torch.is_grad_enabled() and query.requires_grad))
 
 
 class AccKVCache(Cache):
