@@ -340,10 +340,12 @@ def plan_layer(cfg: AccKVConfig, x: LayerTokens, layer: int = 0, num_layers: int
     if cfg.head_renorm:
         s_hat = (s_hat.double() / (s_hat.double() * valid).sum(-1, keepdim=True).clamp(min=_EPS)).float()
 
+    no_av = _known_without_av(valid, mod)
+
     # Step 3a (intra-modal integration): group reps carry their group's summed score
     rep = ar
     weak = torch.zeros(B, H, dtype=torch.bool, device=dev)
-    if cfg.intra_merge:
+    if cfg.intra_merge and not no_av:
         if x.keys is None:
             raise ValueError("x.keys is required when cfg.intra_merge is on")
         rep, n_link, n_av = _merge_groups(cfg, x, s_hat, cand)
@@ -393,7 +395,9 @@ def plan_layer(cfg: AccKVConfig, x: LayerTokens, layer: int = 0, num_layers: int
     score = group_score.clone()
     tok_is_P = (mod == P) & (P >= 0)
     tok_is_L = (mod != P) & (P >= 0) & ((mod == audio_i) | (mod == video_i))
-    for step, pick in (("P", tok_is_P), ("rest", ~tok_is_P & ~tok_is_L), ("L", tok_is_L)):
+    steps = (("rest", ~tok_is_P & ~tok_is_L),) if no_av else \
+        (("P", tok_is_P), ("rest", ~tok_is_P & ~tok_is_L), ("L", tok_is_L))  # no P or L tokens without AV
+    for step, pick in steps:
         kept |= _topk_per_modality(score, budgets, is_rep & pick, mod)
         if step == "P" and cfg.cross_align and x.time is not None:
             P_mask, L_mask = valid & tok_is_P, valid & tok_is_L
@@ -405,10 +409,24 @@ def plan_layer(cfg: AccKVConfig, x: LayerTokens, layer: int = 0, num_layers: int
     kept |= _topk_mask(torch.where(is_rep, score, s_hat), rest, cand & ~kept)
 
     merge_to = None
-    if cfg.intra_merge:
+    if cfg.intra_merge and no_av:
+        merge_to = torch.full_like(rep, -1)  # every group a singleton: nothing merges
+    elif cfg.intra_merge:
         rep_kept = torch.gather(kept, 2, rep)
         merge_to = torch.where(cand & ~kept & rep_kept & (rep != ar), rep, torch.full_like(rep, -1))
     return _finish(kept, merge_to, s_raw, mod, valid, rho, priority)
+
+
+def _known_without_av(valid: torch.Tensor, mod: torch.Tensor) -> bool:
+    """True when the host knows, for free, that no valid token is audio or video (a text prompt on a CPU).
+
+    Such rows have nothing to merge, no priority modality and nothing to align: those steps of AccKV would return
+    what they were given, so :func:`plan_layer` skips them (the same plan, in about half the time). On an
+    accelerator reading this back would be a host sync, so there it is always False and every step runs.
+    """
+    if valid.device.type != "cpu":
+        return False
+    return not bool((valid & ((mod == Modality.AUDIO) | (mod == Modality.VIDEO))).any())
 
 
 def _adaptive_targets(cfg: AccKVConfig, score: torch.Tensor, cand: torch.Tensor, protected: torch.Tensor,

@@ -119,6 +119,44 @@ def test_text_only_prompt_is_compressed():
     assert int(plan.keep_lengths.max()) == int(budget_tokens(AccKVConfig(budget=0.25), torch.tensor(N), 1, 2))
 
 
+@pytest.mark.parametrize("cfg", [pytest.param(AccKVConfig(budget=b, evidence=e), id=f"{b}-{e}")
+                                 for b in (0.5, 0.1, 23) for e in ("mean", "window")]
+                         + [pytest.param(c.replace(budget=0.25), id=n) for n, c in AccKVConfig().ablations().items()])
+@pytest.mark.parametrize("content", ["text", "text+image", "one-row-audio"])
+def test_cpu_shortcut_without_audio_video_gives_the_same_plan(cfg, content, monkeypatch):
+    """On a CPU, rows with no audio or video skip merging, the priority passes and alignment (they would return what
+    they were given): every output equals the full pipeline's, also with image tokens, padding and ragged rows; a
+    batch with one audio row runs the full pipeline."""
+    import acckv_triton.policy as policy
+
+    x = tokens(lengths=[N, N - 9, N - 100, N - 1])
+    mod = torch.zeros_like(x.modality)
+    if content == "text+image":
+        mod[..., 40:90] = int(Modality.IMAGE)
+    if content == "one-row-audio":
+        mod[1, :, 30:80] = int(Modality.AUDIO)
+    x.modality = mod
+    x.valid = torch.ones(2, 2, N, dtype=torch.bool)
+    x.valid[0, :, :5] = False  # left padding
+    x.keys = x.keys.clone()
+    x.keys[..., 1::2, :] = x.keys[..., ::2, :][..., : x.keys[..., 1::2, :].shape[2], :]  # merge-worthy pairs
+    shortcut = content != "one-row-audio"
+    assert policy._known_without_av(x.valid, x.modality.long()) == shortcut
+    merges = []
+    merge_groups = policy._merge_groups
+    monkeypatch.setattr(policy, "_merge_groups", lambda *a: merges.append(1) or merge_groups(*a))
+    got = plan_layer(cfg, x, 1, 2)
+    assert len(merges) == int(cfg.intra_merge and not shortcut)
+    monkeypatch.setattr(policy, "_known_without_av", lambda *a: False)
+    want = plan_layer(cfg, x, 1, 2)
+    assert len(merges) == int(cfg.intra_merge) * (1 + int(not shortcut))
+    for name in ("keep", "keep_lengths", "merge_target", "merge_weight"):
+        a, b = getattr(got.plan, name), getattr(want.plan, name)
+        assert (a is None) == (b is None) and (a is None or torch.equal(a, b)), name
+    for a, b in zip(got[1:], want[1:]):
+        assert torch.equal(a, b)
+
+
 def test_padding_is_never_kept():
     x = tokens()
     x.valid = torch.arange(N).expand(2, 2, N) >= 40  # 40 left-padding slots
