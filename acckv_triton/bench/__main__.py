@@ -70,7 +70,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--suite", choices=SUITES, default="all", help="which suite to run (see above)")
     p.add_argument("--quick", action="store_true",
                    help="fewer shapes: one batch, one head layout, two lengths; a smaller AV workload and model run; "
-                        "two stress variants at 25%")
+                        "two stress variants at 25%%")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="dtype of the GPU speed sweep")
     p.add_argument("--lengths", type=_ints, default=None, help="comma-separated cache lengths for the GPU sweep")
     p.add_argument("--batch", type=_ints, default=None, help="comma-separated batch sizes for the GPU sweep")
