@@ -124,3 +124,28 @@ def test_prompt_attention_refuses_window_evidence():
     assert acckv.reads_every_query(False) and not acckv.reads_every_query(True)  # auto: the window on AV prompts
     with pytest.raises(ValueError, match="valid must be a"):
         acckv.prompt_attention(q, k, k, scale=0.25, valid=torch.ones(1, 7, dtype=torch.bool), audio_video=False)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_prompt_attention_with_left_padding_matches_the_reference(backend, dtype):
+    """The cache API on its own: left padding as ``valid`` (NaN in the padded keys and values), out against the
+    float64 reference at the valid queries and 0 at the padded ones, scores equal to prompt_evidence's."""
+    from acckv_triton import reference
+
+    B, Hq, Hkv, T, D = 2, 6, 2, 37, 16
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(B, h, T, D, generator=g).to(dtype) for h in (Hq, Hkv, Hkv))
+    valid = torch.ones(B, T, dtype=torch.bool)
+    valid[1, :9] = False
+    k[1, :, :9], v[1, :, :9] = float("nan"), float("nan")
+    cache = BudgetedLayerCache(ak.AccKVConfig(method="h2o", budget=0.5, backend=backend), 0, 1)
+    out, scores = cache.prompt_attention(q, k, v, scale=0.3, valid=valid)
+    want = reference.observed_attention(q, k, v, scale=0.3, key_start=torch.tensor([0, 9]))
+    assert out.shape == (B, T, Hq, D) and out.dtype == dtype
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(out[0].float(), want.out[0].transpose(0, 1).float(), **tol)
+    torch.testing.assert_close(out[1, 9:].float(), want.out[1, :, 9:].transpose(0, 1).float(), **tol)
+    assert torch.all(out[1, :9] == 0)
+    torch.testing.assert_close(scores, want.key_mass, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(scores, cache.prompt_evidence(q, k, scale=0.3, valid=valid), atol=1e-5, rtol=1e-5)
