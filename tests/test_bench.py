@@ -182,6 +182,30 @@ def test_e2e_layer_stack_and_generate_rows_on_a_tiny_shape():
     assert all(r["total s"] >= r["TTFT s"] > 0 for r in rows if "total s" in r)
 
 
+def test_generate_rows_interleave_their_repeats(monkeypatch):
+    """With repeats, every round runs every variant once (a slow spell of the machine falls on all of them) and each
+    row keeps its fastest round."""
+    pytest.importorskip("transformers")
+    from acckv_triton.bench import e2e, machine
+
+    model = e2e.omni_shaped_model(num_layers=1, hidden=64, heads=(2, 1), intermediate=32, vocab=64,
+                                  dtype=torch.float32, device=DEVICE)
+    ids = torch.randint(0, 64, (1, 40), device=DEVICE)
+    calls, clock = [], iter([5.0, 9.0, 1.0, 2.0, 3.0, 7.0, 2.0, 4.0])  # (TTFT, total) per call, round by round
+
+    def fake_timed(fn, device):
+        calls.append(fn())
+        return calls[-1], next(clock)
+
+    monkeypatch.setattr(machine, "wall_timed", fake_timed)
+    rows = e2e.generate_timing_rows(model, ids, budgets=(0.5,), new_tokens=2, pin_sdpa=False, repeats=2)
+    assert [r["cache"] for r in rows] == ["transformers (full), default SDPA (best full)", "AccKV 50%"]
+    assert len(calls) == 8  # 2 rounds x 2 variants x (TTFT, total)
+    full, acckv = rows
+    assert (full["TTFT s"], full["total s"]) == (3.0, 7.0)  # round 2 was the full row's faster
+    assert (acckv["TTFT s"], acckv["total s"]) == (1.0, 2.0)  # round 1 was AccKV's
+
+
 KERNEL_TIMING_WORDS = ("GB/s", "% copy")
 
 

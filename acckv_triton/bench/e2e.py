@@ -207,7 +207,8 @@ def generate_timing_rows(model, ids: torch.Tensor, budgets: Iterable[float] = (0
     pinned to each SDPA backend that runs here; every ratio is against the fastest unpatched row (by total time).
     ``new_tokens`` decode steps all fall inside the timed window, upkeeps included (slack 64: one per 65 steps per
     layer). TTFT is ``generate(max_new_tokens=1)``; decode ms/token is ``(t(n + 1) - t(1)) / n``. ``repeats`` takes
-    the best of several runs of each.
+    each row's best (by total time) of that many rounds, every round running every variant once, so a slow spell
+    of a shared machine falls on all of them.
     """
     from ..integrations.transformers import apply_acckv
     from .machine import wall_timed
@@ -224,34 +225,42 @@ def generate_timing_rows(model, ids: torch.Tensor, budgets: Iterable[float] = (0
         variants += [(f"transformers (full), SDPA {name}", None, backend)
                      for name, backend in sdpa_backends(device).items()]
     variants += [(f"AccKV {budget:.0%}", budget, None) for budget in budgets]
-    rows = []
     warm = ids[:, : min(ids.shape[1], 64)]
-    for name, budget, backend in variants:
-        handle = None if budget is None else apply_acckv(model, AccKVConfig(budget=budget))
-        pin = sdpa_kernel(backend) if backend is not None else contextlib.nullcontext()
-        try:
-            with pin:
-                # warm-up on a short prompt: kernels compiled, allocator primed, without a second long prefill
-                model.generate(warm, max_new_tokens=2, min_new_tokens=2, **kwargs)
-                best = None
-                for _ in range(repeats):
+    best: dict[str, tuple] = {}
+    failed: dict[str, str] = {}
+    # rounds outside, variants inside: a slow spell of a shared machine falls on every variant of a round, not on
+    # all the repeats of one
+    for round_ in range(repeats):
+        for name, budget, backend in variants:
+            if name in failed:
+                continue
+            handle = None if budget is None else apply_acckv(model, AccKVConfig(budget=budget))
+            pin = sdpa_kernel(backend) if backend is not None else contextlib.nullcontext()
+            try:
+                with pin:
+                    if round_ == 0:  # warm-up on a short prompt: kernels compiled, allocator primed
+                        model.generate(warm, max_new_tokens=2, min_new_tokens=2, **kwargs)
                     t1, _ = timed(1)
                     tn, res = timed(new_tokens + 1)
-                    if best is None or tn < best[1]:
-                        best = (t1, tn, res)
-        except RuntimeError as exc:  # a pinned backend that does not support this shape or dtype
-            rows.append({"model": label, "cache": name, "note": f"not run: {str(exc).splitlines()[0][:80]}"})
+            except RuntimeError as exc:  # a pinned backend that does not support this shape or dtype
+                failed[name] = f"not run: {str(exc).splitlines()[0][:80]}"
+                continue
+            finally:
+                if handle is not None:
+                    handle.revert()
+            if name not in best or tn < best[name][1]:
+                cache = getattr(res, "cache", None)  # transformers >= 5.24 names it cache, before past_key_values
+                best[name] = (t1, tn, _cache_nbytes(cache if cache is not None else res.past_key_values))
+            del res
+    rows = []
+    for name, _, _ in variants:
+        if name in failed:
+            rows.append({"model": label, "cache": name, "note": failed[name]})
             continue
-        finally:
-            if handle is not None:
-                handle.revert()
-        t1, tn, res = best
-        cache = getattr(res, "cache", None)  # transformers >= 5.24 names it cache, before past_key_values
-        nbytes = _cache_nbytes(cache if cache is not None else res.past_key_values)
+        t1, tn, nbytes = best[name]
         rows.append({"model": label, "B": ids.shape[0], "prompt": ids.shape[1], "new tokens": new_tokens,
                      "cache": name, "TTFT s": t1, "decode ms/token": 1e3 * (tn - t1) / new_tokens, "total s": tn,
                      "cache GiB": nbytes / GIB})
-        del res
     timed_rows = [r for r in rows if "total s" in r]
     full = [r for r in timed_rows if r["cache"].startswith("transformers")]
     if full:
