@@ -130,7 +130,7 @@ def layer_stack_rows(device: torch.device, dtype: torch.dtype, lengths: Iterable
         for name, backend in [("default", None), *sdpa_backends(device).items()]:
             full = _FullStack(k, v, num_layers, steps + warmup)
             try:
-                with sdpa_kernel(backend) if backend is not None else contextlib.nullcontext():
+                with sdpa_pin(backend):
                     for _ in range(warmup):
                         full.step(q.unsqueeze(2), k1, v1)
                     t = _events_ms(lambda: full.step(q.unsqueeze(2), k1, v1), steps)
@@ -197,6 +197,12 @@ def sdpa_backends(device: torch.device) -> dict[str, object]:
     return {name.lower(): getattr(SDPBackend, name) for name in names if hasattr(SDPBackend, name)}
 
 
+def sdpa_pin(backend):
+    """The context that pins SDPA to ``backend`` (an ``SDPBackend`` of :func:`sdpa_backends`); None: the default
+    dispatch, nothing pinned."""
+    return sdpa_kernel(backend) if backend is not None else contextlib.nullcontext()
+
+
 @torch.no_grad()
 def generate_timing_rows(model, ids: torch.Tensor, budgets: Iterable[float] = (0.25,), new_tokens: int = 256,
                          pin_sdpa: bool = True, label: str = "", repeats: int = 1) -> list[dict]:
@@ -235,9 +241,8 @@ def generate_timing_rows(model, ids: torch.Tensor, budgets: Iterable[float] = (0
             if name in failed:
                 continue
             handle = None if budget is None else apply_acckv(model, AccKVConfig(budget=budget))
-            pin = sdpa_kernel(backend) if backend is not None else contextlib.nullcontext()
             try:
-                with pin:
+                with sdpa_pin(backend):
                     if round_ == 0:  # warm-up on a short prompt: kernels compiled, allocator primed
                         model.generate(warm, max_new_tokens=2, min_new_tokens=2, **kwargs)
                     t1, _ = timed(1)

@@ -382,12 +382,9 @@ def fidelity_rows(model=None, tokenizer=None, *, context: int = 1024, continuati
 def _best_plain_prefill(model, ctx: torch.Tensor, first: dict) -> float:
     """Seconds of the fastest uncompressed context forward into ``DynamicCache`` (best of two runs), under the
     default SDPA dispatch and pinned to each SDPA backend that takes it: the baseline of ``prefill×``."""
-    import contextlib
-
-    from torch.nn.attention import sdpa_kernel
     from transformers import DynamicCache
 
-    from .e2e import sdpa_backends
+    from .e2e import sdpa_backends, sdpa_pin
     from .machine import wall_timed
 
     def run():
@@ -395,9 +392,9 @@ def _best_plain_prefill(model, ctx: torch.Tensor, first: dict) -> float:
                      logits_to_keep=1)
 
     best = float("inf")
-    for pin in [contextlib.nullcontext()] + [sdpa_kernel(b) for b in sdpa_backends(ctx.device).values()]:
+    for backend in [None, *sdpa_backends(ctx.device).values()]:
         try:
-            with pin:
+            with sdpa_pin(backend):
                 best = min([best] + [wall_timed(run, ctx.device)[1] for _ in range(2)])
         except RuntimeError:  # this backend does not take these inputs
             continue

@@ -314,15 +314,15 @@ class AccKVLayer(CacheLayerMixin):
                 return self.budgeted.reconstruct(query, k, v, scale=scaling)
         if not self.store.initialized:
             av = meta.pop("audio_video", None)
-            if self.budgeted.reads_every_query(av) and _plain_causal(module, query, attention_mask, kwargs):
-                with torch.no_grad():  # the model's attention and every query's evidence from one pass
+            one_pass = self.budgeted.reads_every_query(av) and _plain_causal(module, query, attention_mask, kwargs)
+            if not one_pass:  # the model's own attention (with its graph)
+                out, _ = delegate(module, query, k, v, attention_mask, scaling=scaling, dropout=0.0, **kwargs)
+            with torch.no_grad():
+                if one_pass:  # the model's attention and every query's evidence from one pass
                     out, scores = self.budgeted.prompt_attention(query, k, v, scale=scaling, valid=valid,
                                                                  audio_video=av)
-            else:
-                out, _ = delegate(module, query, k, v, attention_mask, scaling=scaling, dropout=0.0, **kwargs)
-                with torch.no_grad():
+                else:
                     scores = self.budgeted.prompt_evidence(query, k, scale=scaling, valid=valid, audio_video=av)
-            with torch.no_grad():
                 self.budgeted.prefill(k, v, scores=scores, valid=valid, audio_video=av, **meta)
             return out
         with torch.no_grad():
