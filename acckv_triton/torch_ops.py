@@ -182,8 +182,13 @@ def compact_kv_(k_cache: torch.Tensor, v_cache: torch.Tensor, lengths: torch.Ten
     B, Hkv, C, D = k_cache.shape
     K = keep.shape[-1]
     dev = k_cache.device
-    slot_ok = torch.arange(K, device=dev) < keep_lengths.long()[..., None]  # [B, Hkv, K]: slot j is kept
+    if merge_target is not None and dev.type == "cpu" and not bool((merge_target >= 0).any()):
+        merge_target = None  # nothing merges (a text plan): the gathers alone, read for free on a CPU
+    ar = torch.arange(K, device=dev)
+    slot_ok = ar < keep_lengths.long()[..., None]  # [B, Hkv, K]: slot j is kept
     idx = torch.where(slot_ok, keep.long(), 0).clamp(0, max(C - 1, 0))
+    # a slot past its row's new length gathers itself, so it keeps its old value and every write is a plain copy
+    src = torch.where(slot_ok, idx, ar.clamp(max=max(C - 1, 0)))
     slot = dest = None
     if merge_target is not None:
         # slot[t]: the slot old token t lands in (-1: dropped); a spare column W takes the unused slots' writes
@@ -191,7 +196,7 @@ def compact_kv_(k_cache: torch.Tensor, v_cache: torch.Tensor, lengths: torch.Ten
         in_row = torch.arange(W, device=dev) < lengths.long()[..., None]
         slot = torch.full((B, Hkv, W + 1), -1, dtype=torch.long, device=dev)
         slot[..., :W] = torch.where(in_row, merge_target.long(), -1)
-        slot.scatter_(2, torch.where(slot_ok, idx, W), torch.arange(K, device=dev).expand(B, Hkv, K))
+        slot.scatter_(2, torch.where(slot_ok, idx, W), ar.expand(B, Hkv, K))
         slot = slot[..., :W]
         dest = torch.where(slot >= 0, slot, K)  # K: a spare slot that collects the dropped tokens
         w = torch.where(slot >= 0, merge_weight.float(), 0.0)
@@ -199,25 +204,44 @@ def compact_kv_(k_cache: torch.Tensor, v_cache: torch.Tensor, lengths: torch.Ten
         count = torch.zeros(B, Hkv, K + 1, device=dev).scatter_add_(2, dest, (slot >= 0).float())[..., :K, None]
         merged = slot_ok[..., None] & (count > 1)  # singletons are gathered, bit-exact
     for cache in (k_cache, v_cache):
-        new = torch.gather(cache, 2, idx[..., None].expand(B, Hkv, K, D))
+        new = _gather_slots(cache, src)
         if slot is not None:
             num = torch.zeros(B, Hkv, K + 1, D, device=dev)
             num.scatter_add_(2, dest[..., None].expand(B, Hkv, W, D), cache[:, :, :W].float() * w[..., None])
             mean = num[:, :, :K] / den.clamp(min=torch.finfo(torch.float32).tiny)
             new = torch.where(merged, mean.to(cache.dtype), new)
-        cache[:, :, :K] = torch.where(slot_ok[..., None], new, cache[:, :, :K])
+        cache[:, :, :K] = new
     for x in token_data:
-        trail = (1,) * (x.dim() - 3)
-        picked = torch.gather(x, 2, idx.view(B, Hkv, K, *trail).expand(B, Hkv, K, *x.shape[3:]))
-        x[:, :, :K] = torch.where(slot_ok.view(B, Hkv, K, *trail), picked, x[:, :, :K])
+        x[:, :, :K] = _gather_slots(x, src)
     for x in token_sums:
         if slot is None:
-            summed = torch.gather(x, 2, idx)
+            x[:, :, :K] = _gather_slots(x, src)
         else:
             summed = torch.zeros(B, Hkv, K + 1, dtype=torch.float64, device=dev).scatter_add_(
                 2, dest, torch.where(slot >= 0, x[:, :, :W].double(), 0.0))[..., :K]
-        x[:, :, :K] = torch.where(slot_ok, summed.to(x.dtype), x[:, :, :K])
+            x[:, :, :K] = torch.where(slot_ok, summed.to(x.dtype), x[:, :, :K])
     lengths.copy_(keep_lengths)
+
+
+def _gather_slots(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``x[b, h, index[b, h, j]]`` for ``x [B, Hkv, C, ...]`` and ``index [B, Hkv, K]`` -> ``[B, Hkv, K, ...]`` (a copy).
+
+    Each slot's trailing values are contiguous in the caches' storage, so the slots are copied as whole rows of
+    the storage by one ``index_select`` (about 10x faster than ``torch.gather`` over the trailing dim on a CPU);
+    other layouts take the general gather.
+    """
+    B, H, C = x.shape[:3]
+    rest = x.shape[3:]
+    inner = math.prod(rest)
+    sB, sH, sC = x.stride()[:3]
+    rows_contiguous = inner > 0 and sC == inner and x[0, 0, 0].is_contiguous() if B and H and C else False
+    if not rows_contiguous or sB % sC or sH % sC:
+        trail = (1,) * len(rest)
+        return torch.gather(x, 2, index.view(B, H, -1, *trail).expand(B, H, index.shape[-1], *rest))
+    span = (B - 1) * (sB // sC) + (H - 1) * (sH // sC) + C  # storage rows from x's first slot to its last
+    base = x.as_strided((span, inner), (sC, 1))
+    row = (torch.arange(B, device=x.device) * (sB // sC))[:, None] + (torch.arange(H, device=x.device) * (sH // sC))
+    return base.index_select(0, (row[..., None] + index).reshape(-1)).view(B, H, index.shape[-1], *rest)
 
 
 def window_scores(q_window: torch.Tensor, k: torch.Tensor, *, scale: float | None = None,
