@@ -910,7 +910,7 @@ class BudgetedLayerCache:
         scores = st.token_mass[:, :, :w]
         if cfg.score_evidence == "mean":  # every query from a token on adds to its mass: rank by the mean per query
             scores = scores / (st.seen - st.position[:, :, :w].float()).clamp(min=1.0)
-        if cfg.value_aware:  # evidence x ||v||: a token that is attended but adds little to the output ranks lower
+        if cfg.ranks_by_value:  # evidence x ||v||: a token that is attended but adds little to the output ranks lower
             scores = scores * st.v[:, :, :w].float().norm(dim=-1)
         x = LayerTokens(
             scores=scores, modality=st.modality[:, :, :w], lengths=st.lengths,

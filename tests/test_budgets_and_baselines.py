@@ -118,6 +118,31 @@ def test_prompt_evidence_is_the_named_queries_attention(evidence, rows):
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("audio_video", [False, True], ids=["text", "audio-video"])
+def test_acckv_weighs_its_text_evidence_by_value_norm(audio_video):
+    """AccKV's default (value_aware None): on a text prompt, whose evidence is every query's mean, the ranking is
+    the mean x ||v||, as value_aware=True; value_aware=False ranks by the mean alone. On an audio-video prompt (the
+    window's evidence) it stays off."""
+    g = torch.Generator().manual_seed(3)
+    T = 160
+    q, k = torch.randn(1, 4, T, 16, generator=g), torch.randn(1, 2, T, 16, generator=g)
+    v = torch.randn(1, 2, T, 16, generator=g) * (0.1 + 3 * torch.rand(1, 2, T, 1, generator=g))  # norms vary
+
+    def kept(**switch):
+        cache = BudgetedLayerCache(AccKVConfig(budget=0.25, backend="torch", **switch), 0, 1)
+        cache.prefill(k, v, scores=cache.prompt_evidence(q, k, audio_video=audio_video), audio_video=audio_video)
+        n = cache.store.lengths.long()
+        return [cache.store.position[0, h, :int(n[0, h])].tolist() for h in range(2)]
+
+    default, on, off = kept(), kept(value_aware=True), kept(value_aware=False)
+    assert default == (off if audio_video else on)
+    assert on != off  # the switch matters on this prompt either way
+    assert AccKVConfig(evidence="mean").ranks_by_value and not AccKVConfig(method="h2o").ranks_by_value
+    assert AccKVConfig(method="snapkv", value_aware=True).ranks_by_value
+    with pytest.raises(TypeError, match="value_aware"):
+        AccKVConfig(value_aware="yes")
+
+
 def _decode(cache, g, n):
     for _ in range(n):
         cache.decode_step(torch.randn(1, 4, 16, generator=g), torch.randn(1, 2, 1, 16, generator=g),

@@ -161,10 +161,11 @@ REAL_CONTEXT, REAL_CONTINUATION = 1536, 128
 
 def _real_configs():
     """AccKV in its other decode budget mode (decoded tokens kept, only the prompt compressed), next to the
-    baselines (which run in the default mode, the budget on every token seen)."""
+    baselines (which run in the default mode, the budget on every token seen), and AccKV without its value-aware
+    text evidence (the ablation of that default)."""
     from ..config import AccKVConfig
 
-    return {"acckv-prompt": AccKVConfig(decode_budget="prompt")}
+    return {"acckv-prompt": AccKVConfig(decode_budget="prompt"), "acckv-no-value": AccKVConfig(value_aware=False)}
 
 
 def _real(args, device, tables, full: bool = True) -> None:
