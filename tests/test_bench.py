@@ -181,7 +181,8 @@ def test_e2e_layer_stack_and_generate_rows_on_a_tiny_shape():
     assert sum("(best full)" in n for n in names) == 1  # our own cache is never the baseline
     best = next(r for r in rows if "(best full)" in r["cache"])
     assert best["total / best full"] == 1.0 and rows[-1]["cache GiB"] < best["cache GiB"]
-    assert all(r["total s"] >= r["TTFT s"] > 0 for r in rows if "total s" in r)
+    # two separate wall timings of a tiny model: their order is noise on a loaded machine, not a property
+    assert all(r["total s"] > 0 and r["TTFT s"] > 0 for r in rows if "total s" in r)
 
 
 def test_generate_rows_interleave_their_repeats(monkeypatch):
