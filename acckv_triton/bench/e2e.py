@@ -203,12 +203,12 @@ def sdpa_pin(backend):
     return sdpa_kernel(backend) if backend is not None else contextlib.nullcontext()
 
 
-@torch.no_grad()
 def _generate_name(budget: float) -> str:
     """A generate row's name: budget 1.0 is our cache uncompressed (the model's own attention over our storage)."""
     return "our cache, budget 1.0 (uncompressed)" if budget >= 1.0 else f"AccKV {budget:.0%}"
 
 
+@torch.no_grad()
 def generate_timing_rows(model, ids: torch.Tensor, budgets: Iterable[float] = (0.25,), new_tokens: int = 256,
                          pin_sdpa: bool = True, label: str = "", repeats: int = 1) -> list[dict]:
     """``model.generate`` timed whole: time to first token, decode ms per token and the total, unpatched and with
