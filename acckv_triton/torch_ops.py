@@ -186,9 +186,9 @@ def compact_kv_(k_cache: torch.Tensor, v_cache: torch.Tensor, lengths: torch.Ten
         merge_target = None  # nothing merges (a text plan): the gathers alone, read for free on a CPU
     ar = torch.arange(K, device=dev)
     slot_ok = ar < keep_lengths.long()[..., None]  # [B, Hkv, K]: slot j is kept
-    idx = torch.where(slot_ok, keep.long(), 0).clamp(0, max(C - 1, 0))
-    # a slot past its row's new length gathers itself, so it keeps its old value and every write is a plain copy
-    src = torch.where(slot_ok, idx, ar.clamp(max=max(C - 1, 0)))
+    # the old slot each new slot copies; one past its row's new length copies itself, so it keeps its old value
+    # and every write is a plain copy
+    src = torch.where(slot_ok, keep.long(), ar).clamp(0, max(C - 1, 0))
     slot = dest = None
     if merge_target is not None:
         # slot[t]: the slot old token t lands in (-1: dropped); a spare column W takes the unused slots' writes
@@ -196,7 +196,7 @@ def compact_kv_(k_cache: torch.Tensor, v_cache: torch.Tensor, lengths: torch.Ten
         in_row = torch.arange(W, device=dev) < lengths.long()[..., None]
         slot = torch.full((B, Hkv, W + 1), -1, dtype=torch.long, device=dev)
         slot[..., :W] = torch.where(in_row, merge_target.long(), -1)
-        slot.scatter_(2, torch.where(slot_ok, idx, W), ar.expand(B, Hkv, K))
+        slot.scatter_(2, torch.where(slot_ok, src, W), ar.expand(B, Hkv, K))
         slot = slot[..., :W]
         dest = torch.where(slot >= 0, slot, K)  # K: a spare slot that collects the dropped tokens
         w = torch.where(slot >= 0, merge_weight.float(), 0.0)
@@ -234,7 +234,7 @@ def _gather_slots(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     rest = x.shape[3:]
     inner = math.prod(rest)
     sB, sH, sC = x.stride()[:3]
-    rows_contiguous = inner > 0 and sC == inner and x[0, 0, 0].is_contiguous() if B and H and C else False
+    rows_contiguous = x.numel() > 0 and sC == inner and x[0, 0, 0].is_contiguous()
     if not rows_contiguous or sB % sC or sH % sC:
         trail = (1,) * len(rest)
         return torch.gather(x, 2, index.view(B, H, -1, *trail).expand(B, H, index.shape[-1], *rest))
