@@ -34,6 +34,7 @@ the plan through the store; its ``decode_step`` is the one decode call (append, 
 """
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -60,6 +61,8 @@ _METADATA = ("modality", "time", "spatial", "position", "token_mass", "multiplic
 def _round_up(x: int, multiple: int) -> int:
     return -(-x // multiple) * multiple
 
+
+_STORAGE_IDS = itertools.count(1)  # LayerKVCache storage ids (see LayerKVCache.binding)
 
 class LayerKVCache:
     """One layer's compressed KV cache for a batch: ragged per (sequence, kv head), with per-token metadata.
@@ -103,6 +106,7 @@ class LayerKVCache:
         self._min_length = 0  # host copies of min / max of lengths: appends and views need no sync
         self._max_length = 0
         self._plans: dict[tuple, object] = {}  # decode plans bound to the current storage
+        self._storage_id: int | None = None  # unique in the process, new whenever the storage is replaced
         self._slot: torch.Tensor | None = None  # [B, Hkv, 1] int64: where the next decode token goes (append_token)
         self._next_position: torch.Tensor | None = None  # [B, Hkv, 1] int32: its position (= seen), on the device
 
@@ -179,6 +183,7 @@ class LayerKVCache:
         for name, buf in fresh.items():
             setattr(self, name, buf)
         self._plans.clear()
+        self._storage_id = next(_STORAGE_IDS)  # what a captured decode step binds: these buffers
 
     def _token_data(self, capacity_view: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """The metadata as the compaction kernel takes it, over the first ``capacity_view`` slots."""
@@ -335,9 +340,28 @@ class LayerKVCache:
             append_token_(self.k, self.v, self.lengths, k, v, **args, check=False)
         else:
             torch_ops.append_token_(self.k, self.v, self.lengths, k, v, **args, index=self._slot)
+        self.count_appended()
+
+    def count_appended(self) -> None:
+        """Advance the host's copies (lengths' bounds, ``seen``) by one decode token appended on the device: what
+        :meth:`append_token` does after its launch, and what a replayed CUDA graph of it needs done on the host."""
         self._min_length += 1
         self._max_length += 1
         self.seen += 1
+
+    @property
+    def appends_in_place(self) -> bool:
+        """Whether the next :meth:`append_token` writes into the current storage (every row has a free slot), so
+        nothing is reallocated."""
+        return self.k is not None and self._max_length + 1 <= self.capacity
+
+    @property
+    def binding(self) -> int | None:
+        """What a captured decode step binds: an id of the current storage, unique in the process and new whenever
+        the buffers are replaced (an in-place upkeep keeps it; the lengths and position counters are replaced with
+        the buffers). Equal bindings mean a CUDA graph captured over this cache still reads and writes its live
+        buffers. None before the first append."""
+        return self._storage_id
 
     def select_rows(self, index: torch.Tensor) -> None:
         """Keep the batch rows ``index`` (``[B']`` int64 on the cache's device, repeats allowed), in that order:
@@ -849,12 +873,46 @@ class BudgetedLayerCache:
             raise ValueError("decode_step needs a prefilled cache: call prefill(k, v, scores=...) first")
         self._check_not_awaiting("decode_step")
         st.append_token(k, v, modality=modality, time=time, spatial=spatial)
-        self._decoded += 1
-        self._excess += 1
+        self._count_decoded()
         res = st.decode_plan(q.shape[1], scale=scale, token_mass=self.reads_mass).run(q)
         if self.needs_upkeep():
             self.compress(upkeep=True)
         return res
+
+    def _count_decoded(self) -> None:
+        self._decoded += 1
+        self._excess += 1
+
+    # ---- what a CUDA graph of the decode step needs from the host (see acckv_triton.integrations.graphs)
+    def next_step_is_plain(self) -> bool:
+        """Whether the next :meth:`decode_step` appends in place and runs no upkeep (decided on the host, no
+        sync): such a step launches the same work on the same buffers every time, so a captured graph can replay it.
+        """
+        if self.target is None or self.awaiting_reconstruction or not self.store.appends_in_place:
+            return False
+        self._count_decoded()
+        try:
+            return not self.needs_upkeep()
+        finally:
+            self._decoded -= 1
+            self._excess -= 1
+
+    def count_replayed_step(self) -> None:
+        """The host's side of one decode step whose device work a replayed graph did (the counters
+        :meth:`decode_step` advances; call it only for a step :meth:`next_step_is_plain` allowed)."""
+        self.store.count_appended()
+        self._count_decoded()
+
+    def host_counters(self) -> tuple[int, ...]:
+        """The host-side counters a decode step advances, to restore after a capture (which runs the step's host
+        code but not its device work)."""
+        st = self.store
+        return st._min_length, st._max_length, st.seen, self._decoded, self._excess
+
+    def restore_host_counters(self, counters: tuple[int, ...]) -> None:
+        """Undo a capture's host side: set the counters :meth:`host_counters` returned."""
+        st = self.store
+        st._min_length, st._max_length, st.seen, self._decoded, self._excess = counters
 
     def select_rows(self, index: torch.Tensor) -> None:
         """Keep the batch rows ``index`` (beam reordering, batch expansion or selection): storage, targets, prompt

@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 
+import acckv_triton as ak
 from acckv_triton import reference
 from acckv_triton.bench import decode
 from acckv_triton.bench.__main__ import main
@@ -164,10 +165,13 @@ def test_e2e_layer_stack_and_generate_rows_on_a_tiny_shape():
                                 warmup=1, num_layers=2, heads=(4, 2), head_dim=64, timer=lambda fn: (fn(), 1.0)[1])
     names = [r["cache"] for r in rows]
     full_names = ["full, SDPA default"] + [f"full, SDPA {n}" for n in e2e.sdpa_backends(DEVICE)]
-    assert names == full_names + ["full, our kernel (budget 1.0)", "AccKV 50%"]
+    ours_names = ["full, our kernel (budget 1.0)", "AccKV 50%"]
+    if DEVICE.type == "cuda":  # each of ours eager, then replayed as one graph per step
+        ours_names = [n + mode for n in ours_names for mode in ("", ", CUDA graph")]
+    assert names == full_names + ours_names
     timed_full = [r for r in rows[:len(full_names)] if "decode ms/token" in r]
     assert timed_full and max(r["vs best full ×"] for r in timed_full) == 1.0  # ratios against the fastest full row
-    ours, half = rows[-2:]
+    ours, half = [r for r in rows if r["cache"] in ours_names[:: len(ours_names) // 2]]
     assert half["KV GiB"] < ours["KV GiB"]  # compression holds fewer bytes than the full cache in the same store
     assert all(r["decode ms/token"] > 0 for r in rows if "decode ms/token" in r)
 
@@ -175,7 +179,7 @@ def test_e2e_layer_stack_and_generate_rows_on_a_tiny_shape():
     model = e2e.omni_shaped_model(num_layers=2, hidden=128, heads=(4, 2), intermediate=64, vocab=128,
                                   dtype=torch.float32, device=DEVICE)
     ids = torch.randint(0, 128, (1, 256), device=DEVICE)
-    rows = e2e.generate_timing_rows(model, ids, budgets=(1.0, 0.25), new_tokens=3, pin_sdpa=True)
+    rows = e2e.generate_timing_rows(model, ids, budgets=(1.0, 0.25), new_tokens=3, pin_sdpa=True, graphs=False)
     names = [r["cache"] for r in rows]
     assert names[-2:] == ["our cache, budget 1.0 (uncompressed)", "AccKV 25%"]
     assert sum("(best full)" in n for n in names) == 1  # our own cache is never the baseline
@@ -183,6 +187,37 @@ def test_e2e_layer_stack_and_generate_rows_on_a_tiny_shape():
     assert best["total / best full"] == 1.0 and rows[-1]["cache GiB"] < best["cache GiB"]
     # two separate wall timings of a tiny model: their order is noise on a loaded machine, not a property
     assert all(r["total s"] > 0 and r["TTFT s"] > 0 for r in rows if "total s" in r)
+    # the graph-mode rows' code path (off the GPU nothing replays, and the static cache is not compiled)
+    rows = e2e.generate_timing_rows(model, ids[:, :64], budgets=(0.25,), new_tokens=2, pin_sdpa=False, graphs=True)
+    assert [r["cache"].replace(" (best full)", "") for r in rows] == ["transformers (full), default SDPA",
+                                          "transformers (full), static cache + torch.compile",
+                                          "AccKV 25%", "AccKV 25%, CUDA graphs"]
+    assert all("total s" in r for r in rows), rows
+    assert rows[-1]["note"] == ("0" if DEVICE.type == "cpu" else "1") + " of its 2 decode steps replayed"
+
+
+def test_the_graphed_stack_does_the_eager_stacks_work():
+    """The 28-layer stack's graph mode, on a stand-in graph that replays with capture-time host values: after 30
+    steps with upkeeps every layer's K/V, lengths and mass equal the eager stack's."""
+    from acckv_triton.bench import e2e
+    from tests.graph_stand_in import HostFrozenGraph
+
+    g = torch.Generator().manual_seed(0)
+    k, v = torch.randn(1, 2, 200, 32, generator=g), torch.randn(1, 2, 200, 32, generator=g)
+    scores = torch.rand(1, 2, 200, generator=g)
+    q, k1, v1 = torch.randn(1, 4, 32, generator=g), torch.randn(1, 2, 1, 32, generator=g), torch.randn(1, 2, 1, 32)
+    cfg = ak.AccKVConfig(budget=0.25, slack=5, backend="torch")
+    eager = e2e._CompressedStack(cfg, k, v, scores, {}, 3)
+    graphed = e2e._GraphedStack(e2e._CompressedStack(cfg, k, v, scores, {}, 3), HostFrozenGraph.reset())
+    for _ in range(30):
+        eager.step(q, k1, v1)
+        graphed.step(q, k1, v1)
+    assert graphed.replays == HostFrozenGraph.replays >= 20 and len(HostFrozenGraph.captures) >= 1
+    assert min(layer.compressions for layer in eager.layers) >= 3
+    for a, b in zip(eager.layers, graphed.stack.layers):
+        assert a.compressions == b.compressions and a.store.seen == b.store.seen
+        for name in ("k", "v", "lengths", "token_mass", "position"):
+            torch.testing.assert_close(getattr(b.store, name), getattr(a.store, name), rtol=1e-6, atol=1e-6)
 
 
 def test_generate_rows_interleave_their_repeats(monkeypatch):

@@ -9,6 +9,10 @@ prompt of N tokens, per batch size. One decode step = for every layer, store the
                     accumulation: nothing reads it at budget 1.0)
     AccKV b%        ``BudgetedLayerCache`` at budget b: prefill compressed once, decode on the compressed cache
                     through ``decode_step``, with the upkeep (re-compression at budget + slack) inside the timed steps
+    ..., CUDA graph the same two stacks with every step that runs no upkeep replayed as one graph of all 28 layers
+                    (GPU; the capture and the eager upkeep steps inside the timed window). The SDPA rows stay eager:
+                    their key count changes every step, so no graph can replay them; the graph-mode full baseline is
+                    ``generate``'s static cache compiled by transformers (below)
 Decode is timed with CUDA events over ``steps`` steps after a warm-up, so the upkeep's cost is amortised as it is
 in a real run (slack 64: one re-compression per layer per 64 steps). The prefill column is what AccKV adds at the
 end of prefill per layer (window scores, policy, compaction into new storage), times 28, against the same layers'
@@ -22,6 +26,7 @@ the weight reads a user pays are in the ratio); the CPU on SmolLM2-135M's real w
 from __future__ import annotations
 
 import contextlib
+import inspect
 from typing import Callable, Iterable
 
 import torch
@@ -96,6 +101,40 @@ class _CompressedStack:
         return sum(layer.store.nbytes() for layer in self.layers)
 
 
+class _GraphedStack:
+    """:class:`_CompressedStack` with every step that runs no upkeep replayed as one CUDA graph of all layers (the
+    graph is captured at the first such step over a storage, and again if the storage is replaced); a step where
+    some layer's upkeep is due runs eager. The same decode work as the eager stack, without its launch overhead."""
+
+    def __init__(self, stack: _CompressedStack, graph_factory=None):
+        from ..integrations.graphs import CudaGraph
+
+        self.stack, self.graph_factory = stack, graph_factory or CudaGraph
+        self.graph, self.binding = None, None
+        self.replays = 0
+
+    def step(self, q, k1, v1) -> None:
+        layers = self.stack.layers
+        if not all(layer.next_step_is_plain() for layer in layers):
+            self.stack.step(q, k1, v1)
+            return
+        binding = tuple(layer.store.binding for layer in layers)
+        if self.graph is None or binding != self.binding:
+            self.graph = self.graph_factory(layers)
+            counters = [layer.host_counters() for layer in layers]
+            self.graph.capture(lambda: self.stack.step(q, k1, v1))  # recorded, not run: the host's counts go back
+            for layer, c in zip(layers, counters):
+                layer.restore_host_counters(c)
+            self.binding = binding
+        self.graph.replay()
+        self.replays += 1
+        for layer in layers:
+            layer.count_replayed_step()
+
+    def nbytes(self) -> int:
+        return self.stack.nbytes()
+
+
 def layer_stack_rows(device: torch.device, dtype: torch.dtype, lengths: Iterable[int] = (32768,),
                      batches: Iterable[int] = (1, 8), budgets: Iterable[float] = (0.25, 0.1), steps: int = 128,
                      warmup: int = 4, num_layers: int = 28, heads: tuple[int, int] = (28, 4), head_dim: int = 128,
@@ -152,16 +191,20 @@ def layer_stack_rows(device: torch.device, dtype: torch.dtype, lengths: Iterable
             cfg = AccKVConfig(budget=budget)
             t_prefill = timer(lambda: BudgetedLayerCache(cfg, num_layers // 2, num_layers).prefill(
                 k, v, scores=scores, **meta)) * num_layers
-            stack = _CompressedStack(cfg, k, v, scores, meta, num_layers)
-            for _ in range(warmup):
-                stack.step(q, k1, v1)
-            t = _events_ms(lambda: stack.step(q, k1, v1), steps)
-            held = stack.nbytes()
             name = "full, our kernel (budget 1.0)" if budget == 1.0 else f"AccKV {budget:.0%}"
-            rows.append({**base, "cache": name, "decode ms/token": t, "vs best full ×": t_full / t,
-                         "KV GiB": held / GIB, "KV % of full": 100.0 * held / full_bytes,
-                         "prefill extra ms": t_prefill, "prefill extra % attn": 100.0 * t_prefill / (t_attn * num_layers)})
-            del stack
+            for mode in ("eager", "CUDA graph") if device.type == "cuda" else ("eager",):
+                stack = _CompressedStack(cfg, k, v, scores, meta, num_layers)
+                for _ in range(warmup):
+                    stack.step(q, k1, v1)
+                runner = stack if mode == "eager" else _GraphedStack(stack)
+                t = _events_ms(lambda: runner.step(q, k1, v1), steps)
+                held = stack.nbytes()
+                rows.append({**base, "cache": name if mode == "eager" else f"{name}, CUDA graph",
+                             "decode ms/token": t, "vs best full ×": t_full / t,
+                             "KV GiB": held / GIB, "KV % of full": 100.0 * held / full_bytes,
+                             "prefill extra ms": t_prefill,
+                             "prefill extra % attn": 100.0 * t_prefill / (t_attn * num_layers)})
+                del stack, runner
         del k, v
     return rows
 
@@ -210,13 +253,19 @@ def _generate_name(budget: float) -> str:
 
 @torch.no_grad()
 def generate_timing_rows(model, ids: torch.Tensor, budgets: Iterable[float] = (0.25,), new_tokens: int = 256,
-                         pin_sdpa: bool = True, label: str = "", repeats: int = 1) -> list[dict]:
+                         pin_sdpa: bool = True, label: str = "", repeats: int = 1,
+                         graphs: bool | None = None) -> list[dict]:
     """``model.generate`` timed whole: time to first token, decode ms per token and the total, unpatched and with
     ``apply_acckv`` at each budget, in one run.
 
     The unpatched model runs with transformers' own cache under the default SDPA dispatch and, with ``pin_sdpa``,
     pinned to each SDPA backend that runs here; every ratio is against the fastest unpatched row (by total time).
     A budget of 1.0 is our own cache uncompressed (what storing into it costs, with no compression to pay it back).
+    With ``graphs`` (default: on CUDA) the graph mode of each side runs too: transformers' static cache, which
+    ``generate`` compiles with ``torch.compile`` (CUDA graphs), as a full-cache row, and ``apply_acckv(...,
+    decode_graphs=True)`` at each budget below 1.0 (captures and eager upkeep steps inside the timed window); the
+    static cache (one length, prompt + new tokens + 1, allocated inside the timed window) is compiled before
+    timing, as a server would have it warm.
     ``new_tokens`` decode steps all fall inside the timed window, upkeeps included (slack 64: one per 65 steps per
     layer). TTFT is ``generate(max_new_tokens=1)``; decode ms/token is ``(t(n + 1) - t(1)) / n``. ``repeats`` takes
     each row's best (by total time) of that many rounds, every round running every variant once, so a slow spell
@@ -226,52 +275,77 @@ def generate_timing_rows(model, ids: torch.Tensor, budgets: Iterable[float] = (0
     from .machine import wall_timed
 
     device = ids.device
+    graphs = device.type == "cuda" if graphs is None else graphs
     kwargs = dict(do_sample=False, return_dict_in_generate=True, pad_token_id=0)
 
-    def timed(n):
-        res, seconds = wall_timed(lambda: model.generate(ids, max_new_tokens=n, min_new_tokens=n, **kwargs), device)
+    def generate(n, mode, prompt=ids):
+        extra = {}
+        if mode == "static":  # one cache length for every call: one compilation serves them all
+            from transformers import StaticCache
+
+            name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+            extra[name] = StaticCache(config=model.config, max_cache_len=ids.shape[1] + new_tokens + 1)
+        return model.generate(prompt, max_new_tokens=n, min_new_tokens=n, **kwargs, **extra)
+
+    def timed(n, mode):
+        res, seconds = wall_timed(lambda: generate(n, mode), device)
         return seconds, res
 
-    variants: list[tuple[str, float | None, object]] = [("transformers (full), default SDPA", None, None)]
+    # (name, budget or None for transformers' cache, SDPA backend or None, mode: None, "graphs" or "static")
+    variants: list[tuple[str, float | None, object, str | None]] = [
+        ("transformers (full), default SDPA", None, None, None)]
     if pin_sdpa:
-        variants += [(f"transformers (full), SDPA {name}", None, backend)
+        variants += [(f"transformers (full), SDPA {name}", None, backend, None)
                      for name, backend in sdpa_backends(device).items()]
-    variants += [(_generate_name(budget), budget, None) for budget in budgets]
+    if graphs:
+        variants.append(("transformers (full), static cache + torch.compile", None, None, "static"))
+    variants += [(_generate_name(budget), budget, None, None) for budget in budgets]
+    if graphs:
+        variants += [(f"{_generate_name(budget)}, CUDA graphs", budget, None, "graphs")
+                     for budget in budgets if budget < 1.0]
     warm = ids[:, : min(ids.shape[1], 64)]
     best: dict[str, tuple] = {}
     failed: dict[str, str] = {}
     # rounds outside, variants inside: a slow spell of a shared machine falls on every variant of a round, not on
     # all the repeats of one
     for round_ in range(repeats):
-        for name, budget, backend in variants:
+        for name, budget, backend, mode in variants:
             if name in failed:
                 continue
-            handle = None if budget is None else apply_acckv(model, AccKVConfig(budget=budget))
+            handle = None if budget is None else apply_acckv(model, AccKVConfig(budget=budget),
+                                                              decode_graphs=mode == "graphs")
+            replays = None
             try:
                 with sdpa_pin(backend):
-                    if round_ == 0:  # warm-up on a short prompt: kernels compiled, allocator primed
-                        model.generate(warm, max_new_tokens=2, min_new_tokens=2, **kwargs)
-                    t1, _ = timed(1)
-                    tn, res = timed(new_tokens + 1)
-            except RuntimeError as exc:  # a pinned backend that does not support this shape or dtype
-                failed[name] = f"not run: {str(exc).splitlines()[0][:80]}"
+                    if round_ == 0 and mode == "static":  # compiled before any timing, as a server has it
+                        generate(3, mode)
+                    elif round_ == 0:  # warm-up on a short prompt: kernels compiled, allocator primed
+                        generate(2, mode, warm)
+                    t1, _ = timed(1, mode)
+                    tn, res = timed(new_tokens + 1, mode)
+            except Exception as exc:  # a pinned backend that does not take this shape, a compile that fails
+                failed[name] = f"not run: {type(exc).__name__}: {str(exc).splitlines()[0][:80]}"
                 continue
             finally:
                 if handle is not None:
+                    replays = handle.graphs.stats["replayed"] if handle.graphs is not None else None
                     handle.revert()
             if name not in best or tn < best[name][1]:
                 cache = getattr(res, "cache", None)  # transformers >= 5.24 names it cache, before past_key_values
-                best[name] = (t1, tn, _cache_nbytes(cache if cache is not None else res.past_key_values))
+                best[name] = (t1, tn, _cache_nbytes(cache if cache is not None else res.past_key_values), replays)
             del res
     rows = []
-    for name, _, _ in variants:
+    for name, _, _, mode in variants:
         if name in failed:
             rows.append({"model": label, "cache": name, "note": failed[name]})
             continue
-        t1, tn, nbytes = best[name]
-        rows.append({"model": label, "B": ids.shape[0], "prompt": ids.shape[1], "new tokens": new_tokens,
-                     "cache": name, "TTFT s": t1, "decode ms/token": 1e3 * (tn - t1) / new_tokens, "total s": tn,
-                     "cache GiB": nbytes / GIB})
+        t1, tn, nbytes, replays = best[name]
+        row = {"model": label, "B": ids.shape[0], "prompt": ids.shape[1], "new tokens": new_tokens,
+               "cache": name, "TTFT s": t1, "decode ms/token": 1e3 * (tn - t1) / new_tokens, "total s": tn,
+               "cache GiB": nbytes / GIB}
+        if mode == "graphs":
+            row["note"] = f"{replays} of its {new_tokens} decode steps replayed"
+        rows.append(row)
     timed_rows = [r for r in rows if "total s" in r]
     full = [r for r in timed_rows if r["cache"].startswith("transformers")]
     if full:

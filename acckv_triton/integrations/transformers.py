@@ -52,6 +52,8 @@ Design (data flows integration -> cache -> policy -> ops):
   full-attention layers are :class:`AccKVLayer` s. A model with no full-attention layer is refused below budget 1.0.
 * **generate modes**: beam search and ``num_return_sequences`` reorder every row of every layer (K/V, lengths,
   metadata, targets); ``crop`` (assisted decoding) works at budget 1.0 and is refused below it.
+* **CUDA graphs** (``apply_acckv(..., decode_graphs=True)``, :mod:`acckv_triton.integrations.graphs`): the whole
+  decode forward replayed as one graph in every step without upkeep; text decoders without sliding-window layers.
 * Not supported: static caches / ``torch.compile``, attention logit soft-capping, bidirectional attention.
   A Qwen2.5-Omni or Qwen3-Omni hand-written decode loop must pass ``position_ids`` or no 2-D mask (the thinkers
   derive decode positions from a 2-D mask correctly only inside ``generate``, patched or not).
@@ -72,6 +74,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from ..cache import BudgetedLayerCache
 from ..config import AccKVConfig
 from ..modality import Modality
+from .graphs import DecodeGraphs
 
 __all__ = ["AccKVCache", "AccKVHandle", "AccKVLayer", "MODEL_SPECS", "ModelSpec", "SUPPORTED_MODELS", "acckv",
            "apply_acckv"]
@@ -174,6 +177,20 @@ def _check_layers(model, cfg: AccKVConfig, num_layers: int) -> None:
                          f"{type(model).__name__} is sliding-window attention (config.sliding_window={window}): "
                          "there is nothing to compress. Use budget=1.0, or a config with sliding_window=None (e.g. "
                          "Mistral v0.2 and later).")
+
+
+def _check_graphs(model, cfg: AccKVConfig, spec: ModelSpec) -> None:
+    """Refuse ``decode_graphs=True`` where a captured decode forward would not replay what the eager one does."""
+    what = "apply_acckv(decode_graphs=True)"
+    if cfg.is_full:
+        raise ValueError(f"{what} needs a budget below 1.0: at budget 1.0 the cache stores like DynamicCache (a "
+                         "new tensor per step), which no graph can replay")
+    if spec.mrope or spec.modality_token_ids:
+        raise ValueError(f"{what} supports text decoders; {spec.name} computes decode positions and modality ids "
+                         "from host state inside its forward")
+    if any(type(layer) is not DynamicLayer for layer in _model_layers(model.config)):
+        raise ValueError(f"{what} needs every layer to be full attention; transformers' sliding-window cache "
+                         "layers reallocate at every step")
 
 
 def _resolve(obj, path: str):
@@ -400,6 +417,38 @@ class AccKVCache(Cache):
             out["audio_video"] = self._step.get("audio_video")  # host flag: whether the prompt has AV tokens
         return out
 
+    # ---- what a CUDA graph of the decode forward needs (acckv_triton.integrations.graphs)
+    def graph_step_blocker(self) -> str | None:
+        """Why the next single-token step cannot replay a captured decode graph (None: it can), from host counts:
+        every layer must be an AccKV layer, prefilled, appending in place with no upkeep due at this step."""
+        layers = self.compressed_layers
+        if len(layers) != len(self.layers):
+            return "sliding-window layers"
+        if not layers or not all(layer.store.initialized for layer in layers):
+            return "empty cache"
+        if not all(layer.budgeted.next_step_is_plain() for layer in layers):
+            return "upkeep or growth due"
+        return None
+
+    def graph_binding(self) -> tuple:
+        """Every layer's storage binding (:attr:`~acckv_triton.cache.LayerKVCache.binding`): a captured graph is
+        valid while this is unchanged."""
+        return tuple(layer.store.binding for layer in self.compressed_layers)
+
+    def host_counters(self) -> list[tuple[int, ...]]:
+        """Every layer's host counters (:meth:`~acckv_triton.cache.BudgetedLayerCache.host_counters`)."""
+        return [layer.budgeted.host_counters() for layer in self.compressed_layers]
+
+    def restore_host_counters(self, counters: list[tuple[int, ...]]) -> None:
+        """Put back what :meth:`host_counters` returned (after a capture ran the step's host code)."""
+        for layer, c in zip(self.compressed_layers, counters):
+            layer.budgeted.restore_host_counters(c)
+
+    def count_replayed_step(self) -> None:
+        """The host's side of a decode step a replayed graph did on the device, in every layer."""
+        for layer in self.compressed_layers:
+            layer.budgeted.count_replayed_step()
+
     def stored_tokens(self) -> torch.Tensor:
         """``[num_layers, B, Hkv]`` int64: tokens stored now per (layer, sequence, kv head); a sliding-window layer
         holds the same count in every row (padding included, as transformers stores it)."""
@@ -509,6 +558,7 @@ class AccKVHandle:
         self._state = _ForwardState()
         self._hooks: list = []
         self._impl: tuple[str, str] | None = None  # (original, registered name) when the attention is switched
+        self.graphs: DecodeGraphs | None = None  # apply_acckv(decode_graphs=True): the decode-graph switch
         self._reverted = False
         self._modality_ids = [(getattr(model.config, field), int(m)) for field, m in spec.modality_token_ids
                               if getattr(model.config, field, None) is not None]
@@ -522,6 +572,8 @@ class AccKVHandle:
         """Restore the model exactly: hooks removed, attention implementation and generate's cache set-up restored."""
         if self._reverted:
             return
+        if self.graphs is not None:
+            self.graphs.uninstall()
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
@@ -574,6 +626,8 @@ class AccKVHandle:
 
         model._prepare_cache_for_generation = _prepare_cache_for_generation
         model._acckv_handle = self
+        if self.graphs is not None:
+            self.graphs.install()
 
     # ---- hooks
     def _capture_ids(self, module, args, kwargs):
@@ -656,7 +710,7 @@ class AccKVHandle:
             layer.budgeted.end_reconstruction()
 
 
-def apply_acckv(model, cfg: AccKVConfig | None = None) -> AccKVHandle:
+def apply_acckv(model, cfg: AccKVConfig | None = None, *, decode_graphs: bool = False) -> AccKVHandle:
     """Compress this model's KV cache with AccKV; returns a handle whose ``revert()`` restores the model exactly.
 
     Args:
@@ -665,6 +719,9 @@ def apply_acckv(model, cfg: AccKVConfig | None = None) -> AccKVHandle:
             models), ``Qwen2_5_VLForConditionalGeneration``, ``Qwen3VLForConditionalGeneration``,
             ``Qwen2_5OmniThinkerForConditionalGeneration`` or ``Qwen3OmniMoeThinkerForConditionalGeneration``.
         cfg: the :class:`~acckv_triton.AccKVConfig` (default ``AccKVConfig()``).
+        decode_graphs: replay the whole decode forward (every layer, the LM head) as one CUDA graph in every step
+            that runs no upkeep (:mod:`acckv_triton.integrations.graphs`; ``handle.graphs.stats`` counts what
+            replayed and why a step ran eager). Text decoders without sliding-window layers, budget below 1.0.
 
     Raises:
         ValueError: unsupported model (the message names the supported ones), a model already patched, a layer kind
@@ -678,11 +735,16 @@ def apply_acckv(model, cfg: AccKVConfig | None = None) -> AccKVHandle:
     cfg = AccKVConfig() if cfg is None else cfg
     if not isinstance(cfg, AccKVConfig):
         raise TypeError(f"cfg must be an AccKVConfig, got {type(cfg).__name__}")
+    if not isinstance(decode_graphs, bool):
+        raise TypeError(f"decode_graphs must be a bool, got {type(decode_graphs).__name__}")
     spec = _spec_for(model)
     if "_acckv_handle" in model.__dict__:
         raise ValueError("this model is already patched by apply_acckv: revert() its handle first")
     handle = AccKVHandle(model, cfg, spec)
     _check_layers(model, cfg, handle.num_layers)
+    if decode_graphs:
+        _check_graphs(model, cfg, spec)
+        handle.graphs = DecodeGraphs(model)
     try:
         handle._apply()
     except Exception:
@@ -691,6 +753,6 @@ def apply_acckv(model, cfg: AccKVConfig | None = None) -> AccKVHandle:
     return handle
 
 
-def acckv(model, cfg: AccKVConfig | None = None) -> AccKVHandle:
+def acckv(model, cfg: AccKVConfig | None = None, *, decode_graphs: bool = False) -> AccKVHandle:
     """Context-manager form: ``with acckv(model, cfg) as handle: model.generate(...)``; reverted on exit."""
-    return apply_acckv(model, cfg)
+    return apply_acckv(model, cfg, decode_graphs=decode_graphs)
