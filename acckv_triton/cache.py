@@ -612,8 +612,9 @@ class BudgetedLayerCache:
         if cfg.score_evidence == "reconstruction":
             return torch.zeros(k.shape[:3], dtype=torch.float32, device=k.device)
         if self.reads_every_query(audio_video):  # the mean divides by the queries at compression time
-            op = observed_attention if self.store.kernels_on(q.device) else torch_ops.observed_attention
-            return op(q, k, scale=scale, key_start=key_start).key_mass
+            if self.store.kernels_on(q.device):
+                return observed_attention(q, k, scale=scale, key_start=key_start).key_mass
+            return torch_ops.observed_attention(q, k, scale=scale, key_start=key_start, return_lse=False).key_mass
         W = self._evidence_rows(T, cfg)
         op = window_scores if self.store.kernels_on(q.device) else torch_ops.window_scores
         return op(q[:, :, T - W:], k, scale=scale, key_start=key_start).scores
@@ -653,7 +654,7 @@ class BudgetedLayerCache:
             out = torch.empty(B, T, Hq, D, dtype=q.dtype, device=q.device)
             res = observed_attention(q, k, v, scale=scale, key_start=key_start, out=out.transpose(1, 2))
             return out, res.key_mass
-        res = torch_ops.observed_attention(q, k, v, scale=scale, key_start=key_start)
+        res = torch_ops.observed_attention(q, k, v, scale=scale, key_start=key_start, return_lse=False)
         return res.out.transpose(1, 2).contiguous(), res.key_mass
 
     @staticmethod

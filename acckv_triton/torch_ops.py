@@ -327,23 +327,27 @@ def chunk_attention(q, k_cache, v_cache, lengths, k_new, v_new, *, scale=None, m
     return reference.ChunkAttention(out.view(B, Hq, T, D).to(q.dtype), lse.view(B, Hq, T), old_mass, new_mass)
 
 
-def observed_attention(q, k, v=None, *, scale=None, key_start=None, block: int = 64) -> reference.ObservedAttention:
+def observed_attention(q, k, v=None, *, scale=None, key_start=None, block: int = 32,
+                       return_lse: bool = True) -> reference.ObservedAttention:
     """:func:`acckv_triton.ops.observed_attention.observed_attention` on any device: float32 math, query rows in
     blocks of ``block``, so the logits never exceed ``[B, Hq, block, T]``.
 
     Each block's logits come from one matmul of the block's G query heads against their kv head (q viewed as
-    ``[B, Hkv, G*block, D]``: K is never repeated), over the keys up to the block's last query only; the softmax runs
-    in place. Rows below every sequence's ``key_start`` are skipped (one host read of ``key_start.min()``).
+    ``[B, Hkv, G*block, D]``: K is never repeated), over the keys up to the block's last query only, then one fused
+    ``softmax``: the key mass is its sum over the rows, the output its product with V. Rows below every sequence's
+    ``key_start`` are skipped (one host read of ``key_start.min()``). ``return_lse=False`` skips the logsumexp (a
+    pass over the logits; the prompt paths never read it) and returns ``lse`` None.
     """
     B, Hq, T, D = q.shape
     Hkv = k.shape[1]
     G = Hq // Hkv
     scale = D**-0.5 if scale is None else scale
     dev = q.device
-    lse = torch.full((B, Hkv, G, T), -math.inf, device=dev)
+    lse = torch.full((B, Hkv, G, T), -math.inf, device=dev) if return_lse else None
     key_mass = torch.zeros(B, Hkv, T, device=dev)
     out = torch.zeros(B, Hkv, G, T, D, device=dev) if v is not None else None
     first = int(key_start.min()) if key_start is not None and B and T else 0  # rows before it see nothing
+    ragged = key_start is not None and int(key_start.max()) > first  # some rows see no key: softmax gives NaN
     kf = k.float()  # a padding key's logits are overwritten with -inf below, whatever it holds
     vf = None
     if v is not None:
@@ -363,15 +367,14 @@ def observed_attention(q, k, v=None, *, scale=None, key_start=None, block: int =
         if key_start is not None:
             pad = torch.arange(first, t1, device=dev)[None, :] < key_start.long()[:, None]  # [B, t1 - first]
             view.masked_fill_(pad[:, None, None, None, :], -math.inf)
-        top = logits.amax(dim=-1, keepdim=True).clamp_(min=torch.finfo(torch.float32).min)  # rows seeing no key: 0
-        logits.sub_(top).exp_()
-        total = logits.sum(dim=-1, keepdim=True)
-        lse[:, :, :, t0:t1] = torch.where(total > 0, top + total.log(), -math.inf).view(B, Hkv, G, n)
-        inv = total.clamp_(min=torch.finfo(torch.float32).tiny).reciprocal_()  # [B, Hkv, G*n, 1]
-        # normalise through two products, never in a pass over the logits: mass = inv^T . e, out = (e . V) * inv
-        key_mass[:, :, first:t1] += torch.matmul(inv.transpose(-1, -2), logits).squeeze(-2)
+        if return_lse:
+            lse[:, :, :, t0:t1] = torch.logsumexp(logits, dim=-1).view(B, Hkv, G, n)
+        p = torch.softmax(logits, dim=-1)
+        if ragged:  # a padding query of a later-starting row sees no key: it adds nothing
+            p = p.nan_to_num_(0.0)
+        key_mass[:, :, first:t1] += p.sum(dim=-2)
         if v is not None:
-            out[:, :, :, t0:t1] = (torch.matmul(logits, vf[:, :, first:t1]) * inv).view(B, Hkv, G, n, D)
+            out[:, :, :, t0:t1] = torch.matmul(p, vf[:, :, first:t1]).view(B, Hkv, G, n, D)
     if out is not None:
         out = out.view(B, Hq, T, D).to(q.dtype)
-    return reference.ObservedAttention(out, lse.view(B, Hq, T), key_mass)
+    return reference.ObservedAttention(out, None if lse is None else lse.view(B, Hq, T), key_mass)

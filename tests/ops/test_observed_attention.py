@@ -75,6 +75,10 @@ def test_torch_twin_matches_the_reference(shape, dtype):
     want = reference.observed_attention(q, k, v, key_start=key_start)
     assert_matches(torch_ops.observed_attention(q, k, v, key_start=key_start, block=16), want, dtype)
     assert_matches(torch_ops.observed_attention(q, k, key_start=key_start, block=7), want, dtype, with_out=False)
+    fast = torch_ops.observed_attention(q, k, v, key_start=key_start, return_lse=False)  # the prompt paths' call
+    assert fast.lse is None
+    full = torch_ops.observed_attention(q, k, v, key_start=key_start)
+    assert torch.equal(fast.out, full.out) and torch.equal(fast.key_mass, full.key_mass)
 
 
 def test_strided_views_and_out_written_in_place():
