@@ -187,13 +187,15 @@ def test_e2e_layer_stack_and_generate_rows_on_a_tiny_shape():
     assert best["total / best full"] == 1.0 and rows[-1]["cache GiB"] < best["cache GiB"]
     # two separate wall timings of a tiny model: their order is noise on a loaded machine, not a property
     assert all(r["total s"] > 0 and r["TTFT s"] > 0 for r in rows if "total s" in r)
+    if DEVICE.type == "cuda":  # there the static cache compiles the model (the GPU session's bench runs it)
+        return
     # the graph-mode rows' code path (off the GPU nothing replays, and the static cache is not compiled)
     rows = e2e.generate_timing_rows(model, ids[:, :64], budgets=(0.25,), new_tokens=2, pin_sdpa=False, graphs=True)
-    assert [r["cache"].replace(" (best full)", "") for r in rows] == ["transformers (full), default SDPA",
-                                          "transformers (full), static cache + torch.compile",
-                                          "AccKV 25%", "AccKV 25%, CUDA graphs"]
+    assert [r["cache"].replace(" (best full)", "") for r in rows] == [
+        "transformers (full), default SDPA", "transformers (full), static cache + torch.compile (decode; dense-mask "
+        "prefill)", "AccKV 25%", "AccKV 25%, CUDA graphs"]
     assert all("total s" in r for r in rows), rows
-    assert rows[-1]["note"] == ("0" if DEVICE.type == "cpu" else "1") + " of its 2 decode steps replayed"
+    assert rows[-1]["note"] == "0 of its 2 decode steps replayed"
 
 
 def test_the_graphed_stack_does_the_eager_stacks_work():

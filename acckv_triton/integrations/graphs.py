@@ -13,9 +13,11 @@ has, whether the step can replay:
 * **replayed**: a single-token step (``input_ids [B, 1]`` on CUDA, no ``inputs_embeds``, no attentions or hidden
   states asked for) over a prefilled cache whose every layer appends in place and runs no upkeep at this step,
   with the storage the graph was captured over;
-* **eager** otherwise, with the reason counted in :attr:`DecodeGraphs.stats`: a prompt or later chunk, a step
-  where some layer's upkeep is due (one in ``slack + 1`` steps), a storage that changed (a new prefill or beam
-  reordering; the graph is captured again after ``warmup`` eager steps), a CPU tensor.
+* **eager** otherwise, with the reason counted in :attr:`DecodeGraphs.stats`: a prompt or later chunk (which
+  also releases the graph), a step where some layer's upkeep is due (one in ``slack + 1`` steps), a storage that
+  changed (a new prefill, a budget that outgrew it, beam reordering; the graph is captured again after
+  ``warmup`` eager steps), a CPU tensor or another than the current CUDA device, a capture that raised (that
+  storage then runs eager).
 
 The 2-D ``attention_mask`` that ``generate`` grows by one column a step is not passed to the graph: a decode token
 attends over the stored tokens through the cache's own lengths (left padding was dropped when the prompt was
@@ -60,10 +62,21 @@ class CudaGraph:
 
 
 class _Captured:
-    """A captured decode forward: what it binds, its static inputs and its output."""
+    """A captured decode forward: what it binds, its static inputs and its output's tensors (the output's cache
+    field is left out: a finished conversation's cache must not outlive it through the graph)."""
 
-    def __init__(self, key: tuple, graph, inputs: dict[str, torch.Tensor], output):
-        self.key, self.graph, self.inputs, self.output = key, graph, inputs, output
+    def __init__(self, key: tuple, graph, inputs: dict[str, torch.Tensor], output, cache):
+        self.key, self.graph, self.inputs = key, graph, inputs
+        self.output_type = type(output)
+        self.tensors = {name: value for name, value in output.items() if isinstance(value, torch.Tensor)}
+        self.cache_fields = [name for name, value in output.items() if value is cache]
+
+    def result(self, cache):
+        """The step's output: copies of the graph's output tensors (the next replay rewrites them), this call's
+        cache."""
+        fields = {name: value.clone() for name, value in self.tensors.items()}
+        fields.update({name: cache for name in self.cache_fields})
+        return self.output_type(**fields)
 
 
 class DecodeGraphs:
@@ -87,7 +100,9 @@ class DecodeGraphs:
         self.stats: Counter = Counter()
         self._captured: _Captured | None = None
         self._warm: tuple[tuple | None, int] = (None, 0)  # (key, eager steps seen over it)
+        self._failed: set[tuple] = set()  # keys whose capture raised: they run eager
         self._forward: Callable | None = None
+        self._previous_forward = None  # an instance-level forward that was there before (accelerate's hooks)
         self._takes_cache_position = False
 
     # ---- installing
@@ -100,18 +115,27 @@ class DecodeGraphs:
             return self(original, *args, **kwargs)
 
         self._forward = original
+        self._previous_forward = self.model.__dict__.get("forward")
         self._takes_cache_position = "cache_position" in inspect.signature(original).parameters
         self.model.forward = forward
 
     def uninstall(self) -> None:
-        """Restore the class's ``forward`` and drop the captured graph (its memory pool is released)."""
-        self.model.__dict__.pop("forward", None)
-        self._captured, self._warm, self._forward = None, (None, 0), None
+        """Restore the model's ``forward`` as it was and drop the captured graph (its memory pool is released)."""
+        if self._previous_forward is not None:
+            self.model.forward = self._previous_forward
+        else:
+            self.model.__dict__.pop("forward", None)
+        self._captured, self._warm, self._forward, self._previous_forward = None, (None, 0), None, None
+        self._failed.clear()
 
     # ---- one forward call
     def __call__(self, forward: Callable, *args, **kwargs):
         """Run one forward call: replay the captured decode graph when the step allows it, else ``forward``."""
         reason, key, call = self._plan(args, kwargs)
+        if reason in ("not a single-token step", "empty cache"):  # a new prompt: the old graph's storage is done
+            self._captured = None
+        if reason is None and key in self._failed:
+            reason = "capture failed"
         if reason is not None:
             self.stats[f"eager: {reason}"] += 1
             return forward(*args, **kwargs)
@@ -125,16 +149,19 @@ class DecodeGraphs:
             if seen <= self.warmup:
                 self.stats["eager: warm-up"] += 1
                 return forward(*args, **kwargs)
-            captured = self._capture(forward, key, call, cache)
+            try:
+                captured = self._capture(forward, key, call, cache)
+            except Exception:  # e.g. a sync inside the forward: nothing ran (the counters are back), so run eager
+                self._failed.add(key)
+                self.stats["eager: capture failed"] += 1
+                return forward(*args, **kwargs)
             self._captured = captured
             self.stats["captured"] += 1
         self._fill(captured.inputs, call, cache)
         captured.graph.replay()
         cache.count_replayed_step()
         self.stats["replayed"] += 1
-        out = captured.output  # the graph rewrites its buffers at the next replay: hand out copies
-        return type(out)(**{name: (value.clone() if isinstance(value, torch.Tensor) else value)
-                            for name, value in out.items()})
+        return captured.result(cache)
 
     def _plan(self, args: tuple, kwargs: dict) -> tuple[str | None, tuple | None, dict]:
         """(reason to run eager or None, the graph key, the step's inputs), decided on the host."""
@@ -151,9 +178,13 @@ class DecodeGraphs:
         extra = sorted(name for name, value in call.items() if value is not None and name not in _STEP_KWARGS)
         if extra:
             return f"argument {extra[0]}", None, call
-        if call.get("output_attentions") or call.get("output_hidden_states") or call.get("use_cache") is False \
-                or call.get("return_dict") is False:
+        config = getattr(self.model, "config", None)
+        wanted = {name: call.get(name) if call.get(name) is not None else getattr(config, name, False)
+                  for name in ("output_attentions", "output_hidden_states")}
+        if any(wanted.values()) or call.get("use_cache") is False or call.get("return_dict") is False:
             return "outputs asked for", None, call
+        if not isinstance(call.get("logits_to_keep", 0), int):
+            return "logits_to_keep is a tensor", None, call
         if not isinstance(cache, AccKVCache):
             return "no AccKVCache", None, call
         if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.shape[1] != 1:
@@ -162,6 +193,8 @@ class DecodeGraphs:
             return "autograd on", None, call
         if ids.device.type != getattr(self.graph_factory, "device_type", "cuda"):
             return f"{ids.device.type} tensors", None, call
+        if ids.device.type == "cuda" and ids.device.index != torch.cuda.current_device():
+            return "not the current CUDA device", None, call  # a capture records on the current device only
         why = cache.graph_step_blocker()
         if why is not None:
             return why, None, call
@@ -173,13 +206,17 @@ class DecodeGraphs:
 
     @staticmethod
     def _fill(inputs: dict[str, torch.Tensor], call: dict, cache) -> None:
-        """Copy this step's inputs into the graph's; positions not given are the model's own rule: the tokens seen
-        so far (``arange(T) + seen``, T = 1), written on the device without a host-to-device copy."""
+        """Copy this step's inputs into the graph's; positions not given follow the model's own rule:
+        ``cache_position`` when the call has it, else the tokens seen so far (``arange(T) + seen``, T = 1, written
+        on the device without a host-to-device copy)."""
         for name, buf in inputs.items():
-            if call.get(name) is None:
+            given = call.get(name)
+            if given is None and name == "position_ids" and call.get("cache_position") is not None:
+                given = call["cache_position"].view(1, -1)
+            if given is None:
                 buf.fill_(cache.get_seq_length())
             else:
-                buf.copy_(call[name])
+                buf.copy_(given)
 
     def _capture(self, forward: Callable, key: tuple, call: dict, cache) -> _Captured:
         """Capture the decode forward for this step's shapes over this storage (its device work is recorded, not
@@ -204,4 +241,4 @@ class DecodeGraphs:
             output = graph.capture(lambda: forward(**run))
         finally:
             cache.restore_host_counters(counters)
-        return _Captured(key, graph, inputs, output)
+        return _Captured(key, graph, inputs, output, cache)

@@ -191,6 +191,15 @@ def _check_graphs(model, cfg: AccKVConfig, spec: ModelSpec) -> None:
     if any(type(layer) is not DynamicLayer for layer in _model_layers(model.config)):
         raise ValueError(f"{what} needs every layer to be full attention; transformers' sliding-window cache "
                          "layers reallocate at every step")
+    text = model.config.get_text_config(decoder=True)
+    rope = getattr(text, "rope_parameters", None) or getattr(text, "rope_scaling", None) or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else "default"
+    if rope_type in ("dynamic", "longrope"):
+        raise ValueError(f"{what} does not support rope_type={rope_type!r}: its frequencies are updated from a host "
+                         "read of the positions at every step")
+    devices = set(getattr(model, "hf_device_map", {}).values())
+    if len(devices) > 1:
+        raise ValueError(f"{what} needs the model on one device; its hf_device_map spans {sorted(map(str, devices))}")
 
 
 def _resolve(obj, path: str):

@@ -194,3 +194,79 @@ def test_cuda_graph_replay_equals_eager_over_steps_with_upkeeps(dtype):
     assert n == 48 or dtype == torch.bfloat16, f"sequences differ from step {n}"
     for x, y in zip(out.logits[:n], ref.logits[:n]):  # up to where bf16 rounding may pick another token
         torch.testing.assert_close(x, y, **tol)
+
+
+class _RaisingGraph(HostFrozenGraph):
+    def capture(self, fn):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+
+def test_a_failed_capture_runs_eager_and_is_not_retried():
+    model = tiny_causal_lm("llama")
+    ids = torch.randint(3, 150, (1, 24), generator=torch.Generator().manual_seed(7))
+    cfg = ak.AccKVConfig(budget=0.5, slack=64, backend="torch")
+    with torch.no_grad():
+        with apply_acckv(model, cfg):
+            ref = model.generate(ids, max_new_tokens=8, min_new_tokens=8, **GREEDY)
+        with _patched(model, cfg, _RaisingGraph) as handle:
+            out = model.generate(ids, max_new_tokens=8, min_new_tokens=8, **GREEDY)
+    _assert_same(out, ref)
+    stats = handle.graphs.stats
+    assert stats["eager: capture failed"] == 8 - 1 - handle.graphs.warmup and "replayed" not in stats, stats
+
+
+def test_the_graph_holds_no_cache_and_a_new_prompt_releases_it(stand_in):
+    """A finished conversation's cache must not live on through the graph: the captured output keeps its tensors
+    only, and the next prompt drops the graph before its prefill allocates."""
+    model = tiny_causal_lm("llama")
+    ids = torch.randint(3, 150, (1, 24), generator=torch.Generator().manual_seed(8))
+    with torch.no_grad(), _patched(model, ak.AccKVConfig(budget=0.5, backend="torch"), stand_in) as handle:
+        out = model.generate(ids, max_new_tokens=6, min_new_tokens=6, **GREEDY)
+        captured = handle.graphs._captured
+        assert captured is not None and set(captured.tensors) == {"logits"} and captured.cache_fields
+        assert not any(v is out.past_key_values for v in vars(captured).values())
+        model.generate(ids[:, :10], max_new_tokens=1, **GREEDY)
+        assert handle.graphs._captured is None
+
+
+def test_outputs_the_config_asks_for_and_given_cache_positions(stand_in):
+    """config.output_hidden_states makes every step eager (the graph would hand out its own buffers); a loop that
+    passes cache_position but no position_ids gets the model's positions from it."""
+    model = tiny_causal_lm("llama")
+    ids = torch.randint(3, 150, (1, 20), generator=torch.Generator().manual_seed(9))
+    cfg = ak.AccKVConfig(budget=0.5, backend="torch")
+
+    def loop(handle):
+        cache = handle.new_cache()
+        logits = [model(ids, past_key_values=cache).logits[:, -1]]
+        for i in range(6):
+            pos = torch.tensor([ids.shape[1] + i])
+            logits.append(model(logits[-1].argmax(-1, keepdim=True), past_key_values=cache,
+                                cache_position=pos).logits[:, -1])
+        return torch.stack(logits)
+
+    with torch.no_grad():
+        with apply_acckv(model, cfg) as handle:
+            ref = loop(handle)
+        with _patched(model, cfg, stand_in) as handle:
+            out = loop(handle)
+            assert handle.graphs.stats["replayed"] >= 3, handle.graphs.stats
+            model.config.output_hidden_states = True
+            try:
+                res = model.generate(ids, max_new_tokens=3, min_new_tokens=3, **GREEDY)
+            finally:
+                model.config.output_hidden_states = False
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert handle.graphs.stats["eager: outputs asked for"] == 3 and res.sequences.shape[1] == 23  # every forward
+
+
+def test_dynamic_rope_is_refused():
+    import transformers as tf
+
+    config = tf.LlamaConfig(vocab_size=160, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                            num_attention_heads=4, num_key_value_heads=2,
+                            rope_parameters=dict(rope_type="dynamic", factor=2.0, rope_theta=10000.0))
+    model = tf.LlamaForCausalLM._from_config(config).eval()
+    with pytest.raises(ValueError, match="rope_type='dynamic'"):
+        apply_acckv(model, ak.AccKVConfig(budget=0.5), decode_graphs=True)
+    apply_acckv(model, ak.AccKVConfig(budget=0.5)).revert()  # eager AccKV is fine with it
