@@ -8,19 +8,21 @@ Kernels and grids (B sequences, Hkv kv heads, G = Hq / Hkv, capacity C, S splits
     ``_decode_split_kernel``  grid (B*Hkv, S). One program owns a GQA group and one split of that (b, h)'s valid
         tokens. The G query heads share each K/V tile, padded to BLOCK_G >= 16 rows for ``tl.dot``, so a tile is
         read once per group. It keeps an online softmax and writes partials: o, lse and per-modality mass, each
-        normalised within the split. With token-mass accumulation it also writes the split-local log2 logits
-        ``[B*Hq, C]`` float32 (scratch sized by capacity).
+        normalised within the split. With token-mass accumulation it also writes the log2 logits relative to
+        their tile's max, ``[B*Hq, C]`` in 16 bits for a 16-bit cache (float32 for a float32 one), and the tile
+        maxima (scratch sized by capacity).
     ``_decode_reduce_kernel`` grid (B*Hkv, 1 + C / BLOCK_T) with token mass, else (B*Hkv, 1). Program 0 of a row
         merges the S partials exactly by their lse and writes out, lse and modality mass. With token-mass
         accumulation the other programs each take BLOCK_T stored tokens: they recompute the row's final lse from
-        the S partials (G·S floats), turn the stored logits into exact probabilities and add their group sum into
-        ``token_mass`` in place. Each token belongs to exactly one program, so there are no atomics and no races;
-        normalisation and reduce share one launch, so a call is two launches.
+        the S partials (G·S floats), turn the stored logits (plus their tile max) into probabilities and add
+        their group sum into ``token_mass`` in place. Each token belongs to exactly one program, so there are no
+        atomics and no races; normalisation and reduce share one launch, so a call is two launches.
 
 Bytes moved per (b, kv head) of length L (D = head dim, e = element size): 2·L·D·e for K and V, plus L bytes of
-modality ids, plus 3·L·G·4 + 8·L bytes for token-mass accumulation (logits written and read back, mass read and
-written). The split count depends on B·Hkv, the SM count and the capacity, never on device-side lengths, so a
-call performs no host synchronisation (with ``check_lengths=False``) and can be captured in a CUDA graph.
+modality ids, plus 2·L·G·2 + 8·L bytes for token-mass accumulation with a 16-bit cache (relative logits written
+and read back, mass read and written; 2·L·G·4 with a float32 cache). The split count depends on B·Hkv, the SM
+count and the capacity, never on device-side lengths, so a call performs no host synchronisation (with
+``check_lengths=False``) and can be captured in a CUDA graph.
 :class:`DecodeAttentionPlan` resolves all of that once per (cache, flags) and runs with no allocation.
 """
 from __future__ import annotations
@@ -41,11 +43,11 @@ __all__ = ["DecodeAttentionOutput", "DecodeAttentionPlan", "decode_attention"]
 _LOG2E = 1.4426950408889634
 
 
-@triton.jit(do_not_specialize=["C"])
+@triton.jit(do_not_specialize=["C", "n_anchor"])
 def _decode_split_kernel(
-    q_ptr, k_ptr, v_ptr, lengths_ptr, modality_ptr, multiplicity_ptr, logits_ptr,
+    q_ptr, k_ptr, v_ptr, lengths_ptr, modality_ptr, multiplicity_ptr, logits_ptr, anchor_ptr, tile_ptr,
     o_part_ptr, lse_part_ptr, mass_part_ptr,
-    C, Hkv, qk_scale,
+    C, Hkv, qk_scale, n_anchor,
     stride_qb, stride_qh,
     stride_kb, stride_kh, stride_kt,
     stride_vb, stride_vh, stride_vt,
@@ -105,9 +107,13 @@ def _decode_split_kernel(
                            other=1.0)
             s += tl.log2(mult)[None, :]
         s = tl.where(n_mask[None, :], s, float("-inf"))
-        if HAS_TOKEN_MASS:
-            tl.store(logits_ptr + row[:, None] * C + offs_n[None, :], s, mask=g_mask[:, None] & n_mask[None, :])
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))  # finite: every tile holds a valid token
+        m_tile = tl.max(s, axis=1)  # finite: every tile holds a valid token
+        if HAS_TOKEN_MASS:  # the logits relative to their tile's max (<= 0: compact in 16 bits) and that max
+            tl.store(logits_ptr + row[:, None] * C + offs_n[None, :],
+                     (s - m_tile[:, None]).to(logits_ptr.dtype.element_ty), mask=g_mask[:, None] & n_mask[None, :])
+            tl.store(anchor_ptr + row * n_anchor + n0 // BLOCK_N, m_tile, mask=g_mask)
+            tl.store(tile_ptr, BLOCK_N)  # the tile the anchors index (the same value from every program)
+        m_new = tl.maximum(m_i, m_tile)
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
@@ -134,12 +140,12 @@ def _decode_split_kernel(
         )
 
 
-@triton.jit(do_not_specialize=["C", "num_splits"])
+@triton.jit(do_not_specialize=["C", "num_splits", "n_anchor"])
 def _decode_reduce_kernel(
     o_part_ptr, lse_part_ptr, mass_part_ptr,
     out_ptr, lse_ptr, mass_ptr,
-    logits_ptr, lengths_ptr, token_mass_ptr,
-    num_splits, C, Hkv,
+    logits_ptr, anchor_ptr, tile_ptr, lengths_ptr, token_mass_ptr,
+    num_splits, C, Hkv, n_anchor,
     stride_lb, stride_lh,
     stride_tb, stride_th, stride_tt,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -201,8 +207,10 @@ def _decode_reduce_kernel(
             offs_t = (tile - 1) * BLOCK_T + tl.arange(0, BLOCK_T)
             t_mask = offs_t < length
             mask = g_mask[:, None] & t_mask[None, :]
+            tile_n = tl.load(tile_ptr)
             s = tl.load(logits_ptr + row[:, None] * C + offs_t[None, :], mask=mask, other=float("-inf"))
-            p = tl.where(mask, tl.exp2(s - lse2[:, None]), 0.0)
+            anchor = tl.load(anchor_ptr + row[:, None] * n_anchor + (offs_t // tile_n)[None, :], mask=mask, other=0.0)
+            p = tl.where(mask, tl.exp2(s.to(tl.float32) + anchor - lse2[:, None]), 0.0)
             tm_ptrs = token_mass_ptr + b * stride_tb + h * stride_th + offs_t * stride_tt
             tm = tl.load(tm_ptrs, mask=t_mask, other=0.0)
             tl.store(tm_ptrs, tm + tl.sum(p, axis=0), mask=t_mask)
@@ -313,7 +321,15 @@ class DecodeAttentionPlan:
         mass_part = torch.empty((rows, NUM_MODALITIES), dtype=torch.float32, device=device) \
             if modality_mass else lse_part
         has_mass = token_mass is not None and C > 0
-        logits = torch.empty((B * num_q_heads, C), dtype=torch.float32, device=device) if has_mass else lse_part
+        # token-mass scratch: each logit relative to its K/V tile's max, in 16 bits for a 16-bit cache (the reduce
+        # reads them back: half the bytes of float32, and exact to about 1e-3 relative where the mass is), the
+        # tile maxima (one float32 per tile of >= 16 tokens) and the tile size the split launch ran with
+        logit_dtype = torch.float32 if k_cache.dtype == torch.float32 else torch.float16
+        n_anchor = triton.cdiv(C, 16)
+        logits = torch.empty((B * num_q_heads, C), dtype=logit_dtype, device=device) if has_mass else lse_part
+        anchor = torch.empty((B * num_q_heads, n_anchor), dtype=torch.float32, device=device) if has_mass \
+            else lse_part
+        tile = torch.empty((1,), dtype=torch.int32, device=device) if has_mass else lengths
         flags = dict(NUM_MOD=NUM_MODALITIES, HAS_MODALITY=bool(modality_mass), GROUP_SIZE=G, BLOCK_G=BLOCK_G)
         zero3 = (0, 0, 0)
         ks, vs, ls = k_cache.stride(), v_cache.stride(), lengths.stride()
@@ -325,8 +341,9 @@ class DecodeAttentionPlan:
             k_ptr=k_cache, v_ptr=v_cache, lengths_ptr=lengths,
             modality_ptr=modality if modality_mass else lengths,
             multiplicity_ptr=multiplicity if multiplicity is not None else lengths, logits_ptr=logits,
+            anchor_ptr=anchor, tile_ptr=tile,
             o_part_ptr=o_part, lse_part_ptr=lse_part, mass_part_ptr=mass_part,
-            C=C, Hkv=Hkv, qk_scale=self.scale * _LOG2E,
+            C=C, Hkv=Hkv, qk_scale=self.scale * _LOG2E, n_anchor=n_anchor,
             stride_kb=ks[0], stride_kh=ks[1], stride_kt=ks[2],
             stride_vb=vs[0], stride_vh=vs[1], stride_vt=vs[2],
             stride_lb=ls[0], stride_lh=ls[1],
@@ -339,8 +356,9 @@ class DecodeAttentionPlan:
             o_part_ptr=o_part, lse_part_ptr=lse_part, mass_part_ptr=mass_part,
             out_ptr=self.out, lse_ptr=self.lse,
             mass_ptr=self.modality_mass if modality_mass else self.lse,
-            logits_ptr=logits, lengths_ptr=lengths, token_mass_ptr=token_mass if has_mass else self.lse,
-            num_splits=num_splits, C=C, Hkv=Hkv,
+            logits_ptr=logits, anchor_ptr=anchor, tile_ptr=tile, lengths_ptr=lengths,
+            token_mass_ptr=token_mass if has_mass else self.lse,
+            num_splits=num_splits, C=C, Hkv=Hkv, n_anchor=n_anchor,
             stride_lb=ls[0], stride_lh=ls[1], stride_tb=ts[0], stride_th=ts[1], stride_tt=ts[2],
             HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_S=next_pow2(num_splits), HAS_TOKEN_MASS=has_mass, **flags,
         )

@@ -13,6 +13,10 @@ from acckv_triton import reference
 from tests.conftest import DEVICE, DTYPES, TOL
 
 MASS_TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (1e-4, 1e-4), torch.bfloat16: (1e-4, 1e-4)}
+# A 16-bit cache's token mass goes through fp16 logits relative to their tile's max (x <= 0): a probability's
+# relative error is ln 2 * (half an fp16 ulp of x), at most about 7e-4 of p where p is largest (x in [-2, 0)),
+# summed over the G heads of a group. Measured on peaked random inputs (G 7, 300 slots): at most 1.1e-4 absolute.
+TOKEN_MASS_TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (3e-4, 1e-3), torch.bfloat16: (3e-4, 1e-3)}
 
 
 def make_inputs(B, Hq, Hkv, C, D, lengths, dtype, *, seed=0, modality=True, token_mass=True):
@@ -54,7 +58,8 @@ def check_against_reference(q, k, v, lengths, mod, mass, *, scale=None, num_spli
         assert torch.all(got.modality_mass[empty] == 0)
     if mass is not None:
         # equal_nan: entries past each length were NaN and must still be NaN (untouched)
-        torch.testing.assert_close(mass, ref_mass, atol=matol, rtol=mrtol, equal_nan=True)
+        tatol, trtol = TOKEN_MASS_TOL[dtype]
+        torch.testing.assert_close(mass, ref_mass, atol=tatol, rtol=trtol, equal_nan=True)
         beyond = torch.arange(k.shape[2], device=k.device) >= lengths[..., None]
         assert torch.all(mass[beyond].isnan()) and not torch.any(mass[~beyond].isnan())
     return got
@@ -129,7 +134,8 @@ def test_consecutive_steps_accumulate_token_mass(poison_empty):
         got = ak.decode_attention(q, k, v, lengths, modality=mod, token_mass=mass)
         want = reference.decode_attention(q, k, v, lengths, modality=mod, token_mass=ref_mass)
         torch.testing.assert_close(got.out.float(), want.out.float(), atol=TOL[q.dtype][0], rtol=TOL[q.dtype][1])
-        torch.testing.assert_close(mass, ref_mass, atol=1e-4, rtol=1e-4, equal_nan=True)
+        torch.testing.assert_close(mass, ref_mass, atol=TOKEN_MASS_TOL[q.dtype][0], rtol=TOKEN_MASS_TOL[q.dtype][1],
+                                   equal_nan=True)
         ref_mass[torch.arange(B)[:, None], torch.arange(Hkv)[None, :], lengths.long().cpu()] = 0.0
         mass[torch.arange(B)[:, None], torch.arange(Hkv)[None, :], lengths.long()] = 0.0
         lengths += 1  # append one token per (b, h)
