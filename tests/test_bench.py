@@ -195,7 +195,8 @@ def test_e2e_layer_stack_and_generate_rows_on_a_tiny_shape():
         "transformers (full), default SDPA", "transformers (full), static cache + torch.compile (decode; dense-mask "
         "prefill)", "AccKV 25%", "AccKV 25%, CUDA graphs"]
     assert all("total s" in r for r in rows), rows
-    assert rows[-1]["note"] == "0 of its 2 decode steps replayed"
+    assert rows[-1]["note"].endswith("0 of its 2 decode steps replayed")
+    assert rows[-2]["note"] == "model's SDPA as the fastest full row: default SDPA"  # the only full SDPA row here
 
 
 def test_the_graphed_stack_does_the_eager_stacks_work():
