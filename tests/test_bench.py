@@ -179,9 +179,11 @@ def test_e2e_layer_stack_and_generate_rows_on_a_tiny_shape():
     model = e2e.omni_shaped_model(num_layers=2, hidden=128, heads=(4, 2), intermediate=64, vocab=128,
                                   dtype=torch.float32, device=DEVICE)
     ids = torch.randint(0, 128, (1, 256), device=DEVICE)
-    rows = e2e.generate_timing_rows(model, ids, budgets=(1.0, 0.25), new_tokens=3, pin_sdpa=True, graphs=False)
+    rows = e2e.generate_timing_rows(model, ids, budgets=(1.0, 0.25), new_tokens=3, pin_sdpa=True, graphs=False,
+                                    backends=("flash_attention",))
     names = [r["cache"] for r in rows]
     assert names[-2:] == ["our cache, budget 1.0 (uncompressed)", "AccKV 25%"]
+    assert sum("SDPA" in n for n in names) == 2  # the default dispatch and the one backend asked for
     assert sum("(best full)" in n for n in names) == 1  # our own cache is never the baseline
     best = next(r for r in rows if "(best full)" in r["cache"])
     assert best["total / best full"] == 1.0 and rows[-1]["cache GiB"] < best["cache GiB"]
@@ -227,21 +229,21 @@ def test_generate_rows_interleave_their_repeats(monkeypatch):
     """With repeats, every round runs every variant once (a slow spell of the machine falls on all of them) and each
     row keeps its fastest round."""
     pytest.importorskip("transformers")
-    from acckv_triton.bench import e2e, machine
+    from acckv_triton.bench import e2e
 
     model = e2e.omni_shaped_model(num_layers=1, hidden=64, heads=(2, 1), intermediate=32, vocab=64,
                                   dtype=torch.float32, device=DEVICE)
     ids = torch.randint(0, 64, (1, 40), device=DEVICE)
-    calls, clock = [], iter([5.0, 9.0, 1.0, 2.0, 3.0, 7.0, 2.0, 4.0])  # (TTFT, total) per call, round by round
+    calls, clock = [], iter([(5.0, 9.0), (1.0, 2.0), (3.0, 7.0), (2.0, 4.0)])  # (TTFT, total), round by round
 
-    def fake_timed(fn, device):
-        calls.append(fn())
-        return calls[-1], next(clock)
+    def fake_timed(run, device):
+        calls.append(run(lambda input_ids, scores: scores))
+        return (*next(clock), calls[-1])
 
-    monkeypatch.setattr(machine, "wall_timed", fake_timed)
+    monkeypatch.setattr(e2e, "timed_generate", fake_timed)
     rows = e2e.generate_timing_rows(model, ids, budgets=(0.5,), new_tokens=2, pin_sdpa=False, repeats=2)
     assert [r["cache"] for r in rows] == ["transformers (full), default SDPA (best full)", "AccKV 50%"]
-    assert len(calls) == 8  # 2 rounds x 2 variants x (TTFT, total)
+    assert len(calls) == 4  # 2 rounds x 2 variants, one generate each
     full, acckv = rows
     assert (full["TTFT s"], full["total s"]) == (3.0, 7.0)  # round 2 was the full row's faster
     assert (acckv["TTFT s"], acckv["total s"]) == (1.0, 2.0)  # round 1 was AccKV's

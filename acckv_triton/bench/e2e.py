@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import time
 from typing import Callable, Iterable
 
 import torch
@@ -246,6 +247,35 @@ def sdpa_pin(backend):
     return sdpa_kernel(backend) if backend is not None else contextlib.nullcontext()
 
 
+class _FirstTokenClock:
+    """A logits processor that stamps when ``generate`` first has logits (after the prompt's forward)."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.start, self.first = device, None, None
+
+    def __call__(self, input_ids, scores):
+        if self.first is None:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self.first = time.perf_counter()
+        return scores
+
+
+def timed_generate(run: Callable[[object], object], device: torch.device) -> tuple[float, float, object]:
+    """``run(clock)`` (a ``generate`` call given ``clock`` as a logits processor) timed whole: ``(seconds to the
+    first token's logits, total seconds, its result)``, the device synchronised around it."""
+    from .machine import wall_timed
+
+    clock = _FirstTokenClock(device)
+
+    def go():
+        clock.start = time.perf_counter()
+        return run(clock)
+
+    res, total = wall_timed(go, device)
+    return clock.first - clock.start, total, res
+
+
 def _generate_name(budget: float) -> str:
     """A generate row's name: budget 1.0 is our cache uncompressed (the model's own attention over our storage)."""
     return "our cache, budget 1.0 (uncompressed)" if budget >= 1.0 else f"AccKV {budget:.0%}"
@@ -254,12 +284,13 @@ def _generate_name(budget: float) -> str:
 @torch.no_grad()
 def generate_timing_rows(model, ids: torch.Tensor, budgets: Iterable[float] = (0.25,), new_tokens: int = 256,
                          pin_sdpa: bool = True, label: str = "", repeats: int = 1,
-                         graphs: bool | None = None) -> list[dict]:
+                         graphs: bool | None = None, backends: Iterable[str] | None = None) -> list[dict]:
     """``model.generate`` timed whole: time to first token, decode ms per token and the total, unpatched and with
     ``apply_acckv`` at each budget, in one run.
 
     The unpatched model runs with transformers' own cache under the default SDPA dispatch and, with ``pin_sdpa``,
-    pinned to each SDPA backend that runs here; every ratio is against the fastest unpatched row (by total time).
+    pinned to each SDPA backend that runs here (``backends``: only those names, e.g. the fastest of a previous
+    batch size); every ratio is against the fastest unpatched row (by total time).
     A budget of 1.0 is our own cache uncompressed (what storing into it costs, with no compression to pay it back).
     Our rows run the model's own SDPA calls (a prompt's attention where AccKV does not compute it, all of budget
     1.0's) pinned like the fastest full row timed before them in the round, so both sides have their best backend.
@@ -271,12 +302,12 @@ def generate_timing_rows(model, ids: torch.Tensor, budgets: Iterable[float] = (0
     length (transformers cannot skip it there), so its TTFT is not the model's best prefill: the row is for
     decode ms/token.
     ``new_tokens`` decode steps all fall inside the timed window, upkeeps included (slack 64: one per 65 steps per
-    layer). TTFT is ``generate(max_new_tokens=1)``; decode ms/token is ``(t(n + 1) - t(1)) / n``. ``repeats`` takes
+    layer). One ``generate`` of n + 1 tokens per row and round: TTFT is the time to the first token's logits in it
+    (stamped by a logits processor, the device synchronised), decode ms/token ``(total - TTFT) / n``. ``repeats`` takes
     each row's best (by total time) of that many rounds, every round running every variant once, so a slow spell
     of a shared machine falls on all of them.
     """
     from ..integrations.transformers import apply_acckv
-    from .machine import wall_timed
 
     device = ids.device
     graphs = device.type == "cuda" if graphs is None else graphs
@@ -285,8 +316,7 @@ def generate_timing_rows(model, ids: torch.Tensor, budgets: Iterable[float] = (0
     static: dict[str, object] = {}  # one StaticCache, reset before each call: its addresses never change, so the
     # compiled graphs are recorded once (a new cache per call would re-record them inside the timed window)
 
-    def generate(n, mode, prompt=ids):
-        extra = {}
+    def generate(n, mode, prompt=ids, **extra):
         if mode == "static":
             from transformers import StaticCache
 
@@ -297,16 +327,18 @@ def generate_timing_rows(model, ids: torch.Tensor, budgets: Iterable[float] = (0
             extra.update(static)
         return model.generate(prompt, max_new_tokens=n, min_new_tokens=n, **kwargs, **extra)
 
-    def timed(n, mode):
-        res, seconds = wall_timed(lambda: generate(n, mode), device)
-        return seconds, res
+    def timed_generate_of(mode):  # (TTFT, total, result) of one generate of new_tokens + 1 tokens
+        from transformers import LogitsProcessorList
+
+        return timed_generate(lambda clock: generate(new_tokens + 1, mode,
+                                                     logits_processor=LogitsProcessorList([clock])), device)
 
     # (name, budget or None for transformers' cache, SDPA backend or None, mode: None, "graphs" or "static")
     variants: list[tuple[str, float | None, object, str | None]] = [
         ("transformers (full), default SDPA", None, None, None)]
     if pin_sdpa:
         variants += [(f"transformers (full), SDPA {name}", None, backend, None)
-                     for name, backend in sdpa_backends(device).items()]
+                     for name, backend in sdpa_backends(device).items() if backends is None or name in backends]
     if graphs:
         variants.append(("transformers (full), static cache + torch.compile (decode; dense-mask prefill)", None, None,
                          "static"))
@@ -340,8 +372,7 @@ def generate_timing_rows(model, ids: torch.Tensor, budgets: Iterable[float] = (0
                         generate(3, mode)
                     elif round_ == 0:  # warm-up on a short prompt: kernels compiled, allocator primed
                         generate(2, mode, warm)
-                    t1, _ = timed(1, mode)
-                    tn, res = timed(new_tokens + 1, mode)
+                    t1, tn, res = timed_generate_of(mode)
             except Exception as exc:  # a pinned backend that does not take this shape, a compile that fails
                 failed[name] = f"not run: {type(exc).__name__}: {str(exc).splitlines()[0][:80]}"
                 continue
