@@ -270,6 +270,9 @@ def test_cpu_e2e_run_reports_no_kernel_timing(tmp_path, capsys):
     assert not [c for c in columns if any(word in c for word in KERNEL_TIMING_WORDS)], columns
     kernels = next(r for r in tables["host_cost"] if r["path"] == "decode_step, Triton kernels")
     assert kernels["host syncs"] == 0 and kernels["allocations"] == 0 and kernels["Triton launches"] == 3
+    graphed = next(r for r in tables["host_cost"] if r["path"].startswith("decode forward replayed"))
+    assert graphed["host syncs"] == 0 and graphed["Triton launches"] == 0
+    assert int(graphed["note"].rsplit("(", 1)[1].split()[0]) >= 200  # every timed step replayed
     assert [r["cache"] for r in tables["e2e_generate_cpu"]][-2:] == ["our cache, budget 1.0 (uncompressed)",
                                                                       "AccKV 25%"]
     assert "no kernel timing is reported" in capsys.readouterr().out

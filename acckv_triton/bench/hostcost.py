@@ -8,6 +8,10 @@ At the Qwen2.5-Omni-7B thinker's attention shape (B 1, 28/4 heads, D 128), for o
                       (our code alone; Triton's argument binding adds about 10 µs per launch, see NOTES.md)
     decode_step (torch)     the same step on the torch backend (CPU storage); µs include the CPU's own compute at
                       ``stored`` tokens
+    graph replay      ``apply_acckv(..., decode_graphs=True)``'s switch for a whole 28-layer decode forward that
+                      replays (the plain-step check over every layer, the input copies, the host counters, the
+                      output copy), with the replay itself stubbed: per layer-step = the whole step's / 28; a real
+                      replay adds one graph launch a step (about 5-10 µs), no per-layer launch
 
 Counts come from :class:`~acckv_triton.bench.opcount.OpCounter` over ``steps`` steps after the plan is built,
 without an upkeep among them; they do not depend on the cache length.
@@ -104,4 +108,58 @@ def host_cost_rows(heads: tuple[int, int] = (28, 4), head_dim: int = 128, stored
     rows.append({"path": f"decode_step, torch backend ({cache.store.max_length} stored)", **_per_step(step, steps),
                  "host µs": _host_us(step, max(20, timed_steps // 10)),
                  "note": "µs include the CPU's attention compute"})
+    rows.append(_graph_replay_row(B, Hq, Hkv, D, steps, timed_steps))
     return rows
+
+
+class _StubGraph:
+    """A graph whose capture runs the call once and whose replay does nothing (host cost only)."""
+
+    device_type = "cpu"
+
+    def __init__(self, cache):
+        pass
+
+    def capture(self, fn):
+        return fn()
+
+    def replay(self):
+        pass
+
+
+def _graph_replay_row(B, Hq, Hkv, D, steps: int, timed_steps: int, num_layers: int = 28) -> dict:
+    """The decode-graph switch's host cost for a replayed step of a ``num_layers``-layer model (see the module)."""
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    from ..integrations.graphs import DecodeGraphs
+    from ..integrations.transformers import AccKVCache
+
+    cache = AccKVCache(AccKVConfig(budget=0.25, backend="torch"), num_layers)
+    g = torch.Generator().manual_seed(2)
+    for layer in cache.compressed_layers:
+        k = torch.randn(B, Hkv, 256, D, generator=g)
+        layer.budgeted.prefill(k, k, scores=torch.rand(B, Hkv, 256, generator=g))
+        layer.budgeted._excess = -(1 << 40)  # no upkeep due in the timed steps
+    logits = torch.zeros(B, 1, 1024)
+    name = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"  # 5.24 / 5.17
+    forward = lambda **kw: CausalLMOutputWithPast(logits=logits, **{name: cache})  # noqa: E731
+    graphs = DecodeGraphs(type("Model", (), {"config": None})(), graph_factory=_StubGraph)
+    ids, pos = torch.zeros(B, 1, dtype=torch.long), torch.zeros(B, 1, dtype=torch.long)
+    start = cache.host_counters()
+
+    @torch.no_grad()  # as generate runs it
+    def step():
+        graphs(forward, input_ids=ids, position_ids=pos, use_cache=True, return_dict=True, logits_to_keep=1,
+               **{name: cache})
+        cache.restore_host_counters(start)  # every timed step is the same replayable step
+
+    for _ in range(graphs.warmup + 1):  # warm-up, then the capture
+        step()
+    counts = _per_step(step, steps)
+    us = _host_us(step, timed_steps)
+    replayed = graphs.stats["replayed"]
+    return {"path": f"decode forward replayed as one CUDA graph ({num_layers} layers)",
+            **{k: v / num_layers for k, v in counts.items()}, "host µs": us / num_layers,
+            "note": f"per layer-step = whole step / {num_layers} ({us:.0f} µs a step, {counts['torch ops']:.0f} ops, "
+                    f"{counts['allocations']:.0f} allocations: the output copy); the replay stubbed "
+                    f"({replayed} replayed)"}
