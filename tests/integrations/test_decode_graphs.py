@@ -32,6 +32,17 @@ def _patched(model, cfg, factory):
     return handle
 
 
+def _hand_loop(model, ids, handle, steps: int, *, cache_position: bool = False) -> torch.Tensor:
+    """Greedy ``model(ids, past_key_values=cache)`` then ``steps`` single tokens: ``[steps + 1, B, V]`` logits;
+    ``cache_position``: each decode call passes it (and no position_ids)."""
+    cache = handle.new_cache()
+    logits = [model(ids, past_key_values=cache).logits[:, -1]]
+    for i in range(steps):
+        extra = dict(cache_position=torch.tensor([ids.shape[1] + i])) if cache_position else {}
+        logits.append(model(logits[-1].argmax(-1, keepdim=True), past_key_values=cache, **extra).logits[:, -1])
+    return torch.stack(logits)
+
+
 def _assert_same(a, b):
     assert torch.equal(a.sequences, b.sequences)
     for x, y in zip(a.logits, b.logits):
@@ -110,18 +121,11 @@ def test_a_hand_written_loop_without_positions_replays_like_eager(stand_in):
     ids = torch.randint(3, 150, (1, 30), generator=torch.Generator().manual_seed(1))
     cfg = ak.AccKVConfig(budget=0.5, slack=4, backend="torch")
 
-    def loop(handle):
-        cache = handle.new_cache()
-        logits = [model(ids, past_key_values=cache).logits[:, -1]]
-        for _ in range(16):
-            logits.append(model(logits[-1].argmax(-1, keepdim=True), past_key_values=cache).logits[:, -1])
-        return torch.stack(logits)
-
     with torch.no_grad():
         with apply_acckv(model, cfg) as handle:
-            ref = loop(handle)
+            ref = _hand_loop(model, ids, handle, 16)
         with _patched(model, cfg, stand_in) as handle:
-            out = loop(handle)
+            out = _hand_loop(model, ids, handle, 16)
             kept = [model(ids[:, :1], past_key_values=handle.new_cache()).logits]  # a fresh cache: a prompt, eager
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     assert handle.graphs.stats["replayed"] >= 8 and kept[0].shape[1] == 1, handle.graphs.stats
@@ -236,20 +240,11 @@ def test_outputs_the_config_asks_for_and_given_cache_positions(stand_in):
     ids = torch.randint(3, 150, (1, 20), generator=torch.Generator().manual_seed(9))
     cfg = ak.AccKVConfig(budget=0.5, backend="torch")
 
-    def loop(handle):
-        cache = handle.new_cache()
-        logits = [model(ids, past_key_values=cache).logits[:, -1]]
-        for i in range(6):
-            pos = torch.tensor([ids.shape[1] + i])
-            logits.append(model(logits[-1].argmax(-1, keepdim=True), past_key_values=cache,
-                                cache_position=pos).logits[:, -1])
-        return torch.stack(logits)
-
     with torch.no_grad():
         with apply_acckv(model, cfg) as handle:
-            ref = loop(handle)
+            ref = _hand_loop(model, ids, handle, 6, cache_position=True)
         with _patched(model, cfg, stand_in) as handle:
-            out = loop(handle)
+            out = _hand_loop(model, ids, handle, 6, cache_position=True)
             assert handle.graphs.stats["replayed"] >= 3, handle.graphs.stats
             model.config.output_hidden_states = True
             try:
