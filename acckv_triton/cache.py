@@ -64,6 +64,7 @@ def _round_up(x: int, multiple: int) -> int:
 
 _STORAGE_IDS = itertools.count(1)  # LayerKVCache storage ids (see LayerKVCache.binding)
 
+
 class LayerKVCache:
     """One layer's compressed KV cache for a batch: ragged per (sequence, kv head), with per-token metadata.
 

@@ -303,9 +303,9 @@ def generate_timing_rows(model, ids: torch.Tensor, budgets: Iterable[float] = (0
     decode ms/token.
     ``new_tokens`` decode steps all fall inside the timed window, upkeeps included (slack 64: one per 65 steps per
     layer). One ``generate`` of n + 1 tokens per row and round: TTFT is the time to the first token's logits in it
-    (stamped by a logits processor, the device synchronised), decode ms/token ``(total - TTFT) / n``. ``repeats`` takes
-    each row's best (by total time) of that many rounds, every round running every variant once, so a slow spell
-    of a shared machine falls on all of them.
+    (stamped by a logits processor, the device synchronised), decode ms/token ``(total - TTFT) / n``. ``repeats``
+    takes each row's best (by total time) of that many rounds, every round running every variant once, so a slow
+    spell of a shared machine falls on all of them.
     """
     from ..integrations.transformers import apply_acckv
 

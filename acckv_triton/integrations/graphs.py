@@ -24,9 +24,10 @@ attends over the stored tokens through the cache's own lengths (left padding was
 stored), so no layer reads it. ``position_ids`` and ``cache_position`` are copied into the graph's static inputs.
 
 Supported: text decoders without sliding-window layers (Llama, Qwen2 without sliding layers, Qwen3, Mistral) below
-budget 1.0, any method. Refused by ``apply_acckv``: budget 1.0 (that cache concatenates like ``DynamicCache``),
-models with sliding-window layers (transformers' window layer reallocates every step) and the multimodal models
-(their decode positions and modality ids are computed from host state inside the forward).
+budget 1.0, any method, one device. Refused by ``apply_acckv``: budget 1.0 (that cache concatenates like
+``DynamicCache``), models with sliding-window layers (transformers' window layer reallocates every step),
+``dynamic`` / ``longrope`` RoPE (updated from a host read of the positions), a model spread over devices and the
+multimodal models (their decode positions and modality ids are computed from host state inside the forward).
 """
 from __future__ import annotations
 

@@ -61,8 +61,12 @@ def test_generate_replays_the_decode_graph_between_upkeeps_and_matches_eager(sta
     new = 40 if backend == "torch" else 16  # the interpreter is slow; 16 steps still hold an upkeep
     installs = []  # every storage replacement: (store, graphs captured by then)
     real_install = LayerKVCache._install
-    monkeypatch.setattr(LayerKVCache, "_install",
-                        lambda self, fresh: (installs.append((self, len(stand_in.captures))), real_install(self, fresh)))
+
+    def install(self, fresh):
+        installs.append((self, len(stand_in.captures)))
+        real_install(self, fresh)
+
+    monkeypatch.setattr(LayerKVCache, "_install", install)
     with torch.no_grad():
         with apply_acckv(model, cfg):
             ref = model.generate(ids, max_new_tokens=new, min_new_tokens=new, **GREEDY)
