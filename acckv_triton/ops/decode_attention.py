@@ -88,6 +88,8 @@ def _decode_split_kernel(
     v_base = v_ptr + b * stride_vb + h * stride_vh
     row = pid_bh * GROUP_SIZE + offs_g  # query-head row in [B*Hq]
 
+    if HAS_TOKEN_MASS:
+        tl.store(tile_ptr, BLOCK_N)  # the tile the anchors index (the same value from every program)
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
@@ -112,7 +114,6 @@ def _decode_split_kernel(
             tl.store(logits_ptr + row[:, None] * C + offs_n[None, :],
                      (s - m_tile[:, None]).to(logits_ptr.dtype.element_ty), mask=g_mask[:, None] & n_mask[None, :])
             tl.store(anchor_ptr + row * n_anchor + n0 // BLOCK_N, m_tile, mask=g_mask)
-            tl.store(tile_ptr, BLOCK_N)  # the tile the anchors index (the same value from every program)
         m_new = tl.maximum(m_i, m_tile)
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
