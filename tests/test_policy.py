@@ -85,6 +85,38 @@ def test_protected_tokens_are_kept():
     assert int(s_kept[0, 0].sum()) == K
 
 
+# what each method keeps by position alone: (the 4 sinks, the 32 recent tokens)
+_BY_POSITION = {"acckv": (True, True), "h2o": (False, True), "streaming": (True, False)}
+
+
+@pytest.mark.parametrize("method", list(_BY_POSITION))
+def test_position_protection_follows_the_evidence(method):
+    """Sinks and recent tokens with no evidence: AccKV ranking by every query's mean (its text evidence) evicts
+    them, as ``protect_positions=False`` does for any method; ``protect_positions=True`` keeps what the method
+    protects by position, and so does AccKV on the window's evidence. (StreamingLLM ranks by recency: its recent
+    tokens stay either way.)"""
+    x = tokens()
+    x.modality = torch.zeros_like(x.modality)  # a text prompt
+    hi = torch.rand(x.scores.shape, generator=torch.Generator().manual_seed(3)) + 1.0
+    sinks, recent = torch.arange(N) < 4, torch.arange(N) >= N - 32
+    x.scores = torch.where(sinks | recent, 1e-6, hi)  # they carry (almost) no evidence
+    cfg = AccKVConfig(budget=0.25, method=method, evidence="mean" if method == "acckv" else None)
+
+    def kept(c):
+        k = kept_mask(plan_layer(c, x, 1, 2).plan)
+        return bool(k[..., sinks].all()), bool(k[..., sinks].any()), bool(k[..., recent].all())
+
+    protect_sinks, protect_recent = _BY_POSITION[method]
+    assert cfg.protects_positions is (method != "acckv")
+    all_sinks, _, all_recent = kept(cfg.replace(protect_positions=True))
+    assert (all_sinks, all_recent) == (protect_sinks, protect_recent or method == "streaming")
+    _, any_sink, all_recent = kept(cfg.replace(protect_positions=False))
+    assert not any_sink and all_recent is (method == "streaming")
+    if method == "acckv":
+        assert kept(cfg) == kept(cfg.replace(protect_positions=False))  # the default on the mean
+        assert kept(cfg.replace(evidence="window"))[0]  # on the window: protected
+
+
 def test_protection_beyond_budget_keeps_priority_order():
     cfg = AccKVConfig(budget=12, protect_text=True)  # fewer slots than sinks + window + text
     kept = kept_mask(plan_layer(cfg, tokens(), 1, 2).plan)
@@ -264,6 +296,7 @@ def test_alignment_boosts_low_priority_tokens_in_the_high_priority_bins():
     pytest.param({"rho_min": 0.6}, ValueError, "rho_min", id="rho-min"),
     pytest.param({"backend": "cuda"}, ValueError, "backend", id="backend"),
     pytest.param({"window": -1}, ValueError, "window", id="window-negative"),
+    pytest.param({"protect_positions": 1}, TypeError, "protect_positions must be None or a bool", id="protect-int"),
 ])
 def test_config_rejects_bad_values(kwargs, exc, msg):
     with pytest.raises(exc, match=msg):
