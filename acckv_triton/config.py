@@ -61,8 +61,8 @@ class AccKVConfig:
     proportional: bool = True  # a merged slot weighs as many tokens as it holds in attention (multiplicity)
     align_lambda: float = 0.5  # λ: strength of cross-modal alignment
     time_bin: int = 50  # time bin in TMRoPE units (25 per second): 2 s, Qwen2.5-Omni's chunk
-    sink: int = 4  # S: first tokens always kept
-    recent: int = 32  # R: most recent tokens always kept (decode and streaming)
+    sink: int = 4  # S: first tokens kept by position (where protects_positions; StreamingLLM's sinks)
+    recent: int = 32  # R: most recent tokens kept by position (where protects_positions; decode and streaming)
     protect_text: bool = False  # keep every text token of an AV prompt (the question is the window, kept anyway)
     slack: int = 64  # decode/streaming: re-compress once a head holds budget + slack tokens
     head_renorm: bool = False  # Step 2.3: renormalise scores per head
