@@ -775,7 +775,7 @@ def plan_layer_fused(cfg: AccKVConfig, x: LayerTokens, layer: int = 0, num_layer
         mode = 1 if method == "streaming" else 0
     if not cfg.windowed:  # every-query / last-query evidence: the window is ranked like any token
         flags = (flags[0], 0) + tuple(flags[2:])
-    if not cfg.protects_positions:  # sinks and recent tokens rank by their evidence
+    if not cfg.protect_positions:  # sinks and recent tokens rank by their evidence
         flags = (0, flags[1], 0) + tuple(flags[3:])
     spatial = x.spatial
     sp_args = (spatial, spatial.stride(0), spatial.stride(1), spatial.stride(2)) if spatial is not None else \

@@ -310,7 +310,7 @@ def plan_layer(cfg: AccKVConfig, x: LayerTokens, layer: int = 0, num_layers: int
         "lookm": (none, window, none, text),
         "full": (valid, none, none, none),
     }[method]
-    if not cfg.protects_positions:  # sinks and recent tokens rank by their evidence (sinks stay out of A below)
+    if not cfg.protect_positions:  # sinks and recent tokens rank by their evidence (sinks stay out of A below)
         protect = (none, protect[1], none, protect[3])
     level = torch.stack([(4 - i) * p.float() for i, p in enumerate(protect)]).amax(0) * valid  # 4 sink .. 1 text
     protected = level > 0

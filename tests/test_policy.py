@@ -90,11 +90,10 @@ _BY_POSITION = {"acckv": (True, True), "h2o": (False, True), "streaming": (True,
 
 
 @pytest.mark.parametrize("method", list(_BY_POSITION))
-def test_position_protection_follows_the_evidence(method):
-    """Sinks and recent tokens with no evidence: AccKV ranking by every query's mean (its text evidence) evicts
-    them, as ``protect_positions=False`` does for any method; ``protect_positions=True`` keeps what the method
-    protects by position, and so does AccKV on the window's evidence. (StreamingLLM ranks by recency: its recent
-    tokens stay either way.)"""
+def test_protect_positions_keeps_sinks_and_recent_tokens_or_ranks_them(method):
+    """Sinks and recent tokens with no evidence: ``protect_positions=True`` (the default) keeps what the method
+    protects by position, on every evidence; False evicts them for any method. (StreamingLLM ranks by recency: its
+    recent tokens stay either way.)"""
     x = tokens()
     x.modality = torch.zeros_like(x.modality)  # a text prompt
     hi = torch.rand(x.scores.shape, generator=torch.Generator().manual_seed(3)) + 1.0
@@ -107,14 +106,14 @@ def test_position_protection_follows_the_evidence(method):
         return bool(k[..., sinks].all()), bool(k[..., sinks].any()), bool(k[..., recent].all())
 
     protect_sinks, protect_recent = _BY_POSITION[method]
-    assert cfg.protects_positions is (method != "acckv")
+    assert cfg.protect_positions
     all_sinks, _, all_recent = kept(cfg.replace(protect_positions=True))
     assert (all_sinks, all_recent) == (protect_sinks, protect_recent or method == "streaming")
     _, any_sink, all_recent = kept(cfg.replace(protect_positions=False))
     assert not any_sink and all_recent is (method == "streaming")
+    assert kept(cfg) == kept(cfg.replace(protect_positions=True))  # the default
     if method == "acckv":
-        assert kept(cfg) == kept(cfg.replace(protect_positions=False))  # the default on the mean
-        assert kept(cfg.replace(evidence="window"))[0]  # on the window: protected
+        assert kept(cfg.replace(evidence="window", protect_positions=False))[1] is False  # on the window too
 
 
 def test_protection_beyond_budget_keeps_priority_order():
@@ -296,7 +295,7 @@ def test_alignment_boosts_low_priority_tokens_in_the_high_priority_bins():
     pytest.param({"rho_min": 0.6}, ValueError, "rho_min", id="rho-min"),
     pytest.param({"backend": "cuda"}, ValueError, "backend", id="backend"),
     pytest.param({"window": -1}, ValueError, "window", id="window-negative"),
-    pytest.param({"protect_positions": 1}, TypeError, "protect_positions must be None or a bool", id="protect-int"),
+    pytest.param({"protect_positions": None}, TypeError, "protect_positions must be a bool", id="protect-int"),
 ])
 def test_config_rejects_bad_values(kwargs, exc, msg):
     with pytest.raises(exc, match=msg):

@@ -162,11 +162,12 @@ REAL_CONTEXT, REAL_CONTINUATION = 1536, 128
 def _real_configs():
     """AccKV in its other decode budget mode (decoded tokens kept, only the prompt compressed), next to the
     baselines (which run in the default mode, the budget on every token seen), and the ablations of AccKV's two
-    text defaults: without value-aware evidence, and with its sinks and recent tokens protected by position."""
+    text defaults: without value-aware evidence, and with its sinks and recent tokens ranked by evidence (not kept
+    by position)."""
     from ..config import AccKVConfig
 
     return {"acckv-prompt": AccKVConfig(decode_budget="prompt"), "acckv-no-value": AccKVConfig(value_aware=False),
-            "acckv-protect": AccKVConfig(protect_positions=True)}
+            "acckv-unprotected": AccKVConfig(protect_positions=False)}
 
 
 def _real(args, device, tables, full: bool = True) -> None:
