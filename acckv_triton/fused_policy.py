@@ -33,7 +33,7 @@ from .config import AccKVConfig
 from .modality import NUM_MODALITIES
 from .ops._common import next_pow2
 from .plan import CompactionPlan
-from .policy import LayerTokens, PolicyResult
+from .policy import LayerTokens, PolicyResult, head_shared_scores
 
 __all__ = ["plan_layer_fused"]
 
@@ -714,7 +714,7 @@ def plan_layer_fused(cfg: AccKVConfig, x: LayerTokens, layer: int = 0, num_layer
         cfg = cfg.replace(method="full")
     if cfg.adaptive_heads:
         raise ValueError("adaptive head budgets (Ada-KV) share a budget across rows: run policy.plan_layer for them")
-    s = x.scores
+    s = head_shared_scores(x).contiguous() if cfg.method == "tova" else x.scores
     B, H, N = s.shape
     dev = s.device
     method = cfg.method

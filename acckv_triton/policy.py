@@ -13,7 +13,8 @@ Methods (``AccKVConfig.method``), all at the same budget per (layer, sequence, k
     pyramidkv  snapkv with PyramidKV's layer schedule of budgets
     adakv      snapkv with Ada-KV's allocation of a layer's budget across its kv heads
     h2o        recent tokens + top-k of every prompt query's accumulated attention (no pooling)
-    tova       top-k of the last query's attention, nothing protected (TOVA)
+    tova       top-k of the last query's attention averaged over the layer's heads (every head of a sequence keeps
+               the same tokens, as TOVA's own code does), nothing protected
     streaming  sink tokens + the most recent tokens
     lookm      text first, then top-k of pooled scores, then every evicted token merges into its nearest kept key
     kvzip      recent tokens + top-k of a reconstruction pass's evidence (each token's largest attention from the
@@ -33,7 +34,7 @@ from .modality import NUM_MODALITIES, Modality
 from .plan import CompactionPlan
 from .reference import pool_scores
 
-__all__ = ["LayerTokens", "PolicyResult", "budget_tokens", "plan_layer"]
+__all__ = ["LayerTokens", "PolicyResult", "budget_tokens", "head_shared_scores", "plan_layer"]
 
 _AV = (int(Modality.AUDIO), int(Modality.VIDEO), int(Modality.IMAGE))
 _EPS = 1e-12
@@ -98,6 +99,22 @@ def budget_tokens(cfg: AccKVConfig, n_valid, layer: int, num_layers: int):
     if cfg.layer_budgets == "pyramid" or cfg.method == "pyramidkv":
         base = _pyramid(cfg, base, n, layer, num_layers)
     return int(min(base, n)) if host else torch.minimum(base, n).to(n_valid.dtype)
+
+
+def head_shared_scores(x: LayerTokens) -> torch.Tensor:
+    """``[B, Hkv, N]`` float32: each slot's score averaged over the kv heads of its sequence, the same in every head.
+
+    TOVA's selection (its paper and code average the last query's attention over the heads of a layer): every head
+    then keeps the same tokens. Slots past a row's length or marked invalid count 0; NaN counts 0. Meaningful when
+    the heads of a sequence hold the same tokens slot for slot, which a head-shared selection preserves.
+    """
+    s = x.scores.float()
+    B, H, N = s.shape
+    valid = torch.arange(N, device=s.device) < x.lengths[..., None].long()
+    if x.valid is not None:
+        valid = valid & x.valid
+    s = torch.where(valid, torch.nan_to_num(s, nan=0.0).clamp(min=0.0), 0.0)
+    return s.mean(1, keepdim=True).expand(B, H, N)
 
 
 def _pyramid(cfg: AccKVConfig, base, n, layer: int, num_layers: int):
@@ -254,7 +271,7 @@ def plan_layer(cfg: AccKVConfig, x: LayerTokens, layer: int = 0, num_layers: int
         targets instead, see :func:`_adaptive_targets`), never an invalid slot, and merges only within a modality (except
         ``lookm``, which merges into the nearest kept key as LOOK-M does).
     """
-    s_raw = x.scores.float()
+    s_raw = head_shared_scores(x) if cfg.method == "tova" else x.scores.float()
     B, H, N = s_raw.shape
     dev = s_raw.device
     ar = torch.arange(N, device=dev).expand(B, H, N)

@@ -1,5 +1,5 @@
 """Budget schedules and baselines as their papers define them: PyramidKV's layer schedule, Ada-KV's head allocation,
-TOVA's last-query ranking, H2O's evidence over every prompt query, and the two decode budget modes."""
+TOVA's last-query ranking averaged over heads, H2O's evidence over every prompt query, and the two decode budget modes."""
 from __future__ import annotations
 
 import pytest
@@ -72,12 +72,19 @@ def test_adakv_plan_keeps_the_layer_total_and_more_where_mass_concentrates():
     assert bool(kept[..., window].all())  # every head keeps its window
 
 
-def test_tova_ranks_by_raw_scores_and_protects_nothing():
+def test_tova_ranks_by_the_head_averaged_last_query_and_protects_nothing():
     x = tokens()
+    x.scores = x.scores.clone()
+    x.scores[:, 1] = x.scores[:, 1].flip(-1) * 3.0  # the heads disagree: a per-head top-k would keep other tokens
     res = plan_layer(AccKVConfig(method="tova", budget=0.1), x, 1, 2)
-    k = int(res.plan.keep_lengths[0, 0])
-    want = x.scores[0, 0].float().topk(k).indices.sort().values
-    assert torch.equal(res.plan.keep[0, 0, :k].long(), want)
+    B, H = x.scores.shape[:2]
+    for b in range(B):
+        k = int(res.plan.keep_lengths[b, 0])
+        want = x.scores[b].float().mean(0).topk(k).indices.sort().values  # TOVA: the heads' mean, no protection
+        for h in range(H):
+            assert int(res.plan.keep_lengths[b, h]) == k
+            assert torch.equal(res.plan.keep[b, h, :k].long(), want)
+        assert not torch.equal(want, x.scores[b, 0].float().topk(k).indices.sort().values)  # the test can fail
 
 
 def test_methods_evidence_follows_their_papers():
