@@ -105,6 +105,9 @@ class AccKVConfig:
             raise TypeError(f"protect_positions must be a bool, got {self.protect_positions!r}")
         if self.head_budgets not in ("uniform", "adaptive"):
             raise ValueError(f"head_budgets must be 'uniform' or 'adaptive', got {self.head_budgets!r}")
+        if self.method == "tova" and self.head_budgets == "adaptive":
+            raise ValueError("head_budgets='adaptive' does not apply to method='tova': TOVA keeps the same tokens in "
+                             "every head of a layer (one selection from the heads' mean); use head_budgets='uniform'")
         if not (0.0 <= self.ada_floor <= 1.0):
             raise ValueError(f"ada_floor must lie in [0, 1], got {self.ada_floor}")
         if self.decode_budget not in ("fixed", "all", "prompt"):

@@ -97,6 +97,7 @@ def test_methods_evidence_follows_their_papers():
 @pytest.mark.parametrize("kwargs, msg", [
     (dict(evidence="all"), "evidence"), (dict(head_budgets="ada"), "head_budgets"), (dict(ada_floor=1.5), "ada_floor"),
     (dict(decode_budget="prefill"), "decode_budget"), (dict(pyramid_beta=0.5), "pyramid_beta"),
+    (dict(method="tova", head_budgets="adaptive"), "head_budgets"),
 ])
 def test_new_config_fields_are_validated(kwargs, msg):
     with pytest.raises(ValueError, match=msg):
