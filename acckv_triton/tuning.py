@@ -108,6 +108,21 @@ CONFIG_SPACES: dict[str, list[triton.Config]] = {
         triton.Config({"BLOCK_M": 64, "BLOCK_N": 128}, num_warps=8, num_stages=3),
         triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=2),
     ],
+    # A later chunk's attention: one program per (BLOCK_M (head, query) rows of a GQA group), BLOCK_N keys per K/V
+    # tile over the stored slots then the chunk's causal tiles. The first entry fits fp32 at D 128 on sm_80.
+    "chunk_attention": [
+        triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=2),
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=2),
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 32}, num_warps=8, num_stages=2),
+    ],
+    # Its window mass: one program per BLOCK_N keys loops over the G*W window rows (row blocks chosen by the
+    # launcher), recomputing p = exp(s - lse).
+    "chunk_attention_mass": [
+        triton.Config({"BLOCK_N": 64}, num_warps=4, num_stages=2),
+        triton.Config({"BLOCK_N": 32}, num_warps=4, num_stages=2),
+        triton.Config({"BLOCK_N": 128}, num_warps=8, num_stages=2),
+    ],
     # Compaction phase 1: gather or weighted-merge BLOCK_K slots of one (b, h) from the old cache into a strip or
     # the out buffers. A row move (memory-bound): the space trades slots per program against warps.
     "compact_kv": [
@@ -139,6 +154,7 @@ INTERPRETER_CONFIGS: dict[str, triton.Config] = {
     # Tiles of at most 64 x 32 rows x keys: numpy's BLAS goes multithreaded (and, next to torch's threads, slower
     # by 100x) on a 64 x 128 x 64 product.
     "observed_attention_mass": triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=1),
+    "chunk_attention": triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=2),
 }
 """Configs used under Triton's interpreter instead of a space's first config."""
 

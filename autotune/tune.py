@@ -34,6 +34,7 @@ import importlib
 decode_module = importlib.import_module("acckv_triton.ops.decode_attention")  # the modules; the package exports
 window_module = importlib.import_module("acckv_triton.ops.window_scores")  # functions of the same names
 observed_module = importlib.import_module("acckv_triton.ops.observed_attention")
+chunk_module = importlib.import_module("acckv_triton.ops.chunk_attention")
 
 
 @dataclass
@@ -43,7 +44,7 @@ class Target:
     kernel: tuning.TunedKernel
     keys: list[dict]
     make_call: Callable[[dict, int, int, torch.device], Callable[[], object]]
-    lengths: tuple[int, ...] | None = None  # timed prompt lengths when not the decode buckets (prefill kernels)
+    lengths: tuple[int, ...] | None = None  # timed lengths (batch 1) when not the decode buckets (prefill, chunk)
 
 
 def _decode_call(key: dict, length: int, batch: int, device: torch.device) -> Callable[[], object]:
@@ -111,11 +112,37 @@ def _observed_keys(dtypes, head_dims, groups) -> tuple[list[dict], list[dict]]:
     return fwd, mass
 
 
+CHUNK = 256  # a later chunk's tokens (a second question) in the chunk_attention tables
+CHUNK_STORED = (4096, 16384)  # stored slots it attends over, batch 1
+
+
+def _chunk_call(key: dict, length: int, batch: int, device: torch.device) -> Callable[[], object]:
+    """chunk_attention as a second question calls it: CHUNK queries over ``length`` stored slots (merged slots
+    weighed by their multiplicity, AccKV's default), 4 kv heads, the key's group, the window's mass summed."""
+    dtype = getattr(torch, key["dtype"])
+    D, G, Hkv = key["HEAD_DIM"], key["GROUP_SIZE"], 4
+    q = torch.randn(batch, Hkv * G, CHUNK, D, device=device, dtype=dtype)
+    k, v = (torch.randn(batch, Hkv, length, D, device=device, dtype=dtype) for _ in range(2))
+    k_new, v_new = (torch.randn(batch, Hkv, CHUNK, D, device=device, dtype=dtype) for _ in range(2))
+    lengths = torch.full((batch, Hkv), length, dtype=torch.int32, device=device)
+    mult = torch.ones(batch, Hkv, length, device=device)
+    return lambda: ak.chunk_attention(q, k, v, lengths, k_new, v_new, multiplicity=mult, window=WINDOW)
+
+
+def _chunk_keys(dtypes, head_dims, groups) -> tuple[list[dict], list[dict]]:
+    """(attention keys, window-mass keys); the mass kernel's row block follows the launcher's rule for G * W rows."""
+    attn = [{"dtype": dtype, "HEAD_DIM": D, "GROUP_SIZE": G} for dtype, D, G in itertools.product(dtypes, head_dims,
+                                                                                                 groups)]
+    block_r = lambda g: min(64, max(16, 1 << (min(WINDOW, CHUNK) * g - 1).bit_length()))  # noqa: E731
+    return attn, [dict(key, BLOCK_R=block_r(key["GROUP_SIZE"])) for key in attn]
+
+
 def targets(dtypes=("bfloat16", "float16"), head_dims=(64, 128), groups=(1, 2, 4, 7, 8)) -> list[Target]:
     """Every kernel the library tunes, with the keys worth tuning."""
     keys = _decode_keys(dtypes, head_dims, groups)
     window_keys = _window_keys(dtypes, head_dims, groups)
     fwd_keys, mass_keys = _observed_keys(dtypes, head_dims, groups)
+    chunk_keys, chunk_mass_keys = _chunk_keys(dtypes, head_dims, groups)
     return [
         Target(decode_module._split_kernel, keys, _decode_call),
         Target(decode_module._mass_kernel, [k for k in keys if k["HAS_TOKEN_MASS"]], _decode_call),
@@ -123,6 +150,8 @@ def targets(dtypes=("bfloat16", "float16"), head_dims=(64, 128), groups=(1, 2, 4
         Target(window_module._scores_kernel, window_keys, _window_call),
         Target(observed_module._fwd_kernel, fwd_keys, _observed_call, PROMPT_LENGTHS),
         Target(observed_module._mass_kernel, mass_keys, _observed_call, PROMPT_LENGTHS),
+        Target(chunk_module._attn_kernel, chunk_keys, _chunk_call, CHUNK_STORED),
+        Target(chunk_module._mass_kernel, chunk_mass_keys, _chunk_call, CHUNK_STORED),
     ]
 
 

@@ -204,8 +204,8 @@ def compile_all(matrix, *, sweep) -> dict:
 
     if tuning.INTERPRET:
         raise RuntimeError("acckv_triton was imported under the interpreter; run this script in a fresh process")
-    modules = {op: importlib.import_module(f"acckv_triton.ops.{op}")
-               for op in ("decode_attention", "window_scores", "compact_kv", "observed_attention")}
+    modules = {op: importlib.import_module(f"acckv_triton.ops.{op}") for op in
+               ("decode_attention", "window_scores", "compact_kv", "chunk_attention", "observed_attention")}
     for module in [_common, *modules.values()]:  # CPU tensors are fine: nothing is launched
         if hasattr(module, "check_kernel_device"):
             module.check_kernel_device = lambda *a, **k: None

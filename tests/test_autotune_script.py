@@ -74,3 +74,13 @@ def test_observed_attention_target_keys_match_the_launcher(monkeypatch, name):
     assert target.lengths == tune.PROMPT_LENGTHS
     assert looked_up and all(k == entries[0]["key"] for k in looked_up)
     assert entries[0]["key"]["HEAD_DIM"] == 64 and entries[0]["key"]["HAS_KEY_START"] is False
+
+
+@pytest.mark.parametrize("name", ["chunk_attention", "chunk_attention_mass"])
+def test_chunk_attention_target_keys_match_the_launcher(monkeypatch, name):
+    """The keys tune.py writes for chunk_attention's two kernels are the keys the launcher looks up."""
+    target, entries, looked_up = _tune_recording_lookups(monkeypatch, name, 40)
+    assert target.lengths == tune.CHUNK_STORED
+    assert looked_up and all(k == entries[0]["key"] for k in looked_up)
+    expected = {"dtype": "float32", "HEAD_DIM": 64, "GROUP_SIZE": 2}
+    assert entries[0]["key"] == (dict(expected, BLOCK_R=64) if name == "chunk_attention_mass" else expected)

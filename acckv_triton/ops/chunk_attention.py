@@ -16,6 +16,10 @@ Kernels and grids (G = Hq / Hkv; rows are (head g, query i) pairs of one GQA gro
     ``_chunk_mass_kernel`` grid (B*Hkv, cdiv(S + T, BLOCK_N)). One program owns a tile of the S + T keys and loops
         over the G*W window rows, recomputing ``p = exp(s - lse)``; each key belongs to one program, so no atomics.
 
+Both are tuned kernels (:class:`~acckv_triton.tuning.TunedKernel`): BLOCK_M and BLOCK_N (with warps and stages)
+come from the per-GPU tuned tables, keyed on head dim, group size and dtype (the mass kernel also on its window
+row block), else live autotuning, else the space's first config.
+
 Bytes moved per (b, kv head), e = element size: (S + T)·D·e of K and V once per row block, plus S + T keys again
 for the window's mass; extra memory O(B·Hq·T) (the logsumexp).
 """
@@ -179,6 +183,22 @@ def _chunk_mass_kernel(
     tl.store(new_mass_ptr + bh * T + (offs_n - S), acc, mask=(offs_n >= S) & (offs_n < S + T))
 
 
+_attn_kernel = tuning.TunedKernel(
+    "chunk_attention",
+    _chunk_attn_kernel,
+    tuning.CONFIG_SPACES["chunk_attention"],
+    key=["HEAD_DIM", "GROUP_SIZE"],
+    dtype_arg="q_ptr",
+)
+_mass_kernel = tuning.TunedKernel(
+    "chunk_attention_mass",
+    _chunk_mass_kernel,
+    tuning.CONFIG_SPACES["chunk_attention_mass"],
+    key=["HEAD_DIM", "GROUP_SIZE", "BLOCK_R"],
+    dtype_arg="q_ptr",
+)
+
+
 def chunk_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -264,17 +284,18 @@ def chunk_attention(
                  HAS_VALID=key_valid is not None, UPCAST=tuning.INTERPRET,
                  DOT_PRECISION="ieee" if q.dtype == torch.float32 else None)
     qk_scale = float(scale) * _LOG2E
-    block_m = 64 if D <= 64 else 32
-    _chunk_attn_kernel[(B * Hkv, triton.cdiv(G * T, block_m))](
-        q, k_cache, v_cache, k_new, v_new, lengths_c, mult, valid, out, lse, S, T, Hkv, qk_scale,
-        q.stride(0), q.stride(1), q.stride(2), *k_cache.stride()[:3], *v_cache.stride()[:3], *k_new.stride()[:3],
-        *v_new.stride()[:3], *m_strides, key_valid.stride(0) if key_valid is not None else 0,
-        out.stride(0), out.stride(1), out.stride(2), BLOCK_M=block_m, BLOCK_N=32, num_warps=4, num_stages=2, **flags)
-    block_n = 64
-    _chunk_mass_kernel[(B * Hkv, triton.cdiv(S + T, block_n))](
-        q, k_cache, k_new, lengths_c, mult, valid, lse, stored_mass, chunk_mass, S, T, W, Hkv, qk_scale,
-        q.stride(0), q.stride(1), q.stride(2), *k_cache.stride()[:3], *k_new.stride()[:3], *m_strides,
-        key_valid.stride(0) if key_valid is not None else 0,
-        REDUCE_MAX=reduce == "max", BLOCK_R=max(16, min(64, next_pow2(G * W))), BLOCK_N=block_n, num_warps=4,
-        num_stages=2, **flags)
+    common = dict(q_ptr=q, k_old=k_cache, k_new=k_new, lengths_ptr=lengths_c, mult_ptr=mult, valid_ptr=valid,
+                  S=S, T=T, Hkv=Hkv, qk_scale=qk_scale, s_qb=q.stride(0), s_qh=q.stride(1), s_qt=q.stride(2),
+                  s_kob=k_cache.stride(0), s_koh=k_cache.stride(1), s_kot=k_cache.stride(2),
+                  s_knb=k_new.stride(0), s_knh=k_new.stride(1), s_knt=k_new.stride(2),
+                  s_mb=m_strides[0], s_mh=m_strides[1], s_vb=key_valid.stride(0) if key_valid is not None else 0,
+                  **flags)
+    _attn_kernel[lambda meta: (B * Hkv, triton.cdiv(G * T, meta["BLOCK_M"]))](
+        v_old=v_cache, v_new=v_new, out_ptr=out, lse_ptr=lse,
+        s_vob=v_cache.stride(0), s_voh=v_cache.stride(1), s_vot=v_cache.stride(2),
+        s_vnb=v_new.stride(0), s_vnh=v_new.stride(1), s_vnt=v_new.stride(2),
+        s_ob=out.stride(0), s_oh=out.stride(1), s_ot=out.stride(2), **common)
+    _mass_kernel[lambda meta: (B * Hkv, triton.cdiv(S + T, meta["BLOCK_N"]))](
+        lse_ptr=lse, old_mass_ptr=stored_mass, new_mass_ptr=chunk_mass, W=W, REDUCE_MAX=reduce == "max",
+        BLOCK_R=max(16, min(64, next_pow2(G * W))), **common)
     return ChunkAttention(out, lse, stored_mass, chunk_mass)
