@@ -6,6 +6,7 @@ benchmarks use them as the readable baseline, and the docs point at them. They f
 """
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -13,7 +14,8 @@ import torch
 from .modality import NUM_MODALITIES
 
 __all__ = ["ChunkAttention", "DecodeAttentionOutput", "ObservedAttention", "WindowScores", "append_token_",
-           "chunk_attention", "compact_kv_", "decode_attention", "observed_attention", "pool_scores", "window_scores"]
+           "chunk_attention", "compact_kv_", "decode_attention", "observed_attention", "pool_scores", "query_weight_sum", "query_weights",
+           "window_scores"]
 
 
 class DecodeAttentionOutput(NamedTuple):
@@ -34,6 +36,7 @@ def decode_attention(
     modality: torch.Tensor | None = None,
     token_mass: torch.Tensor | None = None,
     multiplicity: torch.Tensor | None = None,
+    decay: float = 1.0,
 ) -> DecodeAttentionOutput:
     """One decode step of GQA attention over a ragged cache, with per-token and per-modality attention mass.
 
@@ -44,9 +47,11 @@ def decode_attention(
         scale: softmax scale, default ``D ** -0.5``.
         modality: optional ``[B, Hkv, C]`` modality ids.
         token_mass: optional ``[B, Hkv, C]`` float32, updated in place:
-            ``token_mass[b, h, t] += sum_g p[b, h*G + g, t]`` for ``t < lengths[b, h]``.
+            ``token_mass[b, h, t] = decay * token_mass[b, h, t] + sum_g p[b, h*G + g, t]`` for ``t < lengths[b, h]``.
         multiplicity: optional ``[B, Hkv, C]`` float > 0: slot t weighs ``multiplicity[t]`` in the softmax
             (``p_t ∝ n_t exp(s_t)``), so a merged slot keeps the attention mass of the tokens it stands for.
+        decay: factor in (0, 1] on the mass already accumulated (1: a plain sum; below 1 an exponentially weighted
+            sum whose newest query weighs 1).
 
     Returns:
         ``out [B, Hq, D]`` in q's dtype, ``lse [B, Hq]`` float32 and ``modality_mass [B, Hq, NUM_MODALITIES]``
@@ -76,8 +81,12 @@ def decode_attention(
         ids = torch.where(stored, modality.long(), 0)  # any id past a length is ignored, as p is 0 there
         onehot = torch.nn.functional.one_hot(ids, NUM_MODALITIES).double()  # [B, Hkv, C, M]
         modality_mass = torch.einsum("bht,bhtm->bhm", p, onehot.repeat_interleave(G, dim=1)).float()
-    if token_mass is not None:
+    if token_mass is not None and decay == 1.0:
         token_mass += p.view(B, Hkv, G, C).sum(dim=2).float()
+    elif token_mass is not None:  # slots past each length keep their value
+        stored = torch.arange(C, device=q.device) < lengths.long()[..., None]  # [B, Hkv, C]
+        new = token_mass.double() * decay + p.view(B, Hkv, G, C).sum(dim=2)
+        token_mass.copy_(torch.where(stored, new, token_mass.double()).float())
     return DecodeAttentionOutput(out.to(q.dtype), lse.float(), modality_mass)
 
 
@@ -274,14 +283,15 @@ class ChunkAttention(NamedTuple):
 
 
 def chunk_attention(q, k_cache, v_cache, lengths, k_new, v_new, *, scale=None, multiplicity=None, key_valid=None,
-                    window: int = 32, reduce: str = "sum") -> ChunkAttention:
+                    window: int = 32, reduce: str = "sum", decay: float = 1.0) -> ChunkAttention:
     """T chunk queries over a ragged compressed cache plus the chunk itself (causal), in float64.
 
     Args as :func:`acckv_triton.ops.chunk_attention.chunk_attention`: ``q [B, Hq, T, D]``; stored ``k_cache, v_cache
     [B, Hkv, S, D]`` with ``lengths [B, Hkv]`` valid slots, each weighing ``multiplicity`` tokens (``+ log n`` on its
     logit); the chunk's ``k_new, v_new [B, Hkv, T, D]``, chunk query i seeing chunk keys ``u <= i`` with
     ``key_valid[b, u]``. The masses sum the probabilities of the last ``min(window, T)`` queries over them and the G
-    query heads of each kv head (``reduce="max"``: the largest of those probabilities).
+    query heads of each kv head, chunk query i weighing ``decay ** (T - 1 - i)`` (``reduce="max"``: the largest of
+    those probabilities, unweighted).
     """
     B, Hq, T, D = q.shape
     Hkv, S = k_cache.shape[1], k_cache.shape[2]
@@ -308,6 +318,8 @@ def chunk_attention(q, k_cache, v_cache, lengths, k_new, v_new, *, scale=None, m
     p = torch.where(torch.isfinite(lse)[..., None], torch.exp(logits - lse[..., None]), 0.0)
     out = torch.einsum("bhts,bhsd->bhtd", p, values.repeat_interleave(G, dim=1))
     W = min(window, T)
+    if reduce == "sum":  # query i weighs decay^(T - 1 - i)
+        p = p * query_weights(T, decay, q.device)[None, None, :, None]
     rows = p[:, :, T - W:].reshape(B, Hkv, G * W, S + T)
     mass = rows.amax(dim=2) if reduce == "max" else rows.sum(dim=2)
     return ChunkAttention(out.to(q.dtype), lse.float(), mass[..., :S].float(), mass[..., S:].float())
@@ -321,13 +333,29 @@ class ObservedAttention(NamedTuple):
     key_mass: torch.Tensor  # [B, Hkv, T] float32: the mass each key receives from every query (0 at padding)
 
 
-def observed_attention(q, k, v=None, *, scale=None, key_start=None) -> ObservedAttention:
+def query_weights(T: int, decay: float, device=None) -> torch.Tensor:
+    """``[T]`` float64 recency weights of T queries: query i weighs ``decay ** (T - 1 - i)``, the last one 1."""
+    return torch.tensor(float(decay), dtype=torch.float64, device=device) ** torch.arange(
+        T - 1, -1, -1, dtype=torch.float64, device=device)
+
+
+def query_weight_sum(n: torch.Tensor, decay: float) -> torch.Tensor:
+    """The total weight of the last ``n`` queries when a query of age a weighs ``decay ** a``: ``sum_{a < n} decay ** a``
+    (``n`` itself for decay 1): what divides a token's recency-weighted mass into its weighted mean."""
+    if decay == 1.0:
+        return n
+    log_decay = math.log(decay)
+    return torch.expm1(n * log_decay) / math.expm1(log_decay)
+
+
+def observed_attention(q, k, v=None, *, scale=None, key_start=None, decay: float = 1.0) -> ObservedAttention:
     """Causal GQA self-attention over a prompt and the mass each key receives from all of it, in float64.
 
     Query ``i`` sees the keys ``key_start[b] <= t <= i`` (``key_start`` is the left padding; a query inside it sees
     nothing). Args as :func:`acckv_triton.ops.observed_attention.observed_attention`: ``q [B, Hq, T, D]``, ``k, v
     [B, Hkv, T, D]`` (query head ``hq`` reads kv head ``hq // G``), ``key_start [B]`` int. ``key_mass[b, h, t]`` sums
-    the probability of key t over every query i and the G query heads of kv head h.
+    the probability of key t over every query i and the G query heads of kv head h, query i weighing
+    ``decay ** (T - 1 - i)`` (:func:`query_weights`; 1: every query alike).
     """
     B, Hq, T, D = q.shape
     Hkv = k.shape[1]
@@ -342,7 +370,7 @@ def observed_attention(q, k, v=None, *, scale=None, key_start=None) -> ObservedA
     logits = logits.masked_fill(~visible[:, None], float("-inf"))
     lse = torch.logsumexp(logits, dim=-1)  # [B, Hq, T], -inf for a row that sees nothing
     p = torch.where(torch.isfinite(lse)[..., None], torch.exp(logits - lse[..., None]), 0.0)
-    key_mass = p.sum(dim=2).view(B, Hkv, G, T).sum(dim=2)
+    key_mass = (p * query_weights(T, decay, q.device)[:, None]).sum(dim=2).view(B, Hkv, G, T).sum(dim=2)
     out = None
     if v is not None:
         values = torch.where(key_ok[:, None, :, None], v.double(), 0.0).repeat_interleave(G, dim=1)

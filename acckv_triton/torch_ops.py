@@ -42,9 +42,11 @@ class TorchDecodePlan:
         num_q_heads: Hq, a multiple of Hkv.
         scale: softmax scale, default ``D ** -0.5``.
         token_mass: optional ``[B, Hkv, C]`` float32: ``token_mass[b, h, t] += sum_g p[b, h*G + g, t]`` per run
-            (slots past the length get + 0).
+            (slots past the length get + 0); see ``decay``.
         multiplicity: optional ``[B, Hkv, C]`` float32 > 0: slot t weighs ``multiplicity[t]`` (proportional
             attention).
+        decay: a float in (0, 1]: ``token_mass[b, h, t] = decay * token_mass[b, h, t] + sum_g p`` for ``t <
+            lengths`` (slots past the length keep their value).
         modality: optional ``[B, Hkv, C]`` uint8 ids; with it, ``modality_mass`` is returned too (that part
             allocates: it is for analysis, not for the decode loop).
 
@@ -54,7 +56,7 @@ class TorchDecodePlan:
 
     def __init__(self, k_cache: torch.Tensor, v_cache: torch.Tensor, lengths: torch.Tensor, *, num_q_heads: int,
                  scale: float | None = None, token_mass: torch.Tensor | None = None,
-                 multiplicity: torch.Tensor | None = None, modality: torch.Tensor | None = None):
+                 multiplicity: torch.Tensor | None = None, modality: torch.Tensor | None = None, decay: float = 1.0):
         B, Hkv, C, D = k_cache.shape
         if Hkv == 0 or num_q_heads % Hkv != 0:
             raise ValueError(f"the query head count Hq={num_q_heads} must be a positive multiple of Hkv={Hkv}")
@@ -63,6 +65,7 @@ class TorchDecodePlan:
         self.k, self.v, self.lengths = k_cache, v_cache, lengths
         self.token_mass, self.multiplicity, self.modality = token_mass, multiplicity, modality
         self.scale = D**-0.5 if scale is None else float(scale)
+        self.decay = float(decay)
         self.shape = (B, num_q_heads, Hkv, C, D)
         self.dtype, self.device = dtype, dev
         f32 = dict(dtype=torch.float32, device=dev)
@@ -81,6 +84,10 @@ class TorchDecodePlan:
         self._max = torch.empty(B, Hkv, G, 1, **f32)
         self._sum = torch.empty(B, Hkv, G, 1, **f32)
         self._mass = torch.empty(B, Hkv, C, **f32)
+        self._kept = None  # with decay: decay inside each row, 1 past it (slots past a length keep their mass)
+        if self.decay != 1.0:
+            self._kept = torch.empty(B, Hkv, C, **f32)
+            self._decay_or_one = (torch.full((), self.decay, **f32), torch.ones((), **f32))
         self._out = torch.empty(B, Hkv, G, D, dtype=dtype, device=dev)
         self.out = self._out.view(B, num_q_heads, D)
         self.lse = torch.empty(B, num_q_heads, **f32)
@@ -124,7 +131,11 @@ class TorchDecodePlan:
         p.div_(self._sum.clamp_(min=torch.finfo(torch.float32).tiny))
         if self.token_mass is not None:
             torch.sum(p, dim=2, out=self._mass)
-            self.token_mass.add_(self._mass)
+            if self._kept is None:
+                self.token_mass.add_(self._mass)
+            else:  # token_mass = decay * token_mass + mass inside each row
+                torch.where(self._in_row, *self._decay_or_one, out=self._kept)
+                torch.addcmul(self._mass, self.token_mass, self._kept, out=self.token_mass)
         p_cast = self._p_cast
         if p_cast is not p:
             p_cast.copy_(p)
@@ -280,7 +291,8 @@ def window_scores(q_window: torch.Tensor, k: torch.Tensor, *, scale: float | Non
 
 
 def chunk_attention(q, k_cache, v_cache, lengths, k_new, v_new, *, scale=None, multiplicity=None, key_valid=None,
-                    window: int = 32, reduce: str = "sum", block: int = 256) -> reference.ChunkAttention:
+                    window: int = 32, reduce: str = "sum", decay: float = 1.0,
+                    block: int = 256) -> reference.ChunkAttention:
     """:func:`acckv_triton.ops.chunk_attention.chunk_attention` on any device: float32 math, query rows in blocks of
     ``block``, so the logits never exceed ``[B, Hq, block, S + T]``."""
     B, Hq, T, D = q.shape
@@ -303,6 +315,7 @@ def chunk_attention(q, k_cache, v_cache, lengths, k_new, v_new, *, scale=None, m
     lse = torch.empty(B, Hkv, G, T, device=q.device)
     old_mass = torch.zeros(B, Hkv, S, device=q.device)
     new_mass = torch.zeros(B, Hkv, T, device=q.device)
+    weights = reference.query_weights(T, decay, q.device).float() if reduce == "sum" and decay != 1.0 else None
     for t0 in range(0, T, block):
         t1 = min(t0 + block, T)
         qb = qf[:, :, :, t0:t1]
@@ -322,12 +335,17 @@ def chunk_attention(q, k_cache, v_cache, lengths, k_new, v_new, *, scale=None, m
             torch.maximum(old_mass, p_old[..., w0:, :].amax(dim=(2, 3)), out=old_mass)
             new_mass[..., :t1] = torch.maximum(new_mass[..., :t1], p_new[..., w0:, :].amax(dim=(2, 3)))
         elif w0 < t1 - t0:
-            old_mass += p_old[..., w0:, :].sum(dim=(2, 3))
-            new_mass[..., :t1] += p_new[..., w0:, :].sum(dim=(2, 3))
+            if weights is not None:  # query i weighs decay^(T - 1 - i)
+                w = weights[t0 + w0:t1, None]
+                p_old, p_new = p_old[..., w0:, :] * w, p_new[..., w0:, :] * w
+            else:
+                p_old, p_new = p_old[..., w0:, :], p_new[..., w0:, :]
+            old_mass += p_old.sum(dim=(2, 3))
+            new_mass[..., :t1] += p_new.sum(dim=(2, 3))
     return reference.ChunkAttention(out.view(B, Hq, T, D).to(q.dtype), lse.view(B, Hq, T), old_mass, new_mass)
 
 
-def observed_attention(q, k, v=None, *, scale=None, key_start=None, block: int = 32,
+def observed_attention(q, k, v=None, *, scale=None, key_start=None, decay: float = 1.0, block: int = 32,
                        return_lse: bool = True) -> reference.ObservedAttention:
     """:func:`acckv_triton.ops.observed_attention.observed_attention` on any device: float32 math, query rows in
     blocks of ``block``, so the logits never exceed ``[B, Hq, block, T]``.
@@ -336,7 +354,8 @@ def observed_attention(q, k, v=None, *, scale=None, key_start=None, block: int =
     ``[B, Hkv, G*block, D]``: K is never repeated), over the keys up to the block's last query only, then one fused
     ``softmax``: the key mass is its sum over the rows, the output its product with V. Rows below every sequence's
     ``key_start`` are skipped (one host read of ``key_start.min()``). ``return_lse=False`` skips the logsumexp (a
-    pass over the logits; the prompt paths never read it) and returns ``lse`` None.
+    pass over the logits; the prompt paths never read it) and returns ``lse`` None. With ``decay`` < 1 query i
+    weighs ``decay ** (T - 1 - i)`` in the key mass (its rows of a block summed with those weights).
     """
     B, Hq, T, D = q.shape
     Hkv = k.shape[1]
@@ -356,6 +375,7 @@ def observed_attention(q, k, v=None, *, scale=None, key_start=None, block: int =
             pad = torch.arange(T, device=dev)[None, :] < key_start.long()[:, None]  # [B, T]
             vf = vf.masked_fill(pad[:, None, :, None], 0.0)
     qf = q.view(B, Hkv, G, T, D)
+    weights = reference.query_weights(T, decay, dev).float() if decay != 1.0 else None
     for t0 in range(first, T, block):
         t1 = min(t0 + block, T)
         n = t1 - t0
@@ -372,7 +392,10 @@ def observed_attention(q, k, v=None, *, scale=None, key_start=None, block: int =
         p = torch.softmax(logits, dim=-1)
         if ragged:  # a padding query of a later-starting row sees no key: it adds nothing
             p = p.nan_to_num_(0.0)
-        key_mass[:, :, first:t1] += p.sum(dim=-2)
+        if weights is None:
+            key_mass[:, :, first:t1] += p.sum(dim=-2)
+        else:  # the block's G*n rows, each query weighing decay^(T - 1 - i)
+            key_mass[:, :, first:t1] += torch.matmul(weights[t0:t1].repeat(G)[None, None, None, :], p)[:, :, 0]
         if v is not None:
             out[:, :, :, t0:t1] = torch.matmul(p, vf[:, :, first:t1]).view(B, Hkv, G, n, D)
     if out is not None:

@@ -28,29 +28,31 @@ def _ragged(B, Hkv, C, seed):
     pytest.param(3, 8, 2, 257, 128, False, id="G4-C257"),
     pytest.param(2, 6, 3, 40, 16, True, id="G2-ragged-mult"),
 ])
-def test_decode_plan_matches_reference(dtype, B, Hq, Hkv, C, D, proportional):
+@pytest.mark.parametrize("decay", [1.0, 0.6], ids=["sum", "decay0.6"])
+def test_decode_plan_matches_reference(dtype, B, Hq, Hkv, C, D, proportional, decay):
     lengths, g = _ragged(B, Hkv, C, seed=C + D)
     k = torch.randn(B, Hkv, C, D, generator=g).to(dtype)
     v = torch.randn(B, Hkv, C, D, generator=g).to(dtype)
     mult = (torch.rand(B, Hkv, C, generator=g) * 3 + 0.5) if proportional else None
     mass = torch.rand(B, Hkv, C, generator=g)
-    want_mass = mass.clone()
+    want_mass, before = mass.clone(), mass.clone()
     modality = torch.randint(0, 4, (B, Hkv, C), generator=g, dtype=torch.uint8)
     plan = torch_ops.TorchDecodePlan(k, v, lengths, num_q_heads=Hq, scale=0.37, token_mass=mass, multiplicity=mult,
-                                     modality=modality)
+                                     modality=modality, decay=decay)
     plan.out.fill_(float("nan"))
     plan.lse.fill_(float("nan"))
     for step in range(2):  # the same plan, run twice, accumulates twice
         q = torch.randn(B, Hq, D, generator=g).to(dtype)
         res = plan.run(q)
         want = reference.decode_attention(q, k, v, lengths, scale=0.37, token_mass=want_mass, multiplicity=mult,
-                                          modality=modality)
+                                          modality=modality, decay=decay)
         atol, rtol = OUT_TOL[dtype]
         torch.testing.assert_close(res.out, want.out, atol=atol, rtol=rtol)
         torch.testing.assert_close(res.lse, want.lse, atol=atol, rtol=rtol)  # -inf at the empty rows on both
         torch.testing.assert_close(res.modality_mass, want.modality_mass, atol=atol, rtol=rtol)
         stored = torch.arange(C) < lengths.long()[..., None]
         torch.testing.assert_close(mass[stored], want_mass[stored], atol=atol, rtol=rtol)
+        assert torch.equal(mass[~stored], before[~stored])  # slots past a length keep their value
 
 
 def test_decode_plan_run_checks_q():

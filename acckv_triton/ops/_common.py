@@ -85,6 +85,13 @@ def check_scale(scale, head_dim: int) -> float:
     return float(scale)
 
 
+def check_decay(decay) -> float:
+    """A recency factor: a float in (0, 1] (ValueError naming ``decay`` otherwise)."""
+    if isinstance(decay, bool) or not (isinstance(decay, (int, float)) and 0.0 < decay <= 1.0):
+        raise ValueError(f"decay must be a float in (0, 1], got {decay!r}")
+    return float(decay)
+
+
 def is_capturing(device: torch.device) -> bool:
     """True while a CUDA graph is being captured on ``device``'s current stream (no host sync allowed then)."""
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()

@@ -5,9 +5,9 @@ holds S compressed slots per (b, kv head) (``lengths`` valid, merged slots weigh
 n`` on their logit). Query i of the chunk sees every valid stored slot and the chunk keys ``u <= i`` that are valid
 (left padding excluded). Besides the output it returns what the cache needs to re-compress: the mass the chunk's last
 W queries (the observation window) give each stored slot and each chunk token, summed over the window and the G query
-heads of the group (``reduce="sum"``), or its largest probability over them (``reduce="max"``: a reconstruction
-pass's evidence, after KVzip). No ``(S + T) x T`` tensor and no float32 logits tensor are formed. The spec is
-:func:`acckv_triton.reference.chunk_attention`.
+heads of the group (``reduce="sum"``; with ``decay`` < 1 query i weighs ``decay ** (T - 1 - i)``), or its largest
+probability over them (``reduce="max"``: a reconstruction pass's evidence, after KVzip). No ``(S + T) x T`` tensor
+and no float32 logits tensor are formed. The spec is :func:`acckv_triton.reference.chunk_attention`.
 
 Kernels and grids (G = Hq / Hkv; rows are (head g, query i) pairs of one GQA group, so ``tl.dot`` shares K):
     ``_chunk_attn_kernel`` grid (B*Hkv, cdiv(G*T, BLOCK_M)). Online softmax over the stored tiles then the chunk's
@@ -25,6 +25,7 @@ for the window's mass; extra memory O(B·Hq·T) (the logsumexp).
 """
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -138,7 +139,7 @@ def _chunk_attn_kernel(
 @triton.jit(do_not_specialize=["S", "T", "W"])
 def _chunk_mass_kernel(
     q_ptr, k_old, k_new, lengths_ptr, mult_ptr, valid_ptr, lse_ptr, old_mass_ptr, new_mass_ptr,
-    S, T, W, Hkv, qk_scale,
+    S, T, W, Hkv, qk_scale, decay_log2,
     s_qb, s_qh, s_qt, s_kob, s_koh, s_kot, s_knb, s_knh, s_knt, s_mb, s_mh, s_vb,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_MULT: tl.constexpr,
     HAS_VALID: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, REDUCE_MAX: tl.constexpr,
@@ -170,7 +171,8 @@ def _chunk_mass_kernel(
             q = q.to(tl.float32)
         lse2 = tl.load(lse_ptr + (b * Hkv * GROUP_SIZE + hq) * T + i, mask=r_mask, other=float("-inf")) * 1.4426950408889634
         row_ok = r_mask & (lse2 != float("-inf"))
-        lse2 = tl.where(row_ok, lse2, 0.0)
+        # window query i weighs decay^(T - 1 - i): folded into its lse (decay_log2 = -log2(decay); 0 with max)
+        lse2 = tl.where(row_ok, lse2 + (T - 1 - i).to(tl.float32) * decay_log2, 0.0)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale + bias[None, :]
         visible = row_ok[:, None] & ((offs_n[None, :] < S) | (offs_n[None, :] - S <= i[:, None])) & \
             seen_key[None, :]
@@ -213,6 +215,7 @@ def chunk_attention(
     window: int = 32,
     reduce: str = "sum",
     out: torch.Tensor | None = None,
+    decay: float = 1.0,
 ) -> ChunkAttention:
     """Causal attention of T chunk queries over the stored slots and the chunk, and the window's mass on both.
 
@@ -227,6 +230,8 @@ def chunk_attention(
         window: W, the chunk's last ``min(window, T)`` queries whose mass is returned.
         reduce: ``"sum"``: each key's mass summed over the W queries and the G heads of its group; ``"max"``: the
             largest probability any of them gives it.
+        decay: a float in (0, 1]: with ``reduce="sum"`` chunk query i weighs ``decay ** (T - 1 - i)`` in the masses
+            (recency-weighted evidence; 1, the default: every query alike); ``"max"`` takes only 1.
         out: optional ``[B, Hq, T, D]`` buffer in q's dtype (any strides, e.g. a transposed ``[B, T, Hq, D]``).
 
     Returns:
@@ -263,6 +268,9 @@ def chunk_attention(
         raise ValueError(f"window must be an int >= 1, got {window!r}")
     if reduce not in ("sum", "max"):
         raise ValueError(f"reduce must be 'sum' or 'max', got {reduce!r}")
+    decay = _common.check_decay(decay)
+    if reduce == "max" and decay != 1.0:
+        raise ValueError(f"decay weighs the summed masses: reduce='max' takes decay=1, got {decay}")
     if out is None:
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
     else:
@@ -296,6 +304,7 @@ def chunk_attention(
         s_vnb=v_new.stride(0), s_vnh=v_new.stride(1), s_vnt=v_new.stride(2),
         s_ob=out.stride(0), s_oh=out.stride(1), s_ot=out.stride(2), **common)
     _mass_kernel[lambda meta: (B * Hkv, triton.cdiv(S + T, meta["BLOCK_N"]))](
-        lse_ptr=lse, old_mass_ptr=stored_mass, new_mass_ptr=chunk_mass, W=W, REDUCE_MAX=reduce == "max",
+        lse_ptr=lse, old_mass_ptr=stored_mass, new_mass_ptr=chunk_mass, W=W, decay_log2=0.0 - math.log2(decay),
+        REDUCE_MAX=reduce == "max",
         BLOCK_R=max(16, min(64, next_pow2(G * W))), **common)
     return ChunkAttention(out, lse, stored_mass, chunk_mass)

@@ -146,7 +146,7 @@ def _decode_reduce_kernel(
     o_part_ptr, lse_part_ptr, mass_part_ptr,
     out_ptr, lse_ptr, mass_ptr,
     logits_ptr, anchor_ptr, tile_ptr, lengths_ptr, token_mass_ptr,
-    num_splits, C, Hkv, n_anchor,
+    num_splits, C, Hkv, n_anchor, mass_decay,
     stride_lb, stride_lh,
     stride_tb, stride_th, stride_tt,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -214,7 +214,7 @@ def _decode_reduce_kernel(
             p = tl.where(mask, tl.exp2(s.to(tl.float32) + anchor - lse2[:, None]), 0.0)
             tm_ptrs = token_mass_ptr + b * stride_tb + h * stride_th + offs_t * stride_tt
             tm = tl.load(tm_ptrs, mask=t_mask, other=0.0)
-            tl.store(tm_ptrs, tm + tl.sum(p, axis=0), mask=t_mask)
+            tl.store(tm_ptrs, tm * mass_decay + tl.sum(p, axis=0), mask=t_mask)
 
 
 _split_kernel = tuning.TunedKernel(
@@ -263,6 +263,7 @@ class DecodeAttentionPlan:
         token_mass: optional ``[B, Hkv, C]`` float32, accumulated in place at every run (see
             :func:`decode_attention`).
         multiplicity: optional ``[B, Hkv, C]`` float32 > 0 (proportional attention).
+        decay: factor in (0, 1] on the accumulated token mass at every run (see :func:`decode_attention`).
         modality_mass: also return the per-modality mass (default: whenever ``modality`` is given).
         num_splits: split-K factor; default :func:`default_num_splits`.
 
@@ -273,7 +274,7 @@ class DecodeAttentionPlan:
     def __init__(self, k_cache: torch.Tensor, v_cache: torch.Tensor, lengths: torch.Tensor, *, num_q_heads: int,
                  scale: float | None = None, modality: torch.Tensor | None = None,
                  token_mass: torch.Tensor | None = None, multiplicity: torch.Tensor | None = None,
-                 modality_mass: bool | None = None, num_splits: int | None = None):
+                 modality_mass: bool | None = None, num_splits: int | None = None, decay: float = 1.0):
         check_tensor("k_cache", k_cache, rank=4, dtypes=_Q_DTYPES)
         device = k_cache.device
         _common.check_kernel_device("k_cache", device)
@@ -299,6 +300,7 @@ class DecodeAttentionPlan:
         if modality_mass and modality is None:
             raise ValueError("modality_mass=True needs modality ids (modality=[B, Hkv, C] uint8)")
         self.scale = _common.check_scale(scale, D)
+        self.decay = _common.check_decay(decay)
         if num_splits is None:
             num_splits = default_num_splits(B, Hkv, C, device)
         elif isinstance(num_splits, bool) or not (isinstance(num_splits, int) and num_splits >= 1):
@@ -359,7 +361,7 @@ class DecodeAttentionPlan:
             mass_ptr=self.modality_mass if modality_mass else self.lse,
             logits_ptr=logits, anchor_ptr=anchor, tile_ptr=tile, lengths_ptr=lengths,
             token_mass_ptr=token_mass if has_mass else self.lse,
-            num_splits=num_splits, C=C, Hkv=Hkv, n_anchor=n_anchor,
+            num_splits=num_splits, C=C, Hkv=Hkv, n_anchor=n_anchor, mass_decay=self.decay,
             stride_lb=ls[0], stride_lh=ls[1], stride_tb=ts[0], stride_th=ts[1], stride_tt=ts[2],
             HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_S=next_pow2(num_splits), HAS_TOKEN_MASS=has_mass, **flags,
         )
@@ -398,6 +400,7 @@ def decode_attention(
     multiplicity: torch.Tensor | None = None,
     num_splits: int | None = None,
     check_lengths: bool = True,
+    decay: float = 1.0,
 ) -> DecodeAttentionOutput:
     """One decode step of GQA attention over a ragged KV cache, measuring attention mass on the way.
 
@@ -409,7 +412,8 @@ def decode_attention(
         scale: softmax scale, default ``D ** -0.5``.
         modality: optional ``[B, Hkv, C]`` uint8 modality ids (< ``NUM_MODALITIES``).
         token_mass: optional ``[B, Hkv, C]`` float32, updated in place with
-            ``token_mass[b, h, t] += sum_g p[b, h*G + g, t]`` for ``t < lengths[b, h]``; other entries untouched.
+            ``token_mass[b, h, t] = decay * token_mass[b, h, t] + sum_g p[b, h*G + g, t]`` for ``t < lengths[b, h]``;
+            other entries untouched.
         multiplicity: optional ``[B, Hkv, C]`` float32 > 0, how many original tokens each slot stands for (merged
             slots hold several): slot t weighs ``multiplicity[t]`` in the softmax, ``p_t ∝ n_t · exp(s_t)``
             (proportional attention; all ones is plain attention).
@@ -417,6 +421,8 @@ def decode_attention(
         check_lengths: verify on the host (one sync) ``0 <= lengths <= C`` and, at every stored slot, modality ids
             below ``NUM_MODALITIES`` and multiplicities finite and > 0. Callers that maintain the cache themselves,
             or capture CUDA graphs, pass False; the kernels clamp lengths to ``[0, C]`` regardless.
+        decay: a float in (0, 1], the factor on the mass ``token_mass`` already holds (1: a plain sum, H2O's
+            accumulation; below 1 an exponentially weighted sum in which the newest query weighs 1).
 
     Returns:
         ``DecodeAttentionOutput(out [B, Hq, D] in q's dtype, lse [B, Hq] float32 natural log,
@@ -441,7 +447,7 @@ def decode_attention(
     check_shape("k_cache", k_cache, (B, Hkv, C, D), "[B, Hkv, C, D]")
     check_last_dim_contiguous("q", q)
     plan = DecodeAttentionPlan(k_cache, v_cache, lengths, num_q_heads=Hq, scale=scale, modality=modality,
-                               token_mass=token_mass, multiplicity=multiplicity, num_splits=num_splits)
+                               token_mass=token_mass, multiplicity=multiplicity, num_splits=num_splits, decay=decay)
     if check_lengths and lengths.numel() and not _common.is_capturing(device):
         _check_values(lengths, C, modality, multiplicity)
     return plan.run(q)

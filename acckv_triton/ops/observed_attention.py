@@ -4,7 +4,7 @@ The prefill twin of the fused decode kernel. For a prompt's queries ``[B, Hq, T,
 ``[B, Hkv, T, D]``, query i sees keys ``key_start[b] <= t <= i`` (``key_start`` is the left padding). Besides the
 row logsumexp (and the attention output when values are given) it returns H2O's "accumulated attention" evidence:
 ``key_mass[b, h, t]``, the softmax probability of key t summed over all T queries and the G query heads of its GQA
-group. Flash-attention tiling throughout: the T x T score matrix is never formed, each probability of the second
+group (with ``decay`` < 1, query i weighs ``decay ** (T - 1 - i)``: recency-weighted evidence). Flash-attention tiling throughout: the T x T score matrix is never formed, each probability of the second
 pass is recomputed from the row logsumexp of the first. The spec is :func:`acckv_triton.reference.observed_attention`.
 
 Kernels and grids (G = Hq / Hkv; log2-domain logits, float32 accumulation):
@@ -23,6 +23,8 @@ Q and the lse per key tile (G·T²·(D·e + 4) / (2·BLOCK_N)); 4·G·T bytes of
 output. Extra memory: the lse, O(B·Hq·T).
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import triton
@@ -111,7 +113,7 @@ def _observed_fwd_kernel(
 @triton.jit(do_not_specialize=["T"])
 def _observed_mass_kernel(
     q_ptr, k_ptr, key_start_ptr, lse_ptr, key_mass_ptr,
-    T, Hkv, qk_scale,
+    T, Hkv, qk_scale, decay_log2,
     stride_qb, stride_qh, stride_qt,
     stride_kb, stride_kh, stride_kt,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_SIZE: tl.constexpr,
@@ -153,7 +155,8 @@ def _observed_mass_kernel(
                 q = q.to(tl.float32)
             lse2 = tl.load(lse_base + offs_m, mask=row_ok, other=float("-inf")) * 1.4426950408889634
             row_ok = row_ok & (lse2 != float("-inf"))
-            lse2 = tl.where(row_ok, lse2, 0.0)
+            # query i weighs decay^(T - 1 - i): folded into its lse (decay_log2 = -log2(decay), 0 for no decay)
+            lse2 = tl.where(row_ok, lse2 + (T - 1 - offs_m).to(tl.float32) * decay_log2, 0.0)
             s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # log2-domain logits
             visible = row_ok[:, None] & key_ok[None, :] & (offs_n[None, :] <= offs_m[:, None])
             acc += tl.sum(tl.where(visible, tl.exp2(s - lse2[:, None]), 0.0), axis=0)
@@ -184,6 +187,7 @@ def observed_attention(
     scale: float | None = None,
     key_start: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
+    decay: float = 1.0,
 ) -> ObservedAttention:
     """Causal GQA self-attention over a prompt, with the mass each key receives from every query (H2O's evidence).
 
@@ -198,12 +202,14 @@ def observed_attention(
             ``key_start[b] <= t <= i``; a query ``i < key_start[b]`` sees none.
         out: optional ``[B, Hq, T, D]`` buffer in q's dtype, last dim contiguous (any other strides), written in
             place and returned; only with ``v``.
+        decay: a float in (0, 1]: query i weighs ``decay ** (T - 1 - i)`` in ``key_mass`` (recency-weighted
+            evidence; 1, the default: every query alike).
 
     Returns:
         :class:`ObservedAttention` ``(out, lse, key_mass)``: ``out [B, Hq, T, D]`` in q's dtype (None without v),
         ``lse [B, Hq, T]`` float32 natural-log logsumexp of each row (-inf for a row that sees nothing, whose output
-        is 0), and ``key_mass [B, Hkv, T]`` float32 with ``key_mass[b, h, t] = sum_i sum_g softmax_t(scale *
-        q[b, h*G+g, i] . k[b, h, t])`` (0 at padding keys).
+        is 0), and ``key_mass [B, Hkv, T]`` float32 with ``key_mass[b, h, t] = sum_i decay^(T-1-i) sum_g
+        softmax_t(scale * q[b, h*G+g, i] . k[b, h, t])`` (0 at padding keys).
 
     Raises:
         TypeError / ValueError naming the argument for a wrong type, rank, shape, dtype, device or stride, a head
@@ -239,6 +245,7 @@ def observed_attention(
                 raise ValueError(f"key_start must lie in [0, T={T}] (q dim 2), got min {lo}, max {hi}")
         key_start = key_start.to(torch.int32).contiguous()
     scale = _common.check_scale(scale, D)
+    decay = _common.check_decay(decay)
 
     G = Hq // Hkv
     if v is not None and out is None:
@@ -265,5 +272,6 @@ def observed_attention(
         stride_ob=o_strides[0], stride_oh=o_strides[1], stride_ot=o_strides[2],
         HAS_V=v is not None, **common,
     )
-    _mass_kernel[lambda meta: (triton.cdiv(T, meta["BLOCK_N"]), B * Hkv)](key_mass_ptr=key_mass, Hkv=Hkv, **common)
+    _mass_kernel[lambda meta: (triton.cdiv(T, meta["BLOCK_N"]), B * Hkv)](
+        key_mass_ptr=key_mass, Hkv=Hkv, decay_log2=0.0 - math.log2(decay), **common)
     return ObservedAttention(out, lse, key_mass)

@@ -91,6 +91,26 @@ def test_max_reduction_matches_the_reference(shape, dtype):
         assert bool((want.chunk_mass[..., -1] > 0).any())
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES[::3])
+def test_recency_weighted_masses(shape, dtype):
+    """decay < 1: window query i weighs decay^(T-1-i) in both masses (kernel and twin against the reference); the
+    output is unchanged; each weighted row of the window adds its weight to the total."""
+    args, opts = case(**dict(shape), dtype=dtype, seed=2)
+    T = args[0].shape[2]
+    want = reference.chunk_attention(*args, **opts, window=T, decay=0.8)
+    assert torch.equal(want.out, reference.chunk_attention(*args, **opts, window=T).out)
+    for res in (chunk_attention(*args, **opts, window=T, decay=0.8),
+                torch_ops.chunk_attention(*args, **opts, window=T, decay=0.8, block=16)):
+        torch.testing.assert_close(res.stored_mass, want.stored_mass, atol=MASS_TOL[dtype], rtol=1e-4)
+        torch.testing.assert_close(res.chunk_mass, want.chunk_mass, atol=MASS_TOL[dtype], rtol=1e-4)
+    B, Hq = args[0].shape[:2]
+    Hkv = args[1].shape[1]
+    seen = torch.isfinite(want.lse).double().cpu() * reference.query_weights(T, 0.8)  # [B, Hq, T]
+    total = (want.stored_mass.sum(-1) + want.chunk_mass.sum(-1)).double().cpu()
+    torch.testing.assert_close(total, seen.view(B, Hkv, -1).sum(-1), atol=1e-4, rtol=1e-5)
+
+
 def test_bad_arguments_name_what_was_expected():
     args, opts = case(B=1, Hq=4, Hkv=2, S=10, T=5, D=64, dtype=torch.float32, lengths=[10, 3])
     q, kc, vc, lengths, kn, vn = args
@@ -104,5 +124,9 @@ def test_bad_arguments_name_what_was_expected():
         chunk_attention(q, kc, vc, lengths, kn, vn, window=0)
     with pytest.raises(ValueError, match="reduce must be 'sum' or 'max'"):
         chunk_attention(q, kc, vc, lengths, kn, vn, reduce="mean")
+    with pytest.raises(ValueError, match=r"decay must be a float in \(0, 1\]"):
+        chunk_attention(q, kc, vc, lengths, kn, vn, decay=0.0)
+    with pytest.raises(ValueError, match="reduce='max' takes decay=1"):
+        chunk_attention(q, kc, vc, lengths, kn, vn, reduce="max", decay=0.5)
     with pytest.raises(TypeError, match="key_valid must have dtype bool"):
         chunk_attention(q, kc, vc, lengths, kn, vn, key_valid=opts["key_valid"].int())

@@ -35,13 +35,14 @@ def make_inputs(B, Hq, Hkv, C, D, lengths, dtype, *, seed=0, modality=True, toke
     return to(q), to(k), to(v), to(lengths), to(mod), to(mass)
 
 
-def check_against_reference(q, k, v, lengths, mod, mass, *, scale=None, num_splits=None, multiplicity=None):
+def check_against_reference(q, k, v, lengths, mod, mass, *, scale=None, num_splits=None, multiplicity=None,
+                            decay=1.0):
     dtype = q.dtype
     ref_mass = None if mass is None else mass.clone()
     got = ak.decode_attention(q, k, v, lengths, scale=scale, modality=mod, token_mass=mass, num_splits=num_splits,
-                              multiplicity=multiplicity)
+                              multiplicity=multiplicity, decay=decay)
     want = reference.decode_attention(q, k, v, lengths, scale=scale, modality=mod, token_mass=ref_mass,
-                                      multiplicity=multiplicity)
+                                      multiplicity=multiplicity, decay=decay)
 
     atol, rtol = TOL[dtype]
     matol, mrtol = MASS_TOL[dtype]
@@ -121,6 +122,16 @@ def test_multiplicity_weighs_merged_slots(dtype, poison_empty):
 
 def test_custom_scale(poison_empty):
     check_against_reference(*make_inputs(1, 4, 1, 50, 64, [50], torch.float32, seed=7), scale=0.37)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_decayed_token_mass(dtype, poison_empty):
+    """decay < 1: token_mass = decay * token_mass + the step's group sum inside each row, NaN past it untouched."""
+    inputs = make_inputs(3, 14, 2, 300, 128, [257, 1, 0, 63, 300, 129], dtype, seed=5)
+    before = inputs[-1].clone()
+    check_against_reference(*inputs, decay=0.75)
+    stored = ~before.isnan()
+    assert bool((inputs[-1][stored] < before[stored] * 0.75 + 7.0 + 1e-3).all())  # a group adds at most G = 7
 
 
 def test_consecutive_steps_accumulate_token_mass(poison_empty):
@@ -244,6 +255,7 @@ BAD = [
                  "multiplicity must be finite and > 0", id="multiplicity-negative"),
     pytest.param(lambda a: {"scale": float("nan")}, ValueError, "scale must be a finite float", id="scale-nan"),
     pytest.param(lambda a: {"num_splits": 0}, ValueError, "num_splits must be a positive int", id="splits-zero"),
+    pytest.param(lambda a: {"decay": 1.01}, ValueError, "decay must be a float in", id="decay-above-1"),
 ]
 
 

@@ -109,6 +109,23 @@ def test_key_mass_conserves_one_per_seeing_query():
         assert torch.all(res.key_mass[1, :, :17] == 0)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("decay", [pytest.param(0.9, id="decay0.9"), pytest.param(0.5, id="decay0.5-steep")])
+def test_recency_weighted_key_mass(dtype, decay, poison_empty):
+    """decay < 1: query i weighs decay^(T-1-i) in key_mass (kernel and twin against the reference, padding longer
+    than a block); the output and lse are unchanged; the weighted masses sum to G x the weights of the queries that
+    see something."""
+    q, k, v, key_start = case(B=2, Hq=7, Hkv=1, T=130, D=64, pad=(3, 70), dtype=dtype, seed=4)
+    want = reference.observed_attention(q, k, v, key_start=key_start, decay=decay)
+    plain = reference.observed_attention(q, k, v, key_start=key_start)
+    assert torch.equal(want.out, plain.out) and not torch.allclose(want.key_mass, plain.key_mass)
+    assert_matches(observed_attention(q, k, v, key_start=key_start, decay=decay), want, dtype)
+    assert_matches(torch_ops.observed_attention(q, k, v, key_start=key_start, decay=decay, block=16), want, dtype)
+    weights = reference.query_weights(130, decay)
+    seeing = torch.stack([weights[int(s):].sum() for s in key_start.cpu()])  # [B]
+    torch.testing.assert_close(want.key_mass.double().sum(-1)[:, 0].cpu(), 7 * seeing, atol=1e-4, rtol=1e-6)
+
+
 def test_bad_arguments_name_what_was_expected():
     q, k, v, key_start = case(B=2, Hq=4, Hkv=2, T=5, D=64, pad=(0, 1), dtype=torch.float32)
     with pytest.raises(TypeError, match="q must be a torch.Tensor"):
@@ -129,6 +146,9 @@ def test_bad_arguments_name_what_was_expected():
         observed_attention(q, k, v.transpose(-1, -2).contiguous().transpose(-1, -2))
     with pytest.raises(ValueError, match="out was given without v"):
         observed_attention(q, k, out=torch.empty_like(q))
+    for bad in (0.0, 1.5, float("nan"), True):
+        with pytest.raises(ValueError, match=r"decay must be a float in \(0, 1\]"):
+            observed_attention(q, k, decay=bad)
     with pytest.raises(TypeError, match="out must have dtype float32"):
         observed_attention(q, k, v, out=torch.empty_like(q, dtype=torch.float16))
     with pytest.raises(ValueError, match="out must have shape"):
