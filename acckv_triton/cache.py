@@ -34,6 +34,7 @@ the plan through the store; its ``decode_step`` is the one decode call (append, 
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 
@@ -51,6 +52,7 @@ from .ops.window_scores import window_scores
 from .plan import CompactionPlan
 from .fused_policy import plan_layer_fused
 from .policy import LayerTokens, PolicyResult, budget_tokens, plan_layer
+from .reference import query_weight_sum
 
 __all__ = ["BudgetedLayerCache", "LayerKVCache"]
 
@@ -394,8 +396,10 @@ class LayerKVCache:
         self.seen -= n
         self._next_position.fill_(self.seen)
 
-    def decode_plan(self, num_q_heads: int, *, scale: float | None = None, token_mass: bool = True):
-        """The decode-attention plan bound to this storage (built once per (Hq, scale, token_mass), then reused).
+    def decode_plan(self, num_q_heads: int, *, scale: float | None = None, token_mass: bool = True,
+                    decay: float = 1.0):
+        """The decode-attention plan bound to this storage (built once per (Hq, scale, token_mass, decay), then
+        reused); ``decay`` is the factor on the token mass already held at every step (1: a plain sum).
 
         It attends over the full capacity with the device-side lengths, so the same plan serves every step, and
         the in-place compaction keeps it valid; a reallocation drops it. Returns a
@@ -404,11 +408,11 @@ class LayerKVCache:
         """
         if self.k is None:
             raise ValueError("the cache is empty: append tokens before attending")
-        key = (num_q_heads, scale, token_mass)
+        key = (num_q_heads, scale, token_mass, decay)
         plan = self._plans.get(key)
         if plan is None:
             bound = dict(num_q_heads=num_q_heads, scale=scale, token_mass=self.token_mass if token_mass else None,
-                         multiplicity=self.multiplicity if self.proportional else None)
+                         multiplicity=self.multiplicity if self.proportional else None, decay=decay)
             if self.uses_kernels:
                 plan = DecodeAttentionPlan(self.k, self.v, self.lengths, **bound, modality_mass=False)
             else:
@@ -503,14 +507,14 @@ class LayerKVCache:
 
     # --------------------------------------------------------------------------------------------------- decode
     def decode_attention(self, q: torch.Tensor, *, scale: float | None = None, accumulate_mass: bool = True,
-                         num_splits: int | None = None) -> DecodeAttentionOutput:
+                         num_splits: int | None = None, decay: float = 1.0) -> DecodeAttentionOutput:
         """One decode step of attention over the stored tokens (:func:`acckv_triton.decode_attention`).
 
         Args:
             q: ``[B, Hq, D]`` in the cache dtype, ``Hq`` a multiple of Hkv.
             scale, num_splits: as in :func:`acckv_triton.decode_attention`.
             accumulate_mass: add each stored token's attention probability (summed over its GQA group) into
-                ``token_mass`` in place.
+                ``token_mass`` in place, after multiplying what it holds by ``decay`` (1: a plain sum).
 
         Returns:
             ``DecodeAttentionOutput(out [B, Hq, D], lse [B, Hq], modality_mass [B, Hq, NUM_MODALITIES])``.
@@ -520,7 +524,7 @@ class LayerKVCache:
         w = self._max_length  # views over the stored part keep the kernel's scratch sized by what is stored
         views = dict(scale=scale, modality=self.modality[:, :, :w],
                      token_mass=self.token_mass[:, :, :w] if accumulate_mass else None,
-                     multiplicity=self.multiplicity[:, :, :w] if self.proportional else None)
+                     multiplicity=self.multiplicity[:, :, :w] if self.proportional else None, decay=decay)
         if not self.uses_kernels:
             return torch_ops.TorchDecodePlan(self.k[:, :, :w], self.v[:, :, :w], self.lengths, num_q_heads=q.shape[1],
                                              **views).run(q)
@@ -613,9 +617,9 @@ class BudgetedLayerCache:
         if cfg.score_evidence == "reconstruction":
             return torch.zeros(k.shape[:3], dtype=torch.float32, device=k.device)
         if self.reads_every_query(audio_video):  # the mean divides by the queries at compression time
-            if self.store.kernels_on(q.device):
-                return observed_attention(q, k, scale=scale, key_start=key_start).key_mass
-            return torch_ops.observed_attention(q, k, scale=scale, key_start=key_start, return_lse=False).key_mass
+            op = observed_attention if self.store.kernels_on(q.device) else \
+                functools.partial(torch_ops.observed_attention, return_lse=False)
+            return op(q, k, scale=scale, key_start=key_start, decay=cfg.mean_decay).key_mass
         W = self._evidence_rows(T, cfg)
         op = window_scores if self.store.kernels_on(q.device) else torch_ops.window_scores
         return op(q[:, :, T - W:], k, scale=scale, key_start=key_start).scores
@@ -651,11 +655,12 @@ class BudgetedLayerCache:
                              f"{self._resolve(audio_video).score_evidence!r}: run the attention, then prompt_evidence")
         B, Hq, T, D = q.shape
         key_start = self._key_start(valid, k)
+        decay = self._resolve(audio_video).mean_decay
         if self.store.kernels_on(q.device):  # written straight into transformers' [B, T, Hq, D]
             out = torch.empty(B, T, Hq, D, dtype=q.dtype, device=q.device)
-            res = observed_attention(q, k, v, scale=scale, key_start=key_start, out=out.transpose(1, 2))
+            res = observed_attention(q, k, v, scale=scale, key_start=key_start, out=out.transpose(1, 2), decay=decay)
             return out, res.key_mass
-        res = torch_ops.observed_attention(q, k, v, scale=scale, key_start=key_start, return_lse=False)
+        res = torch_ops.observed_attention(q, k, v, scale=scale, key_start=key_start, return_lse=False, decay=decay)
         return res.out.transpose(1, 2).contiguous(), res.key_mass
 
     @staticmethod
@@ -822,11 +827,14 @@ class BudgetedLayerCache:
         if st.k is None:
             raise ValueError("prefill_chunk needs a prefilled cache: call prefill(k, v, scores=...) first")
         self._check_not_awaiting("prefill_chunk")
-        S = st.max_length
+        S, T = st.max_length, q.shape[2]
+        cfg = self._resolve(audio_video)
         out, res = self._attend_chunk(
             q, k, v, scale=scale, multiplicity=st.multiplicity[:, :, :S] if st.proportional else None,
             key_valid=None if valid is None else (valid if valid.dim() == 2 else valid[:, 0]),
-            window=self._evidence_rows(q.shape[2], self._resolve(audio_video)))
+            window=self._evidence_rows(T, cfg), decay=cfg.mean_decay)
+        if cfg.mean_decay != 1.0:  # the stored tokens' evidence ages by the chunk's T queries
+            st.token_mass[:, :, :S] *= cfg.mean_decay ** T
         st.token_mass[:, :, :S] += res.stored_mass  # the window's evidence on stored tokens, as decode adds its own
         self.prefill(k, v, scores=res.chunk_mass, valid=valid, audio_video=audio_video, **metadata)
         return out
@@ -876,7 +884,8 @@ class BudgetedLayerCache:
         self._check_not_awaiting("decode_step")
         st.append_token(k, v, modality=modality, time=time, spatial=spatial)
         self._count_decoded()
-        res = st.decode_plan(q.shape[1], scale=scale, token_mass=self.reads_mass).run(q)
+        res = st.decode_plan(q.shape[1], scale=scale, token_mass=self.reads_mass,
+                             decay=self.policy_cfg.mean_decay).run(q)
         if self.needs_upkeep():
             self.compress(upkeep=True)
         return res
@@ -969,7 +978,8 @@ class BudgetedLayerCache:
         w = st.max_length
         scores = st.token_mass[:, :, :w]
         if cfg.score_evidence == "mean":  # every query from a token on adds to its mass: rank by the mean per query
-            scores = scores / (st.seen - st.position[:, :, :w].float()).clamp(min=1.0)
+            scores = scores / query_weight_sum((st.seen - st.position[:, :, :w].float()).clamp(min=1.0),
+                                               cfg.mean_decay)
         if cfg.ranks_by_value:  # evidence x ||v||: a token that is attended but adds little to the output ranks lower
             scores = scores * st.v[:, :, :w].float().norm(dim=-1)
         x = LayerTokens(
@@ -1006,4 +1016,5 @@ class BudgetedLayerCache:
 
         Returns fresh tensors; :meth:`decode_step` is the allocation-free path.
         """
-        return self.store.decode_attention(q, scale=scale, accumulate_mass=self.reads_mass)
+        return self.store.decode_attention(q, scale=scale, accumulate_mass=self.reads_mass,
+                                           decay=self.policy_cfg.mean_decay)

@@ -1,6 +1,7 @@
 """``AccKVConfig``: every switch and constant of the method, with the defaults docs/algorithm.md documents."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields, replace
 
 __all__ = ["AccKVConfig", "EVIDENCE", "METHODS"]
@@ -35,6 +36,11 @@ class AccKVConfig:
     #   reconstruction for kvzip, else the window)
     value_aware: bool | None = None  # rank by attention mass x ||v|| (value-aware evidence, after CriticalKV);
     #   None: on where AccKV ranks by every query's mean (its text evidence), off elsewhere (see ranks_by_value)
+    recency: float | None = None  # τ: the every-query mean weighs a query that is a tokens older than the newest
+    #   by exp(-a / τ) (prompt queries, later chunks and decode steps alike; an exponentially weighted mean of the
+    #   attention each token receives). None: every query weighs alike. Read only by the "mean" evidence. Opt-in:
+    #   on real weights τ = 256 halved the KL at 50% and 25% on three texts and doubled it on a fourth, whose
+    #   continuation copies a table from far back in the prompt (benchmarks/NOTES.md)
     protect_positions: bool = True  # keep the S sinks and R recent tokens whatever their evidence (in the methods
     #   that protect them: AccKV, H2O, KVzip, StreamingLLM); False: they rank by their evidence like any token.
     #   On AccKV's every-query mean False lowered the decode KL in 10 of 12 real-weight cells but lost top-1 in the
@@ -101,6 +107,9 @@ class AccKVConfig:
             raise ValueError(f"evidence must be None or one of {', '.join(EVIDENCE)}, got {self.evidence!r}")
         if self.value_aware is not None and not isinstance(self.value_aware, bool):
             raise TypeError(f"value_aware must be None or a bool, got {self.value_aware!r}")
+        if self.recency is not None and (isinstance(self.recency, bool) or not isinstance(self.recency, (int, float))
+                                         or not (0.0 < self.recency < math.inf)):
+            raise ValueError(f"recency must be None or a finite number of tokens > 0, got {self.recency!r}")
         if not isinstance(self.protect_positions, bool):
             raise TypeError(f"protect_positions must be a bool, got {self.protect_positions!r}")
         if self.head_budgets not in ("uniform", "adaptive"):
@@ -146,6 +155,14 @@ class AccKVConfig:
         if self.value_aware is not None:
             return self.value_aware
         return self.method == "acckv" and self.score_evidence == "mean"
+
+    @property
+    def mean_decay(self) -> float:
+        """The factor per query of age on the evidence, ``exp(-1 / recency)``, where the evidence is the every-query
+        mean and ``recency`` is set; else 1.0 (every query alike). ``"auto"`` must be resolved first."""
+        if self.recency is None or self.score_evidence != "mean":
+            return 1.0
+        return math.exp(-1.0 / self.recency)
 
     @property
     def windowed(self) -> bool:

@@ -161,13 +161,13 @@ REAL_CONTEXT, REAL_CONTINUATION = 1536, 128
 
 def _real_configs():
     """AccKV in its other decode budget mode (decoded tokens kept, only the prompt compressed), next to the
-    baselines (which run in the default mode, the budget on every token seen), and the ablations of AccKV's two
-    text defaults: without value-aware evidence, and with its sinks and recent tokens ranked by evidence (not kept
-    by position)."""
+    baselines (which run in the default mode, the budget on every token seen), the ablations of AccKV's two
+    text defaults (without value-aware evidence; with its sinks and recent tokens ranked by evidence, not kept
+    by position) and its opt-in recency-weighted evidence (``recency=256``)."""
     from ..config import AccKVConfig
 
     return {"acckv-prompt": AccKVConfig(decode_budget="prompt"), "acckv-no-value": AccKVConfig(value_aware=False),
-            "acckv-unprotected": AccKVConfig(protect_positions=False)}
+            "acckv-unprotected": AccKVConfig(protect_positions=False), "acckv-recency": AccKVConfig(recency=256.0)}
 
 
 def _real(args, device, tables, full: bool = True) -> None:
