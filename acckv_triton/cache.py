@@ -908,6 +908,22 @@ class BudgetedLayerCache:
             self._decoded -= 1
             self._excess -= 1
 
+    def plain_steps_ahead(self) -> int:
+        """How many of the next decode steps are surely plain (:meth:`next_step_is_plain` for each in turn), from
+        host counts: the steps before a row would fill the storage, pass its target + slack, or outgrow the storage.
+        Exact for a fixed target; a lower bound while the target grows (``decode_budget="all"``), whose growth only
+        delays the upkeep."""
+        if self.target is None or self.awaiting_reconstruction or self.store.k is None:
+            return 0
+        cfg, st = self.cfg, self.store
+        room = st.capacity - st.max_length  # appends in place
+        if cfg.is_full or cfg.decode_budget == "prompt":
+            return max(room, 0)
+        grown = self._grown_target_max() - self._target_max if cfg.decode_budget == "all" else 0
+        due = cfg.slack - self._excess + grown  # step k: excess + k - grown(k) <= slack, grown(k) >= grown(0)
+        outgrown = st.capacity - self._longest - self._excess - 1  # step k: longest + excess + k < capacity
+        return max(0, min(room, due, outgrown))
+
     def count_replayed_step(self) -> None:
         """The host's side of one decode step whose device work a replayed graph did (the counters
         :meth:`decode_step` advances; call it only for a step :meth:`next_step_is_plain` allowed)."""
@@ -921,7 +937,8 @@ class BudgetedLayerCache:
         return st._min_length, st._max_length, st.seen, self._decoded, self._excess
 
     def restore_host_counters(self, counters: tuple[int, ...]) -> None:
-        """Undo a capture's host side: set the counters :meth:`host_counters` returned."""
+        """Undo a capture's host side: set the counters :meth:`host_counters` returned at an earlier point of the
+        same decode (so the steps counted plain ahead of a later point stay plain)."""
         st = self.store
         st._min_length, st._max_length, st.seen, self._decoded, self._excess = counters
 

@@ -3,9 +3,9 @@
 It does what a graph does that matters for correctness: a capture records the step without changing the device
 state (the stand-in runs it, then puts every cache buffer back), and a replay launches the recorded work with the
 host values of capture time (the stand-in runs the step again with every host-side value of the cache's layers set
-back to its capture-time value) into the captured output buffers. A step whose device work depended on a host
-value, or that synchronised, or a caller that forgot to copy an input or to advance the host's counters, makes the
-outputs differ from eager ones.
+back to its capture-time value, and put back to its replay-time value afterwards, as no Python runs in a replay)
+into the captured output buffers. A step whose device work depended on a host value, or that synchronised, or a
+caller that forgot to copy an input or to advance the host's counters, makes the outputs differ from eager ones.
 """
 from __future__ import annotations
 
@@ -21,9 +21,12 @@ def _layers(bound) -> list:
     return list(bound)
 
 
-def _host_state(layers) -> list[tuple[object, dict]]:
-    """Every host-side value (not a tensor) the Python code of a layer's step reads, per layer object."""
+def _host_state(bound, layers) -> list[tuple[object, dict]]:
+    """Every host-side value (not a tensor) the Python code of a step reads, per object: each layer and its store,
+    and the ``AccKVCache`` itself when one is bound (its count of replayable steps ahead, say)."""
     objs = [obj for layer in layers for obj in (layer, layer.store)]
+    if hasattr(bound, "compressed_layers"):
+        objs.append(bound)
     return [(obj, {name: x for name, x in vars(obj).items() if not isinstance(x, torch.Tensor)}) for obj in objs]
 
 
@@ -50,7 +53,7 @@ class HostFrozenGraph:
     def capture(self, fn):
         saved = [{name: t.clone() for name, t in vars(layer.store).items() if isinstance(t, torch.Tensor)}
                  for layer in self.layers]
-        self.host = _host_state(self.layers)
+        self.host = _host_state(self.bound, self.layers)
         self.binding = tuple(layer.store.binding for layer in self.layers)
         with OpCounter() as c:
             self.output = fn()
@@ -63,7 +66,7 @@ class HostFrozenGraph:
         return self.output
 
     def replay(self):
-        now = _host_state(self.layers)
+        now = _host_state(self.bound, self.layers)
         _set_host_state(self.host)  # the launches carry the host values of capture time, whatever Python has now
         try:
             with OpCounter() as c:

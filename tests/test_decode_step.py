@@ -77,6 +77,31 @@ def test_capacity_and_addresses_stay_fixed_across_three_upkeeps(backend):
     assert [x.data_ptr() for x in st._buffers()] == ptrs
 
 
+@pytest.mark.parametrize("decode_budget", ["fixed", "all", "prompt"])
+@pytest.mark.parametrize("method", ["acckv", "adakv"])
+def test_plain_steps_ahead_are_plain(method, decode_budget):
+    """The host's count of the decode steps ahead that run no upkeep and append in place (what a CUDA graph of the
+    step may replay) never promises a step that is not plain, and with a fixed target it is exact."""
+    cfg = ak.AccKVConfig(budget=0.25, slack=6, method=method, decode_budget=decode_budget, backend="torch")
+    cache, g = _prefilled(cfg, N=80)
+    B, Hkv, _, D = cache.store.k.shape
+
+    def step():
+        kv = torch.randn(B, Hkv, 1, D, generator=g).to(DEVICE)
+        cache.decode_step(torch.randn(B, 2 * Hkv, D, generator=g).to(DEVICE), kv, kv)
+
+    exact = 0
+    for _ in range(12):  # runs of plain steps, each ended by an upkeep or a growth
+        ahead = cache.plain_steps_ahead()
+        for _ in range(ahead):
+            assert cache.next_step_is_plain()
+            step()
+        exact += not cache.next_step_is_plain()
+        step()
+    assert cache.compressions > 1 or decode_budget == "prompt"
+    assert exact == 12 or decode_budget == "all"
+
+
 @pytest.mark.parametrize("method", ["acckv", "snapkv", "h2o", "streaming", "full"])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_a_step_without_upkeep_syncs_nothing_and_allocates_nothing(backend, method):

@@ -267,6 +267,7 @@ class AccKVLayer(CacheLayerMixin):
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        self._owner.forget_plain_steps()  # an eager step (or a capture) moves the counters itself
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         if self.cfg.is_full:  # exactly a DynamicLayer: store everything, hand the model the full K/V
@@ -294,6 +295,7 @@ class AccKVLayer(CacheLayerMixin):
         return -1
 
     def reset(self) -> None:
+        self._owner.forget_plain_steps()
         self.budgeted = BudgetedLayerCache(self.cfg, self.budgeted.layer, self.budgeted.num_layers)
         self._staged = None
         self.is_initialized = False
@@ -314,14 +316,18 @@ class AccKVLayer(CacheLayerMixin):
         self.store.crop_last(-tokens_to_remove)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self.budgeted.select_rows(beam_idx)
+        self._select_rows(beam_idx)
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         B = self.store.lengths.shape[0] if self.store.lengths is not None else 0
-        self.budgeted.select_rows(torch.arange(B, device=self.device).repeat_interleave(repeats))
+        self._select_rows(torch.arange(B, device=self.device).repeat_interleave(repeats))
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self.budgeted.select_rows(indices)
+        self._select_rows(indices)
+
+    def _select_rows(self, index: torch.Tensor) -> None:
+        self._owner.forget_plain_steps()  # new storage: the graph binding changes too
+        self.budgeted.select_rows(index)
 
     # ---- the AccKV paths
     def attend(self, module, query: torch.Tensor, attention_mask, scaling: float, delegate, kwargs: dict):
@@ -401,6 +407,7 @@ class AccKVCache(Cache):
         self.cfg = cfg
         self._step: dict[str, Any] = {}  # metadata of the chunk the current forward feeds ([B, T] tensors or None)
         self._reconstructing = False  # inside the handle's reconstruction pass (reconstruction evidence)
+        self._plain_steps = 0  # decode steps known replayable ahead, from host counts (0: ask the layers)
 
     @property
     def compressed_layers(self) -> list[AccKVLayer]:
@@ -429,15 +436,26 @@ class AccKVCache(Cache):
     # ---- what a CUDA graph of the decode forward needs (acckv_triton.integrations.graphs)
     def graph_step_blocker(self) -> str | None:
         """Why the next single-token step cannot replay a captured decode graph (None: it can), from host counts:
-        every layer must be an AccKV layer, prefilled, appending in place with no upkeep due at this step."""
+        every layer must be an AccKV layer, prefilled, appending in place with no upkeep due at this step.
+
+        The layers are asked once for the steps they can surely replay ahead
+        (:meth:`~acckv_triton.cache.BudgetedLayerCache.plain_steps_ahead`); until those are used up (or an eager
+        step, a reset or a reorder forgets them) a step costs one comparison, not a walk over the layers."""
+        if self._plain_steps > 0:
+            return None
         layers = self.compressed_layers
         if len(layers) != len(self.layers):
             return "sliding-window layers"
         if not layers or not all(layer.store.initialized for layer in layers):
             return "empty cache"
-        if not all(layer.budgeted.next_step_is_plain() for layer in layers):
-            return "upkeep or growth due"
+        self._plain_steps = min(layer.budgeted.plain_steps_ahead() for layer in layers)
+        if self._plain_steps == 0 and not all(layer.budgeted.next_step_is_plain() for layer in layers):
+            return "upkeep or growth due"  # (a growing budget: the bound above can be short of the exact check)
         return None
+
+    def forget_plain_steps(self) -> None:
+        """Drop the count of replayable steps ahead (the layers' counters moved outside a replay)."""
+        self._plain_steps = 0
 
     def graph_binding(self) -> tuple:
         """Every layer's storage binding (:attr:`~acckv_triton.cache.LayerKVCache.binding`): a captured graph is
@@ -455,6 +473,7 @@ class AccKVCache(Cache):
 
     def count_replayed_step(self) -> None:
         """The host's side of a decode step a replayed graph did on the device, in every layer."""
+        self._plain_steps = max(self._plain_steps - 1, 0)
         for layer in self.compressed_layers:
             layer.budgeted.count_replayed_step()
 

@@ -84,6 +84,29 @@ def test_generate_replays_the_decode_graph_between_upkeeps_and_matches_eager(sta
     assert stats["replayed"] == stand_in.replays == new - 1 - warm - upkeeps, stats
 
 
+def test_replayed_steps_ask_the_layers_once_per_run(stand_in, monkeypatch):
+    """The switch asks every layer for its plain steps ahead once a run of replayable steps (then once more when
+    the run is used up, and after each eager step or capture), not every step: a replayed step costs one host
+    comparison, not a walk over the layers."""
+    from acckv_triton.cache import BudgetedLayerCache
+
+    model = tiny_causal_lm("llama")
+    ids = torch.randint(3, 150, (1, 48), generator=torch.Generator().manual_seed(3))
+    asked = []
+    real = BudgetedLayerCache.plain_steps_ahead
+    monkeypatch.setattr(BudgetedLayerCache, "plain_steps_ahead", lambda self: asked.append(1) or real(self))
+    cfg = ak.AccKVConfig(budget=0.5, slack=8, backend="torch", decode_budget="fixed")
+    with torch.no_grad(), _patched(model, cfg, stand_in) as handle:
+        out = model.generate(ids, max_new_tokens=30, min_new_tokens=30, **GREEDY)
+    stats = handle.graphs.stats
+    layers = len(out.past_key_values.compressed_layers)
+    eager = sum(n for reason, n in stats.items() if reason.startswith("eager") and reason != "eager: not a "
+                "single-token step")
+    walks = len(asked) / layers
+    assert stats["replayed"] >= 20 and stats["eager: upkeep or growth due"] >= 2, stats
+    assert walks <= 2 * (eager + stats["captured"]) + 1 and walks < 29 / 2, (walks, stats)
+
+
 def test_a_left_padded_batch_and_a_second_question_replay_like_eager(stand_in):
     """B 2 with left padding (generate's growing 2-D mask is not given to the graph: no layer reads it at decode),
     then a second question over the same cache, whose steps replay too (the graph follows the storage binding:
