@@ -33,7 +33,7 @@ from .config import AccKVConfig
 from .modality import NUM_MODALITIES
 from .ops._common import next_pow2
 from .plan import CompactionPlan
-from .policy import LayerTokens, PolicyResult, head_shared_scores
+from .policy import LayerTokens, PolicyResult, head_shared_scores, recent_tokens
 
 __all__ = ["plan_layer_fused"]
 
@@ -661,8 +661,8 @@ def _strides3(x: torch.Tensor) -> tuple[int, int]:
 
 
 _PROTECT = {  # (sink, window, recent, text, all) per method
-    "acckv": None, "snapkv": (0, 1, 0, 0, 0), "pyramidkv": (0, 1, 0, 0, 0), "h2o": (0, 0, 1, 0, 0),
-    "tova": (0, 0, 0, 0, 0), "streaming": (1, 0, 0, 0, 0), "lookm": (0, 1, 0, 1, 0), "full": (0, 0, 0, 0, 1),
+    "acckv": None, "snapkv": (0, 1, 1, 0, 0), "pyramidkv": (0, 1, 1, 0, 0), "h2o": (0, 0, 1, 0, 0),
+    "tova": (0, 0, 0, 0, 0), "streaming": (1, 0, 0, 0, 0), "lookm": (0, 1, 1, 1, 0), "full": (0, 0, 0, 0, 1),
 }  # adakv and kvzip share budgets across heads: plan_layer only
 
 
@@ -784,7 +784,7 @@ def plan_layer_fused(cfg: AccKVConfig, x: LayerTokens, layer: int = 0, num_layer
     _protect_kernel[grid](
         mod, *_strides3(mod), *sp_args, win, *_strides3(win), target, target.stride(0), target.stride(1),
         ws["raw"], ws["rank"], ws["srank"], ws["shat"], ws["keyf"], key64, ws["cand"], ws["kept"], ws["stats"],
-        N, H, cfg.sink, cfg.window, cfg.recent, lo, hi,
+        N, H, cfg.sink, cfg.window, recent_tokens(cfg), lo, hi,
         P_SINK=flags[0], P_WINDOW=flags[1], P_RECENT=flags[2], P_TEXT=flags[3], P_ALL=flags[4], WIN_MODE=win_mode,
         MODE=mode, REDIST=acckv and cfg.redistribution, RENORM=acckv and cfg.head_renorm, MERGE_KEYS=merge,
         HAS_SPATIAL=spatial is not None, NSTAT=_NSTAT, BLOCK=_BLOCK)

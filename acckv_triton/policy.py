@@ -9,14 +9,16 @@ Methods (``AccKVConfig.method``), all at the same budget per (layer, sequence, k
     acckv      protected tokens, then per-modality budgets from the layer's attention shares (focusing), ranking
                relative to the modality mean (redistribution), merging of similar neighbours within a modality and
                time-bin alignment of the low-priority modality to the high-priority one (cross-calibration)
-    snapkv     observation window + top-k of pooled window scores
+    snapkv     observation window + top-k of pooled window scores (at a decode-time upkeep also the last W tokens,
+               decoded since the prefill: the window SnapKV observes then; see recent_tokens)
     pyramidkv  snapkv with PyramidKV's layer schedule of budgets
     adakv      snapkv with Ada-KV's allocation of a layer's budget across its kv heads
     h2o        recent tokens + top-k of every prompt query's accumulated attention (no pooling)
     tova       top-k of the last query's attention averaged over the layer's heads (every head of a sequence keeps
                the same tokens, as TOVA's own code does), nothing protected
     streaming  sink tokens + the most recent tokens
-    lookm      text first, then top-k of pooled scores, then every evicted token merges into its nearest kept key
+    lookm      text first (and the window and the last W tokens, as snapkv), then top-k of pooled scores, then every
+               evicted token merges into its nearest kept key
     kvzip      recent tokens + top-k of a reconstruction pass's evidence (each token's largest attention from the
                prompt fed again after itself, after KVzip; the cache and the integration run that pass)
     full       keep everything
@@ -34,11 +36,20 @@ from .modality import NUM_MODALITIES, Modality
 from .plan import CompactionPlan
 from .reference import pool_scores
 
-__all__ = ["LayerTokens", "PolicyResult", "budget_tokens", "head_shared_scores", "plan_layer"]
+__all__ = ["LayerTokens", "PolicyResult", "budget_tokens", "head_shared_scores", "plan_layer",
+           "recent_tokens"]
 
 _AV = (int(Modality.AUDIO), int(Modality.VIDEO), int(Modality.IMAGE))
 _EPS = 1e-12
 _POOLED = ("acckv", "snapkv", "pyramidkv", "adakv", "lookm")
+
+
+def recent_tokens(cfg: AccKVConfig) -> int:
+    """How many of the newest tokens a method keeps by position (below the window in priority): R for AccKV, H2O
+    and KVzip; W for the windowed baselines (SnapKV, PyramidKV, Ada-KV, LOOK-M), whose newest W tokens are their
+    window at the end of a prefill and, at a decode-time upkeep, the tokens decoded since: the window SnapKV
+    observes then (the latest prefill's window stays protected too)."""
+    return cfg.window if cfg.method in ("snapkv", "pyramidkv", "adakv", "lookm") else cfg.recent
 
 
 @dataclass
@@ -309,7 +320,7 @@ def plan_layer(cfg: AccKVConfig, x: LayerTokens, layer: int = 0, num_layers: int
         window = valid & (x.position >= x.window_range[0]) & (x.position < x.window_range[1])
     else:
         window = valid & (rank_valid >= n_valid[..., None] - cfg.window)
-    recent = valid & (rank_valid >= n_valid[..., None] - cfg.recent)
+    recent = valid & (rank_valid >= n_valid[..., None] - recent_tokens(cfg))
     if not cfg.windowed:  # every-query / last-query evidence: the window is ranked like any token
         window = torch.zeros_like(window)
     has_av = (valid & (mod != Modality.TEXT)).flatten(1).any(-1)[:, None, None]  # [B,1,1]
@@ -317,14 +328,14 @@ def plan_layer(cfg: AccKVConfig, x: LayerTokens, layer: int = 0, num_layers: int
     none = torch.zeros_like(valid)
     protect = {
         "acckv": (sink, window, recent, text if cfg.protect_text else none),
-        "snapkv": (none, window, none, none),
-        "pyramidkv": (none, window, none, none),
-        "adakv": (none, window, none, none),
+        "snapkv": (none, window, recent, none),
+        "pyramidkv": (none, window, recent, none),
+        "adakv": (none, window, recent, none),
         "h2o": (none, none, recent, none),
         "kvzip": (none, none, recent, none),
         "tova": (none, none, none, none),
         "streaming": (sink, none, none, none),
-        "lookm": (none, window, none, text),
+        "lookm": (none, window, recent, text),
         "full": (valid, none, none, none),
     }[method]
     if not cfg.protect_positions:  # sinks and recent tokens rank by their evidence (sinks stay out of A below)

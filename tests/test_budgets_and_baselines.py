@@ -8,6 +8,7 @@ import torch
 from acckv_triton import reference
 from acckv_triton.cache import BudgetedLayerCache
 from acckv_triton.config import AccKVConfig
+from acckv_triton.fused_policy import plan_layer_fused
 from acckv_triton.policy import _adaptive_targets, budget_tokens, plan_layer
 from tests.test_policy import W, kept_mask, tokens
 
@@ -85,6 +86,30 @@ def test_tova_ranks_by_the_head_averaged_last_query_and_protects_nothing():
             assert int(res.plan.keep_lengths[b, h]) == k
             assert torch.equal(res.plan.keep[b, h, :k].long(), want)
         assert not torch.equal(want, x.scores[b, 0].float().topk(k).indices.sort().values)  # the test can fail
+
+
+@pytest.mark.parametrize("method", ["snapkv", "pyramidkv", "adakv", "lookm"])
+def test_windowed_baselines_keep_the_tokens_decoded_since_the_prefill(method):
+    """At a decode-time upkeep a windowed baseline keeps the latest prefill's window and its last W tokens (the
+    tokens decoded since: SnapKV's observation window at that point) whatever their evidence; the decoded tokens
+    before those compete on their evidence; without position protection the newest compete too."""
+    x = tokens()
+    x.modality = torch.zeros_like(x.modality)  # a text prompt and its continuation
+    x.position = torch.arange(N, dtype=torch.int32).expand(2, 2, N).contiguous()
+    x.window_range = (N - 64 - 32, N - 64)  # the prefill's window; 64 tokens decoded since
+    decoded = torch.arange(N) >= N - 64
+    recent, window = torch.arange(N) >= N - 32, (torch.arange(N) >= N - 96) & ~decoded  # W = 32
+    hi = torch.rand(x.scores.shape, generator=torch.Generator().manual_seed(4)) + 1.0
+    x.scores = torch.where(decoded, 1e-6, hi)  # the decoded tokens carry (almost) no evidence yet
+    cfg = AccKVConfig(budget=0.3, method=method)
+    kept = kept_mask(plan_layer(cfg, x, 0, 2).plan)  # layer 0: PyramidKV's largest budget holds both
+    assert bool(kept[..., recent].all() and kept[..., window].all())
+    assert not bool(kept[..., decoded & ~recent].any())
+    unprotected = kept_mask(plan_layer(cfg.replace(protect_positions=False), x, 0, 2).plan)
+    assert unprotected[..., window].all() and not bool(unprotected[..., recent].any())
+    if method != "adakv":  # the fused kernels (Ada-KV runs plan_layer only) keep the same tokens
+        fused = plan_layer_fused(cfg, x, 0, 2, target=budget_tokens(cfg, x.lengths.long(), 0, 2), max_keep=N)
+        assert torch.equal(kept_mask(fused.plan), kept_mask(plan_layer(cfg, x, 0, 2).plan))
 
 
 def test_methods_evidence_follows_their_papers():
