@@ -551,8 +551,8 @@ class BudgetedLayerCache:
 
     The decode loop calls :meth:`decode_step` once per token: append, attention (with mass accumulation when the
     method reads it) and, when it is due, the upkeep. After each prefill the storage holds ``max(target) + slack
-    + 1`` slots per row (rounded up to 16) and an upkeep compacts in place when a row would pass ``target +
-    slack``. ``cfg.decode_budget`` says what the target covers while decoding: ``"fixed"`` the prompt's budget
+    + 1`` slots per row (rounded up to 16; plus the budget's growth over ``cfg.decode_ahead`` decoded tokens with
+    ``decode_budget="all"``) and an upkeep compacts in place when a row would pass ``target + slack``. ``cfg.decode_budget`` says what the target covers while decoding: ``"fixed"`` the prompt's budget
     (K/V keep their addresses from one upkeep to the next), ``"all"`` the budget of every token seen (an upkeep
     grows the storage when the target outgrows it), ``"prompt"`` only the prompt's (no upkeep: decoded tokens
     are kept). The schedule is decided on the
@@ -728,7 +728,7 @@ class BudgetedLayerCache:
         target_max = budget_tokens(self.cfg, prompt_max, self.layer, self.num_layers)
         # the first prompt of a layer that shrinks at once is compacted straight out of the inputs: no copy
         borrow = first and not defer and st.kernels_on(k.device) and not self.cfg.is_full and \
-            not self.cfg.adaptive_heads and _round_up(self._capacity_after_prefill(target_max), st.align) < T
+            not self.cfg.adaptive_heads and _round_up(self._capacity_for(target_max, prompt_max), st.align) < T
         st.append(k, v, token_mass=mass, borrow=borrow, **metadata)  # validates: nothing changed if it raises
         if valid_rows is not None:
             self._mark_valid(before, valid_rows)
@@ -955,10 +955,17 @@ class BudgetedLayerCache:
             self._valid = self._valid.index_select(0, index.to(self._valid.device))
         self.last = None  # the latest plan described the old rows
 
-    def _capacity_after_prefill(self, target_max: int) -> int:
-        """Slots per row after a prefill's compression: the largest target, the slack, and the token that triggers
-        the upkeep (the store rounds it up to its alignment)."""
-        return target_max + self.cfg.slack + 1
+    def _capacity_for(self, target_max: int, seen: int) -> int:
+        """Slots per row for rows of at most ``target_max`` tokens once ``seen`` prompt and decoded tokens count in
+        the budget: the largest target, the slack, the token that triggers the upkeep and, with
+        ``decode_budget="all"``, the budget's growth over the next ``cfg.decode_ahead`` decoded tokens (the store
+        rounds it up to its alignment)."""
+        cfg = self.cfg
+        growth = 0
+        if cfg.decode_budget == "all" and cfg.decode_ahead:
+            growth = budget_tokens(cfg, seen + cfg.decode_ahead, self.layer, self.num_layers) - \
+                budget_tokens(cfg, seen, self.layer, self.num_layers)
+        return target_max + growth + cfg.slack + 1
 
     def _grown_target_max(self) -> int:
         """``decode_budget="all"``: the host's bound on every row's target counting the tokens decoded since."""
@@ -1006,8 +1013,9 @@ class BudgetedLayerCache:
             position=st.position[:, :, :w], window_range=self.window,
         )
         room = st.capacity  # an upkeep compacts in place; it grows the storage only when the budget outgrows it
-        if upkeep and cfg.decode_budget == "all":
-            room = max(room, _round_up(self._capacity_after_prefill(self._target_max), st.align))
+        seen = self._prompt_max + self._decoded
+        if upkeep and cfg.decode_budget == "all" and self._target_max + cfg.slack + 1 > room:
+            room = _round_up(self._capacity_for(self._target_max, seen), st.align)
         if cfg.adaptive_heads:
             cap = room - cfg.slack - 1 if upkeep else None
             self.last = plan_layer(cfg, x, self.layer, self.num_layers, target=self.target, max_per_row=cap)
@@ -1020,7 +1028,7 @@ class BudgetedLayerCache:
                 self.last = plan_layer(cfg, x, self.layer, self.num_layers, target=self.target)
             longest = self._target_max
         self._longest = min(longest, w)
-        capacity = room if upkeep else self._capacity_after_prefill(longest)
+        capacity = room if upkeep else self._capacity_for(longest, seen)
         st.compress(self.last.plan, check_plan=False, capacity=capacity, length_bounds=(0, self._longest))
         if cfg.score_evidence == "last" and cfg.method == "tova":
             st.token_mass.zero_()  # TOVA ranks by the latest queries only: the next upkeep sees the steps since

@@ -51,6 +51,10 @@ class AccKVConfig:
     decode_budget: str = "all"  # while decoding: "fixed" holds the prompt's budget (decoded tokens compete for
     #   it, memory stays put), "all" applies the budget to every token seen (it grows by budget x decoded),
     #   "prompt" keeps every decoded token (only the prompt is compressed, as single-pass presses do)
+    decode_ahead: int | None = None  # "all": whenever the storage is sized, it holds the budget of this many more
+    #   decoded tokens, so a growing budget reallocates once per that many tokens, not about once per
+    #   slack / (1 - budget) (each reallocation is a new CUDA-graph capture). None: 0 (the least memory), or 256
+    #   under apply_acckv(decode_graphs=True)
     # --- constants ---
     window: int = 32  # W: observation window (last prompt queries), always kept
     pool_kernel: int = 7  # 1-D pooling of scores along each modality's own token order (1 = off)
@@ -121,6 +125,9 @@ class AccKVConfig:
             raise ValueError(f"ada_floor must lie in [0, 1], got {self.ada_floor}")
         if self.decode_budget not in ("fixed", "all", "prompt"):
             raise ValueError(f"decode_budget must be 'fixed', 'all' or 'prompt', got {self.decode_budget!r}")
+        if self.decode_ahead is not None and (isinstance(self.decode_ahead, bool) or not isinstance(
+                self.decode_ahead, int) or self.decode_ahead < 0):
+            raise ValueError(f"decode_ahead must be None or an int >= 0 (decoded tokens), got {self.decode_ahead!r}")
         if self.backend not in ("auto", "triton", "torch"):
             raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {self.backend!r}")
         for name in ("window", "sink", "recent", "slack", "time_bin", "max_group"):

@@ -12,6 +12,7 @@ import acckv_triton as ak
 from acckv_triton import reference
 from acckv_triton.bench.opcount import OpCounter, count_triton_launches
 from acckv_triton.cache import BudgetedLayerCache
+from acckv_triton.policy import budget_tokens
 from tests.conftest import DEVICE, DTYPES
 
 BACKENDS = [pytest.param("torch", id="torch"), pytest.param("triton", id="triton")]
@@ -75,6 +76,32 @@ def test_capacity_and_addresses_stay_fixed_across_three_upkeeps(backend):
         assert int(st.lengths.max()) <= target + cfg.slack
     assert cache.compressions >= 4  # the prefill and three upkeeps
     assert [x.data_ptr() for x in st._buffers()] == ptrs
+
+
+def test_decode_ahead_sizes_the_storage_for_the_budget_to_come():
+    """``decode_ahead`` (budget on every token seen): the storage holds the budget of that many more decoded tokens,
+    so 64 decoded tokens run on the prefill's storage, where ``decode_ahead=0`` reallocates; a fixed budget has no
+    growth to size for."""
+    bindings = {}
+    for ahead in (64, 0):
+        cfg = ak.AccKVConfig(budget=0.25, slack=8, backend="torch", decode_ahead=ahead)
+        cache, g = _prefilled(cfg, N=100)
+        st = cache.store
+        growth = budget_tokens(cfg, 100 + ahead, 0, 1) - budget_tokens(cfg, 100, 0, 1)
+        assert st.capacity == -(-(budget_tokens(cfg, 100, 0, 1) + growth + cfg.slack + 1) // 16) * 16
+        seen = {st.binding}
+        B, Hkv, _, D = st.k.shape
+        for _ in range(64):
+            kv = torch.randn(B, Hkv, 1, D, generator=g).to(DEVICE)
+            cache.decode_step(torch.randn(B, 2 * Hkv, D, generator=g).to(DEVICE), kv, kv)
+            seen.add(st.binding)
+        bindings[ahead] = len(seen)
+    assert bindings[64] == 1 and bindings[0] > 1, bindings
+    fixed = ak.AccKVConfig(budget=0.25, slack=8, backend="torch", decode_ahead=64, decode_budget="fixed")
+    assert _prefilled(fixed, N=100)[0].store.capacity == -(-(budget_tokens(fixed, 100, 0, 1) + 9) // 16) * 16
+    for bad in (-1, True, 1.5):
+        with pytest.raises(ValueError, match="decode_ahead must be None or an int >= 0"):
+            ak.AccKVConfig(decode_ahead=bad)
 
 
 @pytest.mark.parametrize("decode_budget", ["fixed", "all", "prompt"])

@@ -738,6 +738,10 @@ class AccKVHandle:
             layer.budgeted.end_reconstruction()
 
 
+GRAPH_DECODE_AHEAD = 256
+"""Decoded tokens the storage is sized ahead for under ``apply_acckv(decode_graphs=True)`` (``decode_ahead`` None)."""
+
+
 def apply_acckv(model, cfg: AccKVConfig | None = None, *, decode_graphs: bool = False) -> AccKVHandle:
     """Compress this model's KV cache with AccKV; returns a handle whose ``revert()`` restores the model exactly.
 
@@ -750,6 +754,9 @@ def apply_acckv(model, cfg: AccKVConfig | None = None, *, decode_graphs: bool = 
         decode_graphs: replay the whole decode forward (every layer, the LM head) as one CUDA graph in every step
             that runs no upkeep (:mod:`acckv_triton.integrations.graphs`; ``handle.graphs.stats`` counts what
             replayed and why a step ran eager). Text decoders without sliding-window layers, budget below 1.0.
+            A ``cfg.decode_ahead`` of None becomes :data:`GRAPH_DECODE_AHEAD` (``handle.cfg``): the storage is sized
+            for that many more decoded tokens, so a growing budget reallocates, and the graph is captured again,
+            once per that many tokens.
 
     Raises:
         ValueError: unsupported model (the message names the supported ones), a model already patched, a layer kind
@@ -768,6 +775,8 @@ def apply_acckv(model, cfg: AccKVConfig | None = None, *, decode_graphs: bool = 
     spec = _spec_for(model)
     if "_acckv_handle" in model.__dict__:
         raise ValueError("this model is already patched by apply_acckv: revert() its handle first")
+    if decode_graphs and cfg.decode_ahead is None:  # size the storage ahead: fewer reallocations, fewer captures
+        cfg = cfg.replace(decode_ahead=GRAPH_DECODE_AHEAD)
     handle = AccKVHandle(model, cfg, spec)
     _check_layers(model, cfg, handle.num_layers)
     if decode_graphs:

@@ -15,7 +15,7 @@ from acckv_triton.cache import LayerKVCache
 from tests.graph_stand_in import HostFrozenGraph
 
 pytest.importorskip("transformers")
-from acckv_triton.integrations.transformers import apply_acckv  # noqa: E402
+from acckv_triton.integrations.transformers import GRAPH_DECODE_AHEAD, apply_acckv  # noqa: E402
 from tests.integrations.tiny_models import tiny_causal_lm, tiny_gemma3, tiny_vl  # noqa: E402
 
 GREEDY = dict(do_sample=False, pad_token_id=0, return_dict_in_generate=True, output_logits=True)
@@ -24,6 +24,12 @@ GREEDY = dict(do_sample=False, pad_token_id=0, return_dict_in_generate=True, out
 @pytest.fixture
 def stand_in():
     return HostFrozenGraph.reset()
+
+
+def _as_graphed(cfg):
+    """The config a graph switch runs (``apply_acckv(decode_graphs=True)`` sizes the storage ahead when the config
+    leaves ``decode_ahead`` None): the eager reference of a graphed run uses it too."""
+    return cfg.replace(decode_ahead=GRAPH_DECODE_AHEAD) if cfg.decode_ahead is None else cfg
 
 
 def _patched(model, cfg, factory):
@@ -68,7 +74,7 @@ def test_generate_replays_the_decode_graph_between_upkeeps_and_matches_eager(sta
 
     monkeypatch.setattr(LayerKVCache, "_install", install)
     with torch.no_grad():
-        with apply_acckv(model, cfg):
+        with apply_acckv(model, _as_graphed(cfg)):
             ref = model.generate(ids, max_new_tokens=new, min_new_tokens=new, **GREEDY)
         with _patched(model, cfg, stand_in) as handle:
             out = model.generate(ids, max_new_tokens=new, min_new_tokens=new, **GREEDY)
@@ -82,6 +88,23 @@ def test_generate_replays_the_decode_graph_between_upkeeps_and_matches_eager(sta
     assert len({g.binding for g in stand_in.captures}) == len(stand_in.captures)  # never captured twice needlessly
     warm = handle.graphs.warmup * stats["captured"]
     assert stats["replayed"] == stand_in.replays == new - 1 - warm - upkeeps, stats
+
+
+def test_storage_sized_ahead_spares_recaptures(stand_in, monkeypatch):
+    """With the budget on every token seen, the storage outgrows itself as decoding goes on; each reallocation is a
+    new capture. The graph switch sizes the storage for GRAPH_DECODE_AHEAD more tokens (handle.cfg), so 120 tokens at
+    budget 0.5 run on one capture, where ``decode_ahead=0`` reallocates (and captures again) several times."""
+    model = tiny_causal_lm("llama")
+    ids = torch.randint(3, 150, (1, 48), generator=torch.Generator().manual_seed(4))
+    captures = {}
+    for ahead in (None, 0):
+        HostFrozenGraph.reset()
+        cfg = ak.AccKVConfig(budget=0.5, slack=8, backend="torch", decode_ahead=ahead)
+        with torch.no_grad(), _patched(model, cfg, stand_in) as handle:
+            model.generate(ids, max_new_tokens=120, min_new_tokens=120, **GREEDY)
+        captures[ahead] = handle.graphs.stats["captured"]
+        assert handle.cfg.decode_ahead == (GRAPH_DECODE_AHEAD if ahead is None else 0)
+    assert captures[None] == 1 and captures[0] >= 3, captures
 
 
 def test_replayed_steps_ask_the_layers_once_per_run(stand_in, monkeypatch):
@@ -132,7 +155,7 @@ def test_a_left_padded_batch_and_a_second_question_replay_like_eager(stand_in):
 
     replayed = []
     with torch.no_grad():
-        with apply_acckv(model, cfg):
+        with apply_acckv(model, _as_graphed(cfg)):
             ref = conversation()
         with _patched(model, cfg, stand_in) as handle:
             out = conversation(handle.graphs)
@@ -149,7 +172,7 @@ def test_a_hand_written_loop_without_positions_replays_like_eager(stand_in):
     cfg = ak.AccKVConfig(budget=0.5, slack=4, backend="torch")
 
     with torch.no_grad():
-        with apply_acckv(model, cfg) as handle:
+        with apply_acckv(model, _as_graphed(cfg)) as handle:
             ref = _hand_loop(model, ids, handle, 16)
         with _patched(model, cfg, stand_in) as handle:
             out = _hand_loop(model, ids, handle, 16)
@@ -213,7 +236,7 @@ def test_cuda_graph_replay_equals_eager_over_steps_with_upkeeps(dtype):
     ids = torch.randint(3, 150, (2, 64), generator=torch.Generator().manual_seed(6)).cuda()
     cfg = ak.AccKVConfig(budget=0.25, slack=6)
     with torch.no_grad():
-        with apply_acckv(model, cfg):
+        with apply_acckv(model, _as_graphed(cfg)):
             ref = model.generate(ids, max_new_tokens=48, min_new_tokens=48, **GREEDY)
         with apply_acckv(model, cfg, decode_graphs=True) as handle:
             out = model.generate(ids, max_new_tokens=48, min_new_tokens=48, **GREEDY)
@@ -237,7 +260,7 @@ def test_a_failed_capture_runs_eager_and_is_not_retried():
     ids = torch.randint(3, 150, (1, 24), generator=torch.Generator().manual_seed(7))
     cfg = ak.AccKVConfig(budget=0.5, slack=64, backend="torch")
     with torch.no_grad():
-        with apply_acckv(model, cfg):
+        with apply_acckv(model, _as_graphed(cfg)):
             ref = model.generate(ids, max_new_tokens=8, min_new_tokens=8, **GREEDY)
         with _patched(model, cfg, _RaisingGraph) as handle:
             out = model.generate(ids, max_new_tokens=8, min_new_tokens=8, **GREEDY)
