@@ -36,6 +36,7 @@ from torch.nn.attention import sdpa_kernel
 
 from ..cache import BudgetedLayerCache
 from ..config import AccKVConfig
+from ..integrations.graphs import GRAPH_DECODE_AHEAD
 from ..ops import window_scores
 from .prefill import _av_metadata
 
@@ -194,7 +195,9 @@ def layer_stack_rows(device: torch.device, dtype: torch.dtype, lengths: Iterable
                 k, v, scores=scores, **meta)) * num_layers
             name = "full, our kernel (budget 1.0)" if budget == 1.0 else f"AccKV {budget:.0%}"
             for mode in ("eager", "CUDA graph") if device.type == "cuda" else ("eager",):
-                stack = _CompressedStack(cfg, k, v, scores, meta, num_layers)
+                # graph mode sizes the storage ahead, as apply_acckv(decode_graphs=True) does
+                run_cfg = cfg if mode == "eager" else cfg.replace(decode_ahead=GRAPH_DECODE_AHEAD)
+                stack = _CompressedStack(run_cfg, k, v, scores, meta, num_layers)
                 for _ in range(warmup):
                     stack.step(q, k1, v1)
                 runner = stack if mode == "eager" else _GraphedStack(stack)

@@ -38,7 +38,12 @@ from typing import Any, Callable
 
 import torch
 
-__all__ = ["DecodeGraphs"]
+__all__ = ["DecodeGraphs", "GRAPH_DECODE_AHEAD"]
+
+GRAPH_DECODE_AHEAD = 256
+"""Decoded tokens the storage is sized ahead for under ``apply_acckv(decode_graphs=True)`` when the config leaves
+``decode_ahead`` None: a growing budget then reallocates the storage, and the graph is captured again, once per
+that many tokens."""
 
 # forward kwargs a decode step may carry; anything else set runs eager
 _STEP_KWARGS = frozenset({"input_ids", "attention_mask", "position_ids", "cache_position", "cache", "past_key_values",

@@ -74,7 +74,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from ..cache import BudgetedLayerCache
 from ..config import AccKVConfig
 from ..modality import Modality
-from .graphs import DecodeGraphs
+from .graphs import GRAPH_DECODE_AHEAD, DecodeGraphs
 
 __all__ = ["AccKVCache", "AccKVHandle", "AccKVLayer", "MODEL_SPECS", "ModelSpec", "SUPPORTED_MODELS", "acckv",
            "apply_acckv"]
@@ -736,10 +736,6 @@ class AccKVHandle:
             cache._reconstructing = False
         for layer in cache.compressed_layers:
             layer.budgeted.end_reconstruction()
-
-
-GRAPH_DECODE_AHEAD = 256
-"""Decoded tokens the storage is sized ahead for under ``apply_acckv(decode_graphs=True)`` (``decode_ahead`` None)."""
 
 
 def apply_acckv(model, cfg: AccKVConfig | None = None, *, decode_graphs: bool = False) -> AccKVHandle:

@@ -15,7 +15,8 @@ from acckv_triton.cache import LayerKVCache
 from tests.graph_stand_in import HostFrozenGraph
 
 pytest.importorskip("transformers")
-from acckv_triton.integrations.transformers import GRAPH_DECODE_AHEAD, apply_acckv  # noqa: E402
+from acckv_triton.integrations.graphs import GRAPH_DECODE_AHEAD  # noqa: E402
+from acckv_triton.integrations.transformers import apply_acckv  # noqa: E402
 from tests.integrations.tiny_models import tiny_causal_lm, tiny_gemma3, tiny_vl  # noqa: E402
 
 GREEDY = dict(do_sample=False, pad_token_id=0, return_dict_in_generate=True, output_logits=True)
