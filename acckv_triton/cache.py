@@ -552,7 +552,8 @@ class BudgetedLayerCache:
     The decode loop calls :meth:`decode_step` once per token: append, attention (with mass accumulation when the
     method reads it) and, when it is due, the upkeep. After each prefill the storage holds ``max(target) + slack
     + 1`` slots per row (rounded up to 16; plus the budget's growth over ``cfg.decode_ahead`` decoded tokens with
-    ``decode_budget="all"``) and an upkeep compacts in place when a row would pass ``target + slack``. ``cfg.decode_budget`` says what the target covers while decoding: ``"fixed"`` the prompt's budget
+    ``decode_budget="all"``) and an upkeep compacts in place when a row would pass ``target + slack``.
+    ``cfg.decode_budget`` says what the target covers while decoding: ``"fixed"`` the prompt's budget
     (K/V keep their addresses from one upkeep to the next), ``"all"`` the budget of every token seen (an upkeep
     grows the storage when the target outgrows it), ``"prompt"`` only the prompt's (no upkeep: decoded tokens
     are kept). The schedule is decided on the
