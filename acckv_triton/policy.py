@@ -41,7 +41,8 @@ __all__ = ["LayerTokens", "PolicyResult", "budget_tokens", "head_shared_scores",
 
 _AV = (int(Modality.AUDIO), int(Modality.VIDEO), int(Modality.IMAGE))
 _EPS = 1e-12
-_POOLED = ("acckv", "snapkv", "pyramidkv", "adakv", "lookm")
+_WINDOWED_BASELINES = ("snapkv", "pyramidkv", "adakv", "lookm")
+_POOLED = ("acckv", *_WINDOWED_BASELINES)
 
 
 def recent_tokens(cfg: AccKVConfig) -> int:
@@ -49,7 +50,7 @@ def recent_tokens(cfg: AccKVConfig) -> int:
     and KVzip; W for the windowed baselines (SnapKV, PyramidKV, Ada-KV, LOOK-M), whose newest W tokens are their
     window at the end of a prefill and, at a decode-time upkeep, the tokens decoded since: the window SnapKV
     observes then (the latest prefill's window stays protected too)."""
-    return cfg.window if cfg.method in ("snapkv", "pyramidkv", "adakv", "lookm") else cfg.recent
+    return cfg.window if cfg.method in _WINDOWED_BASELINES else cfg.recent
 
 
 @dataclass

@@ -14,8 +14,8 @@ import torch
 from .modality import NUM_MODALITIES
 
 __all__ = ["ChunkAttention", "DecodeAttentionOutput", "ObservedAttention", "WindowScores", "append_token_",
-           "chunk_attention", "compact_kv_", "decode_attention", "observed_attention", "pool_scores", "query_weight_sum", "query_weights",
-           "window_scores"]
+           "chunk_attention", "compact_kv_", "decode_attention", "observed_attention", "pool_scores",
+           "query_weight_sum", "query_weights", "window_scores"]
 
 
 class DecodeAttentionOutput(NamedTuple):
@@ -340,8 +340,9 @@ def query_weights(T: int, decay: float, device=None) -> torch.Tensor:
 
 
 def query_weight_sum(n: torch.Tensor, decay: float) -> torch.Tensor:
-    """The total weight of the last ``n`` queries when a query of age a weighs ``decay ** a``: ``sum_{a < n} decay ** a``
-    (``n`` itself for decay 1): what divides a token's recency-weighted mass into its weighted mean."""
+    """The total weight of the last ``n`` queries when a query of age a weighs ``decay ** a``:
+    ``sum_{a < n} decay ** a`` (``n`` itself for decay 1), what divides a token's recency-weighted mass into its
+    weighted mean."""
     if decay == 1.0:
         return n
     log_decay = math.log(decay)

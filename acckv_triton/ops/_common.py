@@ -92,6 +92,12 @@ def check_decay(decay) -> float:
     return float(decay)
 
 
+def decay_log2(decay) -> float:
+    """``-log2(decay)`` of a checked recency factor: what a mass kernel adds to the log2-lse of a query per step of
+    age, so that query weighs ``decay ** age`` (0.0 for decay 1)."""
+    return 0.0 - math.log2(check_decay(decay))
+
+
 def is_capturing(device: torch.device) -> bool:
     """True while a CUDA graph is being captured on ``device``'s current stream (no host sync allowed then)."""
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()

@@ -25,7 +25,6 @@ for the window's mass; extra memory O(B·Hq·T) (the logsumexp).
 """
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import torch
@@ -268,8 +267,8 @@ def chunk_attention(
         raise ValueError(f"window must be an int >= 1, got {window!r}")
     if reduce not in ("sum", "max"):
         raise ValueError(f"reduce must be 'sum' or 'max', got {reduce!r}")
-    decay = _common.check_decay(decay)
-    if reduce == "max" and decay != 1.0:
+    log2_decay = _common.decay_log2(decay)
+    if reduce == "max" and log2_decay != 0.0:
         raise ValueError(f"decay weighs the summed masses: reduce='max' takes decay=1, got {decay}")
     if out is None:
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
@@ -304,7 +303,6 @@ def chunk_attention(
         s_vnb=v_new.stride(0), s_vnh=v_new.stride(1), s_vnt=v_new.stride(2),
         s_ob=out.stride(0), s_oh=out.stride(1), s_ot=out.stride(2), **common)
     _mass_kernel[lambda meta: (B * Hkv, triton.cdiv(S + T, meta["BLOCK_N"]))](
-        lse_ptr=lse, old_mass_ptr=stored_mass, new_mass_ptr=chunk_mass, W=W, decay_log2=0.0 - math.log2(decay),
-        REDUCE_MAX=reduce == "max",
-        BLOCK_R=max(16, min(64, next_pow2(G * W))), **common)
+        lse_ptr=lse, old_mass_ptr=stored_mass, new_mass_ptr=chunk_mass, W=W, decay_log2=log2_decay,
+        REDUCE_MAX=reduce == "max", BLOCK_R=max(16, min(64, next_pow2(G * W))), **common)
     return ChunkAttention(out, lse, stored_mass, chunk_mass)

@@ -4,7 +4,8 @@ The prefill twin of the fused decode kernel. For a prompt's queries ``[B, Hq, T,
 ``[B, Hkv, T, D]``, query i sees keys ``key_start[b] <= t <= i`` (``key_start`` is the left padding). Besides the
 row logsumexp (and the attention output when values are given) it returns H2O's "accumulated attention" evidence:
 ``key_mass[b, h, t]``, the softmax probability of key t summed over all T queries and the G query heads of its GQA
-group (with ``decay`` < 1, query i weighs ``decay ** (T - 1 - i)``: recency-weighted evidence). Flash-attention tiling throughout: the T x T score matrix is never formed, each probability of the second
+group (with ``decay`` < 1, query i weighs ``decay ** (T - 1 - i)``: recency-weighted evidence). Flash-attention
+tiling throughout: the T x T score matrix is never formed, each probability of the second
 pass is recomputed from the row logsumexp of the first. The spec is :func:`acckv_triton.reference.observed_attention`.
 
 Kernels and grids (G = Hq / Hkv; log2-domain logits, float32 accumulation):
@@ -23,8 +24,6 @@ Q and the lse per key tile (G·T²·(D·e + 4) / (2·BLOCK_N)); 4·G·T bytes of
 output. Extra memory: the lse, O(B·Hq·T).
 """
 from __future__ import annotations
-
-import math
 
 import torch
 import triton
@@ -245,7 +244,7 @@ def observed_attention(
                 raise ValueError(f"key_start must lie in [0, T={T}] (q dim 2), got min {lo}, max {hi}")
         key_start = key_start.to(torch.int32).contiguous()
     scale = _common.check_scale(scale, D)
-    decay = _common.check_decay(decay)
+    log2_decay = _common.decay_log2(decay)
 
     G = Hq // Hkv
     if v is not None and out is None:
@@ -273,5 +272,5 @@ def observed_attention(
         HAS_V=v is not None, **common,
     )
     _mass_kernel[lambda meta: (triton.cdiv(T, meta["BLOCK_N"]), B * Hkv)](
-        key_mass_ptr=key_mass, Hkv=Hkv, decay_log2=0.0 - math.log2(decay), **common)
+        key_mass_ptr=key_mass, Hkv=Hkv, decay_log2=log2_decay, **common)
     return ObservedAttention(out, lse, key_mass)
