@@ -348,11 +348,12 @@ def chunk_attention(q, k_cache, v_cache, lengths, k_new, v_new, *, scale=None, m
 def observed_attention(q, k, v=None, *, scale=None, key_start=None, decay: float = 1.0, block: int = 32,
                        return_lse: bool = True) -> reference.ObservedAttention:
     """:func:`acckv_triton.ops.observed_attention.observed_attention` on any device: float32 math, query rows in
-    blocks of ``block``, so the logits never exceed ``[B, Hq, block, T]``.
+    blocks of ``block`` positions, so the logits never exceed ``[B, Hq, block, T]``.
 
-    Each block's logits come from one matmul of the block's G query heads against their kv head (q viewed as
-    ``[B, Hkv, G*block, D]``: K is never repeated), over the keys up to the block's last query only, then one fused
-    ``softmax``: the key mass is its sum over the rows, the output its product with V. Rows below every sequence's
+    The queries are scaled and laid out once as ``[B, Hkv, T*G, D]`` (row ``t*G + g``: a kv head's G query heads
+    side by side per position, K never repeated), so a block is a contiguous slice and one matmul gives its logits
+    over the keys up to its last position; then one fused ``softmax``: the key mass is its sum over the rows, the
+    output its product with V. The causal mask of a block's own keys is built once. Rows below every sequence's
     ``key_start`` are skipped (one host read of ``key_start.min()``). ``return_lse=False`` skips the logsumexp (a
     pass over the logits; the prompt paths never read it) and returns ``lse`` None. With ``decay`` < 1 query i
     weighs ``decay ** (T - 1 - i)`` in the key mass (its rows of a block summed with those weights).
@@ -362,42 +363,46 @@ def observed_attention(q, k, v=None, *, scale=None, key_start=None, decay: float
     G = Hq // Hkv
     scale = D**-0.5 if scale is None else scale
     dev = q.device
-    lse = torch.full((B, Hkv, G, T), -math.inf, device=dev) if return_lse else None
-    key_mass = torch.zeros(B, Hkv, T, device=dev)
-    out = torch.zeros(B, Hkv, G, T, D, device=dev) if v is not None else None
     first = int(key_start.min()) if key_start is not None and B and T else 0  # rows before it see nothing
     ragged = key_start is not None and int(key_start.max()) > first  # some rows see no key: softmax gives NaN
-    kf = k.float()  # a padding key's logits are overwritten with -inf below, whatever it holds
+    qs = torch.empty(B, Hkv, T, G, D, device=dev)  # row t*G + g of [B, Hkv, T*G, D]
+    qs.copy_(q.view(B, Hkv, G, T, D).transpose(2, 3)).mul_(scale)
+    qs = qs.view(B, Hkv, T * G, D)
+    kt = k.float().transpose(-1, -2)  # a padding key's logits are overwritten with -inf below, whatever it holds
+    pad = None
+    if key_start is not None:
+        pad = (torch.arange(T, device=dev)[None, :] < key_start.long()[:, None])[:, None, None, :]  # [B, 1, 1, T]
     vf = None
     if v is not None:
         vf = v.float()
-        if key_start is not None:  # padding values may be NaN: zero them, never multiply them by 0
-            pad = torch.arange(T, device=dev)[None, :] < key_start.long()[:, None]  # [B, T]
-            vf = vf.masked_fill(pad[:, None, :, None], 0.0)
-    qf = q.view(B, Hkv, G, T, D)
-    weights = reference.query_weights(T, decay, dev).float() if decay != 1.0 else None
+        if pad is not None:  # padding values may be NaN: zero them, never multiply them by 0
+            vf = vf.masked_fill(pad.transpose(-1, -2), 0.0)
+    lse = torch.full((B, Hkv, T * G), -math.inf, device=dev) if return_lse else None
+    key_mass = torch.zeros(B, Hkv, T, device=dev)
+    out = (torch.zeros if first else torch.empty)(B, Hkv, T * G, D, device=dev) if v is not None else None
+    steps = torch.arange(block, device=dev)
+    causal = steps[None, :] > steps.repeat_interleave(G)[:, None]  # [block*G, block]: key after the row's position
+    rows_w = reference.query_weights(T, decay, dev).float().repeat_interleave(G) if decay != 1.0 else None
     for t0 in range(first, T, block):
         t1 = min(t0 + block, T)
-        n = t1 - t0
-        qb = (qf[:, :, :, t0:t1].float() * scale).reshape(B, Hkv, G * n, D)
-        logits = torch.matmul(qb, kf[:, :, first:t1].transpose(-1, -2))  # [B, Hkv, G*n, t1 - first]
-        view = logits.view(B, Hkv, G, n, t1 - first)
-        rows = torch.arange(t0, t1, device=dev)
-        view[..., t0 - first:].masked_fill_(rows[None, :] > rows[:, None], -math.inf)  # [query, key]: key > query
-        if key_start is not None:
-            pad = torch.arange(first, t1, device=dev)[None, :] < key_start.long()[:, None]  # [B, t1 - first]
-            view.masked_fill_(pad[:, None, None, None, :], -math.inf)
+        n, r0, r1 = t1 - t0, t0 * G, t1 * G
+        logits = torch.matmul(qs[:, :, r0:r1], kt[..., first:t1])  # [B, Hkv, n*G, t1 - first]
+        logits[..., t0 - first:].masked_fill_(causal[:n * G, :n], -math.inf)
+        if pad is not None:
+            logits.masked_fill_(pad[..., first:t1], -math.inf)
         if return_lse:
-            lse[:, :, :, t0:t1] = torch.logsumexp(logits, dim=-1).view(B, Hkv, G, n)
+            lse[:, :, r0:r1] = torch.logsumexp(logits, dim=-1)
         p = torch.softmax(logits, dim=-1)
         if ragged:  # a padding query of a later-starting row sees no key: it adds nothing
             p = p.nan_to_num_(0.0)
-        if weights is None:
+        if rows_w is None:
             key_mass[:, :, first:t1] += p.sum(dim=-2)
-        else:  # the block's G*n rows, each query weighing decay^(T - 1 - i)
-            key_mass[:, :, first:t1] += torch.matmul(weights[t0:t1].repeat(G)[None, None, None, :], p)[:, :, 0]
+        else:  # the block's n*G rows, each query weighing decay^(T - 1 - i)
+            key_mass[:, :, first:t1] += torch.matmul(rows_w[r0:r1][None, None, None, :], p)[:, :, 0]
         if v is not None:
-            out[:, :, :, t0:t1] = torch.matmul(p, vf[:, :, first:t1]).view(B, Hkv, G, n, D)
+            out[:, :, r0:r1] = torch.matmul(p, vf[:, :, first:t1])
     if out is not None:
-        out = out.view(B, Hq, T, D).to(q.dtype)
-    return reference.ObservedAttention(out, None if lse is None else lse.view(B, Hq, T), key_mass)
+        out = out.view(B, Hkv, T, G, D).transpose(2, 3).reshape(B, Hq, T, D).to(q.dtype)
+    if lse is not None:
+        lse = lse.view(B, Hkv, T, G).transpose(2, 3).reshape(B, Hq, T)
+    return reference.ObservedAttention(out, lse, key_mass)
