@@ -657,12 +657,13 @@ class BudgetedLayerCache:
         B, Hq, T, D = q.shape
         key_start = self._key_start(valid, k)
         decay = self._resolve(audio_video).mean_decay
-        if self.store.kernels_on(q.device):  # written straight into transformers' [B, T, Hq, D]
-            out = torch.empty(B, T, Hq, D, dtype=q.dtype, device=q.device)
+        out = torch.empty(B, T, Hq, D, dtype=q.dtype, device=q.device)  # written straight into transformers' layout
+        if self.store.kernels_on(q.device):
             res = observed_attention(q, k, v, scale=scale, key_start=key_start, out=out.transpose(1, 2), decay=decay)
-            return out, res.key_mass
-        res = torch_ops.observed_attention(q, k, v, scale=scale, key_start=key_start, return_lse=False, decay=decay)
-        return res.out.transpose(1, 2).contiguous(), res.key_mass
+        else:
+            res = torch_ops.observed_attention(q, k, v, scale=scale, key_start=key_start, return_lse=False,
+                                               decay=decay, out=out.transpose(1, 2))
+        return out, res.key_mass
 
     @staticmethod
     def _key_start(valid: torch.Tensor | None, k: torch.Tensor) -> torch.Tensor | None:

@@ -346,7 +346,7 @@ def chunk_attention(q, k_cache, v_cache, lengths, k_new, v_new, *, scale=None, m
 
 
 def observed_attention(q, k, v=None, *, scale=None, key_start=None, decay: float = 1.0, block: int = 32,
-                       return_lse: bool = True) -> reference.ObservedAttention:
+                       return_lse: bool = True, out: torch.Tensor | None = None) -> reference.ObservedAttention:
     """:func:`acckv_triton.ops.observed_attention.observed_attention` on any device: float32 math, query rows in
     blocks of ``block`` positions, so the logits never exceed ``[B, Hq, block, T]``.
 
@@ -356,9 +356,14 @@ def observed_attention(q, k, v=None, *, scale=None, key_start=None, decay: float
     output its product with V. The causal mask of a block's own keys is built once. Rows below every sequence's
     ``key_start`` are skipped (one host read of ``key_start.min()``). ``return_lse=False`` skips the logsumexp (a
     pass over the logits; the prompt paths never read it) and returns ``lse`` None. With ``decay`` < 1 query i
-    weighs ``decay ** (T - 1 - i)`` in the key mass (its rows of a block summed with those weights).
+    weighs ``decay ** (T - 1 - i)`` in the key mass (its rows of a block summed with those weights). ``out``: an
+    optional ``[B, Hq, T, D]`` tensor of q's dtype, any strides (a transpose of transformers' ``[B, T, Hq, D]``),
+    that receives the output in one strided copy and is returned as it.
     """
     B, Hq, T, D = q.shape
+    if out is not None and (v is None or tuple(out.shape) != (B, Hq, T, D) or out.dtype != q.dtype):
+        raise ValueError(f"out must be a [B, Hq, T, D] = {(B, Hq, T, D)} {q.dtype} tensor (and v given), got "
+                         f"{tuple(out.shape)} {out.dtype}")
     Hkv = k.shape[1]
     G = Hq // Hkv
     scale = D**-0.5 if scale is None else scale
@@ -379,7 +384,7 @@ def observed_attention(q, k, v=None, *, scale=None, key_start=None, decay: float
             vf = vf.masked_fill(pad.transpose(-1, -2), 0.0)
     lse = torch.full((B, Hkv, T * G), -math.inf, device=dev) if return_lse else None
     key_mass = torch.zeros(B, Hkv, T, device=dev)
-    out = (torch.zeros if first else torch.empty)(B, Hkv, T * G, D, device=dev) if v is not None else None
+    acc = (torch.zeros if first else torch.empty)(B, Hkv, T * G, D, device=dev) if v is not None else None
     steps = torch.arange(block, device=dev)
     causal = steps[None, :] > steps.repeat_interleave(G)[:, None]  # [block*G, block]: key after the row's position
     rows_w = reference.query_weights(T, decay, dev).float().repeat_interleave(G) if decay != 1.0 else None
@@ -400,9 +405,13 @@ def observed_attention(q, k, v=None, *, scale=None, key_start=None, decay: float
         else:  # the block's n*G rows, each query weighing decay^(T - 1 - i)
             key_mass[:, :, first:t1] += torch.matmul(rows_w[r0:r1][None, None, None, :], p)[:, :, 0]
         if v is not None:
-            out[:, :, r0:r1] = torch.matmul(p, vf[:, :, first:t1])
-    if out is not None:
-        out = out.view(B, Hkv, T, G, D).transpose(2, 3).reshape(B, Hq, T, D).to(q.dtype)
+            acc[:, :, r0:r1] = torch.matmul(p, vf[:, :, first:t1])
+    if acc is not None:
+        acc = acc.view(B, Hkv, T, G, D).transpose(2, 3)
+        if out is None:
+            out = acc.reshape(B, Hq, T, D).to(q.dtype)
+        else:
+            out.view(B, Hkv, G, T, D).copy_(acc)
     if lse is not None:
         lse = lse.view(B, Hkv, T, G).transpose(2, 3).reshape(B, Hq, T)
     return reference.ObservedAttention(out, lse, key_mass)

@@ -92,9 +92,18 @@ def test_strided_views_and_out_written_in_place():
     key_start = torch.tensor([0, 11], dtype=torch.int64, device=DEVICE)
     k[1, :, :11], v[1, :, :11] = float("nan"), float("inf")
     out = torch.full((B, T, Hq, D), float("nan"), dtype=dtype, device=DEVICE).transpose(1, 2)
+    want = reference.observed_attention(q, k, v, key_start=key_start)
     got = observed_attention(q, k, v, key_start=key_start, out=out)
     assert got.out.data_ptr() == out.data_ptr() and got.out.stride() == out.stride()
-    assert_matches(got, reference.observed_attention(q, k, v, key_start=key_start), dtype)
+    assert_matches(got, want, dtype)
+    out.fill_(float("nan"))  # the torch twin writes the same buffer (the prompt path's call on the CPU)
+    twin = torch_ops.observed_attention(q, k, v, key_start=key_start, return_lse=False, out=out)
+    assert twin.out.data_ptr() == out.data_ptr() and twin.out.stride() == out.stride() and twin.lse is None
+    torch.testing.assert_close(twin.out.float(), want.out.float(), atol=TOL[dtype][0], rtol=TOL[dtype][1])
+    torch.testing.assert_close(twin.key_mass, want.key_mass, atol=MASS_TOL[dtype][0], rtol=MASS_TOL[dtype][1])
+    assert torch.all(twin.out[1, :, :11] == 0)  # padded queries see no key
+    with pytest.raises(ValueError, match="out must be"):
+        torch_ops.observed_attention(q, k, v, out=out[:, :, 1:])
 
 
 def test_key_mass_conserves_one_per_seeing_query():
