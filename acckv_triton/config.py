@@ -45,6 +45,10 @@ class AccKVConfig:
     #   that protect them: AccKV, H2O, KVzip, StreamingLLM); False: they rank by their evidence like any token.
     #   On AccKV's every-query mean False lowered the decode KL in 10 of 12 real-weight cells but lost top-1 in the
     #   CI's chunk check, and a later chunk's tokens hold only its window's mass (benchmarks/NOTES.md): True
+    protect_sinks: bool | None = None  # with protect_positions, keep the S first tokens whatever their evidence.
+    #   None: off where AccKV ranks by every query's mean (its text evidence: the mean already counts every query's
+    #   attention to them, and a head that does not use them as sinks frees their slots; KL lower or level in all
+    #   18 real-weight cells of six texts, benchmarks/NOTES.md), on elsewhere (StreamingLLM's sinks among them)
     head_budgets: str = "uniform"  # "uniform" or "adaptive": Ada-KV's allocation of a layer's budget across kv heads
     #   (adakv and kvzip always share it: KVzip's budgets are not uniform across heads either)
     ada_floor: float = 0.2  # adaptive: each kv head keeps at least this fraction of the uniform free budget
@@ -116,6 +120,8 @@ class AccKVConfig:
             raise ValueError(f"recency must be None or a finite number of tokens > 0, got {self.recency!r}")
         if not isinstance(self.protect_positions, bool):
             raise TypeError(f"protect_positions must be a bool, got {self.protect_positions!r}")
+        if self.protect_sinks is not None and not isinstance(self.protect_sinks, bool):
+            raise TypeError(f"protect_sinks must be None or a bool, got {self.protect_sinks!r}")
         if self.head_budgets not in ("uniform", "adaptive"):
             raise ValueError(f"head_budgets must be 'uniform' or 'adaptive', got {self.head_budgets!r}")
         if self.method == "tova" and self.head_budgets == "adaptive":
@@ -162,6 +168,17 @@ class AccKVConfig:
         if self.value_aware is not None:
             return self.value_aware
         return self.method == "acckv" and self.score_evidence == "mean"
+
+    @property
+    def protects_sinks(self) -> bool:
+        """Whether the S first tokens are kept by position (in the methods that protect sinks: AccKV and
+        StreamingLLM): ``protect_sinks``, or when it is None, everywhere but AccKV ranking by every query's mean;
+        never without ``protect_positions``. ``"auto"`` evidence must be resolved first."""
+        if not self.protect_positions:
+            return False
+        if self.protect_sinks is not None:
+            return self.protect_sinks
+        return not (self.method == "acckv" and self.score_evidence == "mean")
 
     @property
     def mean_decay(self) -> float:

@@ -777,6 +777,8 @@ def plan_layer_fused(cfg: AccKVConfig, x: LayerTokens, layer: int = 0, num_layer
         flags = (flags[0], 0) + tuple(flags[2:])
     if not cfg.protect_positions:  # sinks and recent tokens rank by their evidence
         flags = (0, flags[1], 0) + tuple(flags[3:])
+    elif not cfg.protects_sinks:  # AccKV's every-query mean: the sinks rank by it too
+        flags = (0,) + tuple(flags[1:])
     spatial = x.spatial
     sp_args = (spatial, spatial.stride(0), spatial.stride(1), spatial.stride(2)) if spatial is not None else \
         (mod, 0, 0, 0)

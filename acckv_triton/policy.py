@@ -341,6 +341,8 @@ def plan_layer(cfg: AccKVConfig, x: LayerTokens, layer: int = 0, num_layers: int
     }[method]
     if not cfg.protect_positions:  # sinks and recent tokens rank by their evidence (sinks stay out of A below)
         protect = (none, protect[1], none, protect[3])
+    elif not cfg.protects_sinks:  # AccKV's every-query mean: the sinks rank by it too (and stay out of A)
+        protect = (none,) + protect[1:]
     level = torch.stack([(4 - i) * p.float() for i, p in enumerate(protect)]).amax(0) * valid  # 4 sink .. 1 text
     protected = level > 0
     kept = _topk_mask(level * N + rank_valid.float(), target, protected)  # newest first within a level

@@ -34,7 +34,9 @@ SWITCHES = [pytest.param(c, id=name) for name, c in AccKVConfig().ablations().it
     pytest.param(AccKVConfig(pool_lift=0.0, pool_mode="avg"), id="zero-lift-avg"),
     pytest.param(AccKVConfig(redundancy_min=1.0), id="fallback-everywhere"),
     pytest.param(AccKVConfig(protect_positions=False), id="no-position-protection"),
-    pytest.param(AccKVConfig(evidence="mean"), id="mean-evidence"),  # the text default
+    pytest.param(AccKVConfig(evidence="mean"), id="mean-evidence"),  # the text default (sinks ranked by the mean)
+    pytest.param(AccKVConfig(evidence="mean", protect_sinks=True), id="mean-evidence-sinks-kept"),
+    pytest.param(AccKVConfig(protect_sinks=False), id="window-evidence-sinks-ranked"),
     pytest.param(AccKVConfig(evidence="mean", protect_positions=False), id="mean-evidence-unprotected"),
     pytest.param(AccKVConfig(method="h2o", protect_positions=False), id="h2o-unprotected"),
     pytest.param(AccKVConfig(method="streaming", protect_positions=False), id="streaming-no-sinks"),

@@ -86,8 +86,9 @@ def test_protected_tokens_are_kept():
 
 
 # what each method keeps of (the 4 sinks, the 32 recent tokens) when neither carries evidence, protected by position
-# (StreamingLLM's recent tokens by its recency ranking)
-_BY_POSITION = {"acckv": (True, True), "h2o": (False, True), "streaming": (True, True)}
+# (StreamingLLM's recent tokens by its recency ranking; AccKV on its text evidence, every query's mean, ranks the
+# sinks by it: protect_sinks None)
+_BY_POSITION = {"acckv": (False, True), "h2o": (False, True), "streaming": (True, True)}
 
 
 @pytest.mark.parametrize("method", list(_BY_POSITION))
@@ -115,6 +116,12 @@ def test_protect_positions_keeps_sinks_and_recent_tokens_or_ranks_them(method):
     assert kept(cfg) == kept(cfg.replace(protect_positions=True))  # the default
     if method == "acckv":
         assert kept(cfg.replace(evidence="window", protect_positions=False))[1] is False  # on the window too
+        assert kept(cfg.replace(evidence="window"))[0]  # the window's evidence keeps its sinks by position
+        assert kept(cfg.replace(protect_sinks=True))[0] and kept(cfg.replace(protect_sinks=True))[2]
+        assert not kept(cfg.replace(evidence="window", protect_sinks=False))[1]
+        assert not kept(cfg.replace(protect_sinks=True, protect_positions=False))[1]  # no position protection at all
+    if method == "streaming":
+        assert not kept(cfg.replace(protect_sinks=False))[1]
 
 
 def test_protection_beyond_budget_keeps_priority_order():
@@ -297,6 +304,7 @@ def test_alignment_boosts_low_priority_tokens_in_the_high_priority_bins():
     pytest.param({"backend": "cuda"}, ValueError, "backend", id="backend"),
     pytest.param({"window": -1}, ValueError, "window", id="window-negative"),
     pytest.param({"protect_positions": None}, TypeError, "protect_positions must be a bool", id="protect-none"),
+    pytest.param({"protect_sinks": 1}, TypeError, "protect_sinks must be None or a bool", id="protect-sinks-int"),
 ])
 def test_config_rejects_bad_values(kwargs, exc, msg):
     with pytest.raises(exc, match=msg):
