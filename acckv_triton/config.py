@@ -45,7 +45,8 @@ class AccKVConfig:
     #   that protect them: AccKV, H2O, KVzip, StreamingLLM); False: they rank by their evidence like any token.
     #   On AccKV's every-query mean False lowered the decode KL in 10 of 12 real-weight cells but lost top-1 in the
     #   CI's chunk check, and a later chunk's tokens hold only its window's mass (benchmarks/NOTES.md): True
-    protect_sinks: bool | None = None  # with protect_positions, keep the S first tokens whatever their evidence.
+    protect_sinks: bool | None = None  # with protect_positions, keep the S first tokens whatever their evidence
+    #   (in the methods that have sinks: AccKV and StreamingLLM; True without protect_positions is refused).
     #   None: off where AccKV ranks by every query's mean (its text evidence: the mean already counts every query's
     #   attention to them, and a head that does not use them as sinks frees their slots; KL lower or level in all
     #   18 real-weight cells of six texts, benchmarks/NOTES.md), on elsewhere (StreamingLLM's sinks among them)
@@ -76,7 +77,7 @@ class AccKVConfig:
     proportional: bool = True  # a merged slot weighs as many tokens as it holds in attention (multiplicity)
     align_lambda: float = 0.5  # λ: strength of cross-modal alignment
     time_bin: int = 50  # time bin in TMRoPE units (25 per second): 2 s, Qwen2.5-Omni's chunk
-    sink: int = 4  # S: first tokens kept by position (with protect_positions; StreamingLLM's sinks)
+    sink: int = 4  # S: first tokens kept by position (where protects_sinks; StreamingLLM's sinks)
     recent: int = 32  # R: most recent tokens kept by position (with protect_positions; decode and streaming)
     protect_text: bool = False  # keep every text token of an AV prompt (the question is the window, kept anyway)
     slack: int = 64  # decode/streaming: re-compress once a head holds budget + slack tokens
@@ -122,6 +123,9 @@ class AccKVConfig:
             raise TypeError(f"protect_positions must be a bool, got {self.protect_positions!r}")
         if self.protect_sinks is not None and not isinstance(self.protect_sinks, bool):
             raise TypeError(f"protect_sinks must be None or a bool, got {self.protect_sinks!r}")
+        if self.protect_sinks and not self.protect_positions:
+            raise ValueError("protect_sinks=True keeps the sinks by position, which protect_positions=False turns off; "
+                             "leave protect_sinks None (or False), or set protect_positions=True")
         if self.head_budgets not in ("uniform", "adaptive"):
             raise ValueError(f"head_budgets must be 'uniform' or 'adaptive', got {self.head_budgets!r}")
         if self.method == "tova" and self.head_budgets == "adaptive":

@@ -354,7 +354,7 @@ def observed_attention(q, k, v=None, *, scale=None, key_start=None, decay: float
     side by side per position, K never repeated), so a block is a contiguous slice and one matmul gives its logits
     over the keys up to its last position; then one fused ``softmax``: the key mass is its sum over the rows, the
     output its product with V. The causal mask of a block's own keys is built once. Rows below every sequence's
-    ``key_start`` are skipped (one host read of ``key_start.min()``). ``return_lse=False`` skips the logsumexp (a
+    ``key_start`` are skipped (two host reads: ``key_start.min()`` and ``.max()``). ``return_lse=False`` skips the logsumexp (a
     pass over the logits; the prompt paths never read it) and returns ``lse`` None. With ``decay`` < 1 query i
     weighs ``decay ** (T - 1 - i)`` in the key mass (its rows of a block summed with those weights). ``out``: an
     optional ``[B, Hq, T, D]`` tensor of q's dtype, any strides (a transpose of transformers' ``[B, T, Hq, D]``),
@@ -409,9 +409,8 @@ def observed_attention(q, k, v=None, *, scale=None, key_start=None, decay: float
     if acc is not None:
         acc = acc.view(B, Hkv, T, G, D).transpose(2, 3)
         if out is None:
-            out = acc.reshape(B, Hq, T, D).to(q.dtype)
-        else:
-            out.view(B, Hkv, G, T, D).copy_(acc)
+            out = torch.empty(B, Hq, T, D, dtype=q.dtype, device=dev)
+        out.view(B, Hkv, G, T, D).copy_(acc)
     if lse is not None:
         lse = lse.view(B, Hkv, T, G).transpose(2, 3).reshape(B, Hq, T)
     return reference.ObservedAttention(out, lse, key_mass)

@@ -40,6 +40,7 @@ SWITCHES = [pytest.param(c, id=name) for name, c in AccKVConfig().ablations().it
     pytest.param(AccKVConfig(evidence="mean", protect_positions=False), id="mean-evidence-unprotected"),
     pytest.param(AccKVConfig(method="h2o", protect_positions=False), id="h2o-unprotected"),
     pytest.param(AccKVConfig(method="streaming", protect_positions=False), id="streaming-no-sinks"),
+    pytest.param(AccKVConfig(method="streaming", protect_sinks=False), id="streaming-sinks-ranked"),
 ]
 
 

@@ -7,6 +7,7 @@ import torch
 import acckv_triton as ak
 from acckv_triton import reference, workloads
 from acckv_triton.bench.av import layer_inputs, workload_to
+from acckv_triton.cache import BudgetedLayerCache
 from acckv_triton.config import METHODS, AccKVConfig
 from acckv_triton.modality import Modality
 from acckv_triton.policy import LayerTokens, _alignment_boost, _merge_groups, budget_tokens, plan_layer
@@ -94,8 +95,8 @@ _BY_POSITION = {"acckv": (False, True), "h2o": (False, True), "streaming": (True
 @pytest.mark.parametrize("method", list(_BY_POSITION))
 def test_protect_positions_keeps_sinks_and_recent_tokens_or_ranks_them(method):
     """Sinks and recent tokens with no evidence: ``protect_positions=True`` (the default) keeps what the method
-    protects by position, on every evidence; False evicts them for any method. (StreamingLLM ranks by recency: its
-    recent tokens stay either way.)"""
+    protects by position (AccKV's sinks only off its every-query mean, ``protect_sinks``); False evicts them for any
+    method. (StreamingLLM ranks by recency: its recent tokens stay either way.)"""
     x = tokens()
     x.modality = torch.zeros_like(x.modality)  # a text prompt
     hi = torch.rand(x.scores.shape, generator=torch.Generator().manual_seed(3)) + 1.0
@@ -117,11 +118,25 @@ def test_protect_positions_keeps_sinks_and_recent_tokens_or_ranks_them(method):
     if method == "acckv":
         assert kept(cfg.replace(evidence="window", protect_positions=False))[1] is False  # on the window too
         assert kept(cfg.replace(evidence="window"))[0]  # the window's evidence keeps its sinks by position
-        assert kept(cfg.replace(protect_sinks=True))[0] and kept(cfg.replace(protect_sinks=True))[2]
+        all_sinks, _, all_recent = kept(cfg.replace(protect_sinks=True))
+        assert all_sinks and all_recent
         assert not kept(cfg.replace(evidence="window", protect_sinks=False))[1]
-        assert not kept(cfg.replace(protect_sinks=True, protect_positions=False))[1]  # no position protection at all
     if method == "streaming":
         assert not kept(cfg.replace(protect_sinks=False))[1]
+
+
+def test_protects_sinks_resolves_per_method_and_evidence():
+    """None: off only where AccKV ranks by every query's mean ("auto" resolves to it on a text prompt, to the window
+    on an audio-video one); the cache hands the policy the resolved config, so a text layer ranks its sinks."""
+    assert AccKVConfig().protects_sinks  # "auto" unresolved: the window's rule
+    assert not AccKVConfig(evidence="mean").protects_sinks
+    assert AccKVConfig(evidence="window").protects_sinks
+    assert AccKVConfig(method="streaming").protects_sinks and not AccKVConfig(method="streaming",
+                                                                              protect_sinks=False).protects_sinks
+    assert AccKVConfig(evidence="mean", protect_sinks=True).protects_sinks
+    assert not AccKVConfig(protect_positions=False).protects_sinks
+    layer = BudgetedLayerCache(AccKVConfig(budget=0.25))
+    assert not layer._resolve(False).protects_sinks and layer._resolve(True).protects_sinks
 
 
 def test_protection_beyond_budget_keeps_priority_order():
@@ -305,6 +320,8 @@ def test_alignment_boosts_low_priority_tokens_in_the_high_priority_bins():
     pytest.param({"window": -1}, ValueError, "window", id="window-negative"),
     pytest.param({"protect_positions": None}, TypeError, "protect_positions must be a bool", id="protect-none"),
     pytest.param({"protect_sinks": 1}, TypeError, "protect_sinks must be None or a bool", id="protect-sinks-int"),
+    pytest.param({"protect_sinks": True, "protect_positions": False}, ValueError, "protect_sinks=True keeps the sinks",
+                 id="protect-sinks-without-positions"),
 ])
 def test_config_rejects_bad_values(kwargs, exc, msg):
     with pytest.raises(exc, match=msg):

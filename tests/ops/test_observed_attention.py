@@ -106,6 +106,23 @@ def test_strided_views_and_out_written_in_place():
         torch_ops.observed_attention(q, k, v, out=out[:, :, 1:])
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_torch_twin_out_with_every_row_padded_and_decay(dtype):
+    """The twin's ``out=`` when no row starts at 0 (its first rows skipped and zeroed) and queries are decayed: the
+    poisoned buffer is fully written, equal to the reference; a wrong dtype or no values is refused."""
+    B, Hq, Hkv, T, D = 2, 8, 2, 45, 32
+    q, k, v, _ = case(B=B, Hq=Hq, Hkv=Hkv, T=T, D=D, pad=None, dtype=dtype, seed=5)
+    key_start = torch.tensor([6, 19], dtype=torch.int32, device=DEVICE)
+    want = reference.observed_attention(q, k, v, key_start=key_start, decay=0.9)
+    out = torch.full((B, T, Hq, D), float("nan"), dtype=dtype, device=DEVICE).transpose(1, 2)
+    got = torch_ops.observed_attention(q, k, v, key_start=key_start, decay=0.9, block=8, out=out)
+    assert got.out.data_ptr() == out.data_ptr() and not torch.isnan(out).any()
+    assert_matches(got, want, dtype)
+    for bad in (dict(out=out.float() if dtype != torch.float32 else out.half()), dict(v=None, out=out)):
+        with pytest.raises(ValueError, match="out must be"):
+            torch_ops.observed_attention(q, k, **{"v": v, **bad}, key_start=key_start)
+
+
 def test_key_mass_conserves_one_per_seeing_query():
     """Each query that sees a key spreads probability 1 over what it sees: key_mass sums to G x (T - key_start[b])
     per (b, kv head), in the reference and in the kernel."""
