@@ -921,10 +921,9 @@ class BudgetedLayerCache:
         room = st.capacity - st.max_length  # appends in place
         if cfg.is_full or cfg.decode_budget == "prompt":
             return max(room, 0)
-        grown = self._grown_target_max() - self._target_max if cfg.decode_budget == "all" else 0
-        due = cfg.slack - self._excess + grown  # step k: excess + k - grown(k) <= slack, grown(k) >= grown(0)
-        outgrown = st.capacity - self._longest - self._excess - 1  # step k: longest + excess + k < capacity
-        return max(0, min(room, due, outgrown))
+        # step k is plain while both margins, k tokens on, stay >= 0: k <= each margin now (the budget's growth
+        # over those k steps only adds to the first)
+        return max(0, min(room, *self._upkeep_margins()))
 
     def count_replayed_step(self) -> None:
         """The host's side of one decode step whose device work a replayed graph did (the counters
@@ -982,9 +981,15 @@ class BudgetedLayerCache:
         cfg = self.cfg
         if self.target is None or cfg.is_full or cfg.decode_budget == "prompt":
             return False
+        return min(self._upkeep_margins()) < 0
+
+    def _upkeep_margins(self) -> tuple[int, int]:
+        """``(due, outgrown)`` from host counts: how far the excess over the budget is from passing the slack, and
+        how far the longest row is from outgrowing the storage (Ada-KV's longest head, a growing budget), each in
+        decoded tokens; an upkeep is due when either is negative."""
+        cfg = self.cfg
         grown = self._grown_target_max() - self._target_max if cfg.decode_budget == "all" else 0
-        # due past the slack, or before a row would outgrow the storage (Ada-KV's longest head, a growing budget)
-        return self._excess - grown > cfg.slack or self._longest + self._excess >= self.store.capacity
+        return cfg.slack - self._excess + grown, self.store.capacity - self._longest - self._excess - 1
 
     def compress(self, *, upkeep: bool = False) -> None:
         """Run the policy on the stored tokens and apply its plan (nothing to do at budget 1.0 / method full).
