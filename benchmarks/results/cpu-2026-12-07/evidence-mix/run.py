@@ -8,20 +8,22 @@ TEXT: prose, code, compound, dataclasses, types, functools. MODE: "mean" (the de
 means), "headX" (per kv head: the recency-weighted mean where the last 32 queries put more than X of their non-sink
 mass on the last 256 keys, the plain mean elsewhere). CONFIG: extra AccKVConfig fields, e.g. "{'head_budgets':
 'adaptive'}". The mixes are computed in the torch twin of the prompt's one-pass attention (patched here): its key
-mass is replaced by count x mix, which the policy divides back by the count of queries that saw each token."""
-import json, sys, math, functools
+mass is replaced by count x mix, which the policy divides back by the count of queries that saw each token. No
+padding (the counts assume every query valid)."""
+import math
+import sys
+
 import torch
-torch.set_num_threads(1)
-from acckv_triton import AccKVConfig, torch_ops, cache as cache_mod, reference
-from acckv_triton.bench import realmodel
-from pydoc_data.topics import topics
-TEXTS = {"prose": lambda: realmodel.text_named("prose"), "code": lambda: realmodel.text_named("code"),
-         "compound": lambda: topics["compound"], "dataclasses": lambda: realmodel.long_text("dataclasses"),
-         "types": lambda: topics["types"], "functools": lambda: realmodel.long_text("functools")}
-orig = torch_ops.observed_attention
-MODE = ["mean"]
+from common import local_share, run
+
+from acckv_triton import AccKVConfig, reference, torch_ops
+
 TAU = float(sys.argv[4]) if len(sys.argv) > 4 else 256.0
 EXTRA = eval(sys.argv[5]) if len(sys.argv) > 5 else {}
+MODE = ["mean"]
+orig = torch_ops.observed_attention
+
+
 def patched(q, k, v=None, *, decay=1.0, **kw):
     res = orig(q, k, v, decay=decay, **kw)
     if MODE[0] == "mean":
@@ -33,31 +35,18 @@ def patched(q, k, v=None, *, decay=1.0, **kw):
     n = (T - torch.arange(T, dtype=torch.float64)).clamp(min=1)
     m1 = res.key_mass.double() / n
     m2 = rec.double() / reference.query_weight_sum(n, g)
-    if MODE[0] == "rec": c = m2
-    elif MODE[0] == "max": c = torch.maximum(m1, m2)
-    elif MODE[0] == "sum": c = 0.5 * (m1 + m2)
-    elif MODE[0].startswith("head"):
-        thr = float(MODE[0][4:])
-        B, Hq, _, D = q.shape; Hkv = k.shape[1]; G = Hq // Hkv; W, R = 32, 256
-        qw = q[:, :, -W:].float().view(B, Hkv, G, W, D).reshape(B, Hkv, G * W, D)
-        p = torch.softmax(torch.matmul(qw, k.float().transpose(-1, -2)) * D ** -0.5, -1)[..., 4:]
-        share = (p[..., -R:].sum(-1) / p.sum(-1)).mean(-1)  # [B, Hkv]
-        c = torch.where((share > thr)[..., None], m2, m1)
+    if MODE[0] == "rec":
+        c = m2
+    elif MODE[0] == "max":
+        c = torch.maximum(m1, m2)
+    elif MODE[0] == "sum":
+        c = 0.5 * (m1 + m2)
+    else:  # headX
+        c = torch.where((local_share(q, k) > float(MODE[0][4:]))[..., None], m2, m1)
     res.key_mass.copy_((c * n).float())
     return res
+
+
 torch_ops.observed_attention = patched
-model, tok = realmodel.load_smollm2()
-rows = []
-modes = sys.argv[3].split(",")
-for name in sys.argv[1].split(","):
-    for mode in modes:
-        MODE[0] = mode
-        with torch.no_grad():
-            got = realmodel.fidelity_rows(model, tok, context=1536, continuation=128, step="decode", methods=(),
-                                          text=TEXTS[name](), backend="torch",
-                                          configs={mode: AccKVConfig(**{"decode_budget": "prompt", **EXTRA})})
-        got = [r for r in got if r["method"] == mode]
-        rows += [{"text": name, **{k: v for k, v in r.items() if k != "seconds"}} for r in got]
-        for r in got:
-            print(name, r["method"], r["budget"], round(r["top1"], 4), round(r["kl"], 5), flush=True)
-        json.dump(rows, open(sys.argv[2], "w"), indent=1)
+run(sys.argv[1], sys.argv[2], sys.argv[3], lambda mode: AccKVConfig(**{"decode_budget": "prompt", **EXTRA}),
+    before=lambda mode: MODE.__setitem__(0, mode))
