@@ -775,10 +775,9 @@ def plan_layer_fused(cfg: AccKVConfig, x: LayerTokens, layer: int = 0, num_layer
         mode = 1 if method == "streaming" else 0
     if not cfg.windowed:  # every-query / last-query evidence: the window is ranked like any token
         flags = (flags[0], 0) + tuple(flags[2:])
-    if not cfg.protect_positions:  # sinks and recent tokens rank by their evidence
-        flags = (0, flags[1], 0) + tuple(flags[3:])
-    elif not cfg.protects_sinks:  # AccKV's every-query mean: the sinks rank by it too
-        flags = (0,) + tuple(flags[1:])
+    # sinks (not on AccKV's every-query mean) and recent tokens (not without protect_positions) may rank by evidence
+    flags = (flags[0] if cfg.protects_sinks else 0, flags[1], flags[2] if cfg.protect_positions else 0) + \
+        tuple(flags[3:])
     spatial = x.spatial
     sp_args = (spatial, spatial.stride(0), spatial.stride(1), spatial.stride(2)) if spatial is not None else \
         (mod, 0, 0, 0)

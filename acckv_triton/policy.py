@@ -339,10 +339,10 @@ def plan_layer(cfg: AccKVConfig, x: LayerTokens, layer: int = 0, num_layers: int
         "lookm": (none, window, recent, text),
         "full": (valid, none, none, none),
     }[method]
-    if not cfg.protect_positions:  # sinks and recent tokens rank by their evidence (sinks stay out of A below)
-        protect = (none, protect[1], none, protect[3])
-    elif not cfg.protects_sinks:  # AccKV's every-query mean: the sinks rank by it too (and stay out of A)
-        protect = (none,) + protect[1:]
+    # sinks (not on AccKV's every-query mean) and recent tokens (not without protect_positions) may rank by their
+    # evidence (the sinks stay out of A below)
+    protect = (protect[0] if cfg.protects_sinks else none, protect[1],
+               protect[2] if cfg.protect_positions else none, protect[3])
     level = torch.stack([(4 - i) * p.float() for i, p in enumerate(protect)]).amax(0) * valid  # 4 sink .. 1 text
     protected = level > 0
     kept = _topk_mask(level * N + rank_valid.float(), target, protected)  # newest first within a level
