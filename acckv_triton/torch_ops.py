@@ -354,8 +354,8 @@ def observed_attention(q, k, v=None, *, scale=None, key_start=None, decay: float
     side by side per position, K never repeated), so a block is a contiguous slice and one matmul gives its logits
     over the keys up to its last position; then one fused ``softmax``: the key mass is its sum over the rows, the
     output its product with V. The causal mask of a block's own keys is built once. Rows below every sequence's
-    ``key_start`` are skipped (two host reads: ``key_start.min()`` and ``.max()``). ``return_lse=False`` skips the logsumexp (a
-    pass over the logits; the prompt paths never read it) and returns ``lse`` None. With ``decay`` < 1 query i
+    ``key_start`` are skipped (two host reads: ``key_start.min()`` and ``.max()``). ``return_lse=False`` skips the
+    logsumexp (a pass over the logits; the prompt paths never read it) and returns ``lse`` None. With ``decay`` < 1 query i
     weighs ``decay ** (T - 1 - i)`` in the key mass (its rows of a block summed with those weights). ``out``: an
     optional ``[B, Hq, T, D]`` tensor of q's dtype, any strides (a transpose of transformers' ``[B, T, Hq, D]``),
     that receives the output in one strided copy and is returned as it.
