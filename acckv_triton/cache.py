@@ -170,6 +170,8 @@ class LayerKVCache:
         for (name, dt, s), n in zip(spec, sizes):
             out[name] = buf[off:off + n].view(dt).view(s)
             off += _round_up(n, 16)
+        if not self.kernels_on(device):  # the fresh tail (see keeps_fresh_tail): no spatial position is (-1, -1)
+            out["spatial"].fill_(-1)
         return out
 
     def _resize(self, capacity: int) -> None:
@@ -187,6 +189,21 @@ class LayerKVCache:
             setattr(self, name, buf)
         self._plans.clear()
         self._storage_id = next(_STORAGE_IDS)  # what a captured decode step binds: these buffers
+
+    @property
+    def keeps_fresh_tail(self) -> bool:
+        """Whether every slot past a row's length holds a fresh token's modality (text), spatial (-1, -1) and token
+        mass (0), and multiplicity 0: the torch backend keeps its storage so (allocation, compaction and
+        :meth:`crop_last` restore it), so that its decode step writes only what a new token changes and takes
+        ``log(multiplicity)`` as its attention bias. The kernels mask by the lengths and need no such tail."""
+        return not self.uses_kernels
+
+    def _reset_tail(self, width: int) -> None:
+        """Restore the fresh tail (:attr:`keeps_fresh_tail`) between each row's length and ``width``."""
+        past = torch.arange(width, device=self.k.device) >= self.lengths[..., None]  # [B, Hkv, width]
+        for name, value in (("modality", 0), ("token_mass", 0.0), ("multiplicity", 0.0)):
+            getattr(self, name)[:, :, :width].masked_fill_(past, value)
+        self.spatial[:, :, :width].masked_fill_(past[..., None], -1)
 
     def _token_data(self, capacity_view: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """The metadata as the compaction kernel takes it, over the first ``capacity_view`` slots."""
@@ -342,7 +359,7 @@ class LayerKVCache:
         if self.uses_kernels:
             append_token_(self.k, self.v, self.lengths, k, v, **args, check=False)
         else:
-            torch_ops.append_token_(self.k, self.v, self.lengths, k, v, **args, index=self._slot)
+            torch_ops.append_token_(self.k, self.v, self.lengths, k, v, **args, index=self._slot, fresh_tail=True)
         self.count_appended()
 
     def count_appended(self) -> None:
@@ -391,6 +408,8 @@ class LayerKVCache:
             raise ValueError(f"crop_last needs rows of one length >= n={n} (uncompressed storage), got lengths in "
                              f"[{self._min_length}, {self._max_length}]")
         self.lengths -= n
+        if self.keeps_fresh_tail:
+            self._reset_tail(self._max_length)
         self._min_length -= n
         self._max_length -= n
         self.seen -= n
@@ -415,8 +434,8 @@ class LayerKVCache:
                          multiplicity=self.multiplicity if self.proportional else None, decay=decay)
             if self.uses_kernels:
                 plan = DecodeAttentionPlan(self.k, self.v, self.lengths, **bound, modality_mass=False)
-            else:
-                plan = torch_ops.TorchDecodePlan(self.k, self.v, self.lengths, **bound)
+            else:  # proportional: log(multiplicity) is the whole bias over the fresh tail
+                plan = torch_ops.TorchDecodePlan(self.k, self.v, self.lengths, **bound, fresh_tail=self.proportional)
             self._plans[key] = plan
         return plan
 
@@ -478,6 +497,7 @@ class LayerKVCache:
             validate_plan(k, v, self.lengths, keep, keep_lengths, **merges, token_data=data, token_sums=sums,
                           check_plan=check_plan)
             torch_ops.compact_kv_(k, v, self.lengths, keep, keep_lengths, **merges, token_data=data, token_sums=sums)
+            self._reset_tail(width)
         elif new_capacity < self.capacity:
             B, Hkv, _, D = self.k.shape
             fresh = self._allocate(B, Hkv, D, new_capacity, self.k.dtype, self.k.device)

@@ -49,6 +49,9 @@ class TorchDecodePlan:
             lengths`` (slots past the length keep their value).
         modality: optional ``[B, Hkv, C]`` uint8 ids; with it, ``modality_mass`` is returned too (that part
             allocates: it is for analysis, not for the decode loop).
+        fresh_tail: the owner guarantees that every slot past a row's length has multiplicity 0 and token mass 0
+            (the cache's torch storage keeps them so): ``log(multiplicity)`` is then the whole bias (-inf past the
+            length) and the decayed mass needs no row mask, two ops fewer per run. Needs ``multiplicity``.
 
     :meth:`run` returns ``DecodeAttentionOutput(out [B, Hq, D], lse [B, Hq], modality_mass)`` in the plan's own
     buffers, rewritten by every run.
@@ -56,10 +59,14 @@ class TorchDecodePlan:
 
     def __init__(self, k_cache: torch.Tensor, v_cache: torch.Tensor, lengths: torch.Tensor, *, num_q_heads: int,
                  scale: float | None = None, token_mass: torch.Tensor | None = None,
-                 multiplicity: torch.Tensor | None = None, modality: torch.Tensor | None = None, decay: float = 1.0):
+                 multiplicity: torch.Tensor | None = None, modality: torch.Tensor | None = None, decay: float = 1.0,
+                 fresh_tail: bool = False):
         B, Hkv, C, D = k_cache.shape
         if Hkv == 0 or num_q_heads % Hkv != 0:
             raise ValueError(f"the query head count Hq={num_q_heads} must be a positive multiple of Hkv={Hkv}")
+        if fresh_tail and multiplicity is None:
+            raise ValueError("fresh_tail=True needs multiplicity (its zeros past each row's length are the mask)")
+        self.fresh_tail = bool(fresh_tail)
         G = num_q_heads // Hkv
         dtype, dev = k_cache.dtype, k_cache.device
         self.k, self.v, self.lengths = k_cache, v_cache, lengths
@@ -76,16 +83,17 @@ class TorchDecodePlan:
         self._q = torch.empty(B, Hkv, G, D, **f32)
         self._p = torch.empty(B, Hkv, G, C, **f32)
         self._p_cast = self._p if wide else torch.empty(B, Hkv, G, C, dtype=dtype, device=dev)
-        self._arange = torch.arange(C, dtype=torch.int32, device=dev)
-        self._in_row = torch.empty(B, Hkv, C, dtype=torch.bool, device=dev)
         self._bias = torch.empty(B, Hkv, C, **f32)
-        self._log_mult = torch.zeros(B, Hkv, C, **f32)
-        self._neg_inf = torch.full((), -math.inf, **f32)
+        if not self.fresh_tail:  # the row mask from the lengths
+            self._arange = torch.arange(C, dtype=torch.int32, device=dev)
+            self._in_row = torch.empty(B, Hkv, C, dtype=torch.bool, device=dev)
+            self._log_mult = torch.zeros(B, Hkv, C, **f32)
+            self._neg_inf = torch.full((), -math.inf, **f32)
         self._max = torch.empty(B, Hkv, G, 1, **f32)
         self._sum = torch.empty(B, Hkv, G, 1, **f32)
         self._mass = torch.empty(B, Hkv, C, **f32)
         self._kept = None  # with decay: decay inside each row, 1 past it (slots past a length keep their mass)
-        if self.decay != 1.0:
+        if self.decay != 1.0 and not self.fresh_tail:
             self._kept = torch.empty(B, Hkv, C, **f32)
             self._decay_or_one = (torch.full((), self.decay, **f32), torch.ones((), **f32))
         self._out = torch.empty(B, Hkv, G, D, dtype=dtype, device=dev)
@@ -118,10 +126,13 @@ class TorchDecodePlan:
         p = self._p
         torch.matmul(self._q, k.transpose(-1, -2), out=p)
         # bias: log(multiplicity) inside each row, -inf past its length
-        torch.lt(self._arange, self.lengths.unsqueeze(-1), out=self._in_row)
-        if self.multiplicity is not None:
-            torch.log(self.multiplicity, out=self._log_mult)
-        torch.where(self._in_row, self._log_mult, self._neg_inf, out=self._bias)
+        if self.fresh_tail:  # multiplicity 0 past the length: its log is the whole bias
+            torch.log(self.multiplicity, out=self._bias)
+        else:
+            torch.lt(self._arange, self.lengths.unsqueeze(-1), out=self._in_row)
+            if self.multiplicity is not None:
+                torch.log(self.multiplicity, out=self._log_mult)
+            torch.where(self._in_row, self._log_mult, self._neg_inf, out=self._bias)
         p.add_(self._bias.unsqueeze(2))
         torch.amax(p, dim=-1, keepdim=True, out=self._max)
         self._max.clamp_(min=torch.finfo(torch.float32).min)  # an empty row: exp(-inf - finite) = 0, not NaN
@@ -131,8 +142,10 @@ class TorchDecodePlan:
         p.div_(self._sum.clamp_(min=torch.finfo(torch.float32).tiny))
         if self.token_mass is not None:
             torch.sum(p, dim=2, out=self._mass)
-            if self._kept is None:
+            if self.decay == 1.0:
                 self.token_mass.add_(self._mass)
+            elif self._kept is None:  # fresh tail: 0 * decay + 0 past the lengths, so no row mask
+                torch.add(self._mass, self.token_mass, alpha=self.decay, out=self.token_mass)
             else:  # token_mass = decay * token_mass + mass inside each row
                 torch.where(self._in_row, *self._decay_or_one, out=self._kept)
                 torch.addcmul(self._mass, self.token_mass, self._kept, out=self.token_mass)
@@ -149,11 +162,14 @@ class TorchDecodePlan:
 
 def append_token_(k_cache, v_cache, lengths, k_new, v_new, *, position, next_position, modality, time, spatial,
                   token_mass, multiplicity, modality_new=None, time_new=None, spatial_new=None,
-                  index: torch.Tensor | None = None) -> None:
+                  index: torch.Tensor | None = None, fresh_tail: bool = False) -> None:
     """The contract of :func:`acckv_triton.reference.append_token_` with in-place scatters only.
 
     ``index``: optional ``[B, Hkv, 1]`` int64 scratch for the slot index; with it the call allocates nothing. The
-    caller guarantees room (``lengths < C``), as the cache does by growing its storage first.
+    caller guarantees room (``lengths < C``), as the cache does by growing its storage first. ``fresh_tail``: the
+    caller guarantees that the slot already holds a fresh token's modality (0), spatial (-1, -1) and token mass
+    (0), as the cache's torch storage keeps every slot past a row's length; those three writes are skipped
+    (modality and spatial still written when given).
     """
     B, Hkv, _, D = k_cache.shape
     slot = index.copy_(lengths.unsqueeze(-1)) if index is not None else lengths.long().unsqueeze(-1)
@@ -162,10 +178,17 @@ def append_token_(k_cache, v_cache, lengths, k_new, v_new, *, position, next_pos
     k_cache.scatter_(2, rows, k_new)
     v_cache.scatter_(2, rows, v_new)
     position.scatter_(2, slot, next_position)
-    modality.scatter_(2, slot, modality_new) if modality_new is not None else modality.scatter_(2, slot, 0)
+    if modality_new is not None:
+        modality.scatter_(2, slot, modality_new)
+    elif not fresh_tail:
+        modality.scatter_(2, slot, 0)
     time.scatter_(2, slot, time_new if time_new is not None else next_position)
-    spatial.scatter_(2, pair, spatial_new) if spatial_new is not None else spatial.scatter_(2, pair, -1)
-    token_mass.scatter_(2, slot, 0.0)
+    if spatial_new is not None:
+        spatial.scatter_(2, pair, spatial_new)
+    elif not fresh_tail:
+        spatial.scatter_(2, pair, -1)
+    if not fresh_tail:
+        token_mass.scatter_(2, slot, 0.0)
     multiplicity.scatter_(2, slot, 1.0)
     lengths.add_(1)
     next_position.add_(1)

@@ -47,8 +47,9 @@ def test_decode_step_is_attention_over_the_stored_tokens_plus_the_new_one(backen
         k_all.scatter_(2, idx, k1)
         v_all.scatter_(2, idx, v1)
         mass.scatter_(2, lengths.long()[..., None], 0.0)
+        mult = st.multiplicity.clone().scatter_(2, lengths.long()[..., None], 1.0)  # the new token stands for one
         want = reference.decode_attention(q, k_all, v_all, lengths + 1, scale=0.2, token_mass=mass,
-                                          multiplicity=st.multiplicity if st.proportional else None)
+                                          multiplicity=mult if st.proportional else None)
         res = cache.decode_step(q, k1, v1, scale=0.2)
         atol, rtol = OUT_TOL[dtype]
         torch.testing.assert_close(res.out, want.out, atol=atol, rtol=rtol)
@@ -149,8 +150,8 @@ def test_a_step_without_upkeep_syncs_nothing_and_allocates_nothing(backend, meth
     if backend == "triton":  # append, split, reduce (token mass folded into the reduce launch); no torch op
         assert ops.ops == 0, ops.by_name
         assert launches == {"_append_token_kernel": 4, "_decode_split_kernel": 4, "_decode_reduce_kernel": 4}
-    else:
-        assert ops.ops <= 4 * 30, ops.by_name
+    else:  # 24 for AccKV (its bias is log(multiplicity) over the fresh tail), 25 for SnapKV and H2O, 23 without mass
+        assert ops.ops <= 4 * 25, ops.by_name
 
 
 def test_mass_is_accumulated_only_where_the_method_reads_it():

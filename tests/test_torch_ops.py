@@ -30,15 +30,32 @@ def _ragged(B, Hkv, C, seed):
 ])
 @pytest.mark.parametrize("decay", [1.0, 0.6], ids=["sum", "decay0.6"])
 def test_decode_plan_matches_reference(dtype, B, Hq, Hkv, C, D, proportional, decay):
+    _check_decode_plan(dtype, B, Hq, Hkv, C, D, proportional, decay, fresh_tail=False)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B,Hq,Hkv,C,D", [pytest.param(2, 7, 1, 63, 64, id="G7-C63"),
+                                          pytest.param(2, 6, 3, 40, 16, id="G2-ragged")])
+@pytest.mark.parametrize("decay", [1.0, 0.6], ids=["sum", "decay0.6"])
+def test_decode_plan_over_a_fresh_tail_matches_reference(dtype, B, Hq, Hkv, C, D, decay):
+    """The cache's torch storage keeps multiplicity and token mass 0 past each row's length: the plan then takes
+    log(multiplicity) as its whole bias and decays the mass without a row mask."""
+    _check_decode_plan(dtype, B, Hq, Hkv, C, D, True, decay, fresh_tail=True)
+
+
+def _check_decode_plan(dtype, B, Hq, Hkv, C, D, proportional, decay, fresh_tail):
     lengths, g = _ragged(B, Hkv, C, seed=C + D)
     k = torch.randn(B, Hkv, C, D, generator=g).to(dtype)
     v = torch.randn(B, Hkv, C, D, generator=g).to(dtype)
     mult = (torch.rand(B, Hkv, C, generator=g) * 3 + 0.5) if proportional else None
     mass = torch.rand(B, Hkv, C, generator=g)
+    if fresh_tail:  # the contract: multiplicity and mass 0 past each length (K/V there still arbitrary)
+        past = torch.arange(C) >= lengths.long()[..., None]
+        mult[past], mass[past] = 0.0, 0.0
     want_mass, before = mass.clone(), mass.clone()
     modality = torch.randint(0, 4, (B, Hkv, C), generator=g, dtype=torch.uint8)
     plan = torch_ops.TorchDecodePlan(k, v, lengths, num_q_heads=Hq, scale=0.37, token_mass=mass, multiplicity=mult,
-                                     modality=modality, decay=decay)
+                                     modality=modality, decay=decay, fresh_tail=fresh_tail)
     plan.out.fill_(float("nan"))
     plan.lse.fill_(float("nan"))
     for step in range(2):  # the same plan, run twice, accumulates twice
@@ -64,6 +81,8 @@ def test_decode_plan_run_checks_q():
         plan.run([1.0])
     with pytest.raises(ValueError, match="positive multiple"):
         torch_ops.TorchDecodePlan(k, k, torch.full((1, 2), 8, dtype=torch.int32), num_q_heads=3)
+    with pytest.raises(ValueError, match="fresh_tail=True needs multiplicity"):
+        torch_ops.TorchDecodePlan(k, k, torch.full((1, 2), 8, dtype=torch.int32), num_q_heads=4, fresh_tail=True)
 
 
 def _plan(B, Hkv, C, lengths, merges, g):
@@ -171,3 +190,20 @@ def test_append_token_matches_reference(dtype, given):
     for name in want:
         assert torch.equal(got[name], want[name]), name
     assert torch.equal(want["lengths"], state["lengths"] + 1)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("given", [False, True], ids=["defaults", "metadata-given"])
+def test_append_token_onto_a_fresh_tail_matches_reference(dtype, given):
+    """With ``fresh_tail`` the slot already holds a fresh token's modality, spatial and mass (the cache's torch
+    storage keeps every slot past a length so) and the append skips those writes: the same result."""
+    g = torch.Generator().manual_seed(4)
+    state, new = _append_args(2, 3, 17, 64, dtype, g, given)
+    past = torch.arange(17) >= state["lengths"].long()[..., None]
+    for name, value in (("modality", 0), ("token_mass", 0.0), ("multiplicity", 0.0)):
+        state[name][past] = value
+    state["spatial"][past] = -1
+    want = _call(reference.append_token_, state, new)
+    got = _call(torch_ops.append_token_, state, new, index=torch.empty(2, 3, 1, dtype=torch.int64), fresh_tail=True)
+    for name in want:
+        assert torch.equal(got[name], want[name]), name

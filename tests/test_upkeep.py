@@ -6,7 +6,7 @@ import torch
 
 from acckv_triton import reference, workloads
 from acckv_triton.bench.av import workload_to
-from acckv_triton.cache import BudgetedLayerCache
+from acckv_triton.cache import BudgetedLayerCache, LayerKVCache
 from acckv_triton.config import AccKVConfig
 from tests.conftest import DEVICE
 
@@ -111,3 +111,35 @@ def test_second_question_counts_the_decoded_answer_in_the_budget():
     cache.prefill(LT.k[:, :, 200:240].contiguous(), LT.v[:, :, 200:240].contiguous(), scores=s[:, :, 200:240],
                   **{n: x[200:240] for n, x in META.items()})
     assert torch.equal(cache.target, torch.full((2, 2), (200 + 10 + 40) // 2, device=DEVICE))
+
+
+def _assert_fresh_tail(st):
+    past = torch.arange(st.capacity, device=DEVICE) >= st.lengths.long()[..., None]
+    assert (st.modality[past] == 0).all() and (st.spatial[past] == -1).all()
+    assert (st.token_mass[past] == 0).all() and (st.multiplicity[past] == 0).all()
+
+
+def test_the_torch_storage_keeps_a_fresh_tail():
+    """Past each row's length the torch backend's storage holds a fresh token's modality, spatial and mass, and
+    multiplicity 0 (its decode step writes only what a new token changes and takes log(multiplicity) as the mask):
+    after a prefill that merges, decode steps, upkeeps that compact in place and grow the storage, and a crop."""
+    cache = prefilled(AccKVConfig(budget=0.25, slack=4, backend="torch"))
+    st = cache.store
+    assert not st.uses_kernels and st.keeps_fresh_tail
+    assert (st.multiplicity > 1).any()  # merged slots: the compaction moved tokens down over stale slots
+    _assert_fresh_tail(st)
+    g = torch.Generator().manual_seed(1)
+    B, Hkv, _, D = st.k.shape
+    capacities = {st.capacity}
+    for _ in range(40):  # the budget of every token seen: upkeeps every few steps and a growth
+        kv = torch.randn(B, Hkv, 1, D, generator=g).to(DEVICE)
+        cache.decode_step(torch.randn(B, 2 * Hkv, D, generator=g).to(DEVICE), kv, kv)
+        _assert_fresh_tail(st)
+        capacities.add(st.capacity)
+    assert cache.compressions > 5 and len(capacities) > 1
+    plain = LayerKVCache(backend="torch")
+    plain.append(torch.randn(B, Hkv, 20, D, generator=g), torch.randn(B, Hkv, 20, D, generator=g),
+                 modality=torch.full((20,), 2, dtype=torch.uint8), spatial=torch.ones(20, 2, dtype=torch.int32),
+                 token_mass=torch.rand(20, generator=g))
+    plain.crop_last(7)
+    _assert_fresh_tail(plain)
