@@ -80,7 +80,7 @@ class TorchDecodePlan:
         # 16-bit caches: logits from a float32 copy of K (a 16-bit product would round them to 8 or 11 bits, as the
         # kernels' tensor-core dot does not), probabilities back in the cache dtype for the P.V product
         self._k32 = None if wide else torch.empty(B, Hkv, C, D, **f32)
-        self._q = torch.empty(B, Hkv, G, D, **f32)
+        self._q = None if wide else torch.empty(B * Hkv, G, D, **f32)
         self._p = torch.empty(B, Hkv, G, C, **f32)
         self._p_cast = self._p if wide else torch.empty(B, Hkv, G, C, dtype=dtype, device=dev)
         self._bias = torch.empty(B, Hkv, C, **f32)
@@ -91,9 +91,10 @@ class TorchDecodePlan:
             self._neg_inf = torch.full((), -math.inf, **f32)
         self._max = torch.empty(B, Hkv, G, 1, **f32)
         self._sum = torch.empty(B, Hkv, G, 1, **f32)
-        self._mass = torch.empty(B, Hkv, C, **f32)
+        self._ones = torch.ones(B * Hkv, 1, G, **f32)  # sums p over a GQA group as a product
         self._kept = None  # with decay: decay inside each row, 1 past it (slots past a length keep their mass)
         if self.decay != 1.0 and not self.fresh_tail:
+            self._mass = torch.empty(B, Hkv, C, **f32)
             self._kept = torch.empty(B, Hkv, C, **f32)
             self._decay_or_one = (torch.full((), self.decay, **f32), torch.ones((), **f32))
         self._out = torch.empty(B, Hkv, G, D, dtype=dtype, device=dev)
@@ -117,14 +118,13 @@ class TorchDecodePlan:
         if q.shape != (B, Hq, D) or q.dtype != self.dtype or q.device != self.device:
             raise ValueError(f"q must be a [B, Hq, D] = {(B, Hq, D)} {self.dtype} tensor on {self.device}, got "
                              f"{tuple(q.shape)} {q.dtype} on {q.device}")
-        G = Hq // Hkv
-        torch.mul(q.view(B, Hkv, G, D), self.scale, out=self._q)
+        G, BH = Hq // Hkv, B * Hkv
+        q = q.view(BH, G, D)
         k = self.k
-        if self._k32 is not None:
+        if self._k32 is not None:  # 16-bit: float32 logits
             k = self._k32
             k.copy_(self.k)
-        p = self._p
-        torch.matmul(self._q, k.transpose(-1, -2), out=p)
+            q = self._q.copy_(q)
         # bias: log(multiplicity) inside each row, -inf past its length
         if self.fresh_tail:  # multiplicity 0 past the length: its log is the whole bias
             torch.log(self.multiplicity, out=self._bias)
@@ -133,7 +133,10 @@ class TorchDecodePlan:
             if self.multiplicity is not None:
                 torch.log(self.multiplicity, out=self._log_mult)
             torch.where(self._in_row, self._log_mult, self._neg_inf, out=self._bias)
-        p.add_(self._bias.unsqueeze(2))
+        p = self._p
+        # logits = bias + scale * q k^T in one product
+        torch.baddbmm(self._bias.view(BH, 1, C), q, k.view(BH, C, D).transpose(1, 2), alpha=self.scale,
+                      out=p.view(BH, G, C))
         torch.amax(p, dim=-1, keepdim=True, out=self._max)
         self._max.clamp_(min=torch.finfo(torch.float32).min)  # an empty row: exp(-inf - finite) = 0, not NaN
         p.sub_(self._max).exp_()
@@ -141,12 +144,11 @@ class TorchDecodePlan:
         torch.log(self._sum, out=self.lse.view(B, Hkv, G, 1)).add_(self._max)
         p.div_(self._sum.clamp_(min=torch.finfo(torch.float32).tiny))
         if self.token_mass is not None:
-            torch.sum(p, dim=2, out=self._mass)
-            if self.decay == 1.0:
-                self.token_mass.add_(self._mass)
-            elif self._kept is None:  # fresh tail: 0 * decay + 0 past the lengths, so no row mask
-                torch.add(self._mass, self.token_mass, alpha=self.decay, out=self.token_mass)
+            if self._kept is None:  # decay * token_mass + the group's sum of p, in one product (over a fresh tail
+                # or without decay, slots past a length are left as they were: 0 * decay + 0, or + 0)
+                self.token_mass.view(BH, 1, C).baddbmm_(self._ones, p.view(BH, G, C), beta=self.decay)
             else:  # token_mass = decay * token_mass + mass inside each row
+                torch.sum(p, dim=2, out=self._mass)
                 torch.where(self._in_row, *self._decay_or_one, out=self._kept)
                 torch.addcmul(self._mass, self.token_mass, self._kept, out=self.token_mass)
         p_cast = self._p_cast
