@@ -38,11 +38,13 @@ import functools
 import itertools
 import math
 
+import numpy as np
 import torch
 
 from . import torch_ops
 from .config import AccKVConfig
-from .modality import Modality
+from .modality import NUM_MODALITIES, Modality
+from .ops._common import check_scale
 from .ops.append_token import append_token_
 from .ops.chunk_attention import chunk_attention
 from .ops.compact_kv import compact_kv, compact_kv_, validate_plan
@@ -58,6 +60,27 @@ __all__ = ["BudgetedLayerCache", "LayerKVCache"]
 
 _KV_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _METADATA = ("modality", "time", "spatial", "position", "token_mass", "multiplicity")
+
+
+def _check_modality(x, *, on_device: bool) -> None:
+    """Raise TypeError unless ``x`` holds integers, ValueError unless every one is a :class:`Modality` id in
+    ``[0, NUM_MODALITIES)``. CPU tensors and sequences are read on the host (no device work); a device tensor is
+    read with one host sync when ``on_device``, else trusted."""
+    if isinstance(x, torch.Tensor):
+        if x.dtype == torch.bool or x.dtype.is_floating_point or x.dtype.is_complex:
+            raise TypeError(f"modality must hold integer Modality ids, got dtype {x.dtype}")
+        if x.device.type != "cpu":
+            if on_device and bool(((x < 0) | (x >= NUM_MODALITIES)).any()):
+                raise ValueError(f"modality must hold Modality ids in [0, {NUM_MODALITIES}), got values outside it")
+            return
+        values = x.numpy()  # host memory: nothing dispatched, nothing synchronised
+    else:
+        values = np.asarray(x)
+        if values.dtype.kind not in "iu":
+            raise TypeError(f"modality must hold integer Modality ids, got {type(x).__name__} of {values.dtype}")
+    if values.size and (int(values.min()) < 0 or int(values.max()) >= NUM_MODALITIES):
+        raise ValueError(f"modality must hold Modality ids in [0, {NUM_MODALITIES}), got values in "
+                         f"[{int(values.min())}, {int(values.max())}]")
 
 
 def _round_up(x: int, multiple: int) -> int:
@@ -231,8 +254,46 @@ class LayerKVCache:
             raise ValueError(f"{name} must have shape {what} for B, Hkv, T = {shape[:3]}, got {tuple(x.shape)}")
         return x.to(dtype).expand(shape)
 
+    def token_metadata(self, k: torch.Tensor, *, modality=None, time=None, spatial=None, position=None,
+                       token_mass=None, check_modality: bool = True) -> dict[str, torch.Tensor]:
+        """The metadata :meth:`append` would store with ``k [B, Hkv, T, D]``, checked and as ``[B, Hkv, T]`` views
+        (``spatial`` ``[..., 2]``), defaults filled in; the cache is not changed. Raises as :meth:`append`."""
+        if modality is not None:
+            _check_modality(modality, on_device=check_modality)
+        B, Hkv, T = k.shape[:3]
+        device, shape = k.device, (B, Hkv, T)
+        position = self._token_meta(position, "position", self.seen + torch.arange(T, device=device),
+                                    torch.int32, shape, device)
+        return dict(
+            modality=self._token_meta(modality, "modality", int(Modality.TEXT), torch.uint8, shape, device),
+            time=self._token_meta(time, "time", position, torch.int32, shape, device),
+            spatial=self._token_meta(spatial, "spatial", -1, torch.int32, shape + (2,), device),
+            position=position,
+            token_mass=self._token_meta(token_mass, "token_mass", 0.0, torch.float32, shape, device),
+            multiplicity=torch.ones(shape, dtype=torch.float32, device=device),
+        )
+
+    def check_kv(self, k, v) -> None:
+        """Raise TypeError / ValueError unless ``k`` and ``v`` are ``[B, Hkv, T, D]`` float16, bfloat16 or float32
+        tensors of one shape, dtype and device, matching the storage's B, Hkv, D, dtype and device once there is
+        one (what :meth:`append` stores)."""
+        for name, x in (("k", k), ("v", v)):
+            if not isinstance(x, torch.Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+            if x.dim() != 4 or x.dtype not in _KV_DTYPES:
+                raise ValueError(f"{name} must be a [B, Hkv, T, D] float16, bfloat16 or float32 tensor, got "
+                                 f"{tuple(x.shape)} {x.dtype}")
+        if v.shape != k.shape or v.dtype != k.dtype or v.device != k.device:
+            raise ValueError(f"v must match k in shape, dtype and device, got {tuple(v.shape)} {v.dtype} {v.device}")
+        B, Hkv, _, D = k.shape
+        if self.k is not None and ((B, Hkv, D) != (self.k.shape[0], self.k.shape[1], self.k.shape[3])
+                                   or k.dtype != self.k.dtype or k.device != self.k.device):
+            raise ValueError(f"k must be [B, Hkv, T, D] = [{self.k.shape[0]}, {self.k.shape[1]}, T, {self.k.shape[3]}] "
+                             f"{self.k.dtype} on {self.k.device} like the cache, got {tuple(k.shape)} {k.dtype} "
+                             f"on {k.device}")
+
     def append(self, k: torch.Tensor, v: torch.Tensor, *, modality=None, time=None, spatial=None,
-               position=None, token_mass=None, borrow: bool = False) -> None:
+               position=None, token_mass=None, borrow: bool = False, check_modality: bool = True) -> None:
         """Store T new tokens per (sequence, kv head) at ``lengths`` and advance ``lengths`` and ``seen`` by T.
 
         Args:
@@ -242,6 +303,9 @@ class LayerKVCache:
             spatial: ``(h, w)`` as ``[T, 2]``, ``[B, T, 2]`` or ``[B, Hkv, T, 2]``; default -1 (none).
             position: original positions, same shapes as modality; default ``seen + arange(T)``.
             token_mass: initial attention mass (e.g. prefill window scores), same shapes; default 0.
+            check_modality: read the modality ids of a device tensor back to validate them (one host sync; ids on
+                the CPU or in a sequence are always checked, for free). Pass False for ids valid by construction,
+                as the transformers integration does; the kernels read an id out of range as text.
 
         Grows the capacity geometrically when a row would overflow; new tokens start with multiplicity 1.
 
@@ -250,35 +314,14 @@ class LayerKVCache:
         caller guarantees it, as :class:`BudgetedLayerCache` does at the end of prefill). Nothing is written into
         the borrowed tensors.
         """
-        for name, x in (("k", k), ("v", v)):
-            if not isinstance(x, torch.Tensor):
-                raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-            if x.dim() != 4 or x.dtype not in _KV_DTYPES:
-                raise ValueError(f"{name} must be a [B, Hkv, T, D] float16, bfloat16 or float32 tensor, got "
-                                 f"{tuple(x.shape)} {x.dtype}")
-        if v.shape != k.shape or v.dtype != k.dtype or v.device != k.device:
-            raise ValueError(f"v must match k in shape, dtype and device, got {tuple(v.shape)} {v.dtype} {v.device}")
+        self.check_kv(k, v)
         if k.requires_grad or v.requires_grad:  # the cache holds values, never an autograd graph (nor its activations)
             k, v = k.detach(), v.detach()
         B, Hkv, T, D = k.shape
-        if self.k is not None and ((B, Hkv, D) != (self.k.shape[0], self.k.shape[1], self.k.shape[3])
-                                   or k.dtype != self.k.dtype or k.device != self.k.device):
-            raise ValueError(f"k must be [B, Hkv, T, D] = [{self.k.shape[0]}, {self.k.shape[1]}, T, {self.k.shape[3]}] "
-                             f"{self.k.dtype} on {self.k.device} like the cache, got {tuple(k.shape)} {k.dtype} "
-                             f"on {k.device}")
         device = k.device
-        shape = (B, Hkv, T)
         # Every argument is checked before the cache changes: a rejected first append leaves it empty.
-        position = self._token_meta(position, "position", self.seen + torch.arange(T, device=device),
-                                    torch.int32, shape, device)
-        meta = dict(
-            modality=self._token_meta(modality, "modality", int(Modality.TEXT), torch.uint8, shape, device),
-            time=self._token_meta(time, "time", position, torch.int32, shape, device),
-            spatial=self._token_meta(spatial, "spatial", -1, torch.int32, shape + (2,), device),
-            position=position,
-            token_mass=self._token_meta(token_mass, "token_mass", 0.0, torch.float32, shape, device),
-            multiplicity=torch.ones(shape, dtype=torch.float32, device=device),
-        )
+        meta = self.token_metadata(k, modality=modality, time=time, spatial=spatial, position=position,
+                                   token_mass=token_mass, check_modality=check_modality)
         if self.k is None and borrow:
             self._install(dict(k=k, v=v, **meta))
             self.lengths = torch.full((B, Hkv), T, dtype=torch.int32, device=device)
@@ -306,7 +349,7 @@ class LayerKVCache:
             idx = self.lengths.long()[..., None] + torch.arange(T, device=device)  # [B, Hkv, T]
             for name, x in new.items():
                 buf = getattr(self, name)
-                index = idx.view(shape + (1,) * (buf.dim() - 3)).expand(x.shape)
+                index = idx.view((B, Hkv, T) + (1,) * (buf.dim() - 3)).expand(x.shape)
                 buf.scatter_(2, index, x)
         self.lengths += T
         self._min_length += T
@@ -361,6 +404,20 @@ class LayerKVCache:
         else:
             torch_ops.append_token_(self.k, self.v, self.lengths, k, v, **args, index=self._slot, fresh_tail=True)
         self.count_appended()
+
+    def check_query(self, q, scale=None) -> None:
+        """Raise TypeError / ValueError unless ``q`` is what decode attention over this storage takes: ``[B, Hq, D]``
+        with Hq a positive multiple of Hkv, in the cache's dtype and device, last dim contiguous; and ``scale``
+        None or finite. Host checks only: a decode step runs them before it stores anything."""
+        if not isinstance(q, torch.Tensor):
+            raise TypeError(f"q must be a torch.Tensor, got {type(q).__name__}")
+        B, Hkv, _, D = self.k.shape
+        if q.dim() != 3 or q.shape[0] != B or q.shape[2] != D or q.shape[1] == 0 or q.shape[1] % Hkv \
+                or q.dtype != self.k.dtype or q.device != self.k.device or q.stride(-1) != 1:
+            raise ValueError(f"q must be a [B, Hq, D] = [{B}, a multiple of Hkv={Hkv}, {D}] {self.k.dtype} tensor on "
+                             f"{self.k.device} with a contiguous last dim, got {tuple(q.shape)} {q.dtype} on "
+                             f"{q.device}, strides {q.stride()}")
+        check_scale(scale, D)
 
     def count_appended(self) -> None:
         """Advance the host's copies (lengths' bounds, ``seen``) by one decode token appended on the device: what
@@ -717,13 +774,15 @@ class BudgetedLayerCache:
                 the budget).
             audio_video: as :meth:`prompt_evidence` took it (the evidence decides what the policy protects and
                 pools).
-            metadata: ``modality``, ``time``, ``spatial``, ``position`` as :meth:`LayerKVCache.append` takes them.
+            metadata: ``modality``, ``time``, ``spatial``, ``position`` and ``check_modality`` as
+                :meth:`LayerKVCache.append` takes them.
 
         Afterwards the storage holds ``max(target) + slack + 1`` slots per row (rounded up to 16). With
         reconstruction evidence (``method="kvzip"``) a first prompt is stored whole and compressed by
         :meth:`end_reconstruction`, after :meth:`reconstruct` has scored it; a later chunk ranks by its window.
         """
         self._check_not_awaiting("prefill")
+        self.store.check_kv(k, v)
         B, Hkv, T = k.shape[:3]
         if not isinstance(scores, torch.Tensor) or tuple(scores.shape) != (B, Hkv, T):
             raise ValueError(f"scores must be a [B, Hkv, T] = {(B, Hkv, T)} tensor, got "
@@ -849,6 +908,8 @@ class BudgetedLayerCache:
         if st.k is None:
             raise ValueError("prefill_chunk needs a prefilled cache: call prefill(k, v, scores=...) first")
         self._check_not_awaiting("prefill_chunk")
+        st.check_kv(k, v)  # and the chunk's metadata: checked before the stored tokens' mass changes
+        st.token_metadata(k, **metadata)
         S, T = st.max_length, q.shape[2]
         cfg = self._resolve(audio_video)
         out, res = self._attend_chunk(
@@ -904,6 +965,7 @@ class BudgetedLayerCache:
         if self.target is None:
             raise ValueError("decode_step needs a prefilled cache: call prefill(k, v, scores=...) first")
         self._check_not_awaiting("decode_step")
+        st.check_query(q, scale)  # before the token is stored: a rejected step changes nothing
         st.append_token(k, v, modality=modality, time=time, spatial=spatial)
         self._count_decoded()
         res = st.decode_plan(q.shape[1], scale=scale, token_mass=self.reads_mass,

@@ -81,6 +81,14 @@ def _row(STATS, N, H, NSTAT: tl.constexpr):
 
 
 @triton.jit
+def _load_mod(MOD, offs, mask, use):
+    """Modality ids (int32) where ``use``, else 0; an id out of range reads as text, so that no kernel indexes
+    scratch by it (the evidence kernel counts such ids for the caller's check)."""
+    m = tl.load(MOD + offs, mask=mask, other=0).to(tl.int32)
+    return tl.where(use & (m < 4), m, 0)
+
+
+@triton.jit
 def _block(RANK, MOD, row, mod_base, s0, N, BLOCK: tl.constexpr):
     """One block of a row's tokens: indices, in-bounds mask, valid rank (-1 invalid), validity, modality (0 if
     invalid: slots past the lengths may hold any id)."""
@@ -88,7 +96,7 @@ def _block(RANK, MOD, row, mod_base, s0, N, BLOCK: tl.constexpr):
     inb = t < N
     rank = tl.load(RANK + row + t, mask=inb, other=-1)
     valid = rank >= 0
-    mod = tl.where(valid, tl.load(MOD + mod_base + t, mask=inb, other=0).to(tl.int32), 0)
+    mod = _load_mod(MOD, mod_base + t, inb, valid)
     return t, inb, rank, valid, mod
 
 
@@ -119,7 +127,7 @@ def _evidence_kernel(
             valid = valid & (tl.load(VALID + b * sVb + h * sVh + t, mask=inb, other=0) != 0)
         mod_in = tl.load(MOD + b * sMb + h * sMh + t, mask=inb, other=0).to(tl.int32)
         bad += tl.sum((valid & (mod_in >= 4)).to(tl.int32), 0)
-        mod = tl.where(valid, mod_in, 0)
+        mod = tl.where(valid & (mod_in < 4), mod_in, 0)  # as _load_mod reads it
         s = tl.load(S + b * sSb + h * sSh + t, mask=inb, other=0.0).to(tl.float32)
         s = tl.where(s != s, 0.0, s)
         s = tl.minimum(s, 3.4028234663852886e38)
@@ -470,7 +478,7 @@ def _groups_kernel(
             score = s_hat
             mass = raw
         rank = tl.load(RANK + row + tok, mask=inb, other=-1)
-        mod = tl.where(rank >= 0, tl.load(MOD + b * sMb + h * sMh + tok, mask=inb, other=0).to(tl.int32), 0)
+        mod = _load_mod(MOD, b * sMb + h * sMh + tok, inb, rank >= 0)
         pb = tl.zeros_like(mod) + prio_b  # a block: the interpreter mixes scalar and block masks badly
         is_l = (pb >= 0) & (mod != pb) & ((mod == 1) | (mod == 2))
         tl.store(REP + row + tok, rep, mask=inb)
@@ -512,7 +520,7 @@ def _consume_kernel(
             ok = inb & (key > float("-inf"))
             if PER_MOD:
                 rank = tl.load(RANK + row + tok, mask=ok, other=-1)
-                mod = tl.where(rank >= 0, tl.load(MOD + b * sMb + h * sMh + tok, mask=ok, other=0).to(tl.int32), 0)
+                mod = _load_mod(MOD, b * sMb + h * sMh + tok, ok, rank >= 0)
             else:
                 mod = tl.zeros((BLOCK,), tl.int32)
             onehot = ((mod[:, None] == m4[None, :]) & ok[:, None]).to(tl.int64)
@@ -590,7 +598,7 @@ def _consume_kernel(
             carry += tl.sum(kept.to(tl.int32), 0)
             tl.store(HASP + row + t, tl.where(kept, slot, -1), mask=inb)
             tl.store(KEEP + r.to(tl.int64) * K + slot, t, mask=kept)
-            mod = tl.where(valid, tl.load(MOD + b * sMb + h * sMh + t, mask=inb, other=0).to(tl.int32), 0)
+            mod = _load_mod(MOD, b * sMb + h * sMh + t, inb, valid)
             kpm += tl.sum(((mod[:, None] == m4[None, :]) & kept[:, None]).to(tl.int64), 0)
             if WEIGHTS:
                 raw = tl.load(RAW + row + t, mask=inb, other=0.0)

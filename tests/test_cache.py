@@ -285,3 +285,70 @@ def test_backend_is_checked_and_auto_follows_the_storage_device():
     assert cache.uses_kernels == (DEVICE.type == "cuda")  # the kernels for CUDA storage, the reference otherwise
     assert prefill(20, backend="torch")[0].uses_kernels is False
     assert prefill(20)[0].uses_kernels is True  # the default: the kernels (interpreted without a GPU)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_modality_ids_are_checked_before_anything_is_stored(backend):
+    """Ids out of range (or not integers) are refused with the argument named, before the prompt is stored: the
+    fused policy would otherwise index its scratch by them."""
+    for bad, error in ((torch.full((16,), 4, dtype=torch.uint8), ValueError), ([0] * 15 + [9], ValueError),
+                       (torch.full((16,), -1), ValueError), (torch.zeros(16), TypeError), ([0.5] * 16, TypeError)):
+        cache = ak.BudgetedLayerCache(ak.AccKVConfig(budget=0.25, backend=backend))
+        with pytest.raises(error, match="modality"):
+            cache.prefill(*rand_kv(16), scores=torch.rand(B, HKV, 16, device=DEVICE),
+                          modality=bad.to(DEVICE) if isinstance(bad, torch.Tensor) else bad)
+        assert not cache.store.initialized and cache.target is None
+    cache = ak.BudgetedLayerCache(ak.AccKVConfig(budget=0.25, backend=backend))
+    cache.prefill(*rand_kv(16), scores=torch.rand(B, HKV, 16, device=DEVICE), modality=[0, 1, 2, 3] * 4)
+    assert cache.compressions == 1
+
+
+def test_the_fused_policy_reads_an_unchecked_id_out_of_range_as_text():
+    """Ids the caller vouched for (check_modality=False) but out of range never index scratch: the plan is the one
+    of text ids there, and the policy's own check (check=True) still refuses them."""
+    from acckv_triton.fused_policy import plan_layer_fused
+    from acckv_triton.policy import LayerTokens
+    g = torch.Generator().manual_seed(0)
+    N = 64
+    mod = torch.randint(0, 4, (1, 2, N), generator=g, dtype=torch.uint8)
+    bad = mod.clone()
+    bad[0, 0, 5:40:3] = 200
+    as_text = torch.where(bad == 200, 0, mod).to(torch.uint8)
+    base = dict(scores=torch.rand(1, 2, N, generator=g), lengths=torch.full((1, 2), N, dtype=torch.int32),
+                time=torch.arange(N, dtype=torch.int32).expand(1, 2, N), keys=torch.randn(1, 2, N, 16, generator=g))
+    cfg, target = ak.AccKVConfig(budget=0.25, evidence="window"), torch.full((1, 2), 16)  # pooled: a counting sort
+    got = plan_layer_fused(cfg, LayerTokens(modality=bad.to(DEVICE), **{n: x.to(DEVICE) for n, x in base.items()}),
+                           target=target.to(DEVICE), max_keep=16)
+    want = plan_layer_fused(cfg, LayerTokens(modality=as_text.to(DEVICE), **{n: x.to(DEVICE) for n, x in base.items()}),
+                            target=target.to(DEVICE), max_keep=16)
+    assert torch.equal(got.plan.keep, want.plan.keep) and torch.equal(got.plan.keep_lengths, want.plan.keep_lengths)
+    with pytest.raises(ValueError, match="modality"):
+        plan_layer_fused(cfg, LayerTokens(modality=bad.to(DEVICE), **{n: x.to(DEVICE) for n, x in base.items()}),
+                         target=target.to(DEVICE), max_keep=16, check=True)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_a_rejected_decode_step_or_chunk_changes_nothing(backend):
+    cache = ak.BudgetedLayerCache(ak.AccKVConfig(budget=0.5, backend=backend))
+    cache.prefill(*rand_kv(32), scores=torch.rand(B, HKV, 32, device=DEVICE))
+    st = cache.store
+    state = lambda: (st.lengths.clone(), st.seen, st.token_mass.clone(), st.k.clone())  # noqa: E731
+    before = state()
+    k1, v1 = rand_kv(1)
+    q = torch.randn(B, 2 * HKV, D, device=DEVICE)
+    for bad_q, error in ((q[:, :, None], ValueError), (q.half(), ValueError), (q[:, :3], ValueError),
+                         (q.tolist(), TypeError), (q[..., ::2], ValueError)):
+        with pytest.raises(error, match="q must be"):
+            cache.decode_step(bad_q, k1, v1)
+    with pytest.raises(ValueError, match="scale"):
+        cache.decode_step(q, k1, v1, scale=float("nan"))
+    kc, vc = rand_kv(4)
+    with pytest.raises(ValueError, match="modality"):
+        cache.prefill_chunk(torch.randn(B, 2 * HKV, 4, D, device=DEVICE), kc, vc, modality=[0, 0, 7, 0])
+    with pytest.raises(ValueError, match="k must be"):
+        cache.prefill_chunk(torch.randn(B, 2 * HKV, 4, D, device=DEVICE), kc[:, :1], vc[:, :1])
+    after = state()
+    assert torch.equal(after[0], before[0]) and after[1] == before[1]
+    assert torch.equal(after[2], before[2]) and torch.equal(after[3], before[3])
+    cache.decode_step(q, k1, v1)  # and a good step stores the token once
+    assert torch.equal(st.lengths, before[0] + 1) and st.seen == before[1] + 1

@@ -274,7 +274,7 @@ class AccKVLayer(CacheLayerMixin):
             meta = self._owner._metadata(key_states.shape[2])
             del meta["valid"]  # padding is stored as DynamicCache stores it; the model's mask excludes it
             meta.pop("audio_video", None)
-            self.store.append(key_states, value_states, **meta)
+            self.store.append(key_states, value_states, check_modality=False, **meta)  # ids made here
             n = self.store.max_length
             return self.store.k[:, :, :n], self.store.v[:, :, :n]
         if self._staged is not None:
@@ -355,7 +355,7 @@ class AccKVLayer(CacheLayerMixin):
                                                                  audio_video=av)
                 else:
                     scores = self.budgeted.prompt_evidence(query, k, scale=scaling, valid=valid, audio_video=av)
-                self.budgeted.prefill(k, v, scores=scores, valid=valid, audio_video=av, **meta)
+                self.budgeted.prefill(k, v, scores=scores, valid=valid, audio_video=av, check_modality=False, **meta)
             return out
         with torch.no_grad():
             if T == 1:
@@ -371,7 +371,7 @@ class AccKVLayer(CacheLayerMixin):
 
     def _chunk(self, query, k, v, scaling, valid, meta) -> torch.Tensor:
         """A multi-token chunk over the stored tokens plus itself (the cache's ``prefill_chunk``) -> ``[B, T, Hq, D]``."""
-        return self.budgeted.prefill_chunk(query, k, v, scale=scaling, valid=valid, **meta)
+        return self.budgeted.prefill_chunk(query, k, v, scale=scaling, valid=valid, check_modality=False, **meta)
 
 
 _PLAIN_KWARGS = frozenset({"position_ids", "use_cache", "cache_position"})  # attention kwargs that change nothing
