@@ -62,6 +62,7 @@ from __future__ import annotations
 
 import sys
 import threading
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -277,6 +278,7 @@ class AccKVLayer(CacheLayerMixin):
             self.store.append(key_states, value_states, check_modality=False, **meta)  # ids made here
             n = self.store.max_length
             return self.store.k[:, :, :n], self.store.v[:, :, :n]
+        self._check_patched()
         if self._staged is not None:
             raise RuntimeError("AccKVCache: the previous chunk was never attended. The cache was used by a model whose "
                                "attention is not AccKV's; patch it with apply_acckv(model, cfg) first.")
@@ -287,7 +289,15 @@ class AccKVLayer(CacheLayerMixin):
     def get_seq_length(self) -> int:
         return self.store.seen
 
+    def _check_patched(self) -> None:
+        if not self._owner._patched_forward:
+            raise ValueError("this AccKVCache compresses below budget 1.0, so only a model patched by apply_acckv can "
+                             "attend over it; this forward runs without the patch (reverted, or another model): "
+                             "apply_acckv(model, cfg) again, or start a new cache")
+
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        if not self.cfg.is_full:
+            self._check_patched()
         stored = self.store.max_length
         return stored + query_length, self.store.seen - stored
 
@@ -406,6 +416,7 @@ class AccKVCache(Cache):
                                  else kind for i, kind in enumerate(kinds)])
         self.cfg = cfg
         self._step: dict[str, Any] = {}  # metadata of the chunk the current forward feeds ([B, T] tensors or None)
+        self._patched_forward = False  # inside a forward of a model patched by apply_acckv (its hooks set it)
         self._reconstructing = False  # inside the handle's reconstruction pass (reconstruction evidence)
         self._plain_steps = 0  # decode steps known replayable ahead, from host counts (0: ask the layers)
 
@@ -588,6 +599,7 @@ class AccKVHandle:
         self._impl: tuple[str, str] | None = None  # (original, registered name) when the attention is switched
         self.graphs: DecodeGraphs | None = None  # apply_acckv(decode_graphs=True): the decode-graph switch
         self._reverted = False
+        self._warned_foreign_cache = False  # a cache other than AccKVCache passed to the patched model: warned once
         self._modality_ids = [(getattr(model.config, field), int(m)) for field, m in spec.modality_token_ids
                               if getattr(model.config, field, None) is not None]
 
@@ -648,8 +660,14 @@ class AccKVHandle:
             user_cache = _cache_argument(model_kwargs)
             result = prepare(generation_config, model_kwargs, *args, **kwargs)
             for name in _CACHE_KWARGS:
-                if user_cache is None and type(model_kwargs.get(name)) is DynamicCache:
-                    model_kwargs[name] = self.new_cache()
+                built = model_kwargs.get(name)
+                if user_cache is not None or built is None:
+                    continue
+                if type(built) is not DynamicCache:  # refused: it would run uncompressed, silently
+                    raise ValueError(f"generate built a {type(built).__name__} (cache_implementation="
+                                     f"{generation_config.cache_implementation!r}); a model patched by apply_acckv "
+                                     "compresses the dynamic cache only: leave cache_implementation unset")
+                model_kwargs[name] = self.new_cache()
             return result
 
         model._prepare_cache_for_generation = _prepare_cache_for_generation
@@ -667,6 +685,11 @@ class AccKVHandle:
         ids, self._state.input_ids = self._state.input_ids, None
         if not isinstance(cache, AccKVCache):
             self._state.cache = None
+            if isinstance(cache, Cache) and not self._warned_foreign_cache:
+                self._warned_foreign_cache = True
+                warnings.warn(f"a {type(cache).__name__} was passed to a model patched by apply_acckv: it is not "
+                              "compressed (only an AccKVCache is; get one from handle.new_cache(), or let generate "
+                              "build it)", UserWarning, stacklevel=2)
             return
         x = kwargs.get("inputs_embeds")
         if x is None:
@@ -706,6 +729,7 @@ class AccKVHandle:
         for layer in cache.compressed_layers:  # a forward that raised half-way may have left a chunk staged
             layer._staged = None
         cache._step = step
+        cache._patched_forward = True
         self._state.cache = cache
         self._state.replay = (args, dict(kwargs), T) if replay else None
 
@@ -713,6 +737,7 @@ class AccKVHandle:
         cache, replay = self._state.cache, self._state.replay
         if cache is not None:
             cache._step = {}
+            cache._patched_forward = False
         self._state.cache, self._state.replay = None, None
         if replay is not None and output is not None and cache.awaiting_reconstruction:  # None: the forward raised
             self._reconstruct(cache, *replay)

@@ -264,6 +264,24 @@ def test_revert_restores_the_model_exactly():
         assert torch.equal(a, b)
 
 
+def test_caches_the_patch_cannot_compress_are_refused_or_warned_about():
+    """A cache the patched model would run uncompressed is never silent: generate's static cache is refused, a
+    user-given DynamicCache warned about (once); an AccKVCache used after revert (no AccKV attention) is refused
+    with the remedy, not a shape error from transformers' mask code."""
+    model = tiny_causal_lm("llama")
+    inputs = _left_padded((24, 24))
+    with acckv(model, ak.AccKVConfig(budget=0.3)):
+        with pytest.raises(ValueError, match="cache_implementation='static'"):
+            _generate(model, inputs, n=2, cache_implementation="static")
+        with pytest.warns(UserWarning, match="DynamicCache was passed .* not compressed"):
+            model(**inputs, past_key_values=DynamicCache())
+        cache = _generate(model, inputs, n=2).past_key_values
+    assert isinstance(cache, AccKVCache)
+    ids = torch.randint(3, VOCAB - 20, (2, 6), generator=torch.Generator().manual_seed(1))
+    with pytest.raises(ValueError, match="only a model patched by apply_acckv"):
+        model(input_ids=ids, past_key_values=cache)
+
+
 def test_other_models_stay_untouched_even_when_sharing_the_config():
     patched = tiny_causal_lm("llama", seed=0)
     other = tiny_causal_lm("llama", seed=1)
