@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import math
+import numbers
+import sys
 from dataclasses import dataclass, fields, replace
 
 __all__ = ["AccKVConfig", "EVIDENCE", "METHODS"]
@@ -12,6 +14,63 @@ _METHOD_EVIDENCE = {"acckv": "auto", "h2o": "observed", "tova": "last",  # each 
                     "kvzip": "reconstruction"}
 
 
+def _one_of(options: tuple[str, ...]) -> str:
+    """``'a', 'b' or 'c'`` (a long list: ``one of a, b, ...``)."""
+    if len(options) > 3:
+        return "one of " + ", ".join(options)
+    return ", ".join(map(repr, options[:-1])) + " or " + repr(options[-1])
+
+
+def _unit(x):
+    return 0.0 <= x <= 1.0
+
+
+def _at_least(lo):
+    return lambda x: x >= lo
+
+
+# Every field but budget (checked first): (kind, None accepted, valid(value), what is expected). kind: bool (a bool;
+# numpy's bool_ is converted), int (an int, numpy's converted; bools and floats, 3.0 among them, are refused: counts),
+# float (a finite int or float, numpy's included, stored as a float; bools refused) or a tuple of the names accepted.
+# A value of the wrong type raises TypeError, one out of range (or not finite) ValueError; both name the field.
+_RULES = {
+    "method": (METHODS, False, None, None),
+    **{s: (bool, False, None, None) for s in ("focusing", "redistribution", "intra_merge", "cross_align")},
+    "evidence": (EVIDENCE, True, None, None),
+    "value_aware": (bool, True, None, None),
+    "recency": (float, True, lambda x: x > 0.0, "a finite number of tokens > 0"),
+    "protect_positions": (bool, False, None, None),
+    "protect_sinks": (bool, True, None, None),
+    "head_budgets": (("uniform", "adaptive"), False, None, None),
+    "ada_floor": (float, False, _unit, "a number in [0, 1]"),
+    "decode_budget": (("fixed", "all", "prompt"), False, None, None),
+    "decode_ahead": (int, True, _at_least(0), "an int >= 0 (decoded tokens)"),
+    "window": (int, False, _at_least(0), "an int >= 0"),
+    "pool_kernel": (int, False, lambda n: n >= 1 and n % 2 == 1, "a positive odd int"),
+    "pool_mode": (("max", "avg"), False, None, None),
+    "pool_lift": (float, False, _unit, "a number in [0, 1]"),
+    "gamma": (float, False, _at_least(0.0), "a finite number >= 0"),
+    "rho_min": (float, False, lambda x: 0.0 <= x < 0.5, "a number in [0, 0.5)"),
+    "theta_audio": (float, False, lambda x: -1.0 <= x <= 1.0, "a cosine in [-1, 1]"),
+    "theta_video": (float, False, lambda x: -1.0 <= x <= 1.0, "a cosine in [-1, 1]"),
+    "max_group": (int, False, _at_least(1), "an int >= 1"),
+    "redundancy_min": (float, False, _unit, "a number in [0, 1]"),
+    "merge_frees_budget": (bool, False, None, None),
+    "proportional": (bool, False, None, None),
+    "align_lambda": (float, False, _at_least(0.0), "a finite number >= 0"),
+    "time_bin": (int, False, _at_least(1), "an int >= 1"),
+    "sink": (int, False, _at_least(0), "an int >= 0"),
+    "recent": (int, False, _at_least(0), "an int >= 0"),
+    "protect_text": (bool, False, None, None),
+    "slack": (int, False, _at_least(0), "an int >= 0"),
+    "head_renorm": (bool, False, None, None),
+    "video_from_layer": (int, True, _at_least(0), "a layer index >= 0"),
+    "layer_budgets": (("uniform", "pyramid"), False, None, None),
+    "pyramid_beta": (float, False, _at_least(1.0), "a finite number >= 1"),
+    "backend": (("auto", "triton", "torch"), False, None, None),
+}
+
+
 @dataclass(frozen=True)
 class AccKVConfig:
     """What to keep, per (layer, sequence, kv head), and how. Frozen: derive variants with ``cfg.replace(...)``.
@@ -19,6 +78,8 @@ class AccKVConfig:
     ``budget``: a float in (0, 1] is the fraction of the prompt kept per (layer, kv head), protected tokens
     included; an int >= 1 is a token count. 1.0 keeps everything (exactly the uncompressed model).
     ``method`` selects the algorithm; the baselines run in the same framework at the same budget.
+    Every field is checked at construction (and by ``replace``): a value of the wrong type raises TypeError, one out
+    of range ValueError, naming the field; numpy scalars are stored as the Python bool, int or float they hold.
     """
 
     budget: float | int = 0.25
@@ -89,61 +150,56 @@ class AccKVConfig:
     backend: str = "auto"  # "auto" (Triton on GPU, vectorised PyTorch ops on CPU), "triton" or "torch"
 
     def __post_init__(self):
-        if self.method not in METHODS:
-            raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
         b = self.budget
-        if isinstance(b, bool) or not isinstance(b, (int, float)):
+        if isinstance(b, bool) or not isinstance(b, numbers.Real):  # numpy's numbers are Real, its bool_ is not
             raise TypeError(f"budget must be a float in (0, 1] or an int >= 1, got {b!r}")
+        b = int(b) if isinstance(b, numbers.Integral) else float(b)
         if isinstance(b, float) and not (0.0 < b <= 1.0):
             raise ValueError(f"budget as a float must lie in (0, 1], got {b}")
         if isinstance(b, int) and b < 1:
             raise ValueError(f"budget as an int must be >= 1 tokens, got {b}")
-        if self.pool_mode not in ("max", "avg"):
-            raise ValueError(f"pool_mode must be 'max' or 'avg', got {self.pool_mode!r}")
-        if self.pool_kernel < 1 or self.pool_kernel % 2 == 0:
-            raise ValueError(f"pool_kernel must be a positive odd int, got {self.pool_kernel}")
-        if not (0.0 <= self.pool_lift <= 1.0):
-            raise ValueError(f"pool_lift must lie in [0, 1], got {self.pool_lift}")
-        if not (0.0 <= self.redundancy_min <= 1.0):
-            raise ValueError(f"redundancy_min must lie in [0, 1], got {self.redundancy_min}")
-        if not (0.0 <= self.rho_min < 0.5):
-            raise ValueError(f"rho_min must lie in [0, 0.5), got {self.rho_min}")
-        if self.layer_budgets not in ("uniform", "pyramid"):
-            raise ValueError(f"layer_budgets must be 'uniform' or 'pyramid', got {self.layer_budgets!r}")
-        if not (self.pyramid_beta >= 1.0):
-            raise ValueError(f"pyramid_beta must be >= 1, got {self.pyramid_beta}")
-        if self.evidence is not None and self.evidence not in EVIDENCE:
-            raise ValueError(f"evidence must be None or one of {', '.join(EVIDENCE)}, got {self.evidence!r}")
-        if self.value_aware is not None and not isinstance(self.value_aware, bool):
-            raise TypeError(f"value_aware must be None or a bool, got {self.value_aware!r}")
-        if self.recency is not None and (isinstance(self.recency, bool) or not isinstance(self.recency, (int, float))
-                                         or not (0.0 < self.recency < math.inf)):
-            raise ValueError(f"recency must be None or a finite number of tokens > 0, got {self.recency!r}")
-        if not isinstance(self.protect_positions, bool):
-            raise TypeError(f"protect_positions must be a bool, got {self.protect_positions!r}")
-        if self.protect_sinks is not None and not isinstance(self.protect_sinks, bool):
-            raise TypeError(f"protect_sinks must be None or a bool, got {self.protect_sinks!r}")
+        object.__setattr__(self, "budget", b)
+        np_ = sys.modules.get("numpy")  # numpy's bool_ is taken as a bool (unimported: none can be passed)
+        for f in fields(self):
+            if f.name == "budget":
+                continue
+            kind, optional, valid, expected = _RULES[f.name]  # a field without a rule fails here, on every call
+            v = getattr(self, f.name)
+            if v is None and optional:
+                continue
+            if isinstance(kind, tuple):
+                expected, valid = _one_of(kind), kind.__contains__
+            msg = f"{f.name} must be {'None or ' if optional else ''}{expected or 'a bool'}, got {v!r}"
+            if kind is bool:
+                if not (isinstance(v, bool) or (np_ is not None and isinstance(v, np_.bool_))):
+                    raise TypeError(msg)
+                x = bool(v)
+            elif isinstance(v, bool):
+                raise TypeError(msg)  # a bool is not a count or a number (nor is numpy's bool_, not numbers.Real)
+            elif kind is int:
+                if not isinstance(v, numbers.Integral):
+                    raise TypeError(msg)  # 3.0 too: a count is an int
+                x = int(v)
+            elif kind is float:
+                if not isinstance(v, numbers.Real):
+                    raise TypeError(msg)
+                x = float(v)
+                if not math.isfinite(x):
+                    raise ValueError(msg)
+            else:
+                if not isinstance(v, str):
+                    raise TypeError(msg)
+                x = v
+            if valid is not None and not valid(x):
+                raise ValueError(msg)
+            if x is not v:
+                object.__setattr__(self, f.name, x)
         if self.protect_sinks and not self.protect_positions:
             raise ValueError("protect_sinks=True keeps the sinks by position, which protect_positions=False turns off; "
                              "leave protect_sinks None (or False), or set protect_positions=True")
-        if self.head_budgets not in ("uniform", "adaptive"):
-            raise ValueError(f"head_budgets must be 'uniform' or 'adaptive', got {self.head_budgets!r}")
         if self.method == "tova" and self.head_budgets == "adaptive":
             raise ValueError("head_budgets='adaptive' does not apply to method='tova': TOVA keeps the same tokens in "
                              "every head of a layer (one selection from the heads' mean); use head_budgets='uniform'")
-        if not (0.0 <= self.ada_floor <= 1.0):
-            raise ValueError(f"ada_floor must lie in [0, 1], got {self.ada_floor}")
-        if self.decode_budget not in ("fixed", "all", "prompt"):
-            raise ValueError(f"decode_budget must be 'fixed', 'all' or 'prompt', got {self.decode_budget!r}")
-        if self.decode_ahead is not None and (isinstance(self.decode_ahead, bool) or not isinstance(
-                self.decode_ahead, int) or self.decode_ahead < 0):
-            raise ValueError(f"decode_ahead must be None or an int >= 0 (decoded tokens), got {self.decode_ahead!r}")
-        if self.backend not in ("auto", "triton", "torch"):
-            raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {self.backend!r}")
-        for name in ("window", "sink", "recent", "slack", "time_bin", "max_group"):
-            if getattr(self, name) < (1 if name in ("time_bin", "max_group") else 0):
-                raise ValueError(f"{name} must be a non-negative int (time_bin, max_group >= 1), "
-                                 f"got {getattr(self, name)}")
 
     def replace(self, **changes) -> "AccKVConfig":
         """A copy with some fields changed (validated again)."""

@@ -2,6 +2,7 @@
 TOVA's last-query ranking averaged over heads, H2O's evidence over every prompt query, and the two decode budget modes."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -127,6 +128,72 @@ def test_methods_evidence_follows_their_papers():
 def test_new_config_fields_are_validated(kwargs, msg):
     with pytest.raises(ValueError, match=msg):
         AccKVConfig(**kwargs)
+
+
+NAN = float("nan")
+
+
+@pytest.mark.parametrize("kwargs, exc", [
+    (dict(slack=1.5), TypeError), (dict(slack=NAN), TypeError), (dict(slack="x"), TypeError),
+    (dict(slack=None), TypeError), (dict(slack=-1), ValueError), (dict(window="x"), TypeError),
+    (dict(window=2.5), TypeError), (dict(pool_kernel="3"), TypeError), (dict(pool_kernel=3.0), TypeError),
+    (dict(recent=NAN), TypeError), (dict(max_group=1.5), TypeError), (dict(max_group=0), ValueError),
+    (dict(sink=True), TypeError), (dict(time_bin=np.float64(50)), TypeError),
+    (dict(gamma=-1), ValueError), (dict(gamma=NAN), ValueError), (dict(gamma="1"), TypeError),
+    (dict(theta_audio=5.0), ValueError), (dict(theta_video=NAN), ValueError), (dict(theta_video=-1.5), ValueError),
+    (dict(align_lambda=-3), ValueError), (dict(align_lambda=NAN), ValueError), (dict(align_lambda=True), TypeError),
+    (dict(video_from_layer=-1), ValueError), (dict(video_from_layer="x"), TypeError),
+    (dict(video_from_layer=2.0), TypeError), (dict(pool_lift=float("inf")), ValueError),
+    (dict(pyramid_beta=float("inf")), ValueError), (dict(ada_floor=NAN), ValueError), (dict(rho_min=NAN), ValueError),
+    (dict(focusing="no"), TypeError), (dict(focusing=1), TypeError), (dict(redistribution=None), TypeError),
+    (dict(intra_merge=0), TypeError), (dict(cross_align="yes"), TypeError), (dict(merge_frees_budget=1), TypeError),
+    (dict(proportional="False"), TypeError), (dict(protect_text=1), TypeError), (dict(head_renorm="no"), TypeError),
+    (dict(protect_positions=1), TypeError), (dict(value_aware=1), TypeError), (dict(protect_sinks="no"), TypeError),
+    (dict(recency=True), TypeError), (dict(recency="256"), TypeError), (dict(recency=NAN), ValueError),
+    (dict(decode_ahead=True), TypeError), (dict(decode_ahead=1.5), TypeError), (dict(decode_ahead=-1), ValueError),
+    (dict(budget=True), TypeError), (dict(budget=np.bool_(True)), TypeError), (dict(budget=NAN), ValueError),
+    (dict(method=None), TypeError), (dict(evidence=3), TypeError), (dict(pool_mode=None), TypeError),
+    (dict(backend="cuda"), ValueError),
+], ids=str)
+def test_every_config_field_is_validated(kwargs, exc):
+    """A wrong type raises TypeError, a value out of range (or not finite) ValueError, at construction and in
+    replace; the message names the field."""
+    (name,) = kwargs
+    with pytest.raises(exc, match=rf"^{name}\b.* must "):
+        AccKVConfig(**kwargs)
+    with pytest.raises(exc, match=rf"^{name}\b.* must "):
+        AccKVConfig().replace(**kwargs)
+
+
+def test_config_takes_numpy_scalars_as_python_numbers():
+    for budget, want in [(np.float32(0.25), 0.25), (np.float64(0.25), 0.25), (np.int64(100), 100), (0.25, 0.25)]:
+        got = AccKVConfig(budget=budget).budget
+        assert got == want and type(got) is type(want)
+    cfg = AccKVConfig(focusing=np.bool_(False), value_aware=np.bool_(True), window=np.int64(8), slack=np.int32(4),
+                      gamma=np.float32(2), theta_audio=1, recency=256, video_from_layer=np.int16(3))
+    assert cfg == AccKVConfig(focusing=False, value_aware=True, window=8, slack=4, gamma=2.0, theta_audio=1.0,
+                              recency=256.0, video_from_layer=3)
+    names = ("focusing", "value_aware", "window", "slack", "gamma", "theta_audio", "recency", "video_from_layer")
+    assert [type(getattr(cfg, f)) for f in names] == [bool, bool, int, int, float, float, float, int]
+    assert cfg.replace(slack=8).slack == 8 and cfg.replace(slack=8).window == 8  # replace keeps the other fields
+
+
+def test_every_config_field_has_a_rule_and_every_method_constructs():
+    from dataclasses import fields
+
+    from acckv_triton.config import _RULES, METHODS
+    assert set(_RULES) | {"budget"} == {f.name for f in fields(AccKVConfig)}
+    for method in METHODS:
+        assert AccKVConfig(method=method).replace(budget=0.5).method == method
+
+
+@pytest.mark.parametrize("method", ["acckv", "snapkv", "h2o", "tova", "adakv", "streaming", "kvzip", "full"])
+def test_config_bool_properties_are_bools(method):
+    for kw in ({}, dict(intra_merge=np.bool_(True), proportional=np.bool_(True)), dict(value_aware=np.bool_(False)),
+               dict(protect_sinks=np.bool_(True)), dict(protect_positions=False), dict(budget=1.0)):
+        cfg = AccKVConfig(method=method, **kw)
+        for prop in ("is_full", "ranks_by_value", "protects_sinks", "windowed", "adaptive_heads", "uses_multiplicity"):
+            assert type(getattr(cfg, prop)) is bool, (kw, prop)
 
 
 def _prefilled(cfg, T=160, D=16, Hq=4, Hkv=2, seed=0):

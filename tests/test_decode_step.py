@@ -100,8 +100,8 @@ def test_decode_ahead_sizes_the_storage_for_the_budget_to_come():
     assert bindings[64] == 1 and bindings[0] > 1, bindings
     fixed = ak.AccKVConfig(budget=0.25, slack=8, backend="torch", decode_ahead=64, decode_budget="fixed")
     assert _prefilled(fixed, N=100)[0].store.capacity == -(-(budget_tokens(fixed, 100, 0, 1) + 9) // 16) * 16
-    for bad in (-1, True, 1.5):
-        with pytest.raises(ValueError, match="decode_ahead must be None or an int >= 0"):
+    for bad, exc in ((-1, ValueError), (True, TypeError), (1.5, TypeError)):
+        with pytest.raises(exc, match="decode_ahead must be None or an int >= 0"):
             ak.AccKVConfig(decode_ahead=bad)
 
 

@@ -29,10 +29,11 @@ def _kept(cache) -> list[list[int]]:
     return [cache.store.position[0, h, :int(n[0, h])].tolist() for h in range(n.shape[1])]
 
 
-@pytest.mark.parametrize("kwargs", [dict(recency=0.0), dict(recency=-3.0), dict(recency=math.inf),
-                                    dict(recency=True), dict(recency="256")], ids=str)
-def test_recency_is_validated(kwargs):
-    with pytest.raises(ValueError, match="recency must be None or a finite number of tokens > 0"):
+@pytest.mark.parametrize("kwargs, exc", [(dict(recency=0.0), ValueError), (dict(recency=-3.0), ValueError),
+                                         (dict(recency=math.inf), ValueError), (dict(recency=True), TypeError),
+                                         (dict(recency="256"), TypeError)], ids=str)
+def test_recency_is_validated(kwargs, exc):
+    with pytest.raises(exc, match="recency must be None or a finite number of tokens > 0"):
         AccKVConfig(**kwargs)
 
 
