@@ -512,8 +512,9 @@ class LayerKVCache:
                 capacity compacts in place: the storage keeps its addresses (what the decode plans and CUDA
                 graphs bind). A smaller one compacts out of place into fresh buffers and releases the old ones; a
                 larger one compacts in place, then grows.
-            length_bounds: ``(lo, hi)`` host bounds on ``keep_lengths`` (the policy's targets): with them nothing
-                is read back from the device (without them the min and max are read, one sync).
+            length_bounds: ``(lo, hi)`` host bounds on ``keep_lengths`` (the policy's targets; ``lo == hi`` says every
+                row keeps exactly that many): with them and ``check_plan=False`` nothing is read back from the device
+                (otherwise the min and max are read, one sync, and bounds that do not hold raise ValueError).
 
         K and V slots become the weighted means of their merge sets; modality, time, spatial and position follow the
         kept token; token_mass and multiplicity are summed over each merge set; ``lengths`` becomes ``keep_lengths``; ``seen`` is
@@ -531,10 +532,17 @@ class LayerKVCache:
             raise ValueError(f"plan.keep_lengths must be a [B, Hkv] = {tuple(self.lengths.shape)} tensor")
         if length_bounds is None:
             n_min, n_max = (int(x) for x in torch.stack(torch.aminmax(keep_lengths.long())).tolist())
+            if n_min < 0:
+                raise ValueError(f"plan.keep_lengths must be >= 0, got a row keeping {n_min}")
         else:
             n_min, n_max = length_bounds
             if not (isinstance(n_min, int) and isinstance(n_max, int) and 0 <= n_min <= n_max):
                 raise ValueError(f"length_bounds must be ints 0 <= lo <= hi, got {length_bounds!r}")
+            if check_plan:  # the plan's check reads the device anyway: the bounds must hold (lo == hi: all equal)
+                lo, hi = (int(x) for x in torch.stack(torch.aminmax(keep_lengths.long())).tolist())
+                if not n_min <= lo <= hi <= n_max:
+                    raise ValueError(f"length_bounds {length_bounds!r} must bound plan.keep_lengths, which lie in "
+                                     f"[{lo}, {hi}]")
         width = self.capacity
         if plan.merge_target is not None:
             width = plan.merge_target.shape[-1] if plan.merge_target.dim() == 3 else -1

@@ -34,6 +34,13 @@ class CompactionPlan:
     merge_target: torch.Tensor | None = None
     merge_weight: torch.Tensor | None = None
 
+    def __post_init__(self):
+        for name in ("keep", "keep_lengths", "merge_target", "merge_weight"):
+            x = getattr(self, name)
+            if not (isinstance(x, torch.Tensor) or (x is None and name.startswith("merge"))):
+                raise TypeError(f"{name} must be a torch.Tensor{' or None' if name.startswith('merge') else ''}, "
+                                f"got {type(x).__name__}")
+
     @property
     def has_merges(self) -> bool:
         """True when evicted tokens may merge into kept slots."""

@@ -100,7 +100,10 @@ def budget_tokens(cfg: AccKVConfig, n_valid, layer: int, num_layers: int):
     (``layer_budgets="pyramid"`` or ``method="pyramidkv"``) the unprotected part of the budget follows PyramidKV's
     arithmetic schedule over depth (:func:`_pyramid`); the mean over layers stays the uniform budget.
     """
-    host = isinstance(n_valid, int)
+    host = isinstance(n_valid, int) and not isinstance(n_valid, bool)
+    if not host and not (isinstance(n_valid, torch.Tensor) and not n_valid.dtype.is_floating_point):
+        raise TypeError(f"n_valid must be an int or an integer tensor of valid counts, got "
+                        f"{n_valid.dtype if isinstance(n_valid, torch.Tensor) else type(n_valid).__name__}")
     if cfg.is_full:
         return n_valid if host else n_valid.clone()
     n = float(n_valid) if host else n_valid.double()

@@ -106,7 +106,7 @@ def window_scores(
     lse: torch.Tensor | None = None,
     key_start: torch.Tensor | None = None,
 ) -> WindowScores:
-    """SnapKV-style observation-window scores (Step 0 of ACCKV.md), computed in float64.
+    """SnapKV-style observation-window scores (Step 0 of docs/algorithm.md), computed in float64.
 
     Window query ``i`` sits at position ``N - W + i`` and sees the keys ``key_start[b] <= t <= N - W + i``.
 

@@ -22,7 +22,8 @@ key space and logits are ``scale * q . k`` with ``scale = D ** -0.5``): each que
 ``bias(layer, head, modality(t)) + sink_logit * [t is a sink] + event boosts + content noise``. The content noise
 has standard deviation ``content_logit_std``; key content follows an AR(1) across consecutive frames of the same
 patch (``video_redundancy``) and across consecutive audio tokens (``audio_smoothness``), so redundant tokens have
-high key cosine. The video bias rises and the audio bias falls linearly with depth (observation O1 of ACCKV.md).
+high key cosine. The video bias rises and the audio bias falls linearly with depth (observation O1 of
+docs/algorithm.md).
 Each planted event is a short audio moment plus a spatial region of the video frame(s) covering it in time; decode
 query j targets event ``j % num_events`` with a strong boost, and the window (question) queries weakly boost every
 event. Values share the content structure and carry a per-event signature, so losing an event shows in the

@@ -241,6 +241,12 @@ def test_invalid_plan_leaves_the_cache_unchanged(backend):
         assert torch.equal(x.contiguous().view(torch.uint8), after[name].contiguous().view(torch.uint8)), name
     with pytest.raises(ValueError, match="merge_target"):
         cache.compress(CompactionPlan(plan.keep, plan.keep_lengths, plan.merge_target[..., :50], plan.merge_weight))
+    n = int(plan.keep_lengths.max())
+    with pytest.raises(ValueError, match="length_bounds"):  # bounds that do not hold would misplace the next append
+        cache.compress(plan, length_bounds=(n + 1, n + 1))
+    after = snapshot(cache)
+    for name, x in before.items():
+        assert torch.equal(x.contiguous().view(torch.uint8), after[name].contiguous().view(torch.uint8)), name
 
 
 def test_bytes_are_accounted():
@@ -352,3 +358,20 @@ def test_a_rejected_decode_step_or_chunk_changes_nothing(backend):
     assert torch.equal(after[2], before[2]) and torch.equal(after[3], before[3])
     cache.decode_step(q, k1, v1)  # and a good step stores the token once
     assert torch.equal(st.lengths, before[0] + 1) and st.seen == before[1] + 1
+
+
+def test_plans_and_budgets_name_what_is_wrong():
+    with pytest.raises(TypeError, match="keep must be a torch.Tensor"):
+        CompactionPlan([[0, 1]], torch.tensor([[2]]))
+    with pytest.raises(TypeError, match="merge_weight must be a torch.Tensor or None"):
+        CompactionPlan(torch.zeros(1, 1, 2), torch.ones(1, 1), torch.zeros(1, 1, 2), [1.0, 1.0])
+    from acckv_triton.policy import budget_tokens
+    with pytest.raises(TypeError, match="n_valid must be an int or an integer tensor"):
+        budget_tokens(ak.AccKVConfig(budget=0.5), 100.0, 0, 1)
+    assert budget_tokens(ak.AccKVConfig(budget=0.5), 100, 0, 1) == 50
+    cache, *_ = prefill(20)
+    plan = random_plan(cache.lengths, 8, merge=False)
+    bad = CompactionPlan(plan.keep, torch.full_like(plan.keep_lengths, -1))
+    with pytest.raises(ValueError, match="keep_lengths must be >= 0"):
+        cache.compress(bad)
+    assert cache.max_length == 20 and torch.all(cache.lengths == 20)

@@ -225,7 +225,7 @@ def window_scores(
     lse: torch.Tensor | None = None,
     key_start: torch.Tensor | None = None,
 ) -> WindowScores:
-    """Observation-window scores of every cached token (Step 0 of ACCKV.md), without forming N x N.
+    """Observation-window scores of every cached token (Step 0 of docs/algorithm.md), without forming N x N.
 
     Args:
         q_window: ``[B, Hq, W, D]`` float16, bfloat16 or float32, the last W prompt queries with RoPE applied, last
