@@ -47,7 +47,7 @@ from .modality import NUM_MODALITIES, Modality
 from .ops._common import check_scale
 from .ops.append_token import append_token_
 from .ops.chunk_attention import chunk_attention
-from .ops.compact_kv import compact_kv, compact_kv_, validate_plan
+from .ops.compact_kv import compact_kv, compact_kv_
 from .ops.decode_attention import DecodeAttentionOutput, DecodeAttentionPlan, decode_attention
 from .ops.observed_attention import observed_attention
 from .ops.window_scores import window_scores
@@ -402,7 +402,8 @@ class LayerKVCache:
         if self.uses_kernels:
             append_token_(self.k, self.v, self.lengths, k, v, **args, check=False)
         else:
-            torch_ops.append_token_(self.k, self.v, self.lengths, k, v, **args, index=self._slot, fresh_tail=True)
+            torch_ops.append_token_(self.k, self.v, self.lengths, k, v, **args, index=self._slot, fresh_tail=True,
+                                    check=False)
         self.count_appended()
 
     def check_query(self, q, scale=None) -> None:
@@ -558,10 +559,9 @@ class LayerKVCache:
         data, sums = self._token_data(width)
         k, v = self.k[:, :, :width], self.v[:, :, :width]
         merges = dict(merge_target=plan.merge_target, merge_weight=plan.merge_weight)
-        if not self.uses_kernels:  # torch backend: the kernels' checks, then the vectorised ops in place
-            validate_plan(k, v, self.lengths, keep, keep_lengths, **merges, token_data=data, token_sums=sums,
-                          check_plan=check_plan)
-            torch_ops.compact_kv_(k, v, self.lengths, keep, keep_lengths, **merges, token_data=data, token_sums=sums)
+        if not self.uses_kernels:  # torch backend: the kernels' checks (in the twin), then the vectorised ops in place
+            torch_ops.compact_kv_(k, v, self.lengths, keep, keep_lengths, **merges, token_data=data, token_sums=sums,
+                                  check_plan=check_plan)
             self._reset_tail(width)
         elif new_capacity < self.capacity:
             B, Hkv, _, D = self.k.shape

@@ -2,8 +2,12 @@
 
 The kernels run on a CPU only through Triton's interpreter, which is far too slow for a real model, and
 :mod:`acckv_triton.reference` is the float64 specification (a Python loop over rows, dense membership matrices).
-These functions keep the kernels' contracts (same arguments, same in-place effects, same checks through the
-launchers' validators where the cache calls them) with batched tensor code:
+These functions keep the kernels' contracts (same arguments, same in-place effects) with batched tensor code, and
+run the same argument checks: each calls its launcher's own validator (``check_args`` / ``check_plan_args`` /
+``validate_plan`` in :mod:`acckv_triton.ops`) without the launcher's kernel-device check, so a bad argument raises
+the launcher's TypeError / ValueError naming it. Checks that read device values (``key_start`` in range, a
+compaction plan's values) run where the launcher runs them, with the same opt-out (``check_plan``); the decode
+path's (``TorchDecodePlan.run``, ``append_token_(check=False)``) stay host-only:
 
 * :class:`TorchDecodePlan` is the CPU twin of :class:`~acckv_triton.ops.decode_attention.DecodeAttentionPlan`:
   bound once to a cache, it runs a decode step with preallocated buffers (``out=`` variants and in-place ops), so
@@ -26,6 +30,13 @@ import torch
 
 from . import reference
 from .modality import NUM_MODALITIES
+from .ops._common import check_tensor
+from .ops.append_token import check_args as check_append_args
+from .ops.chunk_attention import check_args as check_chunk_args
+from .ops.compact_kv import validate_plan
+from .ops.decode_attention import check_plan_args, check_query
+from .ops.observed_attention import check_args as check_observed_args
+from .ops.window_scores import check_args as check_window_args
 from .reference import DecodeAttentionOutput, WindowScores
 
 __all__ = ["TorchDecodePlan", "append_token_", "chunk_attention", "compact_kv_", "observed_attention", "window_scores"]
@@ -53,6 +64,10 @@ class TorchDecodePlan:
             (the cache's torch storage keeps them so): ``log(multiplicity)`` is then the whole bias (-inf past the
             length) and the decayed mass needs no row mask, two ops fewer per run. Needs ``multiplicity``.
 
+    The constructor runs :class:`~acckv_triton.ops.decode_attention.DecodeAttentionPlan`'s checks
+    (:func:`~acckv_triton.ops.decode_attention.check_plan_args`, host only); like it, it reads no value, so
+    ``lengths`` outside ``[0, C]`` act as clamped (a row past C attends over all C slots, a negative one over none).
+
     :meth:`run` returns ``DecodeAttentionOutput(out [B, Hq, D], lse [B, Hq], modality_mass)`` in the plan's own
     buffers, rewritten by every run.
     """
@@ -61,9 +76,10 @@ class TorchDecodePlan:
                  scale: float | None = None, token_mass: torch.Tensor | None = None,
                  multiplicity: torch.Tensor | None = None, modality: torch.Tensor | None = None, decay: float = 1.0,
                  fresh_tail: bool = False):
+        scale, decay = check_plan_args(k_cache, v_cache, lengths, num_q_heads=num_q_heads, scale=scale,
+                                       modality=modality, token_mass=token_mass, multiplicity=multiplicity, decay=decay,
+                                       kernel_device=False)
         B, Hkv, C, D = k_cache.shape
-        if Hkv == 0 or num_q_heads % Hkv != 0:
-            raise ValueError(f"the query head count Hq={num_q_heads} must be a positive multiple of Hkv={Hkv}")
         if fresh_tail and multiplicity is None:
             raise ValueError("fresh_tail=True needs multiplicity (its zeros past each row's length are the mask)")
         self.fresh_tail = bool(fresh_tail)
@@ -71,8 +87,7 @@ class TorchDecodePlan:
         dtype, dev = k_cache.dtype, k_cache.device
         self.k, self.v, self.lengths = k_cache, v_cache, lengths
         self.token_mass, self.multiplicity, self.modality = token_mass, multiplicity, modality
-        self.scale = D**-0.5 if scale is None else float(scale)
-        self.decay = float(decay)
+        self.scale, self.decay = scale, decay
         self.shape = (B, num_q_heads, Hkv, C, D)
         self.dtype, self.device = dtype, dev
         f32 = dict(dtype=torch.float32, device=dev)
@@ -112,12 +127,8 @@ class TorchDecodePlan:
         return self._run(q)
 
     def _run(self, q: torch.Tensor) -> DecodeAttentionOutput:
+        check_query(q, self.shape, self.dtype, self.device)  # the kernel plan's host check: no torch op, no sync
         B, Hq, Hkv, C, D = self.shape
-        if not isinstance(q, torch.Tensor):
-            raise TypeError(f"q must be a torch.Tensor, got {type(q).__name__}")
-        if q.shape != (B, Hq, D) or q.dtype != self.dtype or q.device != self.device:
-            raise ValueError(f"q must be a [B, Hq, D] = {(B, Hq, D)} {self.dtype} tensor on {self.device}, got "
-                             f"{tuple(q.shape)} {q.dtype} on {q.device}")
         G, BH = Hq // Hkv, B * Hkv
         q = q.view(BH, G, D)
         k = self.k
@@ -164,15 +175,24 @@ class TorchDecodePlan:
 
 def append_token_(k_cache, v_cache, lengths, k_new, v_new, *, position, next_position, modality, time, spatial,
                   token_mass, multiplicity, modality_new=None, time_new=None, spatial_new=None,
-                  index: torch.Tensor | None = None, fresh_tail: bool = False) -> None:
+                  index: torch.Tensor | None = None, fresh_tail: bool = False, check: bool = True) -> None:
     """The contract of :func:`acckv_triton.reference.append_token_` with in-place scatters only.
 
     ``index``: optional ``[B, Hkv, 1]`` int64 scratch for the slot index; with it the call allocates nothing. The
     caller guarantees room (``lengths < C``), as the cache does by growing its storage first. ``fresh_tail``: the
     caller guarantees that the slot already holds a fresh token's modality (0), spatial (-1, -1) and token mass
     (0), as the cache's torch storage keeps every slot past a row's length; those three writes are skipped
-    (modality and spatial still written when given).
+    (modality and spatial still written when given). ``check``: run the launcher's checks
+    (:func:`acckv_triton.ops.append_token.check_args`, host only) and ``index``'s; the cache, which owns the
+    buffers and checks the new token itself, passes False (its decode step).
     """
+    if check:
+        check_append_args(k_cache, v_cache, lengths, k_new, v_new, position, next_position, modality, time, spatial,
+                          token_mass, multiplicity, modality_new, time_new, spatial_new, kernel_device=False)
+        if index is not None:
+            B, Hkv = k_cache.shape[:2]
+            check_tensor("index", index, shape=(B, Hkv, 1), what="[B, Hkv, 1]", dtypes=(torch.int64,),
+                         device=k_cache.device, like="k_cache")
     B, Hkv, _, D = k_cache.shape
     slot = index.copy_(lengths.unsqueeze(-1)) if index is not None else lengths.long().unsqueeze(-1)
     pair = slot.unsqueeze(-1).expand(B, Hkv, 1, 2)
@@ -198,23 +218,29 @@ def append_token_(k_cache, v_cache, lengths, k_new, v_new, *, position, next_pos
 
 def compact_kv_(k_cache: torch.Tensor, v_cache: torch.Tensor, lengths: torch.Tensor, keep: torch.Tensor,
                 keep_lengths: torch.Tensor, *, merge_target: torch.Tensor | None = None,
-                merge_weight: torch.Tensor | None = None, token_data=(), token_sums=()) -> None:
+                merge_weight: torch.Tensor | None = None, token_data=(), token_sums=(),
+                check_plan: bool = True) -> None:
     """Apply a compaction plan in place, all rows at once (the contract of :func:`acckv_triton.reference.compact_kv_`).
 
     Args:
-        k_cache, v_cache: ``[B, Hkv, C, D]``, updated in place.
-        lengths: ``[B, Hkv]`` int, set to ``keep_lengths``.
-        keep: ``[B, Hkv, K]`` int, ``keep[b, h, :keep_lengths[b, h]]`` strictly increasing kept indices.
-        keep_lengths: ``[B, Hkv]`` int.
-        merge_target: optional ``[B, Hkv, W]`` int (W between the longest row and C): the slot an evicted token
-            merges into, or -1.
-        merge_weight: ``[B, Hkv, W]`` float, > 0 at kept and merged tokens; required with ``merge_target``.
+        k_cache, v_cache: ``[B, Hkv, C, D]`` float16, bfloat16 or float32, last dim contiguous; updated in place.
+        lengths: ``[B, Hkv]`` int32, set to ``keep_lengths``.
+        keep: ``[B, Hkv, K]`` int32, ``K <= C``, ``keep[b, h, :keep_lengths[b, h]]`` strictly increasing kept indices.
+        keep_lengths: ``[B, Hkv]`` int32.
+        merge_target: optional ``[B, Hkv, C]`` int32: the slot an evicted token merges into, or -1.
+        merge_weight: ``[B, Hkv, C]`` float32, > 0 at kept and merged tokens; required with ``merge_target``.
         token_data: ``[B, Hkv, C]`` tensors gathered from the kept token.
         token_sums: ``[B, Hkv, C]`` float tensors summed over each merge set (in float64, then cast).
+        check_plan: as in the launcher, also verify every value of the plan (one host sync); False for plans valid
+            by construction.
 
-    The plan must be valid (the cache runs :func:`acckv_triton.ops.compact_kv.validate_plan` first). Slots at or
-    past the new lengths keep their old values. Scratch: ``[B, Hkv, K + 1, D]`` float32 per tensor with merges.
+    Runs the launcher's checks first (:func:`acckv_triton.ops.compact_kv.validate_plan`: shapes, dtypes, devices,
+    shared memory and, with ``check_plan``, the plan's values), before anything is written. Slots at or past the
+    new lengths keep their old values. Scratch: ``[B, Hkv, K + 1, D]`` float32 per tensor with merges.
     """
+    token_data, token_sums = validate_plan(k_cache, v_cache, lengths, keep, keep_lengths, merge_target=merge_target,
+                                           merge_weight=merge_weight, token_data=token_data, token_sums=token_sums,
+                                           check_plan=check_plan)
     B, Hkv, C, D = k_cache.shape
     K = keep.shape[-1]
     dev = k_cache.device
@@ -285,18 +311,24 @@ def window_scores(q_window: torch.Tensor, k: torch.Tensor, *, scale: float | Non
     """Observation-window scores in float32 (the contract of :func:`acckv_triton.reference.window_scores`).
 
     Args:
-        q_window: ``[B, Hq, W, D]``; window query i sits at position ``N - W + i``.
-        k: ``[B, Hkv, N, D]``.
+        q_window: ``[B, Hq, W, D]`` float16, bfloat16 or float32, last dim contiguous; window query i sits at
+            position ``N - W + i``.
+        k: ``[B, Hkv, N, D]`` in q_window's dtype, last dim contiguous, ``1 <= W <= N``, ``Hq % Hkv == 0``.
         scale: softmax scale, default ``D ** -0.5``.
-        key_start: optional ``[B]`` int, keys before it are left padding.
+        key_start: optional ``[B]`` int32 in ``[0, N]``, keys before it are left padding (read on the host to check
+            the range, as the launcher does).
 
     Returns:
         ``WindowScores(scores [B, Hkv, N] float32, None)``. Memory: ``[B, Hkv, G*W, N]`` float32 logits.
+
+    Raises:
+        The launcher's TypeError / ValueError naming the argument
+        (:func:`acckv_triton.ops.window_scores.check_args`).
     """
+    scale = check_window_args(q_window, k, scale=scale, key_start=key_start, kernel_device=False)
     B, Hq, W, D = q_window.shape
     Hkv, N = k.shape[1], k.shape[2]
     G = Hq // Hkv
-    scale = D**-0.5 if scale is None else scale
     # float32 logits [B, Hkv, G*W, N], then an in-place softmax: only the last W keys need the causal mask
     q = (q_window.float() * scale).reshape(B, Hkv, G * W, D)
     logits = torch.matmul(q, k.float().transpose(-1, -2)) if k.dtype != torch.float32 else \
@@ -319,11 +351,16 @@ def chunk_attention(q, k_cache, v_cache, lengths, k_new, v_new, *, scale=None, m
                     window: int = 32, reduce: str = "sum", decay: float = 1.0,
                     block: int = 256) -> reference.ChunkAttention:
     """:func:`acckv_triton.ops.chunk_attention.chunk_attention` on any device: float32 math, query rows in blocks of
-    ``block``, so the logits never exceed ``[B, Hq, block, S + T]``."""
+    ``block``, so the logits never exceed ``[B, Hq, block, S + T]``. The launcher's checks run first
+    (:func:`acckv_triton.ops.chunk_attention.check_args`, host only; like the kernels, ``lengths`` outside ``[0, S]``
+    act as clamped)."""
+    scale, _ = check_chunk_args(q, k_cache, v_cache, lengths, k_new, v_new, scale=scale, multiplicity=multiplicity,
+                                key_valid=key_valid, window=window, reduce=reduce, decay=decay, kernel_device=False)
+    if isinstance(block, bool) or not (isinstance(block, int) and block >= 1):
+        raise ValueError(f"block must be a positive int, got {block!r}")
     B, Hq, T, D = q.shape
     Hkv, S = k_cache.shape[1], k_cache.shape[2]
     G = Hq // Hkv
-    scale = D**-0.5 if scale is None else scale
     qf = q.float().view(B, Hkv, G, T, D)
     stored = torch.arange(S, device=q.device) < lengths.long()[..., None]  # [B, Hkv, S]
     new_ok = torch.ones(B, T, dtype=torch.bool, device=q.device) if key_valid is None else key_valid
@@ -379,22 +416,27 @@ def observed_attention(q, k, v=None, *, scale=None, key_start=None, decay: float
     side by side per position, K never repeated), so a block is a contiguous slice and one matmul gives its logits
     over the keys up to its last position; then one fused ``softmax``: the key mass is its sum over the rows, the
     output its product with V. The causal mask of a block's own keys is built once. Rows below every sequence's
-    ``key_start`` are skipped (two host reads: ``key_start.min()`` and ``.max()``). ``return_lse=False`` skips the
-    logsumexp (a pass over the logits; the prompt paths never read it) and returns ``lse`` None. With ``decay`` < 1 query i
-    weighs ``decay ** (T - 1 - i)`` in the key mass (its rows of a block summed with those weights). ``out``: an
-    optional ``[B, Hq, T, D]`` tensor of q's dtype, any strides (a transpose of transformers' ``[B, T, Hq, D]``),
-    that receives the output in one strided copy and is returned as it.
+    ``key_start`` are skipped (two host reads: ``key_start.min()`` and ``.max()``, the launcher's range check).
+    ``return_lse=False`` skips the logsumexp (a pass over the logits; the prompt paths never read it) and returns
+    ``lse`` None. With ``decay`` < 1 query i weighs ``decay ** (T - 1 - i)`` in the key mass (its rows of a block
+    summed with those weights). ``out``: an optional ``[B, Hq, T, D]`` tensor of q's dtype (with ``v``), last dim
+    contiguous, any other strides (a transpose of transformers' ``[B, T, Hq, D]``), that receives the output in one
+    strided copy and is returned as it. The launcher's checks run first
+    (:func:`acckv_triton.ops.observed_attention.check_args`, whose read of key_start's min and max the row skipping
+    reuses).
     """
+    scale, decay, bounds = check_observed_args(q, k, v, scale=scale, key_start=key_start, out=out, decay=decay,
+                                               kernel_device=False)
+    if isinstance(block, bool) or not (isinstance(block, int) and block >= 1):
+        raise ValueError(f"block must be a positive int, got {block!r}")
     B, Hq, T, D = q.shape
-    if out is not None and (v is None or tuple(out.shape) != (B, Hq, T, D) or out.dtype != q.dtype):
-        raise ValueError(f"out must be a [B, Hq, T, D] = {(B, Hq, T, D)} {q.dtype} tensor (and v given), got "
-                         f"{tuple(out.shape)} {out.dtype}")
     Hkv = k.shape[1]
     G = Hq // Hkv
-    scale = D**-0.5 if scale is None else scale
     dev = q.device
-    first = int(key_start.min()) if key_start is not None and B and T else 0  # rows before it see nothing
-    ragged = key_start is not None and int(key_start.max()) > first  # some rows see no key: softmax gives NaN
+    if bounds is None:  # no key_start, or it was not read (B = 0, a CUDA graph capture): every row, NaN rows zeroed
+        first, ragged = 0, key_start is not None
+    else:  # rows before key_start's min see nothing; ragged: some rows see no key, where softmax gives NaN
+        first, ragged = bounds[0], bounds[1] > bounds[0]
     qs = torch.empty(B, Hkv, T, G, D, device=dev)  # row t*G + g of [B, Hkv, T*G, D]
     qs.copy_(q.view(B, Hkv, G, T, D).transpose(2, 3)).mul_(scale)
     qs = qs.view(B, Hkv, T * G, D)

@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from acckv_triton import reference, torch_ops
+from acckv_triton import reference, torch_ops, tuning
+from acckv_triton.ops.append_token import append_token_ as kernel_append_token_
+from acckv_triton.ops.chunk_attention import chunk_attention as kernel_chunk_attention
+from acckv_triton.ops.compact_kv import compact_kv_ as kernel_compact_kv_
+from acckv_triton.ops.decode_attention import DecodeAttentionPlan
+from acckv_triton.ops.observed_attention import observed_attention as kernel_observed_attention
+from acckv_triton.ops.window_scores import window_scores as kernel_window_scores
 from tests.conftest import DTYPES, TOL
 
 # float32 softmax and matmuls in the cache dtype: the 16-bit outputs carry one rounding of p and of out
@@ -172,7 +178,7 @@ def _append_args(B, Hkv, C, D, dtype, g, given):
     return state, new
 
 
-def _call(fn, state, new, **extra):
+def _call_append(fn, state, new, **extra):
     s = {k: v.clone() for k, v in state.items()}
     k, v, lengths = s.pop("k_cache"), s.pop("v_cache"), s.pop("lengths")
     fn(k, v, lengths, new["k_new"], new["v_new"], **s, **{n: x for n, x in new.items() if n not in ("k_new", "v_new")},
@@ -185,8 +191,8 @@ def _call(fn, state, new, **extra):
 def test_append_token_matches_reference(dtype, given):
     g = torch.Generator().manual_seed(3)
     state, new = _append_args(2, 3, 17, 64, dtype, g, given)
-    want = _call(reference.append_token_, state, new)
-    got = _call(torch_ops.append_token_, state, new, index=torch.empty(2, 3, 1, dtype=torch.int64))
+    want = _call_append(reference.append_token_, state, new)
+    got = _call_append(torch_ops.append_token_, state, new, index=torch.empty(2, 3, 1, dtype=torch.int64))
     for name in want:
         assert torch.equal(got[name], want[name]), name
     assert torch.equal(want["lengths"], state["lengths"] + 1)
@@ -203,7 +209,258 @@ def test_append_token_onto_a_fresh_tail_matches_reference(dtype, given):
     for name, value in (("modality", 0), ("token_mass", 0.0), ("multiplicity", 0.0)):
         state[name][past] = value
     state["spatial"][past] = -1
-    want = _call(reference.append_token_, state, new)
-    got = _call(torch_ops.append_token_, state, new, index=torch.empty(2, 3, 1, dtype=torch.int64), fresh_tail=True)
+    want = _call_append(reference.append_token_, state, new)
+    got = _call_append(torch_ops.append_token_, state, new, index=torch.empty(2, 3, 1, dtype=torch.int64),
+                       fresh_tail=True)
+    for name in want:
+        assert torch.equal(got[name], want[name]), name
+
+
+# ---------------------------------------------------------------------------------------------------------- errors
+# Every entry point validates through its launcher's own checks (kernel device aside): a bad argument raises the
+# launcher's TypeError / ValueError, naming the argument, before anything is written.
+
+
+def _good(op: str) -> dict:
+    """Small valid arguments for each entry point (CPU, float32)."""
+    g = torch.Generator().manual_seed(11)
+    B, Hq, Hkv, C, D = 2, 4, 2, 8, 16
+    kv = dict(k_cache=torch.randn(B, Hkv, C, D, generator=g), v_cache=torch.randn(B, Hkv, C, D, generator=g),
+              lengths=torch.tensor([[8, 3], [0, 5]], dtype=torch.int32))
+    if op in ("decode_plan", "decode_run"):
+        return dict(**kv, num_q_heads=Hq, token_mass=torch.rand(B, Hkv, C, generator=g),
+                    multiplicity=torch.rand(B, Hkv, C, generator=g) + 0.5,
+                    modality=torch.randint(0, 4, (B, Hkv, C), generator=g, dtype=torch.uint8),
+                    q=torch.randn(B, Hq, D, generator=g))
+    if op == "append":
+        state, new = _append_args(B, Hkv, C, D, torch.float32, g, given=True)
+        return dict(**state, **new, index=torch.empty(B, Hkv, 1, dtype=torch.int64))
+    if op == "compact":
+        keep = torch.tensor([[[0, 2, 5], [1, 2, 0]], [[0, 0, 0], [0, 3, 4]]], dtype=torch.int32)
+        target = torch.full((B, Hkv, C), -1, dtype=torch.int32)
+        target[0, 0, 1], target[0, 0, 3], target[1, 1, 1] = 0, 1, 2
+        return dict(**kv, keep=keep, keep_lengths=torch.tensor([[3, 2], [0, 3]], dtype=torch.int32),
+                    merge_target=target, merge_weight=torch.rand(B, Hkv, C, generator=g) + 0.1,
+                    token_data=[torch.randint(0, 4, (B, Hkv, C), generator=g, dtype=torch.uint8)],
+                    token_sums=[torch.rand(B, Hkv, C, generator=g)])
+    if op == "window":
+        return dict(q_window=torch.randn(B, Hq, 4, D, generator=g), k=torch.randn(B, Hkv, 10, D, generator=g),
+                    key_start=torch.tensor([0, 3], dtype=torch.int32))
+    if op == "chunk":
+        T = 5
+        return dict(q=torch.randn(B, Hq, T, D, generator=g), **kv, k_new=torch.randn(B, Hkv, T, D, generator=g),
+                    v_new=torch.randn(B, Hkv, T, D, generator=g), multiplicity=torch.rand(B, Hkv, C, generator=g) + 1,
+                    key_valid=torch.tensor([[True] * T, [False] + [True] * (T - 1)]), window=3)
+    assert op == "observed"
+    T = 9
+    return dict(q=torch.randn(B, Hq, T, D, generator=g), k=torch.randn(B, Hkv, T, D, generator=g),
+                v=torch.randn(B, Hkv, T, D, generator=g), key_start=torch.tensor([0, 2], dtype=torch.int32))
+
+
+_POSITIONAL = {"decode_plan": ("k_cache", "v_cache", "lengths"),
+               "append": ("k_cache", "v_cache", "lengths", "k_new", "v_new"),
+               "compact": ("k_cache", "v_cache", "lengths", "keep", "keep_lengths"), "window": ("q_window", "k"),
+               "chunk": ("q", "k_cache", "v_cache", "lengths", "k_new", "v_new"), "observed": ("q", "k", "v")}
+_TWIN_ONLY = {"index", "fresh_tail", "block", "return_lse"}  # the torch ops' own arguments: no launcher to compare
+
+
+def _split(op: str, args: dict):
+    args = dict(args)
+    return [args.pop(n) for n in _POSITIONAL[op]], args
+
+
+def _call(op: str, args: dict, *, twin: bool):
+    """Call the torch twin (or the kernel launcher) of ``op`` with ``args``."""
+    if op == "decode_run":
+        args = dict(args)
+        q = args.pop("q")
+        plan = (torch_ops.TorchDecodePlan if twin else DecodeAttentionPlan)(
+            args.pop("k_cache"), args.pop("v_cache"), args.pop("lengths"), **args)
+        return plan.run(q)
+    if op == "decode_plan":
+        args = {n: x for n, x in args.items() if n != "q"}
+    pos, kw = _split(op, args)
+    fn = {"decode_plan": (torch_ops.TorchDecodePlan, DecodeAttentionPlan),
+          "append": (torch_ops.append_token_, kernel_append_token_),
+          "compact": (torch_ops.compact_kv_, kernel_compact_kv_),
+          "window": (torch_ops.window_scores, kernel_window_scores),
+          "chunk": (torch_ops.chunk_attention, kernel_chunk_attention),
+          "observed": (torch_ops.observed_attention, kernel_observed_attention)}[op][0 if twin else 1]
+    return fn(*pos, **kw)
+
+
+def _poked(x: torch.Tensor, index, value) -> torch.Tensor:
+    x = x.clone()
+    x[index] = value
+    return x
+
+
+T32 = torch.int32
+BAD_ARGS = [
+    # TorchDecodePlan(...): DecodeAttentionPlan's checks
+    ("decode_plan", lambda a: {"k_cache": [1.0]}, TypeError, "k_cache must be a torch.Tensor"),
+    ("decode_plan", lambda a: {"k_cache": a["k_cache"][0]}, ValueError, "k_cache must have rank 4"),
+    ("decode_plan", lambda a: {"v_cache": a["v_cache"][:, :, :5]}, ValueError, "v_cache must have shape"),
+    ("decode_plan", lambda a: {"v_cache": a["v_cache"].half()}, TypeError, "v_cache must have dtype float32"),
+    ("decode_plan", lambda a: {"k_cache": a["k_cache"].transpose(2, 3).contiguous().transpose(2, 3)}, ValueError,
+     "k_cache must be contiguous in its last dim"),
+    ("decode_plan", lambda a: {"lengths": a["lengths"].long()}, TypeError, "lengths must have dtype int32"),
+    ("decode_plan", lambda a: {"lengths": a["lengths"][:1]}, ValueError, "lengths must have shape"),
+    ("decode_plan", lambda a: {"num_q_heads": 3}, ValueError, "positive multiple of Hkv=2"),
+    ("decode_plan", lambda a: {"num_q_heads": 4.0}, TypeError, "num_q_heads must be an int"),
+    ("decode_plan", lambda a: {"token_mass": a["token_mass"].double()}, TypeError, "token_mass must have dtype"),
+    ("decode_plan", lambda a: {"multiplicity": a["multiplicity"][..., :4]}, ValueError, "multiplicity must have shape"),
+    ("decode_plan", lambda a: {"modality": a["modality"].int()}, TypeError, "modality must have dtype uint8"),
+    ("decode_plan", lambda a: {"decay": 0.0}, ValueError, r"decay must be a float in \(0, 1\]"),
+    ("decode_plan", lambda a: {"decay": 2.0}, ValueError, r"decay must be a float in \(0, 1\]"),
+    ("decode_plan", lambda a: {"scale": float("nan")}, ValueError, "scale must be a finite float"),
+    # TorchDecodePlan.run(q): the kernel plan's host check
+    ("decode_run", lambda a: {"q": [1.0]}, TypeError, "q must be a torch.Tensor"),
+    ("decode_run", lambda a: {"q": a["q"][:, :2]}, ValueError, r"q must be a \[B, Hq, D\]"),
+    ("decode_run", lambda a: {"q": a["q"].double()}, ValueError, r"q must be a \[B, Hq, D\]"),
+    ("decode_run", lambda a: {"q": a["q"].transpose(0, 2).contiguous().transpose(0, 2)}, ValueError,
+     "contiguous last dim"),
+    # append_token_: the launcher's check_args (check=True)
+    ("append", lambda a: {"k_cache": [1.0]}, TypeError, "k_cache must be a torch.Tensor"),
+    ("append", lambda a: {"k_new": a["k_new"][..., :8]}, ValueError, "k_new must have shape"),
+    ("append", lambda a: {"v_new": a["v_new"].half()}, TypeError, "v_new must have dtype float32"),
+    ("append", lambda a: {"v_cache": a["v_cache"].half()}, TypeError, "v_cache must have dtype float32"),
+    ("append", lambda a: {"lengths": a["lengths"].long()}, TypeError, "lengths must have dtype int32"),
+    ("append", lambda a: {"next_position": a["next_position"][:, :, 0]}, ValueError, "next_position must have shape"),
+    ("append", lambda a: {"token_mass": a["token_mass"].double()}, TypeError, "token_mass must have dtype float32"),
+    ("append", lambda a: {"spatial": a["spatial"][..., 0]}, ValueError, "spatial must have shape"),
+    ("append", lambda a: {"position": a["position"].transpose(1, 2).contiguous().transpose(1, 2)}, ValueError,
+     "position must be contiguous"),
+    ("append", lambda a: {"modality_new": a["modality_new"].int()}, TypeError, "modality_new must have dtype uint8"),
+    ("append", lambda a: {"index": a["index"].int()}, TypeError, "index must have dtype int64"),
+    # compact_kv_: validate_plan (the launcher's checks, check_plan=True)
+    ("compact", lambda a: {"k_cache": [1.0]}, TypeError, "k_cache must be a torch.Tensor"),
+    ("compact", lambda a: {"v_cache": a["v_cache"].half()}, TypeError, "v_cache must have dtype float32"),
+    ("compact", lambda a: {"keep": a["keep"].long()}, TypeError, "keep must have dtype int32"),
+    ("compact", lambda a: {"lengths": a["lengths"] + 5}, ValueError, r"lengths must lie in \[0, C=8\]"),
+    ("compact", lambda a: {"lengths": a["lengths"] - 6}, ValueError, r"lengths must lie in \[0, C=8\]"),
+    ("compact", lambda a: {"keep_lengths": a["keep_lengths"].long()}, TypeError, "keep_lengths must have dtype"),
+    ("compact", lambda a: {"keep_lengths": _poked(a["keep_lengths"], (0, 1), 4)}, ValueError, "keep_lengths must lie"),
+    ("compact", lambda a: {"keep": _poked(a["keep"], (0, 0, 1), 0)}, ValueError, "keep must be strictly increasing"),
+    ("compact", lambda a: {"merge_weight": None}, ValueError, "merge_target and merge_weight must be given together"),
+    ("compact", lambda a: {"merge_target": a["merge_target"][..., :7]}, ValueError, "merge_target must have shape"),
+    ("compact", lambda a: {"merge_target": _poked(a["merge_target"], (0, 0, 4), 3)}, ValueError,
+     "merge_target must be -1 or a slot"),
+    ("compact", lambda a: {"merge_weight": _poked(a["merge_weight"], (0, 0, 1), 0.0)}, ValueError,
+     "merge_weight must be finite and > 0"),
+    ("compact", lambda a: {"token_data": a["token_data"][0]}, TypeError, "token_data and token_sums must be sequences"),
+    ("compact", lambda a: {"token_sums": [a["token_sums"][0].int()]}, TypeError, r"token_sums\[0\] must have dtype"),
+    ("compact", lambda a: {"v_cache": a["k_cache"]}, ValueError, "k_cache and v_cache must not share memory"),
+    # window_scores: the launcher's check_args
+    ("window", lambda a: {"q_window": [1.0]}, TypeError, "q_window must be a torch.Tensor"),
+    ("window", lambda a: {"q_window": a["q_window"][0]}, ValueError, "q_window must have rank 4"),
+    ("window", lambda a: {"k": a["k"].half()}, TypeError, "k must have dtype float32"),
+    ("window", lambda a: {"k": a["k"][..., :8]}, ValueError, r"k must have shape \[B, Hkv, N, D\]"),
+    ("window", lambda a: {"k": a["k"][:, :1].expand(2, 3, 10, 16)}, ValueError, "positive multiple of Hkv=3"),
+    ("window", lambda a: {"k": a["k"][:, :, :3]}, ValueError, r"window size W=4 .* 1 <= W <= N=3"),
+    ("window", lambda a: {"k": a["k"].transpose(2, 3).contiguous().transpose(2, 3)}, ValueError,
+     "k must be contiguous in its last dim"),
+    ("window", lambda a: {"key_start": a["key_start"].long()}, TypeError, "key_start must have dtype int32"),
+    ("window", lambda a: {"key_start": a["key_start"] + 8}, ValueError, r"key_start must lie in \[0, N=10\]"),
+    ("window", lambda a: {"key_start": a["key_start"] - 1}, ValueError, r"key_start must lie in \[0, N=10\]"),
+    ("window", lambda a: {"scale": float("nan")}, ValueError, "scale must be a finite float"),
+    # chunk_attention: the launcher's check_args
+    ("chunk", lambda a: {"q": [1.0]}, TypeError, "q must be a torch.Tensor"),
+    ("chunk", lambda a: {"k_cache": a["k_cache"].half()}, TypeError, "k_cache must have dtype float32"),
+    ("chunk", lambda a: {"k_new": a["k_new"][:, :, :4]}, ValueError, r"k_new must have shape \[B, Hkv, T, D\]"),
+    ("chunk", lambda a: {"v_cache": a["v_cache"][:, :, :4]}, ValueError, r"v_cache must have shape \[B, Hkv, S, D\]"),
+    ("chunk", lambda a: {"q": a["q"][:, :3]}, ValueError, "positive multiple of Hkv"),
+    ("chunk", lambda a: {"lengths": a["lengths"].long()}, TypeError, "lengths must have dtype int32"),
+    ("chunk", lambda a: {"lengths": a["lengths"][0]}, ValueError, "lengths must have shape"),
+    ("chunk", lambda a: {"multiplicity": a["multiplicity"].double()}, TypeError, "multiplicity must have dtype"),
+    ("chunk", lambda a: {"key_valid": a["key_valid"].int()}, TypeError, "key_valid must have dtype bool"),
+    ("chunk", lambda a: {"window": 0}, ValueError, "window must be an int >= 1"),
+    ("chunk", lambda a: {"window": -1}, ValueError, "window must be an int >= 1"),
+    ("chunk", lambda a: {"reduce": "mean"}, ValueError, "reduce must be 'sum' or 'max'"),
+    ("chunk", lambda a: {"decay": 0.0}, ValueError, r"decay must be a float in \(0, 1\]"),
+    ("chunk", lambda a: {"decay": 2.0}, ValueError, r"decay must be a float in \(0, 1\]"),
+    ("chunk", lambda a: {"reduce": "max", "decay": 0.5}, ValueError, "reduce='max' takes decay=1"),
+    ("chunk", lambda a: {"scale": float("nan")}, ValueError, "scale must be a finite float"),
+    ("chunk", lambda a: {"block": 0}, ValueError, "block must be a positive int"),
+    # observed_attention: the launcher's check_args
+    ("observed", lambda a: {"q": [1.0]}, TypeError, "q must be a torch.Tensor"),
+    ("observed", lambda a: {"q": a["q"].long()}, TypeError, "q must have dtype"),
+    ("observed", lambda a: {"k": a["k"].half()}, TypeError, "k must have dtype float32"),
+    ("observed", lambda a: {"k": a["k"][:, :, :4]}, ValueError, "k must have shape"),
+    ("observed", lambda a: {"v": a["v"][..., :8]}, ValueError, "v must have shape"),
+    ("observed", lambda a: {"q": a["q"][:, :3]}, ValueError, "positive multiple of Hkv"),
+    ("observed", lambda a: {"q": a["q"].transpose(2, 3).contiguous().transpose(2, 3)}, ValueError,
+     "q must be contiguous in its last dim"),
+    ("observed", lambda a: {"v": None, "out": torch.empty_like(a["q"])}, ValueError, "out was given without v"),
+    ("observed", lambda a: {"out": a["q"].double()}, TypeError, "out must have dtype float32"),
+    ("observed", lambda a: {"out": a["q"][:, :, 1:]}, ValueError, "out must have shape"),
+    ("observed", lambda a: {"key_start": a["key_start"].float()}, TypeError, "key_start must have dtype"),
+    ("observed", lambda a: {"key_start": a["key_start"][:1]}, ValueError, "key_start must have shape"),
+    ("observed", lambda a: {"key_start": a["key_start"] + 8}, ValueError, r"key_start must lie in \[0, T=9\]"),
+    ("observed", lambda a: {"key_start": a["key_start"] - 1}, ValueError, r"key_start must lie in \[0, T=9\]"),
+    ("observed", lambda a: {"decay": 0.0}, ValueError, r"decay must be a float in \(0, 1\]"),
+    ("observed", lambda a: {"decay": 2.0}, ValueError, r"decay must be a float in \(0, 1\]"),
+    ("observed", lambda a: {"scale": float("nan")}, ValueError, "scale must be a finite float"),
+    ("observed", lambda a: {"block": -1}, ValueError, "block must be a positive int"),
+]
+
+
+def _case_ids(cases) -> list[str]:
+    """``op-argument`` ids, numbered where an op has several cases for one argument."""
+    ids = [f"{op}-{'-'.join(mutate(_good(op)))}" for op, mutate, _, _ in cases]
+    return [f"{i}-{ids[:n].count(i) + 1}" if ids.count(i) > 1 else i for n, i in enumerate(ids)]
+
+
+@pytest.mark.parametrize("op", ["decode_plan", "decode_run", "append", "compact", "window", "chunk", "observed"])
+def test_valid_arguments_pass_the_checks(op):
+    """The table's base arguments are valid: each bad case below changes one thing."""
+    _call(op, _good(op), twin=True)
+
+
+@pytest.mark.parametrize("op,mutate,exc,match", [pytest.param(*c, id=i) for c, i in zip(BAD_ARGS, _case_ids(BAD_ARGS))])
+def test_bad_arguments_raise_the_launchers_error_naming_the_argument(op, mutate, exc, match):
+    """The launcher's error type and message (the same text where the launcher takes the argument, compared under
+    Triton's interpreter, where its kernel-device check passes CPU tensors), and nothing written."""
+    good = _good(op)
+    bad = mutate(good)
+    args = {**good, **bad}
+    before = {n: x.clone() for n, x in good.items() if isinstance(x, torch.Tensor) and n not in bad}
+    with pytest.raises(exc, match=match) as twin_error:
+        _call(op, args, twin=True)
+    for n, x in before.items():
+        assert torch.equal(good[n], x), f"{n} was written before the error"
+    if tuning.INTERPRET and not _TWIN_ONLY & set(bad):
+        launcher_args = {n: x for n, x in args.items() if n not in _TWIN_ONLY}
+        with pytest.raises(exc) as launcher_error:
+            _call(op, launcher_args, twin=False)
+        assert str(twin_error.value) == str(launcher_error.value)
+
+
+def test_lengths_outside_the_capacity_act_as_clamped_like_the_kernels():
+    """The decode plan and chunk attention read ``lengths`` on the device only (no sync, as the kernels, which clamp
+    them to ``[0, C]``): a row past C attends over all C slots, a negative row over none."""
+    a = _good("decode_plan")
+    wild, clamped = torch.tensor([[12, 3], [-4, 5]], dtype=torch.int32), torch.tensor([[8, 3], [0, 5]], dtype=T32)
+    outs = []
+    for lengths in (wild, clamped):
+        mass = a["token_mass"].clone()
+        plan = torch_ops.TorchDecodePlan(a["k_cache"], a["v_cache"], lengths, num_q_heads=4, token_mass=mass,
+                                         multiplicity=a["multiplicity"])
+        res = plan.run(a["q"])
+        outs.append((res.out.clone(), res.lse.clone(), mass))
+    for x, y in zip(*outs):
+        torch.testing.assert_close(x, y, rtol=0, atol=0)
+    c = _good("chunk")
+    got = _call("chunk", {**c, "lengths": wild}, twin=True)
+    want = _call("chunk", {**c, "lengths": clamped}, twin=True)
+    for x, y in zip(got, want):
+        torch.testing.assert_close(x, y, rtol=0, atol=0)
+
+
+def test_the_cache_appends_without_the_checks():
+    """``append_token_(check=False)`` (the cache's decode step) skips the host checks, not the write."""
+    state, new = _append_args(2, 3, 17, 64, torch.float32, torch.Generator().manual_seed(5), given=False)
+    want = _call_append(reference.append_token_, state, new)
+    got = _call_append(torch_ops.append_token_, state, new, check=False)
     for name in want:
         assert torch.equal(got[name], want[name]), name

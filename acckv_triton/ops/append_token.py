@@ -92,10 +92,10 @@ def append_token_(k_cache: torch.Tensor, v_cache: torch.Tensor, lengths: torch.T
     Raises:
         TypeError / ValueError naming the argument for a wrong type, shape, dtype, device or layout.
     """
+    if check:  # before reading any shape: a non-tensor raises the TypeError naming it
+        check_args(k_cache, v_cache, lengths, k_new, v_new, position, next_position, modality, time, spatial,
+                   token_mass, multiplicity, modality_new, time_new, spatial_new)
     B, Hkv, C, D = k_cache.shape
-    if check:
-        _check(k_cache, v_cache, lengths, k_new, v_new, position, next_position, modality, time, spatial, token_mass,
-               multiplicity, modality_new, time_new, spatial_new)
     if B * Hkv == 0:
         return
     mod_new, time_new_, sp_new = (x if x is not None else lengths for x in (modality_new, time_new, spatial_new))
@@ -117,11 +117,16 @@ def append_token_(k_cache: torch.Tensor, v_cache: torch.Tensor, lengths: torch.T
     )
 
 
-def _check(k_cache, v_cache, lengths, k_new, v_new, position, next_position, modality, time, spatial, token_mass,
-           multiplicity, modality_new, time_new, spatial_new) -> None:
+def check_args(k_cache, v_cache, lengths, k_new, v_new, position, next_position, modality, time, spatial,
+               token_mass, multiplicity, modality_new=None, time_new=None, spatial_new=None, *,
+               kernel_device: bool = True) -> None:
+    """Every check :func:`append_token_` runs with ``check=True`` (host only: types, shapes, dtypes, devices,
+    layouts; no value is read). ``kernel_device=False`` accepts any device (the torch twin,
+    :func:`acckv_triton.torch_ops.append_token_`, runs on a CPU without the interpreter)."""
     check_tensor("k_cache", k_cache, rank=4, dtypes=(torch.float16, torch.bfloat16, torch.float32))
     device = k_cache.device
-    _common.check_kernel_device("k_cache", device)
+    if kernel_device:
+        _common.check_kernel_device("k_cache", device)
     B, Hkv, C, D = k_cache.shape
     check_tensor("v_cache", v_cache, shape=(B, Hkv, C, D), what="[B, Hkv, C, D]", dtypes=(k_cache.dtype,),
                  device=device, like="k_cache")

@@ -239,43 +239,13 @@ def chunk_attention(
     Raises:
         TypeError / ValueError naming the argument for a wrong type, rank, shape, dtype, device or stride.
     """
-    check_tensor("q", q, rank=4, dtypes=(torch.float16, torch.bfloat16, torch.float32))
+    scale, log2_decay = check_args(q, k_cache, v_cache, lengths, k_new, v_new, scale=scale, multiplicity=multiplicity,
+                                   key_valid=key_valid, window=window, reduce=reduce, out=out, decay=decay)
     device = q.device
-    _common.check_kernel_device("q", device)
     B, Hq, T, D = q.shape
-    check_tensor("k_cache", k_cache, rank=4, dtypes=(q.dtype,), device=device, like="q")
     Hkv, S = k_cache.shape[1], k_cache.shape[2]
-    for name, x, n in (("k_cache", k_cache, S), ("v_cache", v_cache, S), ("k_new", k_new, T), ("v_new", v_new, T)):
-        check_tensor(name, x, rank=4, dtypes=(q.dtype,), device=device, like="q")
-        check_shape(name, x, (B, Hkv, n, D), "[B, Hkv, " + ("S" if n is S else "T") + ", D]")
-        check_last_dim_contiguous(name, x)
-    check_last_dim_contiguous("q", q)
-    if Hkv == 0 or Hq % Hkv != 0:
-        raise ValueError(f"the query head count Hq={Hq} (q) must be a positive multiple of Hkv={Hkv} (k_cache)")
-    check_tensor("lengths", lengths, shape=(B, Hkv), what="[B, Hkv]", dtypes=(torch.int32,), device=device, like="q")
-    if multiplicity is not None:
-        check_tensor("multiplicity", multiplicity, shape=(B, Hkv, S), what="[B, Hkv, S]", dtypes=(torch.float32,),
-                     device=device, like="q")
-        if multiplicity.stride(-1) != 1:
-            raise ValueError("multiplicity must have a contiguous last dim")
-    if key_valid is not None:
-        check_tensor("key_valid", key_valid, shape=(B, T), what="[B, T]", dtypes=(torch.bool,), device=device,
-                     like="q")
-        if key_valid.stride(-1) != 1:
-            raise ValueError("key_valid must have a contiguous last dim")
-    if not (isinstance(window, int) and window >= 1):
-        raise ValueError(f"window must be an int >= 1, got {window!r}")
-    if reduce not in ("sum", "max"):
-        raise ValueError(f"reduce must be 'sum' or 'max', got {reduce!r}")
-    log2_decay = _common.decay_log2(decay)
-    if reduce == "max" and log2_decay != 0.0:
-        raise ValueError(f"decay weighs the summed masses: reduce='max' takes decay=1, got {decay}")
     if out is None:
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
-    else:
-        check_tensor("out", out, shape=(B, Hq, T, D), what="[B, Hq, T, D]", dtypes=(q.dtype,), device=device,
-                     like="q")
-    scale = _common.check_scale(scale, D)
     G = Hq // Hkv
     W = min(window, T)
     lengths_c = lengths.contiguous()
@@ -306,3 +276,47 @@ def chunk_attention(
         lse_ptr=lse, old_mass_ptr=stored_mass, new_mass_ptr=chunk_mass, W=W, decay_log2=log2_decay,
         REDUCE_MAX=reduce == "max", BLOCK_R=max(16, min(64, next_pow2(G * W))), **common)
     return ChunkAttention(out, lse, stored_mass, chunk_mass)
+
+
+def check_args(q, k_cache, v_cache, lengths, k_new, v_new, *, scale=None, multiplicity=None, key_valid=None,
+               window: int = 32, reduce: str = "sum", out=None, decay: float = 1.0,
+               kernel_device: bool = True) -> tuple[float, float]:
+    """Every check :func:`chunk_attention` runs before it launches (host only: no value is read, ``lengths``
+    included); returns ``(scale, -log2(decay))``, the scale ``D ** -0.5`` for None. ``kernel_device=False``
+    accepts any device (the torch twin, :func:`acckv_triton.torch_ops.chunk_attention`)."""
+    check_tensor("q", q, rank=4, dtypes=(torch.float16, torch.bfloat16, torch.float32))
+    device = q.device
+    if kernel_device:
+        _common.check_kernel_device("q", device)
+    B, Hq, T, D = q.shape
+    check_tensor("k_cache", k_cache, rank=4, dtypes=(q.dtype,), device=device, like="q")
+    Hkv, S = k_cache.shape[1], k_cache.shape[2]
+    for name, x, n in (("k_cache", k_cache, S), ("v_cache", v_cache, S), ("k_new", k_new, T), ("v_new", v_new, T)):
+        check_tensor(name, x, rank=4, dtypes=(q.dtype,), device=device, like="q")
+        check_shape(name, x, (B, Hkv, n, D), "[B, Hkv, " + ("S" if name.endswith("cache") else "T") + ", D]")
+        check_last_dim_contiguous(name, x)
+    check_last_dim_contiguous("q", q)
+    if Hkv == 0 or Hq % Hkv != 0:
+        raise ValueError(f"the query head count Hq={Hq} (q) must be a positive multiple of Hkv={Hkv} (k_cache)")
+    check_tensor("lengths", lengths, shape=(B, Hkv), what="[B, Hkv]", dtypes=(torch.int32,), device=device, like="q")
+    if multiplicity is not None:
+        check_tensor("multiplicity", multiplicity, shape=(B, Hkv, S), what="[B, Hkv, S]", dtypes=(torch.float32,),
+                     device=device, like="q")
+        if multiplicity.stride(-1) != 1:
+            raise ValueError("multiplicity must have a contiguous last dim")
+    if key_valid is not None:
+        check_tensor("key_valid", key_valid, shape=(B, T), what="[B, T]", dtypes=(torch.bool,), device=device,
+                     like="q")
+        if key_valid.stride(-1) != 1:
+            raise ValueError("key_valid must have a contiguous last dim")
+    if not (isinstance(window, int) and window >= 1):
+        raise ValueError(f"window must be an int >= 1, got {window!r}")
+    if reduce not in ("sum", "max"):
+        raise ValueError(f"reduce must be 'sum' or 'max', got {reduce!r}")
+    log2_decay = _common.decay_log2(decay)
+    if reduce == "max" and log2_decay != 0.0:
+        raise ValueError(f"decay weighs the summed masses: reduce='max' takes decay=1, got {decay}")
+    if out is not None:
+        check_tensor("out", out, shape=(B, Hq, T, D), what="[B, Hq, T, D]", dtypes=(q.dtype,), device=device,
+                     like="q")
+    return _common.check_scale(scale, D), log2_decay

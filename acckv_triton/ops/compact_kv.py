@@ -433,12 +433,29 @@ def _validate(
     return token_data, token_sums
 
 
+def _validate_in_place(k_cache, v_cache, lengths, keep, keep_lengths, merge_target, merge_weight, token_data,
+                       token_sums, check_plan, kernel_device=True):
+    """:func:`_validate` plus the in-place path's memory checks: no two written tensors share memory, and none
+    shares the plan's (read by every launch). Returns ``(token_data, token_sums)`` as tuples."""
+    token_data, token_sums = _validate(
+        k_cache, v_cache, lengths, keep, keep_lengths, merge_target, merge_weight, token_data, token_sums, check_plan,
+        kernel_device=kernel_device,
+    )
+    written = [("k_cache", k_cache), ("v_cache", v_cache), ("lengths", lengths)] \
+        + [(f"token_data[{i}]", x) for i, x in enumerate(token_data)] \
+        + [(f"token_sums[{i}]", x) for i, x in enumerate(token_sums)]
+    _check_no_overlap(written)
+    _check_plan_not_written(written, keep, keep_lengths, merge_target, merge_weight)
+    return token_data, token_sums
+
+
 def validate_plan(k_cache, v_cache, lengths, keep, keep_lengths, *, merge_target=None, merge_weight=None,
-                  token_data=(), token_sums=(), check_plan: bool = True) -> None:
+                  token_data=(), token_sums=(), check_plan: bool = True) -> tuple[tuple, tuple]:
     """Every check :func:`compact_kv_` runs before it writes, on any device, for callers that apply the plan
-    another way (``LayerKVCache``'s torch backend). Raises ValueError / TypeError naming the argument."""
-    _validate(k_cache, v_cache, lengths, keep, keep_lengths, merge_target, merge_weight, token_data, token_sums,
-              check_plan, kernel_device=False)
+    another way (:func:`acckv_triton.torch_ops.compact_kv_`). Raises ValueError / TypeError naming the argument;
+    returns ``(token_data, token_sums)`` as tuples."""
+    return _validate_in_place(k_cache, v_cache, lengths, keep, keep_lengths, merge_target, merge_weight, token_data,
+                              token_sums, check_plan, kernel_device=False)
 
 
 # --------------------------------------------------------------------------------------------------------- launchers
@@ -521,14 +538,9 @@ def compact_kv_(
         (with ``check_plan``) an invalid plan; TypeError for a non-tensor argument or a wrong dtype. Raised before any
         tensor is modified, so nothing is lost.
     """
-    token_data, token_sums = _validate(
+    token_data, token_sums = _validate_in_place(
         k_cache, v_cache, lengths, keep, keep_lengths, merge_target, merge_weight, token_data, token_sums, check_plan,
     )
-    written = [("k_cache", k_cache), ("v_cache", v_cache), ("lengths", lengths)] \
-        + [(f"token_data[{i}]", x) for i, x in enumerate(token_data)] \
-        + [(f"token_sums[{i}]", x) for i, x in enumerate(token_sums)]
-    _check_no_overlap(written)
-    _check_plan_not_written(written, keep, keep_lengths, merge_target, merge_weight)
     B, Hkv, C, D = k_cache.shape
     K = keep.shape[2]
     if B * Hkv > 0 and K > 0:

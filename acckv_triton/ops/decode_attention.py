@@ -245,6 +245,47 @@ def default_num_splits(batch: int, num_kv_heads: int, capacity: int, device: tor
 _Q_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
+def check_plan_args(k_cache, v_cache, lengths, *, num_q_heads, scale=None, modality=None, token_mass=None,
+                    multiplicity=None, decay: float = 1.0, kernel_device: bool = True) -> tuple[float, float]:
+    """The checks :class:`DecodeAttentionPlan` runs on what it binds (host only: no value is read; ``lengths`` is
+    clamped on the device). Returns ``(scale, decay)``, the scale ``D ** -0.5`` for None. ``kernel_device=False``
+    accepts any device (the torch twin, :class:`acckv_triton.torch_ops.TorchDecodePlan`)."""
+    check_tensor("k_cache", k_cache, rank=4, dtypes=_Q_DTYPES)
+    device = k_cache.device
+    if kernel_device:
+        _common.check_kernel_device("k_cache", device)
+    B, Hkv, C, D = k_cache.shape
+    check_tensor("v_cache", v_cache, rank=4, dtypes=(k_cache.dtype,), device=device, like="k_cache")
+    check_shape("v_cache", v_cache, (B, Hkv, C, D), "[B, Hkv, C, D] like k_cache")
+    if not isinstance(num_q_heads, int) or isinstance(num_q_heads, bool):
+        raise TypeError(f"num_q_heads must be an int, got {type(num_q_heads).__name__}")
+    if Hkv == 0 or num_q_heads <= 0 or num_q_heads % Hkv != 0:
+        raise ValueError(f"the query head count Hq={num_q_heads} (q) must be a positive multiple of Hkv={Hkv} "
+                         "(k_cache)")
+    for name, x in (("k_cache", k_cache), ("v_cache", v_cache)):
+        check_last_dim_contiguous(name, x)
+    check_tensor("lengths", lengths, rank=2, dtypes=(torch.int32,), device=device, like="k_cache")
+    check_shape("lengths", lengths, (B, Hkv), "[B, Hkv]")
+    for name, x, dtype in (("modality", modality, torch.uint8), ("token_mass", token_mass, torch.float32),
+                           ("multiplicity", multiplicity, torch.float32)):
+        if x is not None:
+            check_tensor(name, x, rank=3, dtypes=(dtype,), device=device, like="k_cache")
+            check_shape(name, x, (B, Hkv, C), "[B, Hkv, C]")
+    return _common.check_scale(scale, D), _common.check_decay(decay)
+
+
+def check_query(q, shape: tuple, dtype: torch.dtype, device: torch.device) -> None:
+    """A plan's check of the query at every run, host only (no torch op, no sync): ``q`` is a ``[B, Hq, D]`` tensor
+    of the plan's dtype and device with a contiguous last dim, ``shape`` the plan's ``(B, Hq, Hkv, C, D)``."""
+    B, Hq, _, _, D = shape
+    if not isinstance(q, torch.Tensor):
+        raise TypeError(f"q must be a torch.Tensor, got {type(q).__name__}")
+    if q.shape != (B, Hq, D) or q.dtype != dtype or q.device != device or q.stride(-1) != 1:
+        raise ValueError(f"q must be a [B, Hq, D] = {(B, Hq, D)} {dtype_name(dtype)} tensor on {device} with a "
+                         f"contiguous last dim, got {tuple(q.shape)} {dtype_name(q.dtype)} on {q.device}, strides "
+                         f"{q.stride()}")
+
+
 class DecodeAttentionPlan:
     """One decode-attention call resolved once, then run every step (the plan/run split of FlashInfer's wrappers).
 
@@ -275,32 +316,15 @@ class DecodeAttentionPlan:
                  scale: float | None = None, modality: torch.Tensor | None = None,
                  token_mass: torch.Tensor | None = None, multiplicity: torch.Tensor | None = None,
                  modality_mass: bool | None = None, num_splits: int | None = None, decay: float = 1.0):
-        check_tensor("k_cache", k_cache, rank=4, dtypes=_Q_DTYPES)
+        self.scale, self.decay = check_plan_args(k_cache, v_cache, lengths, num_q_heads=num_q_heads, scale=scale,
+                                                 modality=modality, token_mass=token_mass, multiplicity=multiplicity,
+                                                 decay=decay)
         device = k_cache.device
-        _common.check_kernel_device("k_cache", device)
         B, Hkv, C, D = k_cache.shape
-        check_tensor("v_cache", v_cache, rank=4, dtypes=(k_cache.dtype,), device=device, like="k_cache")
-        check_shape("v_cache", v_cache, (B, Hkv, C, D), "[B, Hkv, C, D] like k_cache")
-        if not isinstance(num_q_heads, int) or isinstance(num_q_heads, bool):
-            raise TypeError(f"num_q_heads must be an int, got {type(num_q_heads).__name__}")
-        if Hkv == 0 or num_q_heads <= 0 or num_q_heads % Hkv != 0:
-            raise ValueError(f"the query head count Hq={num_q_heads} (q) must be a positive multiple of Hkv={Hkv} "
-                             "(k_cache)")
-        for name, x in (("k_cache", k_cache), ("v_cache", v_cache)):
-            check_last_dim_contiguous(name, x)
-        check_tensor("lengths", lengths, rank=2, dtypes=(torch.int32,), device=device, like="k_cache")
-        check_shape("lengths", lengths, (B, Hkv), "[B, Hkv]")
-        for name, x, dtype in (("modality", modality, torch.uint8), ("token_mass", token_mass, torch.float32),
-                               ("multiplicity", multiplicity, torch.float32)):
-            if x is not None:
-                check_tensor(name, x, rank=3, dtypes=(dtype,), device=device, like="k_cache")
-                check_shape(name, x, (B, Hkv, C), "[B, Hkv, C]")
         if modality_mass is None:
             modality_mass = modality is not None
         if modality_mass and modality is None:
             raise ValueError("modality_mass=True needs modality ids (modality=[B, Hkv, C] uint8)")
-        self.scale = _common.check_scale(scale, D)
-        self.decay = _common.check_decay(decay)
         if num_splits is None:
             num_splits = default_num_splits(B, Hkv, C, device)
         elif isinstance(num_splits, bool) or not (isinstance(num_splits, int) and num_splits >= 1):
@@ -374,13 +398,7 @@ class DecodeAttentionPlan:
 
         Returns ``DecodeAttentionOutput(out, lse, modality_mass)``: the plan's own buffers, rewritten by every run.
         """
-        B, Hq, _, _, D = self.shape
-        if not isinstance(q, torch.Tensor):
-            raise TypeError(f"q must be a torch.Tensor, got {type(q).__name__}")
-        if q.shape != (B, Hq, D) or q.dtype != self.dtype or q.device != self.device or q.stride(-1) != 1:
-            raise ValueError(f"q must be a [B, Hq, D] = {(B, Hq, D)} {dtype_name(self.dtype)} tensor on "
-                             f"{self.device} with a contiguous last dim, got {tuple(q.shape)} {dtype_name(q.dtype)} "
-                             f"on {q.device}, strides {q.stride()}")
+        check_query(q, self.shape, self.dtype, self.device)
         if not self._empty:
             qs = q.stride()
             self._split(q_ptr=q, stride_qb=qs[0], stride_qh=qs[1], **self._split_args)

@@ -214,37 +214,13 @@ def observed_attention(
         TypeError / ValueError naming the argument for a wrong type, rank, shape, dtype, device or stride, a head
         count not divisible, ``out`` without ``v``, or key_start outside ``[0, T]``.
     """
-    check_tensor("q", q, rank=4, dtypes=(torch.float16, torch.bfloat16, torch.float32))
-    device = q.device
-    _common.check_kernel_device("q", device)
-    B, Hq, T, D = q.shape
-    check_tensor("k", k, rank=4, dtypes=(q.dtype,), device=device, like="q")
-    Hkv = k.shape[1]
-    check_shape("k", k, (B, Hkv, T, D), "[B, Hkv, T, D]")
-    if Hkv == 0 or Hq % Hkv != 0:
-        raise ValueError(f"the query head count Hq={Hq} (q) must be a positive multiple of Hkv={Hkv} (k)")
-    check_last_dim_contiguous("q", q)
-    check_last_dim_contiguous("k", k)
-    if v is not None:
-        check_tensor("v", v, rank=4, shape=(B, Hkv, T, D), what="[B, Hkv, T, D]", dtypes=(q.dtype,), device=device,
-                     like="q")
-        check_last_dim_contiguous("v", v)
-    if out is not None:
-        if v is None:
-            raise ValueError("out was given without v: there is no attention output to write")
-        check_tensor("out", out, rank=4, shape=(B, Hq, T, D), what="[B, Hq, T, D]", dtypes=(q.dtype,),
-                     device=device, like="q")
-        check_last_dim_contiguous("out", out)
-    if key_start is not None:
-        check_tensor("key_start", key_start, rank=1, shape=(B,), what="[B]", dtypes=(torch.int32, torch.int64),
-                     device=device, like="q")
-        if B and not _common.is_capturing(device):
-            lo, hi = int(key_start.min()), int(key_start.max())
-            if lo < 0 or hi > T:
-                raise ValueError(f"key_start must lie in [0, T={T}] (q dim 2), got min {lo}, max {hi}")
-        key_start = key_start.to(torch.int32).contiguous()
-    scale = _common.check_scale(scale, D)
+    scale, decay, _ = check_args(q, k, v, scale=scale, key_start=key_start, out=out, decay=decay)
     log2_decay = _common.decay_log2(decay)
+    device = q.device
+    B, Hq, T, D = q.shape
+    Hkv = k.shape[1]
+    if key_start is not None:
+        key_start = key_start.to(torch.int32).contiguous()
 
     G = Hq // Hkv
     if v is not None and out is None:
@@ -274,3 +250,43 @@ def observed_attention(
     _mass_kernel[lambda meta: (triton.cdiv(T, meta["BLOCK_N"]), B * Hkv)](
         key_mass_ptr=key_mass, Hkv=Hkv, decay_log2=log2_decay, **common)
     return ObservedAttention(out, lse, key_mass)
+
+
+def check_args(q, k, v=None, *, scale=None, key_start=None, out=None, decay: float = 1.0,
+               kernel_device: bool = True) -> tuple[float, float, tuple[int, int] | None]:
+    """Every check :func:`observed_attention` runs before it launches. Returns ``(scale, decay, bounds)``: the scale
+    (``D ** -0.5`` for None), the checked decay and ``(min, max)`` of ``key_start`` as read on the host (a sync;
+    None without key_start, for B = 0 or while a CUDA graph is being captured, when it is not read).
+    ``kernel_device=False`` accepts any device (the torch twin, :func:`acckv_triton.torch_ops.observed_attention`,
+    which reuses the bounds instead of reading key_start again)."""
+    bounds = None
+    check_tensor("q", q, rank=4, dtypes=(torch.float16, torch.bfloat16, torch.float32))
+    device = q.device
+    if kernel_device:
+        _common.check_kernel_device("q", device)
+    B, Hq, T, D = q.shape
+    check_tensor("k", k, rank=4, dtypes=(q.dtype,), device=device, like="q")
+    Hkv = k.shape[1]
+    check_shape("k", k, (B, Hkv, T, D), "[B, Hkv, T, D]")
+    if Hkv == 0 or Hq % Hkv != 0:
+        raise ValueError(f"the query head count Hq={Hq} (q) must be a positive multiple of Hkv={Hkv} (k)")
+    check_last_dim_contiguous("q", q)
+    check_last_dim_contiguous("k", k)
+    if v is not None:
+        check_tensor("v", v, rank=4, shape=(B, Hkv, T, D), what="[B, Hkv, T, D]", dtypes=(q.dtype,), device=device,
+                     like="q")
+        check_last_dim_contiguous("v", v)
+    if out is not None:
+        if v is None:
+            raise ValueError("out was given without v: there is no attention output to write")
+        check_tensor("out", out, rank=4, shape=(B, Hq, T, D), what="[B, Hq, T, D]", dtypes=(q.dtype,),
+                     device=device, like="q")
+        check_last_dim_contiguous("out", out)
+    if key_start is not None:
+        check_tensor("key_start", key_start, rank=1, shape=(B,), what="[B]", dtypes=(torch.int32, torch.int64),
+                     device=device, like="q")
+        if B and not _common.is_capturing(device):
+            bounds = int(key_start.min()), int(key_start.max())
+            if bounds[0] < 0 or bounds[1] > T:
+                raise ValueError(f"key_start must lie in [0, T={T}] (q dim 2), got min {bounds[0]}, max {bounds[1]}")
+    return _common.check_scale(scale, D), _common.check_decay(decay), bounds

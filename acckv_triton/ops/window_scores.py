@@ -249,33 +249,10 @@ def window_scores(
         TypeError / ValueError naming the argument for a wrong type, rank, shape, dtype, device or stride, a head
         count not divisible, W outside ``[1, N]``, or key_start outside ``[0, N]``.
     """
-    check_tensor("q_window", q_window, rank=4, dtypes=(torch.float16, torch.bfloat16, torch.float32))
+    scale = check_args(q_window, k, scale=scale, modality=modality, lse=lse, key_start=key_start)
     device = q_window.device
-    _common.check_kernel_device("q_window", device)
-    check_tensor("k", k, rank=4, dtypes=(q_window.dtype,), device=device, like="q_window")
     B, Hq, W, D = q_window.shape
     Hkv, N = k.shape[1], k.shape[2]
-    check_shape("k", k, (B, Hkv, N, D), "[B, Hkv, N, D]")
-    if Hkv == 0 or Hq % Hkv != 0:
-        raise ValueError(f"the query head count Hq={Hq} (q_window) must be a positive multiple of Hkv={Hkv} (k)")
-    if not 1 <= W <= N:
-        raise ValueError(f"the window size W={W} (q_window dim 2) must satisfy 1 <= W <= N={N} (k dim 2)")
-    for name, x in (("q_window", q_window), ("k", k)):
-        check_last_dim_contiguous(name, x)
-    if modality is not None:
-        check_tensor("modality", modality, rank=3, dtypes=(torch.uint8,), device=device, like="q_window")
-        check_shape("modality", modality, (B, Hkv, N), "[B, Hkv, N]")
-    if lse is not None:
-        check_tensor("lse", lse, rank=3, dtypes=(torch.float32,), device=device, like="q_window")
-        check_shape("lse", lse, (B, Hq, W), "[B, Hq, W]")
-    if key_start is not None:
-        check_tensor("key_start", key_start, rank=1, dtypes=(torch.int32,), device=device, like="q_window")
-        check_shape("key_start", key_start, (B,), "[B]")
-        if B and not _common.is_capturing(device):
-            lo, hi = int(key_start.min()), int(key_start.max())
-            if lo < 0 or hi > N:
-                raise ValueError(f"key_start must lie in [0, N={N}] (k dim 2), got min {lo}, max {hi}")
-    scale = _common.check_scale(scale, D)
 
     G = Hq // Hkv
     scores = torch.empty((B, Hkv, N), dtype=torch.float32, device=device)
@@ -314,3 +291,40 @@ def window_scores(
     )
     mass = mass_part.sum(dim=2) if modality is not None else None
     return WindowScores(scores, mass)
+
+
+def check_args(q_window, k, *, scale=None, modality=None, lse=None, key_start=None,
+               kernel_device: bool = True) -> float:
+    """Every check :func:`window_scores` runs before it launches; returns the softmax scale (``D ** -0.5`` for None).
+
+    Reads ``key_start`` on the host (its min and max: a sync) unless a CUDA graph is being captured.
+    ``kernel_device=False`` accepts any device (the torch twin, :func:`acckv_triton.torch_ops.window_scores`).
+    """
+    check_tensor("q_window", q_window, rank=4, dtypes=(torch.float16, torch.bfloat16, torch.float32))
+    device = q_window.device
+    if kernel_device:
+        _common.check_kernel_device("q_window", device)
+    check_tensor("k", k, rank=4, dtypes=(q_window.dtype,), device=device, like="q_window")
+    B, Hq, W, D = q_window.shape
+    Hkv, N = k.shape[1], k.shape[2]
+    check_shape("k", k, (B, Hkv, N, D), "[B, Hkv, N, D]")
+    if Hkv == 0 or Hq % Hkv != 0:
+        raise ValueError(f"the query head count Hq={Hq} (q_window) must be a positive multiple of Hkv={Hkv} (k)")
+    if not 1 <= W <= N:
+        raise ValueError(f"the window size W={W} (q_window dim 2) must satisfy 1 <= W <= N={N} (k dim 2)")
+    for name, x in (("q_window", q_window), ("k", k)):
+        check_last_dim_contiguous(name, x)
+    if modality is not None:
+        check_tensor("modality", modality, rank=3, dtypes=(torch.uint8,), device=device, like="q_window")
+        check_shape("modality", modality, (B, Hkv, N), "[B, Hkv, N]")
+    if lse is not None:
+        check_tensor("lse", lse, rank=3, dtypes=(torch.float32,), device=device, like="q_window")
+        check_shape("lse", lse, (B, Hq, W), "[B, Hq, W]")
+    if key_start is not None:
+        check_tensor("key_start", key_start, rank=1, dtypes=(torch.int32,), device=device, like="q_window")
+        check_shape("key_start", key_start, (B,), "[B]")
+        if B and not _common.is_capturing(device):
+            lo, hi = int(key_start.min()), int(key_start.max())
+            if lo < 0 or hi > N:
+                raise ValueError(f"key_start must lie in [0, N={N}] (k dim 2), got min {lo}, max {hi}")
+    return _common.check_scale(scale, D)

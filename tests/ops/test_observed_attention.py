@@ -102,7 +102,7 @@ def test_strided_views_and_out_written_in_place():
     torch.testing.assert_close(twin.out.float(), want.out.float(), atol=TOL[dtype][0], rtol=TOL[dtype][1])
     torch.testing.assert_close(twin.key_mass, want.key_mass, atol=MASS_TOL[dtype][0], rtol=MASS_TOL[dtype][1])
     assert torch.all(twin.out[1, :, :11] == 0)  # padded queries see no key
-    with pytest.raises(ValueError, match="out must be"):
+    with pytest.raises(ValueError, match="out must have shape"):  # the launcher's check
         torch_ops.observed_attention(q, k, v, out=out[:, :, 1:])
 
 
@@ -118,8 +118,10 @@ def test_torch_twin_out_with_every_row_padded_and_decay(dtype):
     got = torch_ops.observed_attention(q, k, v, key_start=key_start, decay=0.9, block=8, out=out)
     assert got.out.data_ptr() == out.data_ptr() and not torch.isnan(out).any()
     assert_matches(got, want, dtype)
-    for bad in (dict(out=out.float() if dtype != torch.float32 else out.half()), dict(v=None, out=out)):
-        with pytest.raises(ValueError, match="out must be"):
+    for bad, exc, match in ((dict(out=out.float() if dtype != torch.float32 else out.half()), TypeError,
+                             "out must have dtype"),  # the launcher's checks: a wrong dtype is a TypeError
+                            (dict(v=None, out=out), ValueError, "out was given without v")):
+        with pytest.raises(exc, match=match):
             torch_ops.observed_attention(q, k, **{"v": v, **bad}, key_start=key_start)
 
 
