@@ -1115,14 +1115,15 @@ class BudgetedLayerCache:
             room = _round_up(self._capacity_for(self._target_max, seen), st.align)
         if cfg.adaptive_heads:
             cap = room - cfg.slack - 1 if upkeep else None
-            self.last = plan_layer(cfg, x, self.layer, self.num_layers, target=self.target, max_per_row=cap)
+            self.last = plan_layer(cfg, x, self.layer, self.num_layers, target=self.target, max_per_row=cap,
+                                   check=False)  # the ids were checked as they were appended
             longest = cap if upkeep else self.last.plan.keep.shape[-1]  # the longest row (read back by the policy)
         else:
             if st.uses_kernels:  # a few launches, nothing read back: sizes come from the host's bounds
                 self.last = plan_layer_fused(cfg, x, self.layer, self.num_layers, target=self.target,
                                              max_keep=self._target_max)
             else:
-                self.last = plan_layer(cfg, x, self.layer, self.num_layers, target=self.target)
+                self.last = plan_layer(cfg, x, self.layer, self.num_layers, target=self.target, check=False)
             longest = self._target_max
         self._longest = min(longest, w)
         capacity = room if upkeep else self._capacity_for(longest, seen)

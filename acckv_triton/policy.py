@@ -269,7 +269,7 @@ def _alignment_boost(cfg, time, P_mask, P_kept_mass, L_mask):
 
 
 def plan_layer(cfg: AccKVConfig, x: LayerTokens, layer: int = 0, num_layers: int = 1,
-               target: torch.Tensor | None = None, max_per_row: int | None = None) -> PolicyResult:
+               target: torch.Tensor | None = None, max_per_row: int | None = None, check: bool = True) -> PolicyResult:
     """Decide which tokens of one layer to keep and where evicted tokens merge.
 
     Args:
@@ -279,6 +279,8 @@ def plan_layer(cfg: AccKVConfig, x: LayerTokens, layer: int = 0, num_layers: int
         target: ``[B, Hkv]`` slots to keep per row; default :func:`budget_tokens` of the valid counts.
         max_per_row: with adaptive head budgets (``cfg.adaptive_heads``), the most slots one row may keep (the
             storage's room); None: no cap beyond the row's valid tokens.
+        check: validate the modality ids (one host sync) and raise ``ValueError`` for one out of range; False
+            (the cache, whose append checked them) reads such an id as text, as the fused policy's kernels do.
 
     Returns:
         :class:`PolicyResult` whose plan keeps exactly ``min(target, valid)`` slots per row (fewer only when
@@ -295,9 +297,11 @@ def plan_layer(cfg: AccKVConfig, x: LayerTokens, layer: int = 0, num_layers: int
         valid = valid & x.valid
     s_raw = torch.where(valid, torch.nan_to_num(s_raw, nan=0.0).clamp(min=0.0), torch.zeros_like(s_raw))
     mod = x.modality.long()
-    if bool((valid & ((mod < 0) | (mod >= NUM_MODALITIES))).any()):
+    in_range = (mod >= 0) & (mod < NUM_MODALITIES)
+    if check and bool((valid & ~in_range).any()):
         raise ValueError(f"x.modality must hold Modality ids in [0, {NUM_MODALITIES}) at every valid token")
-    mod = torch.where(valid, mod, 0)  # slots past lengths / padding may hold leftover memory: never index with it
+    # slots past lengths / padding may hold leftover memory, unchecked ids anything: never index with either
+    mod = torch.where(valid & in_range, mod, 0)
     n_valid = valid.sum(-1)
     if target is None:
         target = budget_tokens(cfg, n_valid, layer, num_layers)

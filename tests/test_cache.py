@@ -309,11 +309,11 @@ def test_modality_ids_are_checked_before_anything_is_stored(backend):
     assert cache.compressions == 1
 
 
-def test_the_fused_policy_reads_an_unchecked_id_out_of_range_as_text():
+def test_the_policies_read_an_unchecked_id_out_of_range_as_text():
     """Ids the caller vouched for (check_modality=False) but out of range never index scratch: the plan is the one
-    of text ids there, and the policy's own check (check=True) still refuses them."""
+    of text ids there, and each policy's own check (check=True) still refuses them."""
     from acckv_triton.fused_policy import plan_layer_fused
-    from acckv_triton.policy import LayerTokens
+    from acckv_triton.policy import LayerTokens, plan_layer
     g = torch.Generator().manual_seed(0)
     N = 64
     mod = torch.randint(0, 4, (1, 2, N), generator=g, dtype=torch.uint8)
@@ -331,6 +331,12 @@ def test_the_fused_policy_reads_an_unchecked_id_out_of_range_as_text():
     with pytest.raises(ValueError, match="modality"):
         plan_layer_fused(cfg, LayerTokens(modality=bad.to(DEVICE), **{n: x.to(DEVICE) for n, x in base.items()}),
                          target=target.to(DEVICE), max_keep=16, check=True)
+    for adaptive in (cfg, ak.AccKVConfig(budget=0.25, method="adakv")):  # the torch policy (Ada-KV's on any backend)
+        got = plan_layer(adaptive, LayerTokens(modality=bad, **base), target=target, check=False)
+        want = plan_layer(adaptive, LayerTokens(modality=as_text, **base), target=target)
+        assert torch.equal(got.plan.keep, want.plan.keep) and torch.equal(got.plan.keep_lengths, want.plan.keep_lengths)
+        with pytest.raises(ValueError, match="modality"):
+            plan_layer(adaptive, LayerTokens(modality=bad, **base), target=target)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
