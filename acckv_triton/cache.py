@@ -878,6 +878,7 @@ class BudgetedLayerCache:
         B, Hq, T, D = q.shape
         S = st.max_length
         args = (st.k[:, :, :S], st.v[:, :, :S], st.lengths, k, v)
+        opts["check_lengths"] = False  # the cache keeps its lengths and multiplicities valid
         if st.uses_kernels:
             out = torch.empty(B, T, Hq, D, dtype=q.dtype, device=q.device)
             return out, chunk_attention(q, *args, **opts, out=out.transpose(1, 2))

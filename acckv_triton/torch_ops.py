@@ -30,7 +30,7 @@ import torch
 
 from . import reference
 from .modality import NUM_MODALITIES
-from .ops._common import check_tensor
+from .ops._common import check_stored_values, check_tensor
 from .ops.append_token import check_args as check_append_args
 from .ops.chunk_attention import check_args as check_chunk_args
 from .ops.compact_kv import validate_plan
@@ -348,14 +348,16 @@ def window_scores(q_window: torch.Tensor, k: torch.Tensor, *, scale: float | Non
 
 
 def chunk_attention(q, k_cache, v_cache, lengths, k_new, v_new, *, scale=None, multiplicity=None, key_valid=None,
-                    window: int = 32, reduce: str = "sum", decay: float = 1.0,
-                    block: int = 256) -> reference.ChunkAttention:
+                    window: int = 32, reduce: str = "sum", decay: float = 1.0, block: int = 256,
+                    check_lengths: bool = True) -> reference.ChunkAttention:
     """:func:`acckv_triton.ops.chunk_attention.chunk_attention` on any device: float32 math, query rows in blocks of
     ``block``, so the logits never exceed ``[B, Hq, block, S + T]``. The launcher's checks run first
-    (:func:`acckv_triton.ops.chunk_attention.check_args`, host only; like the kernels, ``lengths`` outside ``[0, S]``
-    act as clamped)."""
+    (:func:`acckv_triton.ops.chunk_attention.check_args`, host only, and with ``check_lengths`` its value checks;
+    without them, like the kernels, ``lengths`` outside ``[0, S]`` act as clamped)."""
     scale, _ = check_chunk_args(q, k_cache, v_cache, lengths, k_new, v_new, scale=scale, multiplicity=multiplicity,
                                 key_valid=key_valid, window=window, reduce=reduce, decay=decay, kernel_device=False)
+    if check_lengths and lengths.numel():
+        check_stored_values(lengths, k_cache.shape[2], None, multiplicity)
     if isinstance(block, bool) or not (isinstance(block, int) and block >= 1):
         raise ValueError(f"block must be a positive int, got {block!r}")
     B, Hq, T, D = q.shape

@@ -451,10 +451,17 @@ def test_lengths_outside_the_capacity_act_as_clamped_like_the_kernels():
     for x, y in zip(*outs):
         torch.testing.assert_close(x, y, rtol=0, atol=0)
     c = _good("chunk")
-    got = _call("chunk", {**c, "lengths": wild}, twin=True)
+    got = _call("chunk", {**c, "lengths": wild, "check_lengths": False}, twin=True)
     want = _call("chunk", {**c, "lengths": clamped}, twin=True)
     for x, y in zip(got, want):
         torch.testing.assert_close(x, y, rtol=0, atol=0)
+    for twin in (True, False):  # with its value check (the default), chunk attention refuses them, as decode does
+        with pytest.raises(ValueError, match=r"lengths must lie in \[0, C=8\]"):
+            _call("chunk", {**c, "lengths": wild}, twin=twin)
+        bad_mult = c["multiplicity"].clone()
+        bad_mult[0, 0, 0] = 0.0
+        with pytest.raises(ValueError, match="multiplicity must be finite and > 0"):
+            _call("chunk", {**c, "multiplicity": bad_mult}, twin=twin)
 
 
 def test_the_cache_appends_without_the_checks():

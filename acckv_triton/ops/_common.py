@@ -12,6 +12,7 @@ from typing import Sequence
 import torch
 
 from .. import tuning
+from ..modality import NUM_MODALITIES
 
 MIN_TOKENS_PER_SPLIT = 256
 """A split-K program gets at least this many tokens (keys) of its row."""
@@ -119,3 +120,21 @@ def num_splits(batch: int, num_kv_heads: int, length: int, device: torch.device,
     by_occupancy = math.ceil(target / max(1, batch * num_kv_heads))
     by_length = max(1, length // min_tokens)
     return max(1, min(by_occupancy, by_length, max_splits))
+
+
+def check_stored_values(lengths: torch.Tensor, C: int, modality=None, multiplicity=None) -> None:
+    """The value checks behind a launcher's ``check_lengths``, in one host sync: lengths in ``[0, C]``; at every
+    stored slot a modality id below ``NUM_MODALITIES`` and a finite multiplicity > 0 (a bad one turns its row into
+    NaN, or loses its mass, without an error)."""
+    stored = torch.arange(C, device=lengths.device) < lengths.long()[..., None]
+    lo, hi = lengths.min(), lengths.max()
+    bad_mod = (stored & (modality >= NUM_MODALITIES)).any() if modality is not None else lo.new_zeros((), dtype=bool)
+    bad_mult = (stored & ~(torch.isfinite(multiplicity) & (multiplicity > 0))).any() if multiplicity is not None \
+        else lo.new_zeros((), dtype=bool)
+    lo, hi, bad_mod, bad_mult = torch.stack([lo.long(), hi.long(), bad_mod.long(), bad_mult.long()]).tolist()
+    if lo < 0 or hi > C:
+        raise ValueError(f"lengths must lie in [0, C={C}] (the capacity of k_cache), got min {lo}, max {hi}")
+    if bad_mod:
+        raise ValueError(f"modality must hold ids in [0, {NUM_MODALITIES}) at every stored slot (t < lengths)")
+    if bad_mult:
+        raise ValueError("multiplicity must be finite and > 0 at every stored slot (t < lengths)")

@@ -215,13 +215,14 @@ def chunk_attention(
     reduce: str = "sum",
     out: torch.Tensor | None = None,
     decay: float = 1.0,
+    check_lengths: bool = True,
 ) -> ChunkAttention:
     """Causal attention of T chunk queries over the stored slots and the chunk, and the window's mass on both.
 
     Args:
         q: ``[B, Hq, T, D]`` float16, bfloat16 or float32, RoPE applied, last dim contiguous (any other strides).
         k_cache, v_cache: ``[B, Hkv, S, D]`` the stored slots, q's dtype; ``Hq % Hkv == 0``.
-        lengths: ``[B, Hkv]`` int32, valid slots per row (``0 <= lengths <= S``; not checked on the device).
+        lengths: ``[B, Hkv]`` int32, valid slots per row (``0 <= lengths <= S``; see ``check_lengths``).
         k_new, v_new: ``[B, Hkv, T, D]`` the chunk's keys and values; chunk query i sees chunk keys ``u <= i``.
         scale: softmax scale, default ``D ** -0.5``.
         multiplicity: optional ``[B, Hkv, S]`` float32 > 0: slot t weighs ``n_t`` tokens (``p ∝ n_t exp(s_t)``).
@@ -232,18 +233,24 @@ def chunk_attention(
         decay: a float in (0, 1]: with ``reduce="sum"`` chunk query i weighs ``decay ** (T - 1 - i)`` in the masses
             (recency-weighted evidence; 1, the default: every query alike); ``"max"`` takes only 1.
         out: optional ``[B, Hq, T, D]`` buffer in q's dtype (any strides, e.g. a transposed ``[B, T, Hq, D]``).
+        check_lengths: verify on the host (one sync, skipped while a CUDA graph is captured) ``0 <= lengths <= S``
+            and a finite multiplicity > 0 at every stored slot, as :func:`acckv_triton.decode_attention` does. The
+            cache, which maintains both, passes False; the kernels clamp lengths to ``[0, S]`` regardless.
 
     Returns:
         :class:`ChunkAttention` ``(out, lse, stored_mass, chunk_mass)``. A row that sees no key gives 0 and lse -inf.
 
     Raises:
-        TypeError / ValueError naming the argument for a wrong type, rank, shape, dtype, device or stride.
+        TypeError / ValueError naming the argument for a wrong type, rank, shape, dtype, device or stride, or (with
+        ``check_lengths``) lengths outside ``[0, S]`` or a multiplicity <= 0 or not finite at a stored slot.
     """
     scale, log2_decay = check_args(q, k_cache, v_cache, lengths, k_new, v_new, scale=scale, multiplicity=multiplicity,
                                    key_valid=key_valid, window=window, reduce=reduce, out=out, decay=decay)
     device = q.device
     B, Hq, T, D = q.shape
     Hkv, S = k_cache.shape[1], k_cache.shape[2]
+    if check_lengths and lengths.numel() and not _common.is_capturing(device):
+        _common.check_stored_values(lengths, S, None, multiplicity)
     if out is None:
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
     G = Hq // Hkv

@@ -467,23 +467,5 @@ def decode_attention(
     plan = DecodeAttentionPlan(k_cache, v_cache, lengths, num_q_heads=Hq, scale=scale, modality=modality,
                                token_mass=token_mass, multiplicity=multiplicity, num_splits=num_splits, decay=decay)
     if check_lengths and lengths.numel() and not _common.is_capturing(device):
-        _check_values(lengths, C, modality, multiplicity)
+        _common.check_stored_values(lengths, C, modality, multiplicity)
     return plan.run(q)
-
-
-def _check_values(lengths: torch.Tensor, C: int, modality, multiplicity) -> None:
-    """The value checks behind ``check_lengths``, in one host sync: lengths in ``[0, C]``; at every stored slot a
-    modality id below ``NUM_MODALITIES`` and a finite multiplicity > 0 (a bad one turns its row into NaN, or loses
-    its mass, without an error)."""
-    stored = torch.arange(C, device=lengths.device) < lengths.long()[..., None]
-    lo, hi = lengths.min(), lengths.max()
-    bad_mod = (stored & (modality >= NUM_MODALITIES)).any() if modality is not None else lo.new_zeros((), dtype=bool)
-    bad_mult = (stored & ~(torch.isfinite(multiplicity) & (multiplicity > 0))).any() if multiplicity is not None \
-        else lo.new_zeros((), dtype=bool)
-    lo, hi, bad_mod, bad_mult = torch.stack([lo.long(), hi.long(), bad_mod.long(), bad_mult.long()]).tolist()
-    if lo < 0 or hi > C:
-        raise ValueError(f"lengths must lie in [0, C={C}] (the capacity of k_cache), got min {lo}, max {hi}")
-    if bad_mod:
-        raise ValueError(f"modality must hold ids in [0, {NUM_MODALITIES}) at every stored slot (t < lengths)")
-    if bad_mult:
-        raise ValueError("multiplicity must be finite and > 0 at every stored slot (t < lengths)")
