@@ -71,6 +71,16 @@ def check_last_dim_contiguous(name: str, x: torch.Tensor) -> None:
         raise ValueError(f"{name} must be contiguous in its last dim (stride 1), got strides {x.stride()}")
 
 
+def check_leading(name: str, x, *, dtypes: Sequence[torch.dtype], kernel_device: bool = True) -> torch.device:
+    """Check the rank-4 tensor that fixes an op's device and dtype (:func:`check_tensor`) and, with
+    ``kernel_device``, that the kernels run on its device (:func:`check_kernel_device`; the torch twins pass
+    False). Returns the device."""
+    check_tensor(name, x, rank=4, dtypes=dtypes)
+    if kernel_device:
+        check_kernel_device(name, x.device)
+    return x.device
+
+
 def check_kernel_device(name: str, device: torch.device) -> None:
     """Raise ValueError unless kernels can run on ``device``: CUDA, or anything under Triton's interpreter."""
     if not tuning.INTERPRET and device.type != "cuda":

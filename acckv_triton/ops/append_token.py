@@ -123,10 +123,8 @@ def check_args(k_cache, v_cache, lengths, k_new, v_new, position, next_position,
     """Every check :func:`append_token_` runs with ``check=True`` (host only: types, shapes, dtypes, devices,
     layouts; no value is read). ``kernel_device=False`` accepts any device (the torch twin,
     :func:`acckv_triton.torch_ops.append_token_`, runs on a CPU without the interpreter)."""
-    check_tensor("k_cache", k_cache, rank=4, dtypes=(torch.float16, torch.bfloat16, torch.float32))
-    device = k_cache.device
-    if kernel_device:
-        _common.check_kernel_device("k_cache", device)
+    device = _common.check_leading("k_cache", k_cache, dtypes=(torch.float16, torch.bfloat16, torch.float32),
+                                   kernel_device=kernel_device)
     B, Hkv, C, D = k_cache.shape
     check_tensor("v_cache", v_cache, shape=(B, Hkv, C, D), what="[B, Hkv, C, D]", dtypes=(k_cache.dtype,),
                  device=device, like="k_cache")

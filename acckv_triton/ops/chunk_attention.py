@@ -291,10 +291,8 @@ def check_args(q, k_cache, v_cache, lengths, k_new, v_new, *, scale=None, multip
     """Every check :func:`chunk_attention` runs before it launches (host only: no value is read, ``lengths``
     included); returns ``(scale, -log2(decay))``, the scale ``D ** -0.5`` for None. ``kernel_device=False``
     accepts any device (the torch twin, :func:`acckv_triton.torch_ops.chunk_attention`)."""
-    check_tensor("q", q, rank=4, dtypes=(torch.float16, torch.bfloat16, torch.float32))
-    device = q.device
-    if kernel_device:
-        _common.check_kernel_device("q", device)
+    device = _common.check_leading("q", q, dtypes=(torch.float16, torch.bfloat16, torch.float32),
+                                   kernel_device=kernel_device)
     B, Hq, T, D = q.shape
     check_tensor("k_cache", k_cache, rank=4, dtypes=(q.dtype,), device=device, like="q")
     Hkv, S = k_cache.shape[1], k_cache.shape[2]

@@ -250,10 +250,7 @@ def check_plan_args(k_cache, v_cache, lengths, *, num_q_heads, scale=None, modal
     """The checks :class:`DecodeAttentionPlan` runs on what it binds (host only: no value is read; ``lengths`` is
     clamped on the device). Returns ``(scale, decay)``, the scale ``D ** -0.5`` for None. ``kernel_device=False``
     accepts any device (the torch twin, :class:`acckv_triton.torch_ops.TorchDecodePlan`)."""
-    check_tensor("k_cache", k_cache, rank=4, dtypes=_Q_DTYPES)
-    device = k_cache.device
-    if kernel_device:
-        _common.check_kernel_device("k_cache", device)
+    device = _common.check_leading("k_cache", k_cache, dtypes=_Q_DTYPES, kernel_device=kernel_device)
     B, Hkv, C, D = k_cache.shape
     check_tensor("v_cache", v_cache, rank=4, dtypes=(k_cache.dtype,), device=device, like="k_cache")
     check_shape("v_cache", v_cache, (B, Hkv, C, D), "[B, Hkv, C, D] like k_cache")

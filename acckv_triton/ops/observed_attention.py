@@ -260,10 +260,8 @@ def check_args(q, k, v=None, *, scale=None, key_start=None, out=None, decay: flo
     ``kernel_device=False`` accepts any device (the torch twin, :func:`acckv_triton.torch_ops.observed_attention`,
     which reuses the bounds instead of reading key_start again)."""
     bounds = None
-    check_tensor("q", q, rank=4, dtypes=(torch.float16, torch.bfloat16, torch.float32))
-    device = q.device
-    if kernel_device:
-        _common.check_kernel_device("q", device)
+    device = _common.check_leading("q", q, dtypes=(torch.float16, torch.bfloat16, torch.float32),
+                                   kernel_device=kernel_device)
     B, Hq, T, D = q.shape
     check_tensor("k", k, rank=4, dtypes=(q.dtype,), device=device, like="q")
     Hkv = k.shape[1]

@@ -300,10 +300,8 @@ def check_args(q_window, k, *, scale=None, modality=None, lse=None, key_start=No
     Reads ``key_start`` on the host (its min and max: a sync) unless a CUDA graph is being captured.
     ``kernel_device=False`` accepts any device (the torch twin, :func:`acckv_triton.torch_ops.window_scores`).
     """
-    check_tensor("q_window", q_window, rank=4, dtypes=(torch.float16, torch.bfloat16, torch.float32))
-    device = q_window.device
-    if kernel_device:
-        _common.check_kernel_device("q_window", device)
+    device = _common.check_leading("q_window", q_window, dtypes=(torch.float16, torch.bfloat16, torch.float32),
+                                   kernel_device=kernel_device)
     check_tensor("k", k, rank=4, dtypes=(q_window.dtype,), device=device, like="q_window")
     B, Hq, W, D = q_window.shape
     Hkv, N = k.shape[1], k.shape[2]
