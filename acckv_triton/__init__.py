@@ -9,8 +9,9 @@ from .modality import NUM_MODALITIES, Modality
 from .cache import BudgetedLayerCache, LayerKVCache
 from .config import METHODS, AccKVConfig
 from .fused_policy import plan_layer_fused
-from .ops import (ChunkAttention, DecodeAttentionOutput, ObservedAttention, WindowScores, chunk_attention, compact_kv,
-                  compact_kv_, decode_attention, observed_attention, window_scores)
+from .ops import (ChunkAttention, DecodeAttentionOutput, DecodeAttentionPlan, ObservedAttention, WindowScores,
+                  append_token_, chunk_attention, compact_kv, compact_kv_, decode_attention, observed_attention,
+                  window_scores)
 from .plan import CompactionPlan
 from .policy import LayerTokens, PolicyResult, budget_tokens, plan_layer
 
@@ -22,6 +23,7 @@ __all__ = [
     "ChunkAttention",
     "CompactionPlan",
     "DecodeAttentionOutput",
+    "DecodeAttentionPlan",
     "LayerKVCache",
     "LayerTokens",
     "METHODS",
@@ -30,6 +32,7 @@ __all__ = [
     "ObservedAttention",
     "PolicyResult",
     "WindowScores",
+    "append_token_",
     "budget_tokens",
     "chunk_attention",
     "compact_kv",

@@ -129,6 +129,7 @@ class LayerKVCache:
         self.token_mass: torch.Tensor | None = None
         self.multiplicity: torch.Tensor | None = None
         self.seen = 0
+        self._compressed = False  # a compaction ran: slots no longer hold the last tokens in order (crop_last)
         self._min_length = 0  # host copies of min / max of lengths: appends and views need no sync
         self._max_length = 0
         self._plans: dict[tuple, object] = {}  # decode plans bound to the current storage
@@ -363,7 +364,9 @@ class LayerKVCache:
 
         Args:
             k, v: ``[B, Hkv, 1, D]`` in the cache's dtype and device.
-            modality: optional ids ``[B, 1]`` or ``[B, Hkv, 1]`` uint8 (default ``Modality.TEXT``).
+            modality: optional ids ``[B, 1]`` or ``[B, Hkv, 1]`` uint8 (default ``Modality.TEXT``); ids on the CPU are
+                checked like :meth:`append`'s, ids on a GPU trusted (checking would sync every step; the kernels read
+                an id out of range as text).
             time: optional ``[B, 1]`` or ``[B, Hkv, 1]`` int32 (default: the position, ``seen``).
             spatial: optional ``[B, 1, 2]`` or ``[B, Hkv, 1, 2]`` int32 (default -1).
 
@@ -381,13 +384,15 @@ class LayerKVCache:
                 or k.device != self.k.device or v.device != k.device:
             raise ValueError(f"k and v must be [B, Hkv, 1, D] = {(B, Hkv, 1, D)} {self.k.dtype} on {self.k.device} "
                              f"like the cache, got {tuple(k.shape)} {k.dtype} and {tuple(v.shape)} {v.dtype}")
-        if self._max_length + 1 > self.capacity:
-            self._resize(_round_up(max(self._max_length + 1, math.ceil(self.capacity * self.growth)), self.align))
         new = {}
         for name, x, dtype in (("modality", modality, torch.uint8), ("time", time, torch.int32),
                                ("spatial", spatial, torch.int32)):
             if x is None:
                 continue
+            if not isinstance(x, torch.Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+            if name == "modality":  # read on the host for CPU ids; device ids are trusted (a decode step never syncs)
+                _check_modality(x, on_device=False)
             trail = (2,) if name == "spatial" else ()
             if x.numel() == B * math.prod(trail):
                 x = x.reshape((B, 1, 1) + trail).expand((B, Hkv, 1) + trail)
@@ -397,6 +402,8 @@ class LayerKVCache:
                 raise ValueError(f"{name} must have shape [B, 1{', 2' if trail else ''}] or [B, Hkv, 1"
                                  f"{', 2' if trail else ''}] for B, Hkv = {B}, {Hkv}, got {tuple(x.shape)}")
             new[f"{name}_new"] = x if x.dtype == dtype and x.device == k.device else x.to(k.device, dtype)
+        if self._max_length + 1 > self.capacity:  # grown only once the token is known to be valid
+            self._resize(_round_up(max(self._max_length + 1, math.ceil(self.capacity * self.growth)), self.align))
         args = dict(position=self.position, next_position=self._next_position, modality=self.modality, time=self.time,
                     spatial=self.spatial, token_mass=self.token_mass, multiplicity=self.multiplicity, **new)
         if self.uses_kernels:
@@ -462,8 +469,11 @@ class LayerKVCache:
             raise ValueError(f"n must be an int >= 0, got {n!r}")
         if n == 0 or self.k is None:
             return
+        if self._compressed:
+            raise ValueError("crop_last needs storage that was never compressed: a compressed row's last slots are "
+                             "not its last tokens")
         if self._min_length != self._max_length or n > self._max_length:
-            raise ValueError(f"crop_last needs rows of one length >= n={n} (uncompressed storage), got lengths in "
+            raise ValueError(f"crop_last needs rows of one length >= n={n}, got lengths in "
                              f"[{self._min_length}, {self._max_length}]")
         self.lengths -= n
         if self.keeps_fresh_tail:
@@ -578,6 +588,7 @@ class LayerKVCache:
             compact_kv_(k, v, self.lengths, keep, keep_lengths, **merges, token_data=data, token_sums=sums,
                         check_plan=check_plan)
         self._min_length, self._max_length = n_min, n_max
+        self._compressed = True
         if new_capacity != self.capacity:
             self._resize(new_capacity)
 
@@ -662,6 +673,7 @@ class BudgetedLayerCache:
         self.target: torch.Tensor | None = None
         self.prompt_tokens: torch.Tensor | None = None  # [B, Hkv] prompt tokens seen, padding excluded
         self.window = (0, 0)  # positions [start, end) of the latest prefill's observation window
+        self._evidence_av: bool | None = None  # audio_video as the last prompt_evidence / prompt_attention took it
         self.last: PolicyResult | None = None
         self.policy_cfg = cfg  # what the policy runs: cfg with "auto" evidence resolved by the latest prefill
         self.compressions = 0
@@ -700,6 +712,7 @@ class BudgetedLayerCache:
         T = k.shape[2]
         key_start = self._key_start(valid, k)
         cfg = self._resolve(audio_video)
+        self._evidence_av = audio_video  # what the next prefill's policy follows unless it is told otherwise
         if cfg.score_evidence == "reconstruction":
             return torch.zeros(k.shape[:3], dtype=torch.float32, device=k.device)
         if self.reads_every_query(audio_video):  # the mean divides by the queries at compression time
@@ -742,6 +755,7 @@ class BudgetedLayerCache:
         B, Hq, T, D = q.shape
         key_start = self._key_start(valid, k)
         decay = self._resolve(audio_video).mean_decay
+        self._evidence_av = audio_video
         out = torch.empty(B, T, Hq, D, dtype=q.dtype, device=q.device)  # written straight into transformers' layout
         if self.store.kernels_on(q.device):
             res = observed_attention(q, k, v, scale=scale, key_start=key_start, out=out.transpose(1, 2), decay=decay)
@@ -781,7 +795,7 @@ class BudgetedLayerCache:
             valid: optional ``[B, T]`` or ``[B, Hkv, T]`` bool, False at left padding (never kept, not counted in
                 the budget).
             audio_video: as :meth:`prompt_evidence` took it (the evidence decides what the policy protects and
-                pools).
+                pools); None: what this layer's last :meth:`prompt_evidence` or :meth:`prompt_attention` took.
             metadata: ``modality``, ``time``, ``spatial``, ``position`` and ``check_modality`` as
                 :meth:`LayerKVCache.append` takes them.
 
@@ -791,6 +805,8 @@ class BudgetedLayerCache:
         """
         self._check_not_awaiting("prefill")
         self.store.check_kv(k, v)
+        if audio_video is None:  # the scores' own evidence, not the window's default
+            audio_video = self._evidence_av
         B, Hkv, T = k.shape[:3]
         if not isinstance(scores, torch.Tensor) or tuple(scores.shape) != (B, Hkv, T):
             raise ValueError(f"scores must be a [B, Hkv, T] = {(B, Hkv, T)} tensor, got "
@@ -837,6 +853,7 @@ class BudgetedLayerCache:
             self.prompt_tokens = torch.full((B, Hkv), self._prompt_max, dtype=torch.long, device=k.device)
             self.target = torch.full((B, Hkv), self._target_max, dtype=torch.long, device=k.device)
         self._decoded = 0
+        self._evidence_av = None  # used up by this prefill
         self.window = (self.store.seen - self.cfg.window, self.store.seen)
         self.policy_cfg = self._resolve(audio_video)
         if self.policy_cfg.score_evidence == "reconstruction" and not first:  # no pass for a later chunk

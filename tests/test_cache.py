@@ -381,3 +381,28 @@ def test_plans_and_budgets_name_what_is_wrong():
     with pytest.raises(ValueError, match="keep_lengths must be >= 0"):
         cache.compress(bad)
     assert cache.max_length == 20 and torch.all(cache.lengths == 20)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_a_decode_token_with_a_bad_modality_id_is_refused_before_it_is_stored(backend):
+    cache = ak.BudgetedLayerCache(ak.AccKVConfig(budget=0.5, backend=backend))
+    cache.prefill(*rand_kv(32), scores=torch.rand(B, HKV, 32, device=DEVICE))
+    st = cache.store
+    lengths, seen, capacity = st.lengths.clone(), st.seen, st.capacity
+    k1, v1 = rand_kv(1)
+    q = torch.randn(B, 2 * HKV, D, device=DEVICE)
+    with pytest.raises(ValueError, match="modality"):
+        cache.decode_step(q, k1, v1, modality=torch.tensor([[9], [0]], dtype=torch.uint8))
+    with pytest.raises(TypeError, match="modality must be a torch.Tensor"):
+        cache.decode_step(q, k1, v1, modality=[[1], [0]])
+    assert torch.equal(st.lengths, lengths) and st.seen == seen and st.capacity == capacity
+
+
+def test_crop_last_refuses_compressed_storage():
+    """A compressed row's last slots are not its last tokens, even when every row kept as many."""
+    cache, *_ = prefill(40, backend="torch")
+    keep = torch.arange(0, 40, 4, dtype=torch.int32, device=DEVICE).expand(B, HKV, 10).contiguous()
+    cache.compress(CompactionPlan(keep, torch.full((B, HKV), 10, dtype=torch.int32, device=DEVICE)))
+    with pytest.raises(ValueError, match="never compressed"):
+        cache.crop_last(3)
+    assert cache.seen == 40 and torch.all(cache.lengths == 10)

@@ -10,6 +10,7 @@ from acckv_triton.ops.append_token import append_token_ as kernel_append_token_
 from acckv_triton.ops.chunk_attention import chunk_attention as kernel_chunk_attention
 from acckv_triton.ops.compact_kv import compact_kv_ as kernel_compact_kv_
 from acckv_triton.ops.decode_attention import DecodeAttentionPlan
+from acckv_triton.ops.decode_attention import decode_attention as kernel_decode_attention
 from acckv_triton.ops.observed_attention import observed_attention as kernel_observed_attention
 from acckv_triton.ops.window_scores import window_scores as kernel_window_scores
 from tests.conftest import DTYPES, TOL
@@ -471,3 +472,12 @@ def test_the_cache_appends_without_the_checks():
     got = _call_append(torch_ops.append_token_, state, new, check=False)
     for name in want:
         assert torch.equal(got[name], want[name]), name
+
+
+def test_a_head_dim_of_zero_is_refused_by_name():
+    k = torch.zeros(1, 2, 8, 0)
+    lengths = torch.full((1, 2), 8, dtype=torch.int32)
+    with pytest.raises(ValueError, match="head dim D"):
+        torch_ops.TorchDecodePlan(k, k, lengths, num_q_heads=2)
+    with pytest.raises(ValueError, match="head dim D"):
+        kernel_decode_attention(torch.zeros(1, 2, 0), k, k, lengths)

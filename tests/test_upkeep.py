@@ -143,3 +143,17 @@ def test_the_torch_storage_keeps_a_fresh_tail():
                  token_mass=torch.rand(20, generator=g))
     plain.crop_last(7)
     _assert_fresh_tail(plain)
+
+
+def test_prefill_follows_the_evidence_its_scores_came_from():
+    """``prefill`` without ``audio_video`` runs the policy for the evidence ``prompt_evidence`` computed (not the
+    window's default): AccKV's every-query mean on a text prompt is ranked unpooled, its window unprotected."""
+    g = torch.Generator().manual_seed(2)
+    k, v, q = (torch.randn(1, 2, 64, 16, generator=g).to(DEVICE) for _ in range(3))
+    q = torch.cat([q, q], dim=1)
+    told, inferred = (BudgetedLayerCache(AccKVConfig(budget=0.25)) for _ in range(2))
+    for cache, given in ((told, dict(audio_video=False)), (inferred, {})):
+        scores = cache.prompt_evidence(q, k, audio_video=False)
+        cache.prefill(k, v, scores=scores, **given)
+    assert told.policy_cfg == inferred.policy_cfg and told.policy_cfg.score_evidence == "mean"
+    assert torch.equal(told.store.position, inferred.store.position)

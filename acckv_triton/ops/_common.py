@@ -88,7 +88,10 @@ def check_kernel_device(name: str, device: torch.device) -> None:
 
 
 def check_scale(scale, head_dim: int) -> float:
-    """The softmax scale: ``head_dim ** -0.5`` when None, else a finite number (ValueError otherwise)."""
+    """The softmax scale: ``head_dim ** -0.5`` when None, else a finite number (ValueError otherwise, or for a
+    head dim below 1)."""
+    if head_dim < 1:
+        raise ValueError(f"the head dim D (the last dim of q and k) must be >= 1, got {head_dim}")
     if scale is None:
         return head_dim**-0.5
     if not (isinstance(scale, (int, float)) and math.isfinite(scale)):

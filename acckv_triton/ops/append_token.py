@@ -75,6 +75,9 @@ def append_token_(k_cache: torch.Tensor, v_cache: torch.Tensor, lengths: torch.T
                   check: bool = True) -> None:
     """Write one token per (b, kv head) at ``lengths[b, h]`` and advance ``lengths`` and ``next_position``.
 
+    The caller guarantees room (``lengths < C``; not checked, it would need a sync): a row already at capacity
+    writes nothing but still advances, leaving ``lengths`` past C (the cache grows its storage on the host first).
+
     Args:
         k_cache, v_cache: ``[B, Hkv, C, D]``, last dim contiguous, updated in place.
         lengths: ``[B, Hkv]`` int32, contiguous; +1.
