@@ -53,6 +53,25 @@ def test_every_command_line_prints_its_help(module, capsys):
     assert "usage:" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("argv,message", [
+    (["--lengths=-5,0"], "--lengths: expected comma-separated positive ints"),
+    (["--lengths", ","], "--lengths: expected comma-separated positive ints"),
+    (["--batch", "x"], "--batch: expected comma-separated positive ints"),
+])
+def test_cli_refuses_bad_sizes(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        main(argv)
+    assert message in capsys.readouterr().err
+
+
+def test_cli_refuses_an_out_folder_it_cannot_create_before_running_anything(tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with pytest.raises(SystemExit, match="--out .*cannot create the folder"):
+        main(["--suite", "kernels", "--quick", "--out", str(blocker / "sub")])
+    assert "decode_attention vs float64" not in capsys.readouterr().out  # nothing ran
+
+
 def test_cli_writes_json_and_csv(tmp_path, capsys):
     assert main(["--suite", "kernels", "--out", str(tmp_path)]) == 0
     printed = capsys.readouterr().out

