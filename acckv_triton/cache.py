@@ -713,7 +713,7 @@ class BudgetedLayerCache:
         key_start = self._key_start(valid, k)
         cfg = self._resolve(audio_video)
         self._evidence_av = audio_video  # what the next prefill's policy follows unless it is told otherwise
-        if cfg.score_evidence == "reconstruction":
+        if cfg.score_evidence == "reconstruction" or T == 0:  # (an empty prompt: no query, no evidence)
             return torch.zeros(k.shape[:3], dtype=torch.float32, device=k.device)
         if self.reads_every_query(audio_video):  # the mean divides by the queries at compression time
             op = observed_attention if self.store.kernels_on(q.device) else \

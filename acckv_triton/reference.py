@@ -321,7 +321,10 @@ def chunk_attention(q, k_cache, v_cache, lengths, k_new, v_new, *, scale=None, m
     if reduce == "sum":  # query i weighs decay^(T - 1 - i)
         p = p * query_weights(T, decay, q.device)[None, None, :, None]
     rows = p[:, :, T - W:].reshape(B, Hkv, G * W, S + T)
-    mass = rows.amax(dim=2) if reduce == "max" else rows.sum(dim=2)
+    if reduce == "max":  # no window row (T = 0): no probability, 0 like the sum
+        mass = rows.amax(dim=2) if rows.shape[2] else rows.new_zeros(B, Hkv, S + T)
+    else:
+        mass = rows.sum(dim=2)
     return ChunkAttention(out.to(q.dtype), lse.float(), mass[..., :S].float(), mass[..., S:].float())
 
 

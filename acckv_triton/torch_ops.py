@@ -315,7 +315,7 @@ def window_scores(q_window: torch.Tensor, k: torch.Tensor, *, scale: float | Non
             position ``N - W + i``.
         k: ``[B, Hkv, N, D]`` in q_window's dtype, last dim contiguous, ``1 <= W <= N``, ``Hq % Hkv == 0``.
         scale: softmax scale, default ``D ** -0.5``.
-        key_start: optional ``[B]`` int32 in ``[0, N]``, keys before it are left padding (read on the host to check
+        key_start: optional ``[B]`` int32 or int64 in ``[0, N]``, keys before it are left padding (read on the host to check
             the range, as the launcher does).
 
     Returns:

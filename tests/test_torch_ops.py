@@ -361,7 +361,7 @@ BAD_ARGS = [
     ("window", lambda a: {"k": a["k"][:, :, :3]}, ValueError, r"window size W=4 .* 1 <= W <= N=3"),
     ("window", lambda a: {"k": a["k"].transpose(2, 3).contiguous().transpose(2, 3)}, ValueError,
      "k must be contiguous in its last dim"),
-    ("window", lambda a: {"key_start": a["key_start"].long()}, TypeError, "key_start must have dtype int32"),
+    ("window", lambda a: {"key_start": a["key_start"].float()}, TypeError, "key_start must have dtype int32 or int64"),
     ("window", lambda a: {"key_start": a["key_start"] + 8}, ValueError, r"key_start must lie in \[0, N=10\]"),
     ("window", lambda a: {"key_start": a["key_start"] - 1}, ValueError, r"key_start must lie in \[0, N=10\]"),
     ("window", lambda a: {"scale": float("nan")}, ValueError, "scale must be a finite float"),
@@ -481,3 +481,21 @@ def test_a_head_dim_of_zero_is_refused_by_name():
         torch_ops.TorchDecodePlan(k, k, lengths, num_q_heads=2)
     with pytest.raises(ValueError, match="head dim D"):
         kernel_decode_attention(torch.zeros(1, 2, 0), k, k, lengths)
+
+
+def test_edge_inputs_the_review_found():
+    """key_start as int64 works like int32 in window_scores (as in observed_attention); the reference's max
+    reduction of an empty chunk is 0 like its sum; an empty prompt's evidence is empty."""
+    g = torch.Generator().manual_seed(6)
+    q, k = torch.randn(2, 4, 3, 16, generator=g), torch.randn(2, 2, 12, 16, generator=g)
+    ks = torch.tensor([0, 5], dtype=torch.int32)
+    for fn in (torch_ops.window_scores, kernel_window_scores):
+        assert torch.equal(fn(q, k, key_start=ks.long()).scores, fn(q, k, key_start=ks).scores)
+    empty = torch.zeros(1, 2, 0, 8)
+    stored = torch.randn(1, 1, 5, 8, generator=g)
+    res = reference.chunk_attention(empty, stored, stored, torch.full((1, 1), 5, dtype=torch.int32), empty[:, :1],
+                                    empty[:, :1], reduce="max")
+    assert torch.equal(res.stored_mass, torch.zeros(1, 1, 5))
+    from acckv_triton import AccKVConfig, BudgetedLayerCache
+    cache = BudgetedLayerCache(AccKVConfig(budget=0.5, backend="torch"))
+    assert cache.prompt_evidence(empty, empty[:, :1]).shape == (1, 1, 0)

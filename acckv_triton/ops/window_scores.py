@@ -236,7 +236,7 @@ def window_scores(
         modality: optional ``[B, Hkv, N]`` uint8 modality ids (< ``NUM_MODALITIES``).
         lse: optional ``[B, Hq, W]`` float32 natural-log logsumexp of each window row over the keys it sees (e.g.
             from the prefill attention); without it a first pass computes it.
-        key_start: optional ``[B]`` int32, ``0 <= key_start <= N``: keys ``t < key_start[b]`` are left padding,
+        key_start: optional ``[B]`` int32 or int64, ``0 <= key_start <= N``: keys ``t < key_start[b]`` are left padding,
             excluded from every softmax and scored 0.
 
     Returns:
@@ -263,7 +263,7 @@ def window_scores(
     num_splits = _num_splits(B, Hkv, N, device)
     BLOCK_D = max(16, next_pow2(D))
     BLOCK_R = min(_MAX_BLOCK_R, max(16, next_pow2(W * G)))
-    ks_arg = key_start if key_start is not None else scores  # never read without HAS_KEY_START
+    ks_arg = key_start.to(torch.int32).contiguous() if key_start is not None else scores  # unread without it
     common = dict(
         q_ptr=q_window, k_ptr=k, key_start_ptr=ks_arg,
         N=N, W=W, Hkv=Hkv, qk_scale=float(scale) * _LOG2E,
@@ -319,7 +319,8 @@ def check_args(q_window, k, *, scale=None, modality=None, lse=None, key_start=No
         check_tensor("lse", lse, rank=3, dtypes=(torch.float32,), device=device, like="q_window")
         check_shape("lse", lse, (B, Hq, W), "[B, Hq, W]")
     if key_start is not None:
-        check_tensor("key_start", key_start, rank=1, dtypes=(torch.int32,), device=device, like="q_window")
+        check_tensor("key_start", key_start, rank=1, dtypes=(torch.int32, torch.int64), device=device,
+                     like="q_window")
         check_shape("key_start", key_start, (B,), "[B]")
         if B and not _common.is_capturing(device):
             lo, hi = int(key_start.min()), int(key_start.max())
