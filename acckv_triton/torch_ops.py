@@ -94,8 +94,11 @@ class TorchDecodePlan:
         wide = dtype == torch.float32
         # 16-bit caches: logits from a float32 copy of K (a 16-bit product would round them to 8 or 11 bits, as the
         # kernels' tensor-core dot does not), probabilities back in the cache dtype for the P.V product
-        self._k32 = None if wide else torch.empty(B, Hkv, C, D, **f32)
-        self._q = None if wide else torch.empty(B * Hkv, G, D, **f32)
+        BH = B * Hkv
+        # the products run over B*Hkv rows: a K whose (B, Hkv) dims do not merge into one is copied like a 16-bit one
+        self._k32 = None if wide and _merges_rows(k_cache) else torch.empty(B, Hkv, C, D, **f32)
+        self._k3 = (k_cache if self._k32 is None else self._k32).view(BH, C, D)
+        self._q = None if wide else torch.empty(BH, G, D, **f32)
         self._p = torch.empty(B, Hkv, G, C, **f32)
         self._p_cast = self._p if wide else torch.empty(B, Hkv, G, C, dtype=dtype, device=dev)
         self._bias = torch.empty(B, Hkv, C, **f32)
@@ -106,12 +109,14 @@ class TorchDecodePlan:
             self._neg_inf = torch.full((), -math.inf, **f32)
         self._max = torch.empty(B, Hkv, G, 1, **f32)
         self._sum = torch.empty(B, Hkv, G, 1, **f32)
-        self._ones = torch.ones(B * Hkv, 1, G, **f32)  # sums p over a GQA group as a product
+        self._ones = torch.ones(BH, 1, G, **f32)  # sums p over a GQA group as a product
+        self._mass3 = token_mass.view(BH, 1, C) if token_mass is not None and _merges_rows(token_mass) else None
         self._kept = None  # with decay: decay inside each row, 1 past it (slots past a length keep their mass)
         if self.decay != 1.0 and not self.fresh_tail:
-            self._mass = torch.empty(B, Hkv, C, **f32)
             self._kept = torch.empty(B, Hkv, C, **f32)
             self._decay_or_one = (torch.full((), self.decay, **f32), torch.ones((), **f32))
+        if token_mass is not None and (self._kept is not None or self._mass3 is None):
+            self._mass = torch.empty(B, Hkv, C, **f32)
         self._out = torch.empty(B, Hkv, G, D, dtype=dtype, device=dev)
         self.out = self._out.view(B, num_q_heads, D)
         self.lse = torch.empty(B, num_q_heads, **f32)
@@ -130,11 +135,10 @@ class TorchDecodePlan:
         check_query(q, self.shape, self.dtype, self.device)  # the kernel plan's host check: no torch op, no sync
         B, Hq, Hkv, C, D = self.shape
         G, BH = Hq // Hkv, B * Hkv
-        q = q.view(BH, G, D)
-        k = self.k
-        if self._k32 is not None:  # 16-bit: float32 logits
-            k = self._k32
-            k.copy_(self.k)
+        q = q.reshape(BH, G, D)  # a view for any q whose last dim is contiguous and rows merge (the cache's)
+        if self._k32 is not None:  # 16-bit: float32 logits (or a K laid out so its rows do not merge)
+            self._k32.copy_(self.k)
+        if self._q is not None:
             q = self._q.copy_(q)
         # bias: log(multiplicity) inside each row, -inf past its length
         if self.fresh_tail:  # multiplicity 0 past the length: its log is the whole bias
@@ -146,8 +150,7 @@ class TorchDecodePlan:
             torch.where(self._in_row, self._log_mult, self._neg_inf, out=self._bias)
         p = self._p
         # logits = bias + scale * q k^T in one product
-        torch.baddbmm(self._bias.view(BH, 1, C), q, k.view(BH, C, D).transpose(1, 2), alpha=self.scale,
-                      out=p.view(BH, G, C))
+        torch.baddbmm(self._bias.view(BH, 1, C), q, self._k3.transpose(1, 2), alpha=self.scale, out=p.view(BH, G, C))
         torch.amax(p, dim=-1, keepdim=True, out=self._max)
         self._max.clamp_(min=torch.finfo(torch.float32).min)  # an empty row: exp(-inf - finite) = 0, not NaN
         p.sub_(self._max).exp_()
@@ -155,9 +158,12 @@ class TorchDecodePlan:
         torch.log(self._sum, out=self.lse.view(B, Hkv, G, 1)).add_(self._max)
         p.div_(self._sum.clamp_(min=torch.finfo(torch.float32).tiny))
         if self.token_mass is not None:
-            if self._kept is None:  # decay * token_mass + the group's sum of p, in one product (over a fresh tail
-                # or without decay, slots past a length are left as they were: 0 * decay + 0, or + 0)
-                self.token_mass.view(BH, 1, C).baddbmm_(self._ones, p.view(BH, G, C), beta=self.decay)
+            if self._kept is None and self._mass3 is not None:  # decay * token_mass + the group's sum of p, in one
+                # product (over a fresh tail or without decay, slots past a length stay: 0 * decay + 0, or + 0)
+                self._mass3.baddbmm_(self._ones, p.view(BH, G, C), beta=self.decay)
+            elif self._kept is None:  # (a token_mass whose rows do not merge: the sum, then the update)
+                torch.sum(p, dim=2, out=self._mass)
+                self.token_mass.mul_(self.decay).add_(self._mass)
             else:  # token_mass = decay * token_mass + mass inside each row
                 torch.sum(p, dim=2, out=self._mass)
                 torch.where(self._in_row, *self._decay_or_one, out=self._kept)
@@ -171,6 +177,11 @@ class TorchDecodePlan:
             ids = torch.nn.functional.one_hot(self.modality.long().clamp(0, NUM_MODALITIES - 1), NUM_MODALITIES)
             modality_mass = torch.einsum("bhgc,bhcm->bhgm", p, ids.float()).reshape(B, Hq, NUM_MODALITIES)
         return DecodeAttentionOutput(self.out, self.lse, modality_mass)
+
+
+def _merges_rows(x: torch.Tensor) -> bool:
+    """Whether ``x [B, Hkv, ...]`` views as ``[B*Hkv, ...]`` (its batch and head dims merge into one)."""
+    return x.shape[0] == 1 or x.shape[1] == 1 or x.stride(0) == x.shape[1] * x.stride(1)
 
 
 def append_token_(k_cache, v_cache, lengths, k_new, v_new, *, position, next_position, modality, time, spatial,

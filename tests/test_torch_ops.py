@@ -499,3 +499,24 @@ def test_edge_inputs_the_review_found():
     from acckv_triton import AccKVConfig, BudgetedLayerCache
     cache = BudgetedLayerCache(AccKVConfig(budget=0.5, backend="torch"))
     assert cache.prompt_evidence(empty, empty[:, :1]).shape == (1, 1, 0)
+
+
+@pytest.mark.parametrize("decay", [1.0, 0.6], ids=["sum", "decay0.6"])
+def test_decode_plan_over_caches_whose_rows_do_not_merge(decay):
+    """A K and a token mass laid out [Hkv, B, ...] and permuted (their (B, Hkv) dims do not merge into one): the
+    plan copies K into its own buffer and updates the mass without the batched product, with the same results."""
+    g = torch.Generator().manual_seed(8)
+    B, Hkv, C, D, Hq = 2, 3, 24, 16, 6
+    lengths = torch.tensor([[24, 7, 0], [13, 24, 5]], dtype=torch.int32)
+    k = torch.randn(Hkv, B, C, D, generator=g).transpose(0, 1)
+    v = torch.randn(B, Hkv, C, D, generator=g)
+    mass = torch.rand(Hkv, B, C, generator=g).transpose(0, 1)
+    want_mass = mass.clone()
+    plan = torch_ops.TorchDecodePlan(k, v, lengths, num_q_heads=Hq, token_mass=mass, decay=decay)
+    assert plan._k32 is not None and plan._mass3 is None
+    q = torch.randn(B, Hq, D, generator=g)
+    res = plan.run(q)
+    want = reference.decode_attention(q, k, v, lengths, token_mass=want_mass, decay=decay)
+    torch.testing.assert_close(res.out, want.out.float(), atol=1e-5, rtol=1e-5)
+    stored = torch.arange(C) < lengths.long()[..., None]
+    torch.testing.assert_close(mass[stored], want_mass[stored], atol=1e-5, rtol=1e-5)
