@@ -485,7 +485,7 @@ def observed_attention(q, k, v=None, *, scale=None, key_start=None, decay: float
         else:  # the block's n*G rows, each query weighing decay^(T - 1 - i)
             key_mass[:, :, first:t1] += torch.matmul(rows_w[r0:r1][None, None, None, :], p)[:, :, 0]
         if v is not None:
-            acc[:, :, r0:r1] = torch.matmul(p, vf[:, :, first:t1])
+            torch.matmul(p, vf[:, :, first:t1], out=acc[:, :, r0:r1])  # straight into the rows: no copy
     if acc is not None:
         acc = acc.view(B, Hkv, T, G, D).transpose(2, 3)
         if out is None:
