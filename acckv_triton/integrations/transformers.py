@@ -654,10 +654,16 @@ class AccKVHandle:
             self._hooks.append(model.register_forward_pre_hook(self._capture_ids, with_kwargs=True))
         self._hooks.append(self.decoder.register_forward_pre_hook(self._before_decoder, with_kwargs=True))
         self._hooks.append(self.decoder.register_forward_hook(self._after_decoder, always_call=True))
-        prepare = model._prepare_cache_for_generation  # the class's bound method
+        prepare = getattr(model, "_prepare_cache_for_generation", None)  # the class's bound method (a base model,
+        # without generate, has none: hand-written loops take handle.new_cache())
 
         def _prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs):
             user_cache = _cache_argument(model_kwargs)
+            implementation = generation_config.cache_implementation
+            if user_cache is None and implementation not in (None, "dynamic"):  # refused: it would be dropped
+                raise ValueError(f"cache_implementation={implementation!r}: a model patched by apply_acckv "
+                                 "compresses the dynamic cache only (no static or offloaded one): leave "
+                                 "cache_implementation unset")
             result = prepare(generation_config, model_kwargs, *args, **kwargs)
             for name in _CACHE_KWARGS:
                 built = model_kwargs.get(name)
@@ -665,12 +671,13 @@ class AccKVHandle:
                     continue
                 if type(built) is not DynamicCache:  # refused: it would run uncompressed, silently
                     raise ValueError(f"generate built a {type(built).__name__} (cache_implementation="
-                                     f"{generation_config.cache_implementation!r}); a model patched by apply_acckv "
-                                     "compresses the dynamic cache only: leave cache_implementation unset")
+                                     f"{implementation!r}); a model patched by apply_acckv compresses the dynamic "
+                                     "cache only: leave cache_implementation unset")
                 model_kwargs[name] = self.new_cache()
             return result
 
-        model._prepare_cache_for_generation = _prepare_cache_for_generation
+        if prepare is not None:
+            model._prepare_cache_for_generation = _prepare_cache_for_generation
         model._acckv_handle = self
         if self.graphs is not None:
             self.graphs.install()
@@ -691,6 +698,14 @@ class AccKVHandle:
                               "compressed (only an AccKVCache is; get one from handle.new_cache(), or let generate "
                               "build it)", UserWarning, stacklevel=2)
             return
+        if not cache.cfg.is_full:  # refused before the forward: the cache is left as it was
+            current = self.decoder.config._attn_implementation
+            if self._impl is not None and current != self._impl[1]:
+                raise ValueError(f"the attention implementation was switched to {current!r} after apply_acckv; the "
+                                 "compressed layers need AccKV's: revert the handle first, switch, then patch again")
+            if kwargs.get("output_attentions"):
+                raise ValueError("output_attentions=True: compressed layers return no attention weights (AccKV's "
+                                 "attention is fused with its evidence); use budget=1.0 or the unpatched model")
         x = kwargs.get("inputs_embeds")
         if x is None:
             x = kwargs.get("input_ids", args[0] if args else None)
@@ -738,6 +753,12 @@ class AccKVHandle:
         if cache is not None:
             cache._step = {}
             cache._patched_forward = False
+            if output is not None and any(layer._staged is not None for layer in cache.compressed_layers):
+                self._state.cache, self._state.replay = None, None  # (a net under the checks above: a chunk stored
+                # by update but never attended by AccKV's attention means the model attended without the cache)
+                raise ValueError("a compressed layer's chunk was never attended by AccKV's attention: this model's "
+                                 "attention no longer goes through apply_acckv's implementation; revert and patch "
+                                 "again")
         self._state.cache, self._state.replay = None, None
         if replay is not None and output is not None and cache.awaiting_reconstruction:  # None: the forward raised
             self._reconstruct(cache, *replay)

@@ -282,6 +282,34 @@ def test_caches_the_patch_cannot_compress_are_refused_or_warned_about():
         model(input_ids=ids, past_key_values=cache)
 
 
+def test_what_the_compressed_attention_cannot_honour_is_refused():
+    """Below budget 1.0: an offloaded cache (transformers builds a DynamicCache for it, and the request would be
+    lost), output_attentions (the fused attention returns no weights) and an attention implementation
+    switched after patching (the layers would attend without the cache) raise, naming the setting."""
+    model = tiny_causal_lm("llama")
+    inputs = _left_padded((24, 24))
+    with acckv(model, ak.AccKVConfig(budget=0.3)) as handle:
+        with pytest.raises(ValueError, match="cache_implementation='offloaded'"):
+            _generate(model, inputs, n=2, cache_implementation="offloaded")
+        with pytest.raises(ValueError, match="output_attentions=True"):
+            model(**inputs, past_key_values=handle.new_cache(), output_attentions=True)
+        model.set_attn_implementation("eager")
+        with pytest.raises(ValueError, match="switched to 'eager' after apply_acckv"):
+            _generate(model, inputs, n=2)
+    assert model.config._attn_implementation == "sdpa"
+
+
+def test_a_base_model_can_be_patched_for_hand_written_loops():
+    model = tiny_causal_lm("llama")
+    ids = _left_padded((40, 40))["input_ids"]
+    with acckv(model.model, ak.AccKVConfig(budget=0.25)) as handle:
+        assert "_prepare_cache_for_generation" not in model.model.__dict__  # no generate to hook
+        cache = handle.new_cache()
+        model.model(input_ids=ids, past_key_values=cache, use_cache=True)
+        assert (cache.stored_tokens() == 10).all()
+    assert model.config._attn_implementation == "sdpa"
+
+
 def test_other_models_stay_untouched_even_when_sharing_the_config():
     patched = tiny_causal_lm("llama", seed=0)
     other = tiny_causal_lm("llama", seed=1)
