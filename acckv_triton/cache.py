@@ -44,7 +44,7 @@ import torch
 from . import torch_ops
 from .config import AccKVConfig
 from .modality import NUM_MODALITIES, Modality
-from .ops._common import check_scale
+from .ops._common import check_scale, host_range
 from .ops.append_token import append_token_
 from .ops.chunk_attention import chunk_attention
 from .ops.compact_kv import compact_kv, compact_kv_
@@ -542,7 +542,7 @@ class LayerKVCache:
         if not isinstance(keep_lengths, torch.Tensor) or keep_lengths.numel() != self.lengths.numel():
             raise ValueError(f"plan.keep_lengths must be a [B, Hkv] = {tuple(self.lengths.shape)} tensor")
         if length_bounds is None:
-            n_min, n_max = (int(x) for x in torch.stack(torch.aminmax(keep_lengths.long())).tolist())
+            n_min, n_max = host_range(keep_lengths)
             if n_min < 0:
                 raise ValueError(f"plan.keep_lengths must be >= 0, got a row keeping {n_min}")
         else:
@@ -550,7 +550,7 @@ class LayerKVCache:
             if not (isinstance(n_min, int) and isinstance(n_max, int) and 0 <= n_min <= n_max):
                 raise ValueError(f"length_bounds must be ints 0 <= lo <= hi, got {length_bounds!r}")
             if check_plan:  # the plan's check reads the device anyway: the bounds must hold (lo == hi: all equal)
-                lo, hi = (int(x) for x in torch.stack(torch.aminmax(keep_lengths.long())).tolist())
+                lo, hi = host_range(keep_lengths)
                 if not n_min <= lo <= hi <= n_max:
                     raise ValueError(f"length_bounds {length_bounds!r} must bound plan.keep_lengths, which lie in "
                                      f"[{lo}, {hi}]")

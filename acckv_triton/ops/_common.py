@@ -81,6 +81,12 @@ def check_leading(name: str, x, *, dtypes: Sequence[torch.dtype], kernel_device:
     return x.device
 
 
+def host_range(x: torch.Tensor) -> tuple[int, int]:
+    """``(min, max)`` of a non-empty integer tensor, read back in one host sync (not one per value)."""
+    lo, hi = torch.stack(torch.aminmax(x.long())).tolist()
+    return int(lo), int(hi)
+
+
 def check_kernel_device(name: str, device: torch.device) -> None:
     """Raise ValueError unless kernels can run on ``device``: CUDA, or anything under Triton's interpreter."""
     if not tuning.INTERPRET and device.type != "cuda":

@@ -284,7 +284,7 @@ def check_args(q, k, v=None, *, scale=None, key_start=None, out=None, decay: flo
         check_tensor("key_start", key_start, rank=1, shape=(B,), what="[B]", dtypes=(torch.int32, torch.int64),
                      device=device, like="q")
         if B and not _common.is_capturing(device):
-            bounds = int(key_start.min()), int(key_start.max())
+            bounds = _common.host_range(key_start)
             if bounds[0] < 0 or bounds[1] > T:
                 raise ValueError(f"key_start must lie in [0, T={T}] (q dim 2), got min {bounds[0]}, max {bounds[1]}")
     return _common.check_scale(scale, D), _common.check_decay(decay), bounds

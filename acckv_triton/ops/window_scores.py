@@ -323,7 +323,7 @@ def check_args(q_window, k, *, scale=None, modality=None, lse=None, key_start=No
                      like="q_window")
         check_shape("key_start", key_start, (B,), "[B]")
         if B and not _common.is_capturing(device):
-            lo, hi = int(key_start.min()), int(key_start.max())
+            lo, hi = _common.host_range(key_start)
             if lo < 0 or hi > N:
                 raise ValueError(f"key_start must lie in [0, N={N}] (k dim 2), got min {lo}, max {hi}")
     return _common.check_scale(scale, D)
