@@ -49,6 +49,7 @@ from .ops.append_token import append_token_
 from .ops.chunk_attention import chunk_attention
 from .ops.compact_kv import compact_kv, compact_kv_
 from .ops.decode_attention import DecodeAttentionOutput, DecodeAttentionPlan, decode_attention
+from .ops.decode_attention import check_query as check_decode_query
 from .ops.observed_attention import observed_attention
 from .ops.window_scores import window_scores
 from .plan import CompactionPlan
@@ -419,12 +420,11 @@ class LayerKVCache:
         None or finite. Host checks only: a decode step runs them before it stores anything."""
         if not isinstance(q, torch.Tensor):
             raise TypeError(f"q must be a torch.Tensor, got {type(q).__name__}")
-        B, Hkv, _, D = self.k.shape
-        if q.dim() != 3 or q.shape[0] != B or q.shape[2] != D or q.shape[1] == 0 or q.shape[1] % Hkv \
-                or q.dtype != self.k.dtype or q.device != self.k.device or q.stride(-1) != 1:
-            raise ValueError(f"q must be a [B, Hq, D] = [{B}, a multiple of Hkv={Hkv}, {D}] {self.k.dtype} tensor on "
-                             f"{self.k.device} with a contiguous last dim, got {tuple(q.shape)} {q.dtype} on "
-                             f"{q.device}, strides {q.stride()}")
+        B, Hkv, C, D = self.k.shape
+        if q.dim() != 3 or q.shape[1] == 0 or q.shape[1] % Hkv:
+            raise ValueError(f"q must be a [B, Hq, D] tensor with Hq a positive multiple of Hkv={Hkv}, got "
+                             f"{tuple(q.shape)}")
+        check_decode_query(q, (B, q.shape[1], Hkv, C, D), self.k.dtype, self.k.device)  # the decode plans' check
         check_scale(scale, D)
 
     def count_appended(self) -> None:
@@ -995,7 +995,7 @@ class BudgetedLayerCache:
         st.append_token(k, v, modality=modality, time=time, spatial=spatial)
         self._count_decoded()
         res = st.decode_plan(q.shape[1], scale=scale, token_mass=self.reads_mass,
-                             decay=self.policy_cfg.mean_decay).run(q)
+                             decay=self.policy_cfg.mean_decay).run(q, check=False)  # checked above
         if self.needs_upkeep():
             self.compress(upkeep=True)
         return res

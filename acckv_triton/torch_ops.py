@@ -121,18 +121,20 @@ class TorchDecodePlan:
         self.out = self._out.view(B, num_q_heads, D)
         self.lse = torch.empty(B, num_q_heads, **f32)
 
-    def run(self, q: torch.Tensor) -> DecodeAttentionOutput:
+    def run(self, q: torch.Tensor, *, check: bool = True) -> DecodeAttentionOutput:
         """Attention of ``q [B, Hq, D]`` over the bound cache; accumulates token mass if the plan has it.
+        ``check=False`` skips the host check of ``q``, as the kernel plan's ``run`` does.
 
         Inference only, like the kernels: the result carries no autograd history.
         """
+        if check:
+            check_query(q, self.shape, self.dtype, self.device)  # the kernel plan's host check: no torch op, no sync
         if torch.is_grad_enabled():
             with torch.no_grad():
                 return self._run(q)
         return self._run(q)
 
     def _run(self, q: torch.Tensor) -> DecodeAttentionOutput:
-        check_query(q, self.shape, self.dtype, self.device)  # the kernel plan's host check: no torch op, no sync
         B, Hq, Hkv, C, D = self.shape
         G, BH = Hq // Hkv, B * Hkv
         q = q.reshape(BH, G, D)  # a view for any q whose last dim is contiguous and rows merge (the cache's)

@@ -390,12 +390,16 @@ class DecodeAttentionPlan:
         grid = (lambda meta: (B * Hkv, 1 + triton.cdiv(C, meta["BLOCK_T"]))) if has_mass else (B * Hkv, 1)
         self._reduce = _mass_kernel.bind(grid, **self._reduce_args)
 
-    def run(self, q: torch.Tensor) -> DecodeAttentionOutput:
+    def run(self, q: torch.Tensor, *, check: bool = True) -> DecodeAttentionOutput:
         """Attention of ``q [B, Hq, D]`` (the plan's dtype and device, last dim contiguous) over the bound cache.
+
+        ``check=False`` skips the host check of ``q`` (:func:`check_query`) for a caller that ran it already (the
+        cache's decode step checks q before it stores the token).
 
         Returns ``DecodeAttentionOutput(out, lse, modality_mass)``: the plan's own buffers, rewritten by every run.
         """
-        check_query(q, self.shape, self.dtype, self.device)
+        if check:
+            check_query(q, self.shape, self.dtype, self.device)
         if not self._empty:
             qs = q.stride()
             self._split(q_ptr=q, stride_qb=qs[0], stride_qh=qs[1], **self._split_args)
