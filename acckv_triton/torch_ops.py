@@ -278,8 +278,9 @@ def compact_kv_(k_cache: torch.Tensor, v_cache: torch.Tensor, lengths: torch.Ten
         den = torch.zeros(B, Hkv, K + 1, device=dev).scatter_add_(2, dest, w)[..., :K, None]
         count = torch.zeros(B, Hkv, K + 1, device=dev).scatter_add_(2, dest, (slot >= 0).float())[..., :K, None]
         merged = slot_ok[..., None] & (count > 1)  # singletons are gathered, bit-exact
+    flat_index = {}  # the storage-row index of src, built once per layout
     for cache in (k_cache, v_cache):
-        new = _gather_slots(cache, src)
+        new = _gather_slots(cache, src, flat_index)
         if slot is not None:
             num = torch.zeros(B, Hkv, K + 1, D, device=dev)
             num.scatter_add_(2, dest[..., None].expand(B, Hkv, W, D), cache[:, :, :W].float() * w[..., None])
@@ -287,10 +288,10 @@ def compact_kv_(k_cache: torch.Tensor, v_cache: torch.Tensor, lengths: torch.Ten
             new = torch.where(merged, mean.to(cache.dtype), new)
         cache[:, :, :K] = new
     for x in token_data:
-        x[:, :, :K] = _gather_slots(x, src)
+        x[:, :, :K] = _gather_slots(x, src, flat_index)
     for x in token_sums:
         if slot is None:
-            x[:, :, :K] = _gather_slots(x, src)
+            x[:, :, :K] = _gather_slots(x, src, flat_index)
         else:
             summed = torch.zeros(B, Hkv, K + 1, dtype=torch.float64, device=dev).scatter_add_(
                 2, dest, torch.where(slot >= 0, x[:, :, :W].double(), 0.0))[..., :K]
@@ -298,12 +299,13 @@ def compact_kv_(k_cache: torch.Tensor, v_cache: torch.Tensor, lengths: torch.Ten
     lengths.copy_(keep_lengths)
 
 
-def _gather_slots(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+def _gather_slots(x: torch.Tensor, index: torch.Tensor, flat_index: dict | None = None) -> torch.Tensor:
     """``x[b, h, index[b, h, j]]`` for ``x [B, Hkv, C, ...]`` and ``index [B, Hkv, K]`` -> ``[B, Hkv, K, ...]`` (a copy).
 
     Each slot's trailing values are contiguous in the caches' storage, so the slots are copied as whole rows of
     the storage by one ``index_select`` (about 10x faster than ``torch.gather`` over the trailing dim on a CPU);
-    other layouts take the general gather.
+    other layouts take the general gather. ``flat_index``: a dict shared by the calls of one compaction, which
+    builds the storage-row index once per layout (the cache's K, V and metadata share two).
     """
     B, H, C = x.shape[:3]
     rest = x.shape[3:]
@@ -315,8 +317,14 @@ def _gather_slots(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         return torch.gather(x, 2, index.view(B, H, -1, *trail).expand(B, H, index.shape[-1], *rest))
     span = (B - 1) * (sB // sC) + (H - 1) * (sH // sC) + C  # storage rows from x's first slot to its last
     base = x.as_strided((span, inner), (sC, 1))
-    row = (torch.arange(B, device=x.device) * (sB // sC))[:, None] + (torch.arange(H, device=x.device) * (sH // sC))
-    return base.index_select(0, (row[..., None] + index).reshape(-1)).view(B, H, index.shape[-1], *rest)
+    layout = (sB // sC, sH // sC)
+    flat = None if flat_index is None else flat_index.get(layout)
+    if flat is None:
+        row = (torch.arange(B, device=x.device) * layout[0])[:, None] + torch.arange(H, device=x.device) * layout[1]
+        flat = (row[..., None] + index).reshape(-1)
+        if flat_index is not None:
+            flat_index[layout] = flat
+    return base.index_select(0, flat).view(B, H, index.shape[-1], *rest)
 
 
 def window_scores(q_window: torch.Tensor, k: torch.Tensor, *, scale: float | None = None,

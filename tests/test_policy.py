@@ -195,13 +195,14 @@ def test_cpu_shortcut_without_audio_video_gives_the_same_plan(cfg, content, monk
     x.keys = x.keys.clone()
     x.keys[..., 1::2, :] = x.keys[..., ::2, :][..., : x.keys[..., 1::2, :].shape[2], :]  # merge-worthy pairs
     shortcut = content != "one-row-audio"
-    assert policy._known_without_av(x.valid, x.modality.long()) == shortcut
+    content = policy._content_on_host(x.valid, x.modality.long())
+    assert (not content & {int(Modality.AUDIO), int(Modality.VIDEO)}) == shortcut
     merges = []
     merge_groups = policy._merge_groups
     monkeypatch.setattr(policy, "_merge_groups", lambda *a: merges.append(1) or merge_groups(*a))
     got = plan_layer(cfg, x, 1, 2)
     assert len(merges) == int(cfg.intra_merge and not shortcut)
-    monkeypatch.setattr(policy, "_known_without_av", lambda *a: False)
+    monkeypatch.setattr(policy, "_content_on_host", lambda *a: None)
     want = plan_layer(cfg, x, 1, 2)
     assert len(merges) == int(cfg.intra_merge) * (1 + int(not shortcut))
     for name in ("keep", "keep_lengths", "merge_target", "merge_weight"):

@@ -285,25 +285,30 @@ def _span(x: torch.Tensor) -> tuple[int, int]:
     return start, start + (extent + 1) * x.element_size()
 
 
-def _check_no_overlap(named: Sequence[tuple[str, torch.Tensor]]) -> None:
-    spans = [(name, *_span(x)) for name, x in named]
-    for i, (name_a, a0, a1) in enumerate(spans):
-        for name_b, b0, b1 in spans[i + 1:]:
+def _spans(named: Sequence[tuple[str, torch.Tensor | None]]) -> list[tuple[str, torch.Tensor, int, int]]:
+    """``(name, x, start, end)`` for each named tensor that is not None (see :func:`_span`)."""
+    return [(name, x, *_span(x)) for name, x in named if x is not None]
+
+
+def _check_no_overlap(named: Sequence[tuple[str, torch.Tensor]]) -> list[tuple[str, torch.Tensor, int, int]]:
+    """No two of the named tensors, which are all written, may share memory. Returns their spans."""
+    spans = _spans(named)
+    for i, (name_a, _, a0, a1) in enumerate(spans):
+        for name_b, _, b0, b1 in spans[i + 1:]:
             if a0 < b1 and b0 < a1:
                 raise ValueError(f"{name_a} and {name_b} must not share memory (both are written)")
+    return spans
 
 
 def _check_plan_not_written(written, keep, keep_lengths, merge_target, merge_weight) -> None:
-    """The plan is read by every launch, so no written tensor may share its memory."""
-    plan = [("keep", keep), ("keep_lengths", keep_lengths), ("merge_target", merge_target),
-            ("merge_weight", merge_weight)]
-    for w_name, w in written:
-        for p_name, p in plan:
-            if p is not None and not (w_name == "lengths" and p_name == "keep_lengths" and p is w):
-                a0, a1 = _span(w)
-                b0, b1 = _span(p)
-                if a0 < b1 and b0 < a1:
-                    raise ValueError(f"{p_name} must not share memory with {w_name}, which is written")
+    """The plan is read by every launch, so no written tensor (the spans :func:`_check_no_overlap` returned) may
+    share its memory."""
+    plan = _spans([("keep", keep), ("keep_lengths", keep_lengths), ("merge_target", merge_target),
+                   ("merge_weight", merge_weight)])
+    for w_name, w, a0, a1 in written:
+        for p_name, p, b0, b1 in plan:
+            if a0 < b1 and b0 < a1 and not (w_name == "lengths" and p_name == "keep_lengths" and p is w):
+                raise ValueError(f"{p_name} must not share memory with {w_name}, which is written")
 
 
 def _bits(x: torch.Tensor, name: str) -> torch.Tensor:
@@ -444,8 +449,7 @@ def _validate_in_place(k_cache, v_cache, lengths, keep, keep_lengths, merge_targ
     written = [("k_cache", k_cache), ("v_cache", v_cache), ("lengths", lengths)] \
         + [(f"token_data[{i}]", x) for i, x in enumerate(token_data)] \
         + [(f"token_sums[{i}]", x) for i, x in enumerate(token_sums)]
-    _check_no_overlap(written)
-    _check_plan_not_written(written, keep, keep_lengths, merge_target, merge_weight)
+    _check_plan_not_written(_check_no_overlap(written), keep, keep_lengths, merge_target, merge_weight)
     return token_data, token_sums
 
 
@@ -630,13 +634,16 @@ def compact_kv(
                          device=device, like=_SOURCE)
     outs = [("out_k", out_k), ("out_v", out_v)] + [(f"out_token_data[{i}]", x) for i, x in enumerate(out_token_data)] \
         + [(f"out_token_sums[{i}]", x) for i, x in enumerate(out_token_sums)]
-    _check_no_overlap(outs)
+    out_spans = _check_no_overlap(outs)
     sources = [("k_src", k_src), ("v_src", v_src)] + [(f"token_data[{i}]", x) for i, x in enumerate(token_data)] \
         + [(f"token_sums[{i}]", x) for i, x in enumerate(token_sums)]
-    for out_name, out in outs:
-        for src_name, src in sources:
-            _check_no_overlap([(out_name, out), (src_name, src)])
-    _check_plan_not_written(outs, keep, keep_lengths, merge_target, merge_weight)
+    src_spans = _spans(sources)
+    for out_name, _, a0, a1 in out_spans:
+        for src_name, _, b0, b1 in src_spans:
+            if a0 < b1 and b0 < a1:
+                raise ValueError(f"{out_name} and {src_name} must not share memory ({out_name} is written while "
+                                 f"{src_name} is read)")
+    _check_plan_not_written(out_spans, keep, keep_lengths, merge_target, merge_weight)
     if B * Hkv == 0 or K == 0:
         return
     plan = _build_plan(lengths, keep, keep_lengths, merge_target, merge_weight, C)

@@ -388,6 +388,7 @@ def test_invalid_plan_raises_and_changes_nothing(mutate, name, exc):
 OUT_OF_PLACE_INVALID = [
     pytest.param(lambda a: a.update(out_k=a["out_k"][:, :, :9]), "out_k", id="out_k-smaller-than-K"),
     pytest.param(lambda a: a.update(out_k=a["k"]), "out_k", id="out_k-is-the-source"),
+    pytest.param(lambda a: a.update(out_v=a["out_k"]), "out_k and out_v", id="out_v-is-out_k"),
     pytest.param(lambda a: a.update(out_token_data=[]), "out_token_data", id="out_token_data-missing"),
     pytest.param(lambda a: a.update(out_token_sums=[a["out_k"][:, :, :, 0].float()]), "out_token_sums",
                  id="out_token_sums-wrong-shape"),
