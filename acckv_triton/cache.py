@@ -131,6 +131,7 @@ class LayerKVCache:
         self.multiplicity: torch.Tensor | None = None
         self.seen = 0
         self._compressed = False  # a compaction ran: slots no longer hold the last tokens in order (crop_last)
+        self._borrowed = False  # the storage views a caller's tensors (append(borrow=True)): never written in place
         self._min_length = 0  # host copies of min / max of lengths: appends and views need no sync
         self._max_length = 0
         self._plans: dict[tuple, object] = {}  # decode plans bound to the current storage
@@ -212,6 +213,7 @@ class LayerKVCache:
         """Make ``fresh`` buffers the storage (the old ones are released) and drop the plans bound to the old."""
         for name, buf in fresh.items():
             setattr(self, name, buf)
+        self._borrowed = False
         self._plans.clear()
         self._storage_id = next(_STORAGE_IDS)  # what a captured decode step binds: these buffers
 
@@ -312,9 +314,9 @@ class LayerKVCache:
         Grows the capacity geometrically when a row would overflow; new tokens start with multiplicity 1.
 
         ``borrow=True`` into an empty cache copies nothing: the storage views the given tensors until the next
-        :meth:`compress`, which must then move it out of place (a capacity below T on the kernel backend; the
-        caller guarantees it, as :class:`BudgetedLayerCache` does at the end of prefill). Nothing is written into
-        the borrowed tensors.
+        :meth:`compress`, which then moves it out of place into fresh storage whatever its capacity (the kernel
+        backend; the caller compresses before anything else writes to the cache, as :class:`BudgetedLayerCache`
+        does at the end of prefill). Nothing is written into the borrowed tensors.
         """
         self.check_kv(k, v)
         if k.requires_grad or v.requires_grad:  # the cache holds values, never an autograd graph (nor its activations)
@@ -326,6 +328,7 @@ class LayerKVCache:
                                    token_mass=token_mass, check_modality=check_modality)
         if self.k is None and borrow:
             self._install(dict(k=k, v=v, **meta))
+            self._borrowed = True
             self.lengths = torch.full((B, Hkv), T, dtype=torch.int32, device=device)
             self._slot = torch.zeros((B, Hkv, 1), dtype=torch.int64, device=device)
             self._next_position = torch.full((B, Hkv, 1), self.seen + T, dtype=torch.int32, device=device)
@@ -573,7 +576,7 @@ class LayerKVCache:
             torch_ops.compact_kv_(k, v, self.lengths, keep, keep_lengths, **merges, token_data=data, token_sums=sums,
                                   check_plan=check_plan)
             self._reset_tail(width)
-        elif new_capacity < self.capacity:
+        elif new_capacity < self.capacity or self._borrowed:  # a borrowed storage moves out, whatever its size
             B, Hkv, _, D = self.k.shape
             fresh = self._allocate(B, Hkv, D, new_capacity, self.k.dtype, self.k.device)
             out_data = [fresh["modality"], fresh["time"], fresh["spatial"].view(torch.int64).squeeze(-1),
@@ -831,9 +834,11 @@ class BudgetedLayerCache:
         chunk_max = T + self._decoded  # tokens decoded since the last prefill become part of the prompt
         prompt_max = self._prompt_max + chunk_max
         target_max = budget_tokens(self.cfg, prompt_max, self.layer, self.num_layers)
-        # the first prompt of a layer that shrinks at once is compacted straight out of the inputs: no copy
-        borrow = first and not defer and st.kernels_on(k.device) and not self.cfg.is_full and \
-            not self.cfg.adaptive_heads and _round_up(self._capacity_for(target_max, prompt_max), st.align) < T
+        # the first prompt of a layer that compresses is compacted straight out of the inputs: no copy (KVzip's is
+        # held until its reconstruction pass has scored it; that pass writes the token mass, so it gets its own)
+        borrow = first and st.kernels_on(k.device) and not self.cfg.is_full
+        if borrow and defer and mass.data_ptr() == scores.data_ptr():
+            mass = mass.clone()
         st.append(k, v, token_mass=mass, borrow=borrow, **metadata)  # validates: nothing changed if it raises
         if valid_rows is not None:
             self._mark_valid(before, valid_rows)
@@ -1104,8 +1109,9 @@ class BudgetedLayerCache:
 
         ``upkeep=True`` compacts in place (the storage keeps its capacity and addresses); after a prefill the
         storage is sized to ``max(target) + slack + 1`` slots. With adaptive head budgets (Ada-KV) the rows of a
-        layer get different lengths: the policy runs as torch ops on every backend, a prefill reads the longest row
-        back (one sync) to size the storage, and an upkeep caps every row at the room the storage has.
+        layer get different lengths: a prefill reads the longest row back (one sync) to size the storage, and an
+        upkeep caps every row at the room the storage has (nothing read back). The kernel backend runs the fused
+        policy (AccKV with adaptive head budgets: the torch policy), the torch backend ``policy.plan_layer``.
         """
         st = self.store
         cfg = self.policy_cfg
@@ -1131,18 +1137,20 @@ class BudgetedLayerCache:
         seen = self._prompt_max + self._decoded
         if upkeep and cfg.decode_budget == "all" and self._target_max + cfg.slack + 1 > room:
             room = _round_up(self._capacity_for(self._target_max, seen), st.align)
-        if cfg.adaptive_heads:
-            cap = room - cfg.slack - 1 if upkeep else None
-            self.last = plan_layer(cfg, x, self.layer, self.num_layers, target=self.target, max_per_row=cap,
-                                   check=False)  # the ids were checked as they were appended
-            longest = cap if upkeep else self.last.plan.keep.shape[-1]  # the longest row (read back by the policy)
-        else:
-            if st.uses_kernels:  # a few launches, nothing read back: sizes come from the host's bounds
-                self.last = plan_layer_fused(cfg, x, self.layer, self.num_layers, target=self.target,
-                                             max_keep=self._target_max)
-            else:
-                self.last = plan_layer(cfg, x, self.layer, self.num_layers, target=self.target, check=False)
+        adaptive = cfg.adaptive_heads
+        cap = room - cfg.slack - 1 if upkeep else w  # Ada-KV's rows keep at most the storage's room (an upkeep)
+        if st.uses_kernels and not (adaptive and cfg.method == "acckv"):  # a few launches, sizes from host bounds
+            self.last = plan_layer_fused(cfg, x, self.layer, self.num_layers, target=self.target,
+                                         max_keep=cap if adaptive else self._target_max)
+        else:  # the ids were checked as they were appended
+            self.last = plan_layer(cfg, x, self.layer, self.num_layers, target=self.target,
+                                   max_per_row=cap if adaptive and upkeep else None, check=False)
+        if not adaptive:
             longest = self._target_max
+        elif upkeep:
+            longest = cap
+        else:  # adaptive rows after a prefill: the longest is read back to size the storage (the one sync)
+            longest = int(self.last.plan.keep_lengths.max())
         self._longest = min(longest, w)
         capacity = room if upkeep else self._capacity_for(longest, seen)
         st.compress(self.last.plan, check_plan=False, capacity=capacity, length_bounds=(0, self._longest))

@@ -19,10 +19,16 @@ Launches per layer (one program per (sequence, kv head) row; each loops over its
                            within budget; between the rounds, AccKV's cross-modal alignment and the leftover fill;
                            the last round emits the plan (keep, keep_lengths, merge targets and weights)
     ``_nearest_kernel``    LOOK-M only: each evicted token's nearest kept key (cosine, float64), in O(1) memory
+    ``_ada_pool_kernel`` + ``torch.sort`` + ``_ada_share_kernel``   adaptive head budgets (Ada-KV, KVzip): each
+                           row's floor, and its candidates beyond it ranked across the heads of its sequence, which
+                           share what the rows' floors leave of their budgets; the rows' targets after
 
-SnapKV-like methods: 3 kernels and 1 sort; AccKV: 6 kernels and 4 sorts; plus 2 allocations (scratch, plan).
+SnapKV-like methods: 3 kernels and 1 sort (Ada-KV: 5 and 2); AccKV: 6 kernels and 4 sorts; plus 2 allocations
+(scratch, plan).
 """
 from __future__ import annotations
+
+import struct
 
 import torch
 import triton
@@ -33,7 +39,7 @@ from .config import AccKVConfig
 from .modality import NUM_MODALITIES
 from .ops._common import next_pow2
 from .plan import CompactionPlan
-from .policy import LayerTokens, PolicyResult, head_shared_scores, recent_tokens
+from .policy import POOLED_METHODS, LayerTokens, PolicyResult, head_shared_scores, recent_tokens
 
 __all__ = ["plan_layer_fused"]
 
@@ -43,7 +49,8 @@ _NSTAT = 32
 """Per-row statistics, float64 (ints are exact): [0:4] valid tokens per modality, [4:8] the focusing mass A per
 modality, [8:12] the score sum per modality, [12:16] the candidates' score per modality, [16:20] the budgets per
 modality; then 20 valid tokens, 21 the first AV time, 22 free slots after protection, 23 the target, 24 candidates,
-25 the leftover budget, 26 modality ids out of range."""
+25 the leftover budget, 26 modality ids out of range; with adaptive head budgets 27 the row's floor, 28 its cap, 29
+its free budget beyond the floor (what it gives to its sequence's pool), 30 its candidates in that pool."""
 _S_BAD = 26
 
 
@@ -597,7 +604,7 @@ def _consume_kernel(
             slot = carry + tl.cumsum(kept.to(tl.int32), 0) - 1
             carry += tl.sum(kept.to(tl.int32), 0)
             tl.store(HASP + row + t, tl.where(kept, slot, -1), mask=inb)
-            tl.store(KEEP + r.to(tl.int64) * K + slot, t, mask=kept)
+            tl.store(KEEP + r.to(tl.int64) * K + slot, t, mask=kept & (slot < K))  # K bounds every target
             mod = _load_mod(MOD, b * sMb + h * sMh + t, inb, valid)
             kpm += tl.sum(((mod[:, None] == m4[None, :]) & kept[:, None]).to(tl.int64), 0)
             if WEIGHTS:
@@ -622,6 +629,53 @@ def _consume_kernel(
                 tl.store(MT + row + t, tl.where(merging, rep_slot, -1), mask=inb)
                 n_merged += tl.sum(merging.to(tl.int64), 0)
         tl.store(MERGED + r, n_merged)
+
+
+@triton.jit
+def _ada_pool_kernel(SVAL, POOL, TARGET, sTgb, sTgh, STATS, N, H, max_keep, floor_bits,
+                     NSTAT: tl.constexpr, BLOCK: tl.constexpr):
+    """Ada-KV, per row: its floor and cap (see ``policy._adaptive_targets``) and the candidates it offers its
+    sequence's pool: ``POOL[row, p]`` = the row's p-th best candidate score where floor <= p < cap, else -inf."""
+    r, b, h, row, st = _row(STATS, N, H, NSTAT)
+    ada_floor = floor_bits.to(tl.int64).to(tl.float64, bitcast=True)  # the host's float64 fraction, exactly
+    free0 = tl.load(st + 22)
+    protected = tl.load(st + 23) - free0
+    requested = tl.load(TARGET + b * sTgb + h * sTgh).to(tl.float64)
+    free = tl.maximum(requested - protected, 0.0)
+    cap = tl.minimum(tl.load(st + 24), tl.maximum(max_keep - protected, 0.0))
+    floor = tl.minimum(tl.floor(ada_floor * free), cap)
+    tl.store(st + 27, floor)
+    tl.store(st + 28, cap)
+    tl.store(st + 29, free - floor)
+    tl.store(st + 30, cap - floor)
+    for p0 in range(0, N, BLOCK):
+        p = p0 + tl.arange(0, BLOCK)
+        pf = p.to(tl.float64)
+        v = tl.load(SVAL + row + p, mask=p < N, other=float("-inf"))
+        tl.store(POOL + row + p, tl.where((pf >= floor) & (pf < cap), v, float("-inf")), mask=p < N)
+
+
+@triton.jit
+def _ada_share_kernel(POOL_IDX, STATS, N, H, NSTAT: tl.constexpr, BLOCK: tl.constexpr):
+    """Ada-KV, per row: how many of its sequence's shared budget it wins (its entries among the first ``share`` of
+    the sequence's pool sorted by score, ties to the lower head and token), and its free budget and target after."""
+    r, b, h, row, st = _row(STATS, N, H, NSTAT)
+    share = tl.zeros((), tl.float64)
+    pooled = tl.zeros((), tl.float64)
+    for hh in range(0, H):
+        share += tl.load(STATS + (b * H + hh) * NSTAT + 29)
+        pooled += tl.load(STATS + (b * H + hh) * NSTAT + 30)
+    n = tl.minimum(share, pooled).to(tl.int32)
+    base = b.to(tl.int64) * H * N
+    won = tl.zeros((), tl.int64)
+    for j0 in range(0, n, BLOCK):
+        j = j0 + tl.arange(0, BLOCK)
+        idx = tl.load(POOL_IDX + base + j, mask=j < n, other=-1)
+        won += tl.sum(((j < n) & (idx >= 0) & (idx // N == h)).to(tl.int64), 0)
+    free = tl.load(st + 27) + won.to(tl.float64)
+    protected = tl.load(st + 23) - tl.load(st + 22)
+    tl.store(st + 22, free)
+    tl.store(st + 23, protected + free)
 
 
 @triton.jit
@@ -671,7 +725,8 @@ def _strides3(x: torch.Tensor) -> tuple[int, int]:
 _PROTECT = {  # (sink, window, recent, text, all) per method
     "acckv": None, "snapkv": (0, 1, 1, 0, 0), "pyramidkv": (0, 1, 1, 0, 0), "h2o": (0, 0, 1, 0, 0),
     "tova": (0, 0, 0, 0, 0), "streaming": (1, 0, 0, 0, 0), "lookm": (0, 1, 1, 1, 0), "full": (0, 0, 0, 0, 1),
-}  # adakv and kvzip share budgets across heads: plan_layer only
+    "adakv": (0, 1, 1, 0, 0), "kvzip": (0, 0, 1, 0, 0),
+}
 
 
 def _alloc(nbytes: int, device: torch.device) -> torch.Tensor:
@@ -710,8 +765,11 @@ def plan_layer_fused(cfg: AccKVConfig, x: LayerTokens, layer: int = 0, num_layer
         cfg, x, layer, num_layers: as :func:`~acckv_triton.policy.plan_layer`; the tensors on a kernel device (or
             the CPU under Triton's interpreter). ``x.position`` with ``x.window_range`` (or ``x.window``) sets the
             observation window.
-        target: ``[B, Hkv]`` int slots to keep per row (clamped to the row's valid tokens).
-        max_keep: an upper bound on ``target`` known to the host: the width of ``plan.keep``.
+        target: ``[B, Hkv]`` int slots to keep per row (clamped to the row's valid tokens). With adaptive head
+            budgets (``cfg.adaptive_heads``, Ada-KV) the rows of a sequence share the sum of their targets.
+        max_keep: the width of ``plan.keep``, known to the host: an upper bound on ``target``; with adaptive head
+            budgets the most slots one row may keep (``plan_layer``'s ``max_per_row``: the storage's room, or the
+            stored length for no cap).
         check: validate the modality ids (one host sync) and raise ``ValueError`` like ``plan_layer``.
 
     Returns:
@@ -720,8 +778,10 @@ def plan_layer_fused(cfg: AccKVConfig, x: LayerTokens, layer: int = 0, num_layer
     """
     if cfg.is_full and cfg.method != "full":
         cfg = cfg.replace(method="full")
-    if cfg.adaptive_heads:
-        raise ValueError("adaptive head budgets (Ada-KV) share a budget across rows: run policy.plan_layer for them")
+    adaptive = cfg.adaptive_heads
+    if adaptive and cfg.method == "acckv":
+        raise ValueError("AccKV with adaptive head budgets (head_budgets='adaptive') runs policy.plan_layer; the "
+                         "fused policy shares a layer's budget across heads for the one-ranking methods only")
     s = head_shared_scores(x).contiguous() if cfg.method == "tova" else x.scores
     B, H, N = s.shape
     dev = s.device
@@ -744,6 +804,8 @@ def plan_layer_fused(cfg: AccKVConfig, x: LayerTokens, layer: int = 0, num_layer
         ws_spec += [("key64", i64, (R, N)), ("skey", i64, (R, N)), ("best", i64, (R, N))]
     if merge or acckv:
         ws_spec += [("gs", f64, (R, N)), ("gm", f64, (R, N)), ("gr", f64, (R, N))]
+    if adaptive:  # each sequence's pool of candidates, sorted across its heads
+        ws_spec += [("pool", f32, (R, N)), ("pool_v", f32, (B, H * N)), ("pool_i", i64, (B, H * N))]
     has_merge_out = merge or lookm
     out_spec = [("keep", i32, (B, H, K)), ("keep_len", i32, (B, H)), ("kpm", i64, (B, H, NUM_MODALITIES)),
                 ("merged", i64, (B, H)), ("rho", f32, (B, NUM_MODALITIES)), ("prio", i64, (B,))]
@@ -757,7 +819,7 @@ def plan_layer_fused(cfg: AccKVConfig, x: LayerTokens, layer: int = 0, num_layer
     valid = x.valid.view(torch.uint8) if x.valid is not None else mod
     time = x.time if x.time is not None else mod
     grid = (R,)
-    pool = cfg.pool_kernel // 2 if method in ("acckv", "snapkv", "pyramidkv", "lookm") and cfg.windowed else 0
+    pool = cfg.pool_kernel // 2 if method in POOLED_METHODS and cfg.windowed else 0
     _evidence_kernel[grid](
         s, *_strides3(s), mod, *_strides3(mod), time, *_strides3(time), valid, *_strides3(valid),
         x.lengths, x.lengths.stride(0), x.lengths.stride(1),
@@ -840,6 +902,12 @@ def plan_layer_fused(cfg: AccKVConfig, x: LayerTokens, layer: int = 0, num_layer
         ranked = method not in ("streaming", "full")
         if ranked:
             sort_keys(ws["keyf"])
+        if adaptive:  # Ada-KV: each row's free budget becomes its floor plus what it wins of its sequence's pool
+            _ada_pool_kernel[grid](ws["sval"], ws["pool"], target, target.stride(0), target.stride(1), ws["stats"],
+                                   N, H, max_keep, struct.unpack("<q", struct.pack("<d", cfg.ada_floor))[0], **common)
+            torch.sort(ws["pool"].view(B, H * N), dim=-1, descending=True, stable=True,
+                       out=(ws["pool_v"], ws["pool_i"]))
+            _ada_share_kernel[grid](ws["pool_i"], ws["stats"], N, H, **common)
         _consume_kernel[grid](*m_args, *t_args, *emit, SORTED=ranked, PER_MOD=False, BUDGET=0, AFTER=3,
                               ALIGN=False, MERGES=False, WEIGHTS=lookm, **common)
         if lookm:

@@ -42,7 +42,8 @@ __all__ = ["LayerTokens", "PolicyResult", "budget_tokens", "head_shared_scores",
 _AV = (int(Modality.AUDIO), int(Modality.VIDEO), int(Modality.IMAGE))
 _EPS = 1e-12
 _WINDOWED_BASELINES = ("snapkv", "pyramidkv", "adakv", "lookm")
-_POOLED = ("acckv", *_WINDOWED_BASELINES)
+POOLED_METHODS = ("acckv", *_WINDOWED_BASELINES)
+"""Methods whose window scores are pooled along each modality's tokens (with window evidence)."""
 
 
 def recent_tokens(cfg: AccKVConfig) -> int:
@@ -316,7 +317,7 @@ def plan_layer(cfg: AccKVConfig, x: LayerTokens, layer: int = 0, num_layers: int
     # ---- Step 0: pooled rank scores (never across modalities) ----
     method = cfg.method
     s_rank = s_raw
-    if method in _POOLED and cfg.pool_kernel > 1 and cfg.windowed:
+    if method in POOLED_METHODS and cfg.pool_kernel > 1 and cfg.windowed:
         pooled = pool_scores(s_raw, torch.where(valid, mod, 255), cfg.pool_kernel, cfg.pool_mode)
         if method == "acckv" and cfg.pool_lift < 1.0:  # a peak stays above the neighbourhood it lifts
             pooled = torch.maximum(s_raw, cfg.pool_lift * pooled)

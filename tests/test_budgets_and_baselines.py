@@ -108,9 +108,8 @@ def test_windowed_baselines_keep_the_tokens_decoded_since_the_prefill(method):
     assert not bool(kept[..., decoded & ~recent].any())
     unprotected = kept_mask(plan_layer(cfg.replace(protect_positions=False), x, 0, 2).plan)
     assert unprotected[..., window].all() and not bool(unprotected[..., recent].any())
-    if method != "adakv":  # the fused kernels (Ada-KV runs plan_layer only) keep the same tokens
-        fused = plan_layer_fused(cfg, x, 0, 2, target=budget_tokens(cfg, x.lengths.long(), 0, 2), max_keep=N)
-        assert torch.equal(kept_mask(fused.plan), kept_mask(plan_layer(cfg, x, 0, 2).plan))
+    fused = plan_layer_fused(cfg, x, 0, 2, target=budget_tokens(cfg, x.lengths.long(), 0, 2), max_keep=N)
+    assert torch.equal(kept_mask(fused.plan), kept_mask(plan_layer(cfg, x, 0, 2).plan))  # the kernels agree
 
 
 def test_methods_evidence_follows_their_papers():
@@ -196,10 +195,10 @@ def test_config_bool_properties_are_bools(method):
             assert type(getattr(cfg, prop)) is bool, (kw, prop)
 
 
-def _prefilled(cfg, T=160, D=16, Hq=4, Hkv=2, seed=0):
+def _prefilled(cfg, T=160, D=16, Hq=4, Hkv=2, seed=0, backend="torch"):
     g = torch.Generator().manual_seed(seed)
     q, k, v = (torch.randn(1, h, T, D, generator=g) for h in (Hq, Hkv, Hkv))
-    cache = BudgetedLayerCache(cfg.replace(backend="torch"), 0, 1)
+    cache = BudgetedLayerCache(cfg.replace(backend=backend), 0, 1)
     cache.prefill(k, v, scores=cache.prompt_evidence(q, k))
     return cache, (q, k, v), g
 
@@ -270,20 +269,35 @@ def test_decode_budget_modes():
     assert kept["fixed"] < kept["all"] < kept["prompt"]
 
 
-def test_adaptive_cache_sizes_storage_to_the_longest_head_and_caps_upkeep():
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_adaptive_cache_sizes_storage_to_the_longest_head_and_caps_upkeep(backend):
+    """Ada-KV through the cache, on the torch policy and on the fused kernels (which must keep the same tokens):
+    the storage is sized to the longest head after the prefill, every upkeep keeps the layer's whole budget
+    within the storage's room (rows capped at it) and compacts in place."""
     cfg = AccKVConfig(method="adakv", budget=0.25, slack=8, decode_budget="fixed")
-    cache, (q, k, v), g = _prefilled(cfg)
+    cache, (q, k, v), g = _prefilled(cfg, backend=backend)
+    twin, *_ = _prefilled(cfg)  # the torch policy on the same prompt
     lengths = cache.store.lengths.long()
+    assert torch.equal(lengths, twin.store.lengths.long())
     assert int(lengths.sum()) == int(cache.target.sum())
     cap = cache.store.capacity - cfg.slack - 1
     assert int(lengths.max()) <= cap
-    capacity = cache.store.capacity
+    capacity, ptr = cache.store.capacity, cache.store.k.data_ptr()
+    steps = torch.Generator().manual_seed(9)
     for _ in range(30):  # several upkeeps, each keeping the layer's whole budget within the storage's room
-        _decode(cache, g, 1)
+        state = steps.get_state()
+        _decode(cache, steps, 1)
+        steps.set_state(state)
+        _decode(twin, steps, 1)
         if cache._excess == 0:
             assert int(cache.store.lengths.sum()) == int(cache.target.sum())
+            lengths_now = cache.store.lengths.long()
+            assert torch.equal(lengths_now, twin.store.lengths.long())
+            stored = torch.arange(cap) < lengths_now[..., None]  # the same tokens kept (slots past a row differ)
+            assert torch.equal(cache.store.position[..., :cap][stored], twin.store.position[..., :cap][stored])
     assert cache.compressions > 1
     assert cache.store.capacity == capacity  # nothing outgrew it: upkeeps came before any row would
+    assert cache.store.k.data_ptr() == ptr  # in place
 
 
 def test_adaptive_targets_hand_a_short_rows_unused_budget_to_the_others():

@@ -179,6 +179,32 @@ def test_compress_in_place_when_nothing_would_be_released(poison_empty):
     assert torch.equal(rows(cache.position, n), rows(want["position"], n))
 
 
+def test_a_borrowed_prompt_is_compacted_out_of_place_whatever_the_capacity(poison_empty):
+    """append(borrow=True) views the caller's tensors; the next compress moves the storage out even where it would
+    otherwise compact in place (nothing released), so the caller's K, V and metadata are never written."""
+    g = torch.Generator().manual_seed(5)
+    k, v = rand_kv(40, g=g)
+    meta = dict(modality=torch.randint(0, ak.NUM_MODALITIES, (B, HKV, 40), generator=g, dtype=torch.uint8),
+                time=torch.randint(0, 500, (B, HKV, 40), generator=g, dtype=torch.int32),
+                token_mass=torch.rand(B, HKV, 40, generator=g))
+    meta = {n: x.to(DEVICE) for n, x in meta.items()}
+    inputs = dict(k=k, v=v, **meta)
+    before = {n: x.clone() for n, x in inputs.items()}
+    cache = LayerKVCache()
+    cache.append(k, v, borrow=True, **meta)
+    assert cache.k.data_ptr() == k.data_ptr()  # nothing copied
+    plan = random_plan(cache.lengths, 30, merge=True, seed=3)
+    want = expected_after(snapshot(cache), plan, cache.capacity)
+    cache.compress(plan, capacity=cache.capacity)  # the same capacity: in place, were the storage its own
+    assert cache.k.data_ptr() != k.data_ptr()
+    for n, x in inputs.items():
+        assert torch.equal(x, before[n]), n
+    n = plan.keep_lengths
+    torch.testing.assert_close(rows(cache.k, n), rows(want["k"], n), atol=TOL[torch.float32][0],
+                               rtol=TOL[torch.float32][1])
+    assert torch.equal(rows(cache.position, n), rows(want["position"], n))
+
+
 def test_append_after_ragged_compress_writes_at_each_length(poison_empty):
     cache, *_ = prefill(100, headroom=8)
     plan = random_plan(cache.lengths, 20, merge=False, seed=5)

@@ -19,8 +19,13 @@ from tests.conftest import DEVICE
 W = workloads.generate_av_workload(num_chunks=3, grid_h=4, grid_w=4, batch=2, num_layers=2, seed=1)
 N = W.num_tokens
 SCORES = [reference.window_scores(lt.q_window, lt.k, modality=W.token_modality()).scores for lt in W.layers]
-METHOD_CFGS = [pytest.param(AccKVConfig(method=m), id=m) for m in METHODS
-               if not AccKVConfig(method=m).adaptive_heads]  # adakv, kvzip (Ada-KV's head budgets): see below
+METHOD_CFGS = [pytest.param(AccKVConfig(method=m), id=m) for m in METHODS]
+ADAPTIVE_CFGS = [pytest.param(AccKVConfig(method=m, head_budgets="adaptive"), id=f"{m}-adaptive")
+                 for m in ("snapkv", "pyramidkv", "h2o", "lookm")] + [
+    pytest.param(AccKVConfig(method="adakv", ada_floor=0.0), id="adakv-no-floor"),
+    pytest.param(AccKVConfig(method="adakv", ada_floor=0.3), id="adakv-floor-0.3"),  # 0.3 is not a float32
+    pytest.param(AccKVConfig(method="adakv", ada_floor=1.0), id="adakv-floor-1"),
+]
 SWITCHES = [pytest.param(c, id=name) for name, c in AccKVConfig().ablations().items()] + [
     pytest.param(AccKVConfig(pool_mode="avg"), id="avg-pool"),
     pytest.param(AccKVConfig(pool_kernel=1), id="no-pool"),
@@ -58,15 +63,22 @@ def tokens(layer=1, lengths=None, device=DEVICE) -> LayerTokens:
     return x
 
 
-def assert_same(cfg, x, layer=1, num_layers=2, target=None):
-    """plan_layer_fused == plan_layer on x: keep sets, lengths, merge targets and weights, and the statistics."""
+def assert_same(cfg, x, layer=1, num_layers=2, target=None, max_keep=None):
+    """plan_layer_fused == plan_layer on x: keep sets, lengths, merge targets and weights, and the statistics.
+
+    ``max_keep``: with adaptive head budgets the cap on a row (plan_layer's ``max_per_row``; None: no cap)."""
     if target is None:
         valid = torch.arange(x.scores.shape[-1], device=x.scores.device) < x.lengths[..., None].long()
         if x.valid is not None:
             valid = valid & x.valid
         target = budget_tokens(cfg, valid.sum(-1), layer, num_layers)
-    want = plan_layer(cfg, x, layer, num_layers, target=target)
-    got = plan_layer_fused(cfg, x, layer, num_layers, target=target, max_keep=int(target.max()))
+    if cfg.adaptive_heads:
+        want = plan_layer(cfg, x, layer, num_layers, target=target, max_per_row=max_keep)
+        max_keep = x.scores.shape[-1] if max_keep is None else max_keep
+    else:
+        want = plan_layer(cfg, x, layer, num_layers, target=target)
+        max_keep = int(target.max())
+    got = plan_layer_fused(cfg, x, layer, num_layers, target=target, max_keep=max_keep)
     a, b = got.plan, want.plan
     assert torch.equal(a.keep_lengths.cpu(), b.keep_lengths.cpu())
     width = a.keep.shape[-1]
@@ -145,10 +157,36 @@ def test_bad_modality_is_refused_when_checked():
         plan_layer_fused(AccKVConfig(), tokens(), target=target, max_keep=-1)
 
 
-def test_adaptive_head_budgets_are_refused_on_the_fused_path():
+@pytest.mark.parametrize("cfg", ADAPTIVE_CFGS)
+@pytest.mark.parametrize("budget", [pytest.param(0.5, id="50%"), pytest.param(0.1, id="10%")])
+def test_adaptive_head_budgets_match_the_reference(cfg, budget):
+    """Ada-KV's allocation across the heads of a sequence: the same per-row targets and plans, on ragged rows."""
+    assert_same(cfg.replace(budget=budget), tokens(lengths=[N, 201, 63, N]))
+
+
+@pytest.mark.parametrize("extra", [0, 5, 60])
+def test_adaptive_rows_capped_by_the_storage_room(extra):
+    """An upkeep caps every row at the storage's room (at least the uniform target, as the cache sizes it): at the
+    target, a little above it and far above it."""
+    x = tokens(lengths=[N, 201, 63, N])
+    for method in ("adakv", "kvzip"):
+        cfg = AccKVConfig(method=method, budget=0.25)
+        target = budget_tokens(cfg, x.lengths.long(), 1, 2)
+        assert_same(cfg, x, target=target, max_keep=int(target.max()) + extra)
+
+
+def test_adaptive_head_budgets_with_ties_across_heads():
+    """Equal scores in several heads: the shared budget goes to the lower head, then the earlier token."""
+    x = tokens()
+    x.scores = torch.round(x.scores * 8) / 8  # a handful of distinct values: ties everywhere
+    for budget in (0.5, 0.2, 0.05):
+        assert_same(AccKVConfig(method="adakv", budget=budget, pool_kernel=1), x)
+
+
+def test_acckv_with_adaptive_head_budgets_is_refused_on_the_fused_path():
     x = LayerTokens(scores=SCORES[0], modality=W.token_modality(), lengths=torch.full((2, 2), N, dtype=torch.int32))
     with pytest.raises(ValueError, match="adaptive head budgets"):
-        plan_layer_fused(AccKVConfig(method="adakv"), x, 0, 2, target=torch.full((2, 2), 9), max_keep=9)
+        plan_layer_fused(AccKVConfig(head_budgets="adaptive"), x, 0, 2, target=torch.full((2, 2), 9), max_keep=9)
 
 
 @pytest.mark.parametrize("budget", [pytest.param(0.5, id="50%"), pytest.param(0.1, id="10%")])

@@ -29,26 +29,20 @@ def prompt():
 
 
 @pytest.mark.parametrize("cfg", [pytest.param(AccKVConfig(method=m), id=m) for m in METHODS
-                                 if m != "full" and not AccKVConfig(method=m).adaptive_heads] +
+                                 if m not in ("full", "kvzip")] +
                          [pytest.param(AccKVConfig(budget=0.1, pool_mode="avg", head_renorm=True), id="acckv-variant")])
-def test_end_of_prefill_is_a_few_device_operations_and_no_sync(cfg, prompt):
+def test_end_of_prefill_is_a_few_device_operations(cfg, prompt):
+    """Every method within 40 device operations; none reads anything back but Ada-KV, whose heads get different
+    lengths: the storage is as long as the longest row, which the host reads (one sync), so its kernels run for
+    real (interpreted, seconds) where the others' are only counted."""
     cache = BudgetedLayerCache(cfg.replace(backend="triton"), layer=3, num_layers=28)
-    with count_triton_launches(dry_run=True) as launches, OpCounter() as ops:
+    with count_triton_launches(dry_run=not cfg.adaptive_heads) as launches, OpCounter() as ops:
         cache.prefill(**prompt)
     total = ops.ops + sum(launches.values())
-    assert ops.syncs == 0, dict(ops.sync_ops)
+    assert ops.syncs == int(cfg.adaptive_heads), dict(ops.sync_ops)
     assert total <= MAX_DEVICE_OPS, (dict(ops.by_name), dict(launches))
+    assert launches["_gather_merge_kernel"] == 1  # the compaction is counted too
     assert cache.store.capacity < N  # compacted out of the prompt: the prefill-size storage is gone
-
-
-def test_adaptive_head_budgets_read_back_once(prompt):
-    """Ada-KV gives the heads of a layer different lengths; the storage is as long as the longest, which the host
-    reads back: one sync per layer's end of prefill, where every other method has none (the torch policy, which
-    runs on every backend for Ada-KV, no longer re-checks the modality ids the append checked)."""
-    cache = BudgetedLayerCache(AccKVConfig(method="adakv", backend="triton"), layer=3, num_layers=28)
-    with count_triton_launches(dry_run=True), OpCounter() as ops:
-        cache.prefill(**prompt)
-    assert ops.syncs == 1, dict(ops.sync_ops)
 
 
 def test_the_reconstruction_pass_is_two_launches_and_its_compression_reads_back_like_ada_kv(prompt):
@@ -63,7 +57,8 @@ def test_the_reconstruction_pass_is_two_launches_and_its_compression_reads_back_
         cache.reconstruct(prompt["k"], prompt["k"], prompt["v"])  # queries: the prompt's keys (G = 1)
     assert ops.syncs == 0 and dict(launches) == {"_chunk_attn_kernel": 1, "_chunk_mass_kernel": 1}
     assert ops.ops <= 5, dict(ops.by_name)
-    with count_triton_launches(dry_run=True), OpCounter() as ops:
+    with count_triton_launches() as launches, OpCounter() as ops:  # run: the longest row is read back
         cache.end_reconstruction()
     assert ops.syncs == 1, dict(ops.sync_ops)
+    assert ops.ops + sum(launches.values()) <= MAX_DEVICE_OPS, (dict(ops.by_name), dict(launches))
     assert not cache.awaiting_reconstruction and cache.store.capacity < N
