@@ -376,7 +376,8 @@ def _cases(dtype, D: int, Hq: int, Hkv: int, case_set: str) -> dict:
         policies = [("acckv", lambda: policy()), ("lookm", lambda: policy(method="lookm")),
                     ("acckv avg pool, renorm", lambda: policy(pool_mode="avg", head_renorm=True, gamma=2.0)),
                     ("acckv no merge, no lift", lambda: policy(intra_merge=False, pool_lift=1.0)),
-                    ("streaming", lambda: policy(method="streaming"))]
+                    ("streaming", lambda: policy(method="streaming")),
+                    ("adakv (adaptive head budgets)", lambda: policy(method="adakv"))]
     T = 40
     q_chunk, k_chunk = torch.randn(B, Hq, T, D, generator=g).to(dtype), kv(T)
     key_valid = torch.ones(B, T, dtype=torch.bool)
