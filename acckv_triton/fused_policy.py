@@ -769,7 +769,9 @@ def plan_layer_fused(cfg: AccKVConfig, x: LayerTokens, layer: int = 0, num_layer
             budgets (``cfg.adaptive_heads``, Ada-KV) the rows of a sequence share the sum of their targets.
         max_keep: the width of ``plan.keep``, known to the host: an upper bound on ``target``; with adaptive head
             budgets the most slots one row may keep (``plan_layer``'s ``max_per_row``: the storage's room, or the
-            stored length for no cap).
+            stored length for no cap). A target above it is not checked (that would be a sync): no entry is
+            written past the width, and the row's ``keep_lengths`` exceeds it, which ``compact_kv``'s plan check
+            refuses.
         check: validate the modality ids (one host sync) and raise ``ValueError`` like ``plan_layer``.
 
     Returns:

@@ -183,6 +183,23 @@ def test_adaptive_head_budgets_with_ties_across_heads():
         assert_same(AccKVConfig(method="adakv", budget=budget, pool_kernel=1), x)
 
 
+def test_a_target_above_max_keep_writes_nothing_past_the_plan_and_the_compaction_refuses_it():
+    """max_keep is the host's bound (not checked: a sync); a target above it leaves keep_lengths beyond the plan's
+    width, never an entry outside it, and compact_kv's plan check names it."""
+    import acckv_triton as ak
+
+    x = tokens()
+    target = torch.full((2, 2), 40, dtype=torch.int64, device=DEVICE)
+    cfg = AccKVConfig(method="snapkv", budget=0.5)
+    res = plan_layer_fused(cfg, x, target=target, max_keep=25)
+    want = plan_layer(cfg, x, target=target).plan
+    assert res.plan.keep.shape[-1] == 25 and torch.equal(res.plan.keep_lengths.cpu(), want.keep_lengths.cpu())
+    assert torch.equal(res.plan.keep.cpu(), want.keep[..., :25].cpu())  # each row's own first 25, nothing spilled
+    k = torch.randn(2, 2, N, 16, device=DEVICE)
+    with pytest.raises(ValueError, match="keep_lengths"):
+        ak.compact_kv_(k, k.clone(), x.lengths.clone(), res.plan.keep, res.plan.keep_lengths)
+
+
 def test_acckv_with_adaptive_head_budgets_is_refused_on_the_fused_path():
     x = LayerTokens(scores=SCORES[0], modality=W.token_modality(), lengths=torch.full((2, 2), N, dtype=torch.int32))
     with pytest.raises(ValueError, match="adaptive head budgets"):
