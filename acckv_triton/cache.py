@@ -41,7 +41,7 @@ import math
 import numpy as np
 import torch
 
-from . import torch_ops
+from . import fused_policy, torch_ops
 from .config import AccKVConfig
 from .modality import NUM_MODALITIES, Modality
 from .ops._common import check_scale, host_range
@@ -1139,7 +1139,7 @@ class BudgetedLayerCache:
             room = _round_up(self._capacity_for(self._target_max, seen), st.align)
         adaptive = cfg.adaptive_heads
         cap = room - cfg.slack - 1 if upkeep else w  # Ada-KV's rows keep at most the storage's room (an upkeep)
-        if st.uses_kernels and not (adaptive and cfg.method == "acckv"):  # a few launches, sizes from host bounds
+        if st.uses_kernels and fused_policy.supports(cfg):  # a few launches, sizes from the host's bounds
             self.last = plan_layer_fused(cfg, x, self.layer, self.num_layers, target=self.target,
                                          max_keep=cap if adaptive else self._target_max)
         else:  # the ids were checked as they were appended

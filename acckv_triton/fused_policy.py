@@ -41,7 +41,7 @@ from .ops._common import next_pow2
 from .plan import CompactionPlan
 from .policy import POOLED_METHODS, LayerTokens, PolicyResult, head_shared_scores, recent_tokens
 
-__all__ = ["plan_layer_fused"]
+__all__ = ["plan_layer_fused", "supports"]
 
 _EPS = 1e-12
 _BLOCK = 1024
@@ -671,7 +671,7 @@ def _ada_share_kernel(POOL_IDX, STATS, N, H, NSTAT: tl.constexpr, BLOCK: tl.cons
     for j0 in range(0, n, BLOCK):
         j = j0 + tl.arange(0, BLOCK)
         idx = tl.load(POOL_IDX + base + j, mask=j < n, other=-1)
-        won += tl.sum(((j < n) & (idx >= 0) & (idx // N == h)).to(tl.int64), 0)
+        won += tl.sum(((j < n) & (idx // N == h)).to(tl.int64), 0)
     free = tl.load(st + 27) + won.to(tl.float64)
     protected = tl.load(st + 23) - tl.load(st + 22)
     tl.store(st + 22, free)
@@ -757,6 +757,12 @@ def _nbytes(spec) -> int:
     return total
 
 
+def supports(cfg: AccKVConfig) -> bool:
+    """Whether :func:`plan_layer_fused` runs ``cfg``: every method and switch but AccKV with adaptive head budgets
+    (``head_budgets="adaptive"``), which :func:`acckv_triton.policy.plan_layer` runs."""
+    return not (cfg.adaptive_heads and cfg.method == "acckv")
+
+
 def plan_layer_fused(cfg: AccKVConfig, x: LayerTokens, layer: int = 0, num_layers: int = 1, *,
                      target: torch.Tensor, max_keep: int, check: bool = False) -> PolicyResult:
     """:func:`acckv_triton.policy.plan_layer` in a few launches with no host synchronisation.
@@ -781,7 +787,7 @@ def plan_layer_fused(cfg: AccKVConfig, x: LayerTokens, layer: int = 0, num_layer
     if cfg.is_full and cfg.method != "full":
         cfg = cfg.replace(method="full")
     adaptive = cfg.adaptive_heads
-    if adaptive and cfg.method == "acckv":
+    if not supports(cfg):
         raise ValueError("AccKV with adaptive head budgets (head_budgets='adaptive') runs policy.plan_layer; the "
                          "fused policy shares a layer's budget across heads for the one-ranking methods only")
     s = head_shared_scores(x).contiguous() if cfg.method == "tova" else x.scores

@@ -141,4 +141,3 @@ def count_triton_launches(dry_run: bool = False):
     finally:
         for cls, attr, original in patched:
             setattr(cls, attr, original)
-
