@@ -1119,7 +1119,10 @@ class BudgetedLayerCache:
             return
         if upkeep and cfg.decode_budget == "all":  # the budget of every token seen so far
             self._target_max = self._grown_target_max()
-            self.target = budget_tokens(cfg, self.prompt_tokens + self._decoded, self.layer, self.num_layers)
+            if self._padded:  # per-row prompts: per-row targets, on the device
+                self.target = budget_tokens(cfg, self.prompt_tokens + self._decoded, self.layer, self.num_layers)
+            else:  # every row saw the same tokens: the host's target is each row's (one fill, in place)
+                self.target.fill_(self._target_max)
         w = st.max_length
         scores = st.token_mass[:, :, :w]
         if cfg.score_evidence == "mean":  # every query from a token on adds to its mass: rank by the mean per query

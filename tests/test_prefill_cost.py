@@ -62,3 +62,32 @@ def test_the_reconstruction_pass_is_two_launches_and_its_compression_reads_back_
     assert ops.syncs == 1, dict(ops.sync_ops)
     assert ops.ops + sum(launches.values()) <= MAX_DEVICE_OPS, (dict(ops.by_name), dict(launches))
     assert not cache.awaiting_reconstruction and cache.store.capacity < N
+
+
+MAX_UPKEEP_OPS = 60
+
+
+@pytest.mark.parametrize("method", [m for m in METHODS if m != "full"])
+def test_a_decode_time_upkeep_reads_nothing_back(method):
+    """An upkeep (the policy and an in-place compaction, every slack + 1 decode steps) on the kernel path at 8k
+    stored tokens: no host sync for any method, Ada-KV's capped rows included, and a bounded number of device
+    operations (the budget's growth reallocating the storage included)."""
+    n = 8192
+    mod, tm, sp = _av_metadata(n, torch.device("cpu"))
+    g = torch.Generator().manual_seed(1)
+    k = torch.randn(1, HKV, n, D, generator=g).half()
+    cache = BudgetedLayerCache(AccKVConfig(method=method, budget=0.25, backend="triton"), layer=3, num_layers=28)
+    with count_triton_launches(dry_run=not cache.cfg.adaptive_heads):  # Ada-KV reads its longest row: run it
+        cache.prefill(k, torch.randn_like(k), scores=torch.rand(1, HKV, n, generator=g), modality=mod.view(1, n),
+                      time=tm.view(1, n).int(), spatial=sp.view(1, n, 2).int())
+        if cache.awaiting_reconstruction:
+            cache.end_reconstruction()
+    q, kv = torch.randn(1, 7 * HKV, D).half(), torch.randn(1, HKV, 1, D).half()
+    with count_triton_launches(dry_run=True):
+        while cache.next_step_is_plain():
+            cache.decode_step(q, kv, kv)
+    with count_triton_launches(dry_run=True) as launches, OpCounter() as ops:
+        cache.decode_step(q, kv, kv)  # the step that runs the upkeep
+    assert cache.compressions == 2
+    assert ops.syncs == 0, dict(ops.sync_ops)
+    assert ops.ops + sum(launches.values()) <= MAX_UPKEEP_OPS, (dict(ops.by_name), dict(launches))
