@@ -216,3 +216,23 @@ def test_low_redundancy_fallback_rows_match_the_reference(budget):
     keys[1, 0] = torch.randn(keys.shape[2:], generator=g).to(keys.device, keys.dtype)
     x.keys = keys.contiguous()
     assert_same(AccKVConfig(budget=budget), x)
+
+
+@pytest.mark.parametrize("cfg", [pytest.param(AccKVConfig(method="adakv"), id="adakv"),
+                                 pytest.param(AccKVConfig(method="adakv", ada_floor=0.7), id="adakv-floor-0.7"),
+                                 pytest.param(AccKVConfig(method="kvzip"), id="kvzip")])
+def test_adaptive_short_rows_and_a_dominant_head_under_the_storage_cap(cfg):
+    """The cases where Ada-KV's bounds bind: a row shorter than its target (its floor clamps to its candidates and
+    its unused budget goes to the other heads), a sequence whose pool holds fewer candidates than the budget it
+    shares, and one head whose scores dominate, so that the storage's room caps it and the other head keeps its
+    floor and no more. 0.7 is above its float32 and 0.7 * 70 floors to 49 in float64, to 48 in float32: the floor
+    fraction must reach the kernel in float64."""
+    short = tokens(lengths=[N, 20, 63, N])
+    dominant = tokens()
+    dominant.scores = dominant.scores.clone()
+    dominant.scores[:, 0] *= 50  # head 0 of each sequence wins the whole shared pool unless capped
+    for x in (short, dominant):
+        for t in (102, 140):  # free budgets of 70 and 108 on the full rows (32 protected)
+            target = torch.full((2, 2), t, dtype=torch.int64, device=DEVICE)
+            for extra in (0, 30):
+                assert_same(cfg, x, target=target, max_keep=t + extra)
