@@ -176,11 +176,11 @@ def test_text_only_prompt_is_compressed():
 @pytest.mark.parametrize("cfg", [pytest.param(AccKVConfig(budget=b, evidence=e), id=f"{b}-{e}")
                                  for b in (0.5, 0.1, 23) for e in ("mean", "window")]
                          + [pytest.param(c.replace(budget=0.25), id=n) for n, c in AccKVConfig().ablations().items()])
-@pytest.mark.parametrize("content", ["text", "text+image", "one-row-audio"])
+@pytest.mark.parametrize("content", ["text", "text+image", "one-row-audio", "text+video"])
 def test_cpu_shortcut_without_audio_video_gives_the_same_plan(cfg, content, monkeypatch):
     """On a CPU, rows with no audio or video skip merging, the priority passes and alignment (they would return what
     they were given): every output equals the full pipeline's, also with image tokens, padding and ragged rows; a
-    batch with one audio row runs the full pipeline."""
+    batch with one audio row, or with video and no audio, runs the full pipeline."""
     import acckv_triton.policy as policy
 
     x = tokens(lengths=[N, N - 9, N - 100, N - 1])
@@ -189,12 +189,14 @@ def test_cpu_shortcut_without_audio_video_gives_the_same_plan(cfg, content, monk
         mod[..., 40:90] = int(Modality.IMAGE)
     if content == "one-row-audio":
         mod[1, :, 30:80] = int(Modality.AUDIO)
+    if content == "text+video":
+        mod[..., 40:90] = int(Modality.VIDEO)
     x.modality = mod
     x.valid = torch.ones(2, 2, N, dtype=torch.bool)
     x.valid[0, :, :5] = False  # left padding
     x.keys = x.keys.clone()
     x.keys[..., 1::2, :] = x.keys[..., ::2, :][..., : x.keys[..., 1::2, :].shape[2], :]  # merge-worthy pairs
-    shortcut = content != "one-row-audio"
+    shortcut = content in ("text", "text+image")
     content = policy._content_on_host(x.valid, x.modality.long())
     assert (not content & {int(Modality.AUDIO), int(Modality.VIDEO)}) == shortcut
     merges = []
