@@ -144,6 +144,85 @@ def test_compact_matches_reference(dtype, merges, B, Hkv, C, D):
         assert torch.equal(torch.nan_to_num(a[~kept]), torch.nan_to_num(b[~kept]))
 
 
+@pytest.mark.parametrize("kind,merge,dtype", [
+    pytest.param("random", "random", torch.float32, id="random-fp32"),
+    pytest.param("strided", "before", torch.bfloat16, id="before-bf16"),
+    pytest.param("tail", "all-into-0", torch.float32, id="all-into-slot0-fp32"),
+])
+def test_compact_on_the_kernels_adversarial_merge_plans(kind, merge, dtype):
+    """The kernel tests' plans (tests/ops/test_compact_kv.py: garbage merge targets at kept tokens, stale slot
+    numbers past the lengths, where the tokens are NaN): merged slots as the reference, a slot nothing merges into
+    bit-exact (it is gathered, as compact_kv_ says), and a plan whose every merge goes to slot 0 (its only targets
+    are 0 and -1) merges on the CPU rather than taking the no-merge shortcut."""
+    from tests.ops.test_compact_kv import make_case, metadata
+
+    B, Hkv, C, D = 2, 2, 45, 16
+    case = make_case(B, Hkv, C, D, [45, 30, 1, 40], 12, kind, dtype, merge=merge, seed=13)
+    case = {n: x.cpu() for n, x in case.items()}
+    if merge == "all-into-0":
+        case["merge_target"] = torch.where(case["merge_target"] > 0, -1, case["merge_target"])
+    data, sums = metadata(B, Hkv, C)
+    data, sums = [x.cpu() for x in data], [x.cpu() for x in sums]
+    plan = {n: case[n] for n in ("keep", "keep_lengths", "merge_target", "merge_weight")}
+    ours = [case["k"].clone(), case["v"].clone(), case["lengths"].clone(), [x.clone() for x in data],
+            [x.clone() for x in sums]]
+    ref = [case["k"].clone(), case["v"].clone(), case["lengths"].clone(), [x.clone() for x in data],
+           [x.clone() for x in sums]]
+    torch_ops.compact_kv_(*ours[:3], **plan, token_data=ours[3], token_sums=ours[4])
+    reference.compact_kv_(*ref[:3], **plan, token_data=ref[3], token_sums=ref[4])
+    n = case["keep_lengths"].long()
+    kept = torch.arange(C) < n[..., None]
+    evicted = (torch.arange(C) < case["lengths"].long()[..., None]) & ~reference_kept(case["keep"], n, C)
+    target = torch.where(evicted, case["merge_target"].long(), -1)
+    merges_in = torch.zeros(B, Hkv, C + 1, dtype=torch.long).scatter_add_(
+        2, torch.where(target >= 0, target, C), torch.ones_like(target))[..., :C]
+    assert int(merges_in.sum()) > 0
+    singleton = kept & (merges_in == 0)
+    atol, rtol = TOL[dtype]
+    for a, b in zip(ours[:2], ref[:2]):
+        assert not a[kept].isnan().any()
+        torch.testing.assert_close(a[kept], b[kept], atol=atol, rtol=rtol)
+        assert torch.equal(a[singleton], b[singleton])
+    for a, b in zip(ours[3], ref[3]):
+        assert torch.equal(a[kept], b[kept])
+    for a, b in zip(ours[4], ref[4]):
+        torch.testing.assert_close(a[kept], b[kept], atol=1e-6, rtol=1e-6)
+
+
+def reference_kept(keep, keep_lengths, C):
+    """[B, Hkv, C] bool: the tokens keep[..., :keep_lengths] names."""
+    B, Hkv, K = keep.shape
+    ok = torch.arange(K) < keep_lengths[..., None]
+    out = torch.zeros(B, Hkv, C + 1, dtype=torch.bool)
+    return out.scatter_(2, torch.where(ok, keep.long().clamp(0, C - 1), C), True)[..., :C]
+
+
+@pytest.mark.parametrize("layout", ["kv-halves-of-one-buffer", "tokens-major", "heads-at-odd-offsets"])
+def test_compact_over_other_storage_layouts(layout):
+    """K and V stored other than [B, Hkv, C, D] contiguous: both halves of one buffer (adjacent, not overlapping),
+    tokens-major storage permuted to [B, Hkv, C, D], and heads whose slots start off a multiple of D (the storage-row
+    shortcut of _gather_slots does not apply): the plan's result is the reference's, bit for bit (a gather)."""
+    B, Hkv, C, D = 2, 4, 8, 4
+    lengths, g = _ragged(B, Hkv, C, seed=3)
+    if layout == "kv-halves-of-one-buffer":
+        k, v = torch.randn(2, B, Hkv, C, D, generator=g).unbind(0)
+    elif layout == "tokens-major":
+        k, v = (torch.randn(B, C, Hkv, D, generator=g).transpose(1, 2) for _ in range(2))
+    else:  # head stride C * D + 3: a multiple of neither D nor the slot stride
+        k, v = (torch.randn(B, Hkv, C * D + 3, generator=g)[..., :C * D].unflatten(-1, (C, D)) for _ in range(2))
+    keep, keep_lengths, _ = _plan(B, Hkv, C, lengths, False, g)
+    data = [torch.randint(0, 4, (B, Hkv, C), generator=g, dtype=torch.uint8)]
+    ref = [k.clone(), v.clone(), lengths.clone(), [x.clone() for x in data]]
+    ours_data = [x.clone() for x in data]
+    ours_lengths = lengths.clone()
+    torch_ops.compact_kv_(k, v, ours_lengths, keep, keep_lengths, token_data=ours_data)
+    reference.compact_kv_(*ref[:3], keep, keep_lengths, token_data=ref[3])
+    kept = torch.arange(C) < keep_lengths.long()[..., None]
+    assert torch.equal(ours_lengths, keep_lengths)
+    for a, b in zip([k, v] + ours_data, ref[:2] + ref[3]):
+        assert torch.equal(a[kept], b[kept])
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("B,Hq,Hkv,W,N,padded", [
     pytest.param(1, 1, 1, 1, 1, False, id="one"),

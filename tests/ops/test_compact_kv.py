@@ -42,7 +42,8 @@ def make_case(B, Hkv, C, D, lengths, K, kind, dtype, *, merge=None, seed=0):
     """Random cache (NaN beyond each length), a plan of the given kind, and optional merges.
 
     merge: None, "random" (each evicted token merges into a random slot or is dropped), "before" (into the first
-    kept slot after it: the source sits before its slot's token), or "all-into-0" (one long merge set).
+    kept slot after it: the source sits before its slot's token), or "all-into-0" (one long merge set). Merge
+    targets at kept tokens are garbage, and past a row's length they name the row's slots (stale, NaN tokens).
     """
     g = torch.Generator().manual_seed(seed)
     lengths = torch.as_tensor(lengths, dtype=torch.int32).reshape(B, Hkv)
@@ -80,6 +81,8 @@ def make_case(B, Hkv, C, D, lengths, K, kind, dtype, *, merge=None, seed=0):
             else:
                 tgt = torch.full((len(evicted),), -1)
             merge_target[b, h, evicted] = tgt.int()
+            if n:  # stale entries past the length that name real slots: ignored all the same
+                merge_target[b, h, L:] = (torch.arange(C - L) % n).int()
             merge_weight[b, h, :L] = torch.rand(L, generator=g) + 0.05
     to = lambda x: None if x is None else x.to(DEVICE)  # noqa: E731
     return dict(k=to(k), v=to(v), lengths=to(lengths), keep=to(keep), keep_lengths=to(keep_lengths),
@@ -324,6 +327,19 @@ def _keep_inside_token_data(args):  # a valid keep, but stored inside a tensor t
     args["keep"] = args["token_data"][1][..., :10]
 
 
+def _keep_lengths_overlapping_lengths(args):  # valid values, but keep_lengths shares 3 of its 4 ints with lengths
+    buf = torch.tensor([12, 10, 8, 6, 4], dtype=torch.int32, device=DEVICE)
+    args["lengths"], args["keep_lengths"] = buf[:4].view(2, 2), buf[1:].view(2, 2)
+    args["keep"] = torch.arange(10, dtype=torch.int32, device=DEVICE).expand(2, 2, 10).contiguous()
+    args["merge_target"] = args["merge_weight"] = None
+
+
+def _token_data_sharing_one_element(args):  # two written token_data whose storage overlaps in their last/first int
+    B, Hkv, C = args["token_data"][1].shape
+    buf = torch.zeros(2 * B * Hkv * C - 1, dtype=torch.int32, device=DEVICE)
+    args["token_data"] = [buf[:B * Hkv * C].view(B, Hkv, C), buf[B * Hkv * C - 1:].view(B, Hkv, C)]
+
+
 INVALID = [
     # (mutation, the argument the error must name); row (0, 0) keeps 0, 4, 8, ... so token 1 is evicted into slot 1
     pytest.param(_keep_swap, "keep", id="keep-unsorted"),
@@ -340,8 +356,8 @@ INVALID = [
     pytest.param(_set("merge_weight", (1, 0, 3), float("nan")), "merge_weight", id="merge_weight-nan-at-kept-token"),
     pytest.param(_replace("merge_weight", lambda a: None), "merge_target", id="merge_target-without-weight"),
     pytest.param(_replace("keep", lambda a: a["keep"][:1]), "keep", id="keep-wrong-batch"),
-    pytest.param(_replace("keep", lambda a: torch.zeros(2, 2, 41, dtype=torch.int32, device=DEVICE)), "keep",
-                 id="keep-K-over-capacity"),
+    pytest.param(_replace("keep", lambda a: torch.arange(41, dtype=torch.int32, device=DEVICE).expand(2, 2, 41)
+                          .contiguous()), "keep", id="keep-K-over-capacity"),  # its first keep_lengths entries valid
     pytest.param(_replace("keep", lambda a: a["keep"].to("meta")), "keep", id="keep-wrong-device"),
     pytest.param(_replace("lengths", lambda a: a["lengths"].flatten()), "lengths", id="lengths-wrong-shape"),
     pytest.param(_replace("k", lambda a: torch.randn(2, 2, 64, 40, device=DEVICE).half().transpose(2, 3)),
@@ -353,6 +369,10 @@ INVALID = [
     pytest.param(_replace("token_sums", lambda a: [a["token_sums"][0], a["token_sums"][0]]), r"token_sums\[1\]",
                  id="token_sums-same-tensor-twice"),
     pytest.param(_keep_inside_token_data, "keep", id="keep-inside-a-written-token_data"),
+    pytest.param(_keep_lengths_overlapping_lengths, "keep_lengths must not share memory with lengths",
+                 id="keep_lengths-overlapping-lengths"),
+    pytest.param(_token_data_sharing_one_element, r"token_data\[0\] and token_data\[1\] must not share memory",
+                 id="token_data-sharing-one-element"),
 ]
 WRONG_DTYPE = [  # a wrong dtype raises TypeError, like every launcher (acckv_triton/ops/_common.py)
     pytest.param(_replace("keep", lambda a: a["keep"].long()), "keep", id="keep-int64"),
@@ -383,6 +403,26 @@ def test_invalid_plan_raises_and_changes_nothing(mutate, name, exc):
         _call(compact_kv_, args)
     for x, snapshot in zip(tensors, before):
         assert same_bits(x, snapshot)
+
+
+def test_the_aliases_the_contract_allows():
+    """K and V as the two halves of one buffer (adjacent, sharing no byte) and keep_lengths passed as lengths itself
+    (the one alias of the plan with a written tensor that is allowed: a plan that keeps every token) run."""
+    case = make_case(1, 2, 40, 64, [40, 31], 20, "random", torch.float32, merge="random", seed=6)
+    kv = torch.stack([case["k"], case["v"]])
+    got = {name: None if x is None else x.clone() for name, x in case.items()}
+    got["k"], got["v"] = kv[0], kv[1]
+    (_, _, _), (want, _, _) = run_both(case)
+    _call(compact_kv_, dict(got, token_data=(), token_sums=()))
+    for name in ("k", "v"):
+        torch.testing.assert_close(valid_slots(got[name], case["keep_lengths"]),
+                                   valid_slots(want[name], case["keep_lengths"]), atol=1e-5, rtol=1e-5)
+    lengths = case["lengths"].clone()
+    k, v = case["k"].clone(), case["v"].clone()
+    keep = torch.arange(40, dtype=torch.int32, device=DEVICE).expand(1, 2, 40).contiguous()
+    compact_kv_(k, v, lengths, keep, lengths)
+    assert torch.equal(lengths, case["lengths"])
+    assert same_bits(k, case["k"]) and same_bits(v, case["v"])
 
 
 OUT_OF_PLACE_INVALID = [
