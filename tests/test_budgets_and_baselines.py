@@ -300,6 +300,39 @@ def test_adaptive_cache_sizes_storage_to_the_longest_head_and_caps_upkeep(backen
     assert cache.store.k.data_ptr() == ptr  # in place
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_adaptive_upkeep_caps_a_dominant_head_at_the_storage_room(backend):
+    """An upkeep where one head's evidence outranks every token of the other: Ada-KV would hand it more than the
+    storage's room. It keeps exactly the room (capacity - slack - 1), the other head the rest of the layer's
+    budget, and every stored token is the one the plan names (nothing truncated past a bound, nothing stale).
+    A slack above the storage's alignment lets a row hold more than the room at an upkeep."""
+    cfg = AccKVConfig(method="adakv", budget=0.25, slack=16, decode_budget="fixed", window=8)
+    cache, _, g = _prefilled(cfg, backend=backend)
+    st = cache.store
+    cap = st.capacity - cfg.slack - 1
+    st.token_mass[:, 0] *= 100  # head 0's stored tokens now outrank all of head 1's
+    before = {}
+    compress = cache.compress
+
+    def snapshot_then_compress(upkeep=False):
+        before["position"] = st.position.clone()
+        compress(upkeep=upkeep)
+
+    cache.compress = snapshot_then_compress
+    for _ in range(2 * cfg.slack):
+        _decode(cache, g, 1)
+        if cache.compressions == 2:
+            break
+    assert cache.compressions == 2 and st.capacity == cap + cfg.slack + 1  # one upkeep, in place
+    plan = cache.last.plan
+    n = st.lengths.long()
+    assert torch.equal(n, plan.keep_lengths.long())
+    assert int(n[0, 0]) == cap and int(n.sum()) == int(cache.target.sum())  # capped; head 1 takes the rest
+    for h in range(2):
+        keep = plan.keep[0, h, :n[0, h]].long()
+        assert torch.equal(st.position[0, h, :n[0, h]], before["position"][0, h, keep]), h
+
+
 def test_adaptive_targets_hand_a_short_rows_unused_budget_to_the_others():
     x = tokens(lengths=[N, 40, N, N])  # row (0, 1) holds fewer tokens than its target (as after an upkeep)
     plan = plan_layer(AccKVConfig(method="adakv", budget=100), x, 1, 2, target=torch.full((2, 2), 100)).plan

@@ -205,6 +205,44 @@ def test_a_borrowed_prompt_is_compacted_out_of_place_whatever_the_capacity(poiso
     assert torch.equal(rows(cache.position, n), rows(want["position"], n))
 
 
+def test_borrow_into_a_cache_that_holds_tokens_appends_a_copy():
+    """borrow=True copies nothing only into an empty cache; into one that holds tokens it is an ordinary append: the
+    stored tokens stay, the new ones are copied after them, and the caller's tensors are not the storage."""
+    cache, k0, v0, _ = prefill(20)
+    k, v = rand_kv(5, g=torch.Generator().manual_seed(8))
+    cache.append(k, v, borrow=True)
+    assert cache.seen == 25 and torch.equal(cache.lengths, torch.full((B, HKV), 25, dtype=torch.int32, device=DEVICE))
+    assert torch.equal(cache.k[:, :, :20], k0) and torch.equal(cache.k[:, :, 20:25], k)
+    assert torch.equal(cache.v[:, :, :20], v0) and torch.equal(cache.v[:, :, 20:25], v)
+    assert cache.k.data_ptr() != k.data_ptr()
+
+
+@pytest.mark.parametrize("method", ["full", "kvzip"])
+def test_a_budgeted_prefill_never_writes_the_callers_tensors(method):
+    """The kernel backend's first prefill may borrow the prompt's K, V and scores (float32: the token mass itself):
+    nothing the cache does afterwards changes them, neither KVzip's reconstruction pass (it writes the token mass)
+    nor, at budget 1.0, a rollback (transformers' crop) and decode steps that refill the freed slots."""
+    from acckv_triton.cache import BudgetedLayerCache
+
+    g = torch.Generator().manual_seed(4)
+    T, Hq = 40, 4
+    q, k, v = (torch.randn(1, h, T, 16, generator=g).to(DEVICE) for h in (Hq, HKV, HKV))
+    scores = torch.rand(1, HKV, T, generator=g).to(DEVICE)
+    before = {n: x.clone() for n, x in dict(k=k, v=v, scores=scores).items()}
+    cache = BudgetedLayerCache(ak.AccKVConfig(method=method, backend="triton"), 0, 1)
+    cache.prefill(k, v, scores=scores)
+    if method == "kvzip":
+        cache.reconstruct(q, k, v)
+        cache.end_reconstruction()
+    else:
+        cache.store.crop_last(3)
+    for _ in range(4):
+        cache.decode_step(torch.randn(1, Hq, 16, generator=g).to(DEVICE),
+                          *(torch.randn(1, HKV, 1, 16, generator=g).to(DEVICE) for _ in range(2)))
+    for n, x in dict(k=k, v=v, scores=scores).items():
+        assert torch.equal(x, before[n]), n
+
+
 def test_append_after_ragged_compress_writes_at_each_length(poison_empty):
     cache, *_ = prefill(100, headroom=8)
     plan = random_plan(cache.lengths, 20, merge=False, seed=5)
