@@ -23,7 +23,7 @@ METHOD_CFGS = [pytest.param(AccKVConfig(method=m), id=m) for m in METHODS]
 ADAPTIVE_CFGS = [pytest.param(AccKVConfig(method=m, head_budgets="adaptive"), id=f"{m}-adaptive")
                  for m in ("snapkv", "pyramidkv", "h2o", "lookm")] + [
     pytest.param(AccKVConfig(method="adakv", ada_floor=0.0), id="adakv-no-floor"),
-    pytest.param(AccKVConfig(method="adakv", ada_floor=0.3), id="adakv-floor-0.3"),  # 0.3 is not a float32
+    pytest.param(AccKVConfig(method="adakv", ada_floor=0.3), id="adakv-floor-0.3"),
     pytest.param(AccKVConfig(method="adakv", ada_floor=1.0), id="adakv-floor-1"),
 ]
 SWITCHES = [pytest.param(c, id=name) for name, c in AccKVConfig().ablations().items()] + [
