@@ -129,7 +129,7 @@ def _evidence_kernel(
     for s0 in range(0, N, BLOCK):
         t = s0 + tl.arange(0, BLOCK)
         inb = t < N
-        valid = t < length
+        valid = inb & (t < length)  # a length past N counts N tokens (as plan_layer's mask does), never more
         if HAS_VALID:
             valid = valid & (tl.load(VALID + b * sVb + h * sVh + t, mask=inb, other=0) != 0)
         mod_in = tl.load(MOD + b * sMb + h * sMh + t, mask=inb, other=0).to(tl.int32)
@@ -716,10 +716,25 @@ def _nearest_kernel(KEYS, sKb, sKh, sKt, RANK, HASP, KEEP, KEEP_LEN, MT, MERGED,
     tl.atomic_add(MERGED + r, tl.sum((evicted & (best_j >= 0)).to(tl.int64), 0))
 
 
-def _strides3(x: torch.Tensor) -> tuple[int, int]:
+def _strides3(x: torch.Tensor, name: str = "a token tensor") -> tuple[int, int]:
     if x.stride(-1) != 1:
-        raise ValueError(f"the token dim must be contiguous (stride 1), got strides {tuple(x.stride())}")
+        raise ValueError(f"{name}: the token dim must be contiguous (stride 1), got strides {tuple(x.stride())}")
     return x.stride(0), x.stride(1)
+
+
+def _rows(t, name: str, shape: tuple, *, dtype: torch.dtype | None = None):
+    """``t`` as a ``shape`` view (size-1 dims broadcast as ``plan_layer``'s torch ops would; no copy), or TypeError /
+    ValueError naming it. Host checks only: the kernels index every tensor by its strides up to ``shape``, so a
+    smaller one would be read out of bounds."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if dtype is not None and t.dtype != dtype:
+        raise TypeError(f"{name} must be a {dtype} tensor, got {t.dtype}")
+    if tuple(t.shape) == tuple(shape):
+        return t
+    if t.dim() != len(shape) or any(a not in (1, b) for a, b in zip(t.shape, shape)):
+        raise ValueError(f"{name} must have shape {tuple(shape)} (or size 1 where it broadcasts), got {tuple(t.shape)}")
+    return t.expand(shape)
 
 
 _PROTECT = {  # (sink, window, recent, text, all) per method
@@ -790,8 +805,22 @@ def plan_layer_fused(cfg: AccKVConfig, x: LayerTokens, layer: int = 0, num_layer
     if not supports(cfg):
         raise ValueError("AccKV with adaptive head budgets (head_budgets='adaptive') runs policy.plan_layer; the "
                          "fused policy shares a layer's budget across heads for the one-ranking methods only")
+    if not isinstance(x.scores, torch.Tensor) or x.scores.dim() != 3:
+        raise ValueError(f"x.scores must be a [B, Hkv, N] tensor, got "
+                         f"{tuple(x.scores.shape) if isinstance(x.scores, torch.Tensor) else type(x.scores).__name__}")
+    B, H, N = x.scores.shape
+    rows, tokens = (B, H), (B, H, N)
+    x = LayerTokens(  # every tensor the kernels index checked against the scores' [B, Hkv, N] (host checks only)
+        scores=x.scores, modality=_rows(x.modality, "x.modality", tokens), lengths=_rows(x.lengths, "x.lengths", rows),
+        time=None if x.time is None else _rows(x.time, "x.time", tokens),
+        keys=None if x.keys is None else _rows(x.keys, "x.keys", tokens + (x.keys.shape[-1],)),
+        spatial=None if x.spatial is None else _rows(x.spatial, "x.spatial", tokens + (2,)),
+        window=None if x.window is None else _rows(x.window, "x.window", tokens, dtype=torch.bool),
+        valid=None if x.valid is None else _rows(x.valid, "x.valid", tokens, dtype=torch.bool),
+        position=None if x.position is None else _rows(x.position, "x.position", tokens),
+        window_range=x.window_range)
+    target = _rows(target, "target", rows)
     s = head_shared_scores(x).contiguous() if cfg.method == "tova" else x.scores
-    B, H, N = s.shape
     dev = s.device
     method = cfg.method
     acckv = method == "acckv"
@@ -799,7 +828,7 @@ def plan_layer_fused(cfg: AccKVConfig, x: LayerTokens, layer: int = 0, num_layer
     lookm = method == "lookm"
     if (merge or lookm) and x.keys is None:
         raise ValueError(f"x.keys is required by {'cfg.intra_merge' if merge else 'method lookm'}")
-    if not (isinstance(max_keep, int) and max_keep >= 0):
+    if not (isinstance(max_keep, int) and not isinstance(max_keep, bool) and max_keep >= 0):
         raise ValueError(f"max_keep must be an int >= 0, got {max_keep!r}")
     K = max(1, min(max_keep, N))
     R = B * H
@@ -829,7 +858,8 @@ def plan_layer_fused(cfg: AccKVConfig, x: LayerTokens, layer: int = 0, num_layer
     grid = (R,)
     pool = cfg.pool_kernel // 2 if method in POOLED_METHODS and cfg.windowed else 0
     _evidence_kernel[grid](
-        s, *_strides3(s), mod, *_strides3(mod), time, *_strides3(time), valid, *_strides3(valid),
+        s, *_strides3(s, "x.scores"), mod, *_strides3(mod, "x.modality"), time, *_strides3(time, "x.time"), valid,
+        *_strides3(valid, "x.valid"),
         x.lengths, x.lengths.stride(0), x.lengths.stride(1),
         ws["raw"], ws["rank"], ws["srank"], ws["keyf"], ws["hasp"], ws["stats"], N, H, cfg.sink, float(cfg.pool_lift),
         R_POOL=pool, POOL_AVG=cfg.pool_mode == "avg", LIFT=acckv and pool > 0 and cfg.pool_lift < 1.0,
@@ -861,7 +891,8 @@ def plan_layer_fused(cfg: AccKVConfig, x: LayerTokens, layer: int = 0, num_layer
         (mod, 0, 0, 0)
     key64 = ws.get("key64", ws["sidx"])
     _protect_kernel[grid](
-        mod, *_strides3(mod), *sp_args, win, *_strides3(win), target, target.stride(0), target.stride(1),
+        mod, *_strides3(mod, "x.modality"), *sp_args, win, *_strides3(win, "x.window / x.position"), target,
+        target.stride(0), target.stride(1),
         ws["raw"], ws["rank"], ws["srank"], ws["shat"], ws["keyf"], key64, ws["cand"], ws["kept"], ws["stats"],
         N, H, cfg.sink, cfg.window, recent_tokens(cfg), lo, hi,
         P_SINK=flags[0], P_WINDOW=flags[1], P_RECENT=flags[2], P_TEXT=flags[3], P_ALL=flags[4], WIN_MODE=win_mode,
@@ -877,8 +908,8 @@ def plan_layer_fused(cfg: AccKVConfig, x: LayerTokens, layer: int = 0, num_layer
             ws["kept"], ws["keyf"], ws["sval"], ws["sidx"], ws.get("gs", ws["raw"]), ws["hasp"], ws["stats"],
             out["prio"], out["keep"], out["keep_len"], out.get("mt", out["keep"]), out.get("mw", ws["raw"]),
             out["kpm"], out["merged"], N, H, K, cfg.time_bin, cfg.align_lambda)
-    t_args = (time, *_strides3(time))
-    m_args = (mod, *_strides3(mod))
+    t_args = (time, *_strides3(time, "x.time"))
+    m_args = (mod, *_strides3(mod, "x.modality"))
 
     def sort_keys(values):
         torch.sort(values, dim=-1, descending=True, stable=True, out=(ws["sval"], ws["sidx"]))

@@ -236,3 +236,26 @@ def test_adaptive_short_rows_and_a_dominant_head_under_the_storage_cap(cfg):
             target = torch.full((2, 2), t, dtype=torch.int64, device=DEVICE)
             for extra in (-30, 0, 30):  # -30: the room below the target (each row still capped at it)
                 assert_same(cfg, x, target=target, max_keep=t + extra)
+
+
+def test_inputs_the_kernels_would_read_out_of_bounds_are_broadcast_or_refused():
+    """plan_layer_fused indexes every tensor by its strides up to [B, Hkv, N]: a target or lengths with a size-1 dim
+    broadcasts as in plan_layer, a length past N counts N tokens (it read past the row and crashed), and a shape
+    that does not broadcast is refused naming the argument."""
+    x = tokens(lengths=[N, 201, 63, N])
+    cfg = AccKVConfig(method="adakv", budget=0.3)
+    assert_same(cfg, x, target=torch.tensor([[60], [30]], device=DEVICE))
+    x.lengths = torch.tensor([[N + 7], [N + 3000]], dtype=torch.int32, device=DEVICE)
+    for method in ("adakv", "acckv", "snapkv"):
+        assert_same(AccKVConfig(method=method, budget=0.3), x, target=torch.full((2, 2), 50, device=DEVICE))
+    target = torch.full((2, 2), 50, device=DEVICE)
+    with pytest.raises(ValueError, match="target must have shape"):
+        plan_layer_fused(cfg, x, target=target[:, 0], max_keep=N)
+    with pytest.raises(TypeError, match="target must be a torch.Tensor"):
+        plan_layer_fused(cfg, x, target=50, max_keep=N)
+    x.valid = torch.ones(2, N, dtype=torch.bool, device=DEVICE)
+    with pytest.raises(ValueError, match="x.valid must have shape"):
+        plan_layer_fused(cfg, x, target=target, max_keep=N)
+    x.valid = None
+    with pytest.raises(ValueError, match="max_keep"):
+        plan_layer_fused(cfg, x, target=target, max_keep=True)
