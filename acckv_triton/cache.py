@@ -84,6 +84,18 @@ def _check_modality(x, *, on_device: bool) -> None:
                          f"[{int(values.min())}, {int(values.max())}]")
 
 
+def _kernel_layout(x: torch.Tensor, name: str) -> bool:
+    """Whether a tensor given to :meth:`LayerKVCache.append` can be the storage as it is (``borrow=True``): laid out
+    as the kernels and the fused policy read the storage, with a unit stride along K/V's head dim and along the
+    metadata's token dim, and spatial's (h, w) pairs viewable as one 64-bit word each."""
+    if name == "spatial":
+        try:
+            x = x.view(torch.int64).squeeze(-1)
+        except RuntimeError:  # pairs not adjacent, or not 8-byte aligned
+            return False
+    return x.stride(-1) == 1
+
+
 def _round_up(x: int, multiple: int) -> int:
     return -(-x // multiple) * multiple
 
@@ -209,6 +221,12 @@ class LayerKVCache:
             buf[:, :, :n] = getattr(self, name)[:, :, :n]
         self._install(fresh)
 
+    def _own(self) -> None:
+        """Copy a borrowed storage (``append(borrow=True)``) into buffers of the cache's own before anything is
+        written into it in place; nothing to do otherwise."""
+        if self._borrowed:
+            self._resize(self.capacity)
+
     def _install(self, fresh: dict) -> None:
         """Make ``fresh`` buffers the storage (the old ones are released) and drop the plans bound to the old."""
         for name, buf in fresh.items():
@@ -313,10 +331,12 @@ class LayerKVCache:
 
         Grows the capacity geometrically when a row would overflow; new tokens start with multiplicity 1.
 
-        ``borrow=True`` into an empty cache copies nothing: the storage views the given tensors until the next
-        :meth:`compress`, which then moves it out of place into fresh storage whatever its capacity (the kernel
-        backend; the caller compresses before anything else writes to the cache, as :class:`BudgetedLayerCache`
-        does at the end of prefill). Nothing is written into the borrowed tensors.
+        ``borrow=True`` into an empty cache on the kernel backend copies nothing: the storage views the given
+        tensors (a tensor laid out otherwise than the kernels read the storage is copied, that one alone) until the
+        next :meth:`compress`, which then moves it out of place into fresh storage whatever its capacity; a decode
+        step or a decode plan before that copies the storage first (they add to the token mass in place). The
+        caller compresses before anything else, as :class:`BudgetedLayerCache` does at the end of prefill. Nothing
+        is written into the borrowed tensors. The torch backend (which compacts in place) copies, as without it.
         """
         self.check_kv(k, v)
         if k.requires_grad or v.requires_grad:  # the cache holds values, never an autograd graph (nor its activations)
@@ -326,8 +346,12 @@ class LayerKVCache:
         # Every argument is checked before the cache changes: a rejected first append leaves it empty.
         meta = self.token_metadata(k, modality=modality, time=time, spatial=spatial, position=position,
                                    token_mass=token_mass, check_modality=check_modality)
-        if self.k is None and borrow:
-            self._install(dict(k=k, v=v, **meta))
+        if self.k is None and borrow and self.kernels_on(device):  # (the torch ops compact in place: no borrowing)
+            borrowed = dict(k=k, v=v, **meta)
+            for name, x in borrowed.items():  # a tensor laid out otherwise is copied, that one alone
+                if not _kernel_layout(x, name):
+                    borrowed[name] = x.clone(memory_format=torch.contiguous_format)
+            self._install(borrowed)
             self._borrowed = True
             self.lengths = torch.full((B, Hkv), T, dtype=torch.int32, device=device)
             self._slot = torch.zeros((B, Hkv, 1), dtype=torch.int64, device=device)
@@ -458,12 +482,37 @@ class LayerKVCache:
         """
         if self.k is None:
             return
-        index = index.to(self.k.device, torch.int64)
+        index = self.row_index(index)
         fresh = {name: getattr(self, name).index_select(0, index) for name in ("k", "v", *_METADATA)}
         self._install(fresh)
         self.lengths = self.lengths.index_select(0, index)
         self._slot = self._slot.index_select(0, index)
         self._next_position = self._next_position.index_select(0, index)
+
+    def row_index(self, index) -> torch.Tensor:
+        """``index`` as :meth:`select_rows` takes it, checked, as int64 row ids on the cache's device: ``[B']``
+        integer ids in ``[0, B)`` (a tensor or a sequence of ints), or a ``[B]`` bool mask of the rows kept (what
+        indexing a tensor with it keeps, as transformers' ``DynamicCache`` does; one host sync on a device).
+        TypeError / ValueError naming ``index`` otherwise; ids are range-checked where the host reads them for free
+        (on the CPU)."""
+        if not isinstance(index, torch.Tensor):
+            try:
+                index = torch.as_tensor(index)
+            except (TypeError, ValueError, RuntimeError):
+                raise TypeError(f"index must be a 1-D tensor of batch rows, got {type(index).__name__}") from None
+        if index.dtype.is_floating_point or index.dtype.is_complex:
+            raise TypeError(f"index must hold integer row ids (or be a bool mask), got dtype {index.dtype}")
+        if index.dim() != 1:
+            raise ValueError(f"index must be a 1-D tensor of batch rows, got shape {tuple(index.shape)}")
+        B = self.k.shape[0]
+        if index.dtype == torch.bool:
+            if index.numel() != B:
+                raise ValueError(f"index as a bool mask must have B={B} entries, got {index.numel()}")
+            index = index.nonzero().squeeze(-1)
+        elif index.device.type == "cpu" and index.numel() and not (0 <= int(index.min()) and int(index.max()) < B):
+            raise ValueError(f"index must hold row ids in [0, B={B}), got values in [{int(index.min())}, "
+                             f"{int(index.max())}]")
+        return index.to(self.k.device, torch.int64)
 
     def crop_last(self, n: int) -> None:
         """Forget the last ``n`` tokens of every row (assisted decoding's rollback). Only for rows of one length
@@ -498,6 +547,8 @@ class LayerKVCache:
         """
         if self.k is None:
             raise ValueError("the cache is empty: append tokens before attending")
+        if token_mass:
+            self._own()  # the plan adds to the token mass in place
         key = (num_q_heads, scale, token_mass, decay)
         plan = self._plans.get(key)
         if plan is None:
@@ -620,6 +671,8 @@ class LayerKVCache:
         """
         if self.k is None:
             raise ValueError("the cache is empty: append tokens before attending")
+        if accumulate_mass:
+            self._own()  # the mass is added in place
         w = self._max_length  # views over the stored part keep the kernel's scratch sized by what is stored
         views = dict(scale=scale, modality=self.modality[:, :, :w],
                      token_mass=self.token_mass[:, :, :w] if accumulate_mass else None,
@@ -814,15 +867,12 @@ class BudgetedLayerCache:
         if not isinstance(scores, torch.Tensor) or tuple(scores.shape) != (B, Hkv, T):
             raise ValueError(f"scores must be a [B, Hkv, T] = {(B, Hkv, T)} tensor, got "
                              f"{tuple(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__}")
-        if valid is None:
-            valid_rows = None
-        elif valid.dim() == 2:
-            valid_rows = valid[:, None, :].expand(B, Hkv, T)
-        else:
-            valid_rows = valid
-        if valid_rows is not None and (tuple(valid_rows.shape) != (B, Hkv, T) or valid_rows.dtype != torch.bool):
+        if valid is not None and not isinstance(valid, torch.Tensor):
+            raise TypeError(f"valid must be a bool [B, T] or [B, Hkv, T] tensor, got {type(valid).__name__}")
+        if valid is not None and (tuple(valid.shape) not in ((B, T), (B, Hkv, T)) or valid.dtype != torch.bool):
             raise ValueError(f"valid must be a bool [B, T] or [B, Hkv, T] tensor for {(B, Hkv, T)}, "
                              f"got {tuple(valid.shape)} {valid.dtype}")
+        valid_rows = None if valid is None else valid[:, None, :].expand(B, Hkv, T) if valid.dim() == 2 else valid
         before = None
         if valid_rows is not None or self._valid is not None:
             before = None if self.store.lengths is None else self.store.lengths.long().clone()
@@ -897,6 +947,12 @@ class BudgetedLayerCache:
         """``chunk_attention`` of a chunk over the stored slots and itself (the kernel where the store runs kernels,
         its torch twin elsewhere): ``(out [B, T, Hq, D], ChunkAttention)``."""
         st = self.store
+        st.check_kv(k, v)  # the chunk against the storage, and q against both: each named (the op names its own)
+        if not isinstance(q, torch.Tensor) or q.dim() != 4 or (q.shape[0], q.shape[2], q.shape[3]) != \
+                (k.shape[0], k.shape[2], k.shape[3]) or q.dtype != k.dtype or q.device != k.device:
+            raise ValueError(f"q must be a [B, Hq, T, D] tensor with B, T, D = {(k.shape[0], k.shape[2], k.shape[3])} "
+                             f"like k, {k.dtype} on {k.device}, got "
+                             f"{(tuple(q.shape), q.dtype) if isinstance(q, torch.Tensor) else type(q).__name__}")
         B, Hq, T, D = q.shape
         S = st.max_length
         args = (st.k[:, :, :S], st.v[:, :, :S], st.lengths, k, v)
@@ -947,6 +1003,7 @@ class BudgetedLayerCache:
             q, k, v, scale=scale, multiplicity=st.multiplicity[:, :, :S] if st.proportional else None,
             key_valid=None if valid is None else (valid if valid.dim() == 2 else valid[:, 0]),
             window=self._evidence_rows(T, cfg), decay=cfg.mean_decay)
+        st._own()  # (a first prompt still borrowed, when its compression failed) the mass changes in place below
         if cfg.mean_decay != 1.0:  # the stored tokens' evidence ages by the chunk's T queries
             st.token_mass[:, :, :S] *= cfg.mean_decay ** T
         st.token_mass[:, :, :S] += res.stored_mass  # the window's evidence on stored tokens, as decode adds its own
@@ -1059,7 +1116,9 @@ class BudgetedLayerCache:
     def select_rows(self, index: torch.Tensor) -> None:
         """Keep the batch rows ``index`` (beam reordering, batch expansion or selection): storage, targets, prompt
         counts and padding marks move together (see :meth:`LayerKVCache.select_rows`)."""
-        index = index.to(torch.int64)
+        if self.store.k is None:
+            return
+        index = self.store.row_index(index)  # checked before anything moves
         self.store.select_rows(index)
         if self.target is not None:
             index = index.to(self.target.device)

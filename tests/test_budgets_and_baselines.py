@@ -351,3 +351,53 @@ def test_value_aware_ranks_by_mass_times_value_norm():
         assert torch.equal(cache.store.position[0, h, :n].long(), want)
     plain, _, _ = _prefilled(base)
     assert not torch.equal(plain.store.position[..., :n], cache.store.position[..., :n])  # the switch matters
+
+
+@pytest.mark.parametrize("method", ["adakv", "kvzip", "snapkv"])
+def test_a_first_prompt_in_any_layout_is_kept_alike_on_both_backends_and_never_written(method):
+    """The kernel backend borrows the first prompt: scores, metadata and K/V that are views laid out otherwise (a
+    transposed score, strided ids, positions and times, (h, w) pairs that are not adjacent, a strided head dim)
+    keep the same tokens as on the torch backend, and nothing the caller passed changes."""
+    g = torch.Generator().manual_seed(4)
+    B, Hkv, T, D = 2, 2, 40, 16
+    k = torch.randn(B, Hkv, T, 2 * D, generator=g)[..., ::2]
+    v = torch.randn(B, T, Hkv, D, generator=g).transpose(1, 2)
+    q = torch.randn(B, 2 * Hkv, T, D, generator=g)
+    inputs = dict(
+        scores=torch.rand(B, T, Hkv, generator=g).transpose(1, 2),
+        modality=torch.randint(0, 4, (B, 2 * T), generator=g, dtype=torch.uint8)[:, ::2],
+        position=torch.arange(B * T, dtype=torch.int32).view(T, B).T,
+        time=torch.arange(2 * T, dtype=torch.int32)[::2],
+        spatial=torch.randint(-1, 4, (2, T), generator=g, dtype=torch.int32).T,
+    )
+    before = {n: x.clone() for n, x in dict(k=k, v=v, **inputs).items()}
+    kept = {}
+    for backend in ("triton", "torch"):
+        cache = BudgetedLayerCache(AccKVConfig(method=method, budget=0.3, backend=backend), 0, 1)
+        cache.prefill(k, v, **inputs)
+        if method == "kvzip":
+            cache.reconstruct(q, k.contiguous(), v.contiguous())
+            cache.end_reconstruction()
+        n = cache.store.lengths
+        kept[backend] = [cache.store.position[b, h, :int(n[b, h])].tolist() for b in range(B) for h in range(Hkv)]
+    assert kept["triton"] == kept["torch"]
+    for name, x in dict(k=k, v=v, **inputs).items():
+        assert torch.equal(x, before[name]), name
+
+
+def test_prefill_and_reconstruct_name_a_bad_argument():
+    g = torch.Generator().manual_seed(5)
+    k = torch.randn(1, 2, 12, 16, generator=g)
+    cache = BudgetedLayerCache(AccKVConfig(method="kvzip", budget=0.5, backend="torch"), 0, 1)
+    with pytest.raises(ValueError, match="valid must be a bool"):
+        cache.prefill(k, k, scores=torch.rand(1, 2, 12), valid=torch.ones(1, 13, dtype=torch.bool))
+    with pytest.raises(TypeError, match="valid"):
+        cache.prefill(k, k, scores=torch.rand(1, 2, 12), valid=[[True] * 12])
+    cache.prefill(k, k, scores=torch.rand(1, 2, 12))
+    q = torch.randn(1, 4, 12, 16, generator=g)
+    with pytest.raises(ValueError, match="^k must be"):  # the chunk against the stored prompt, not "k_cache"
+        cache.reconstruct(q.half(), k.half(), k.half())
+    with pytest.raises(ValueError, match="^q must be"):
+        cache.reconstruct(q[:, :, :5], k, k)
+    cache.reconstruct(q, k, k)
+    cache.end_reconstruction()

@@ -470,3 +470,66 @@ def test_crop_last_refuses_compressed_storage():
     with pytest.raises(ValueError, match="never compressed"):
         cache.crop_last(3)
     assert cache.seen == 40 and torch.all(cache.lengths == 10)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_a_borrowed_prompt_is_never_written_by_any_backend_nor_by_decode_before_compress(backend):
+    """The torch backend compacts in place, so it copies what it is lent; on the kernels a decode step (the mass is
+    added in place) copies the lent storage first. Default metadata (position shared with time, expanded) works."""
+    g = torch.Generator().manual_seed(8)
+    for compress_first in (True, False):
+        k, v = rand_kv(24, g=g)
+        meta = dict(modality=torch.randint(0, ak.NUM_MODALITIES, (B, HKV, 24), generator=g, dtype=torch.uint8),
+                    token_mass=torch.rand(B, HKV, 24, generator=g))
+        meta = {n: x.to(DEVICE) for n, x in meta.items()}
+        inputs = dict(k=k, v=v, **meta)
+        before = {n: x.clone() for n, x in inputs.items()}
+        cache = LayerKVCache(backend=backend)
+        cache.append(k, v, borrow=True, **meta)
+        if compress_first:
+            cache.compress(random_plan(cache.lengths, 10, merge=True, seed=1))
+        out = cache.decode_attention(torch.randn(B, 2 * HKV, D, generator=g).to(DEVICE))
+        assert torch.isfinite(out.out).all()
+        cache.append_token(*rand_kv(1, g=g))
+        for n, x in inputs.items():
+            assert torch.equal(x, before[n]), (compress_first, n)
+
+
+def test_borrowed_tensors_laid_out_otherwise_are_copied_one_by_one():
+    """The kernels read the storage with a unit-stride head dim (K, V) and token dim (metadata), spatial pairs as
+    one 64-bit word: a lent tensor laid out otherwise is copied, the others stay borrowed."""
+    g = torch.Generator().manual_seed(9)
+    k = torch.randn(B, HKV, 20, 2 * D, generator=g).to(DEVICE)[..., ::2]  # head dim stride 2
+    v = torch.randn(B, HKV, 20, D, generator=g).to(DEVICE)
+    time = torch.arange(40, dtype=torch.int32, device=DEVICE)[::2]  # token stride 2
+    spatial = torch.randint(0, 5, (2, 20), generator=g, dtype=torch.int32).to(DEVICE).T  # (h, w) not adjacent
+    mass = torch.rand(B, 20, HKV, generator=g).to(DEVICE).transpose(1, 2)  # token stride HKV
+    cache = LayerKVCache()
+    cache.append(k, v, time=time, spatial=spatial, token_mass=mass, borrow=True)
+    assert cache.v.data_ptr() == v.data_ptr() and cache.k.data_ptr() != k.data_ptr()
+    for name, want in (("k", k), ("time", time.expand(B, HKV, 20)), ("spatial", spatial.expand(B, HKV, 20, 2)),
+                       ("token_mass", mass)):
+        assert torch.equal(getattr(cache, name), want), name
+    plan = random_plan(cache.lengths, 8, merge=False, seed=2)
+    cache.compress(plan)  # the compaction reads every buffer as the kernels do
+    n = plan.keep_lengths
+    keep = plan.keep.long()
+    assert torch.equal(rows(cache.time, n), rows(torch.gather(time.expand(B, HKV, 20), 2, keep), n))
+    assert torch.equal(rows(cache.k, n), rows(torch.gather(k, 2, keep[..., None].expand(-1, -1, -1, D)), n))
+
+
+def test_select_rows_checks_its_index():
+    cache, *_ = prefill(20)
+    with pytest.raises(TypeError, match="index"):
+        cache.select_rows(torch.tensor([0.0, 1.0]))
+    with pytest.raises(ValueError, match="index"):
+        cache.select_rows(torch.tensor([[0, 1]]))
+    with pytest.raises(ValueError, match=r"index must hold row ids in \[0, B=2\)"):
+        cache.select_rows(torch.tensor([0, 2]))
+    with pytest.raises(ValueError, match="bool mask"):
+        cache.select_rows(torch.tensor([True, False, True]))
+    position = cache.position.clone()
+    cache.select_rows(torch.tensor([False, True], device=DEVICE))  # a mask keeps what indexing with it keeps
+    assert cache.k.shape[0] == 1 and torch.equal(cache.position, position[1:])
+    cache.select_rows([0, 0])  # a sequence of ids
+    assert torch.equal(cache.position, position[[1, 1]])
