@@ -820,6 +820,8 @@ def plan_layer_fused(cfg: AccKVConfig, x: LayerTokens, layer: int = 0, num_layer
         position=None if x.position is None else _rows(x.position, "x.position", tokens),
         window_range=x.window_range)
     target = _rows(target, "target", rows)
+    if target.dtype.is_floating_point or target.dtype.is_complex or target.dtype == torch.bool:
+        raise TypeError(f"target must be an integer tensor of slots per row, got {target.dtype}")
     s = head_shared_scores(x).contiguous() if cfg.method == "tova" else x.scores
     dev = s.device
     method = cfg.method

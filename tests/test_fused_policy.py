@@ -253,6 +253,8 @@ def test_inputs_the_kernels_would_read_out_of_bounds_are_broadcast_or_refused():
         plan_layer_fused(cfg, x, target=target[:, 0], max_keep=N)
     with pytest.raises(TypeError, match="target must be a torch.Tensor"):
         plan_layer_fused(cfg, x, target=50, max_keep=N)
+    with pytest.raises(TypeError, match="target must be an integer tensor"):  # a fraction of a slot was shared
+        plan_layer_fused(cfg, x, target=target + 0.9, max_keep=N)
     x.valid = torch.ones(2, N, dtype=torch.bool, device=DEVICE)
     with pytest.raises(ValueError, match="x.valid must have shape"):
         plan_layer_fused(cfg, x, target=target, max_keep=N)
