@@ -695,7 +695,7 @@ def _nearest_kernel(KEYS, sKb, sKh, sKt, RANK, HASP, KEEP, KEEP_LEN, MT, MERGED,
     q = tl.load(base + t[:, None].to(tl.int64) * sKt + d[None, :], mask=evicted[:, None] & dm[None, :],
                 other=0.0).to(tl.float64)
     q = q / tl.maximum(tl.sqrt(tl.sum(q * q, 1)), 1e-12)[:, None]
-    n_keep = tl.load(KEEP_LEN + r)
+    n_keep = tl.minimum(tl.load(KEEP_LEN + r), K)  # a target above max_keep: never read past the plan's width
     best = tl.full((BLOCK_M,), float("-inf"), tl.float64)
     best_j = tl.full((BLOCK_M,), -1, tl.int32)
     for j0 in range(0, n_keep, BLOCK_N):

@@ -198,6 +198,10 @@ def test_a_target_above_max_keep_writes_nothing_past_the_plan_and_the_compaction
     k = torch.randn(2, 2, N, 16, device=DEVICE)
     with pytest.raises(ValueError, match="keep_lengths"):
         ak.compact_kv_(k, k.clone(), x.lengths.clone(), res.plan.keep, res.plan.keep_lengths)
+    # LOOK-M's nearest-key search reads the plan: it stays within the width too (it read keep entries past it, then
+    # keys at those garbage indices: a segfault under the interpreter)
+    res = plan_layer_fused(AccKVConfig(method="lookm", budget=0.5), x, target=target, max_keep=3)
+    assert int(res.plan.merge_target.max()) < 3 and int(res.plan.merge_target.min()) >= -1
 
 
 def test_acckv_with_adaptive_head_budgets_is_refused_on_the_fused_path():
