@@ -28,6 +28,7 @@ SnapKV-like methods: 3 kernels and 1 sort (Ada-KV: 5 and 2); AccKV: 6 kernels an
 """
 from __future__ import annotations
 
+import dataclasses
 import struct
 
 import torch
@@ -810,15 +811,14 @@ def plan_layer_fused(cfg: AccKVConfig, x: LayerTokens, layer: int = 0, num_layer
                          f"{tuple(x.scores.shape) if isinstance(x.scores, torch.Tensor) else type(x.scores).__name__}")
     B, H, N = x.scores.shape
     rows, tokens = (B, H), (B, H, N)
-    x = LayerTokens(  # every tensor the kernels index checked against the scores' [B, Hkv, N] (host checks only)
-        scores=x.scores, modality=_rows(x.modality, "x.modality", tokens), lengths=_rows(x.lengths, "x.lengths", rows),
+    x = dataclasses.replace(  # every tensor the kernels index checked against the scores' [B, Hkv, N] (host only)
+        x, modality=_rows(x.modality, "x.modality", tokens), lengths=_rows(x.lengths, "x.lengths", rows),
         time=None if x.time is None else _rows(x.time, "x.time", tokens),
         keys=None if x.keys is None else _rows(x.keys, "x.keys", tokens + (x.keys.shape[-1],)),
         spatial=None if x.spatial is None else _rows(x.spatial, "x.spatial", tokens + (2,)),
         window=None if x.window is None else _rows(x.window, "x.window", tokens, dtype=torch.bool),
         valid=None if x.valid is None else _rows(x.valid, "x.valid", tokens, dtype=torch.bool),
-        position=None if x.position is None else _rows(x.position, "x.position", tokens),
-        window_range=x.window_range)
+        position=None if x.position is None else _rows(x.position, "x.position", tokens))
     target = _rows(target, "target", rows)
     if target.dtype.is_floating_point or target.dtype.is_complex or target.dtype == torch.bool:
         raise TypeError(f"target must be an integer tensor of slots per row, got {target.dtype}")
