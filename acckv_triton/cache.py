@@ -722,6 +722,9 @@ class BudgetedLayerCache:
     def __init__(self, cfg: AccKVConfig, layer: int = 0, num_layers: int = 1):
         if not isinstance(cfg, AccKVConfig):
             raise TypeError(f"cfg must be an AccKVConfig, got {type(cfg).__name__}")
+        for name, x in (("layer", layer), ("num_layers", num_layers)):
+            if isinstance(x, bool) or not isinstance(x, int):
+                raise TypeError(f"{name} must be an int, got {type(x).__name__}")
         if not (0 <= layer < num_layers):
             raise ValueError(f"layer must lie in [0, num_layers={num_layers}), got {layer}")
         self.cfg, self.layer, self.num_layers = cfg, layer, num_layers

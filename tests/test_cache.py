@@ -445,6 +445,9 @@ def test_plans_and_budgets_name_what_is_wrong():
     with pytest.raises(ValueError, match="keep_lengths must be >= 0"):
         cache.compress(bad)
     assert cache.max_length == 20 and torch.all(cache.lengths == 20)
+    for layer, num_layers in ((0.5, 2), (True, 2), (0, "2")):
+        with pytest.raises(TypeError, match="layer must be an int|num_layers must be an int"):
+            ak.BudgetedLayerCache(ak.AccKVConfig(), layer, num_layers)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
