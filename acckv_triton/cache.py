@@ -870,6 +870,8 @@ class BudgetedLayerCache:
         if not isinstance(scores, torch.Tensor) or tuple(scores.shape) != (B, Hkv, T):
             raise ValueError(f"scores must be a [B, Hkv, T] = {(B, Hkv, T)} tensor, got "
                              f"{tuple(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__}")
+        if not scores.dtype.is_floating_point:  # attention mass: a real float (complex and ints are refused)
+            raise TypeError(f"scores must be a real floating-point tensor of attention mass, got {scores.dtype}")
         if valid is not None and not isinstance(valid, torch.Tensor):
             raise TypeError(f"valid must be a bool [B, T] or [B, Hkv, T] tensor, got {type(valid).__name__}")
         if valid is not None and (tuple(valid.shape) not in ((B, T), (B, Hkv, T)) or valid.dtype != torch.bool):

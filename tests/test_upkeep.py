@@ -96,6 +96,10 @@ def test_prefill_rejects_bad_scores():
     cache = BudgetedLayerCache(AccKVConfig())
     with pytest.raises(ValueError, match="scores must be a"):
         cache.prefill(LT.k, LT.v, scores=torch.zeros(2, 2, 5))
+    for dtype in (torch.complex64, torch.int64, torch.bool):
+        with pytest.raises(TypeError, match="scores must be a real floating-point tensor"):
+            cache.prefill(LT.k, LT.v, scores=torch.zeros(LT.k.shape[:3], dtype=dtype, device=LT.k.device))
+    assert cache.store.k is None  # refused before anything was stored
     with pytest.raises(TypeError, match="cfg must be an AccKVConfig"):
         BudgetedLayerCache({"budget": 0.5})
 
