@@ -44,7 +44,7 @@ import torch
 from . import fused_policy, torch_ops
 from .config import AccKVConfig
 from .modality import NUM_MODALITIES, Modality
-from .ops._common import check_scale, host_range
+from .ops._common import carve, carved_nbytes, check_scale, host_range
 from .ops.append_token import append_token_
 from .ops.chunk_attention import chunk_attention
 from .ops.compact_kv import compact_kv, compact_kv_
@@ -200,14 +200,9 @@ class LayerKVCache:
         spec = [("k", dtype, shape + (D,)), ("v", dtype, shape + (D,)), ("modality", torch.uint8, shape),
                 ("time", torch.int32, shape), ("spatial", torch.int32, shape + (2,)), ("position", torch.int32, shape),
                 ("token_mass", torch.float32, shape), ("multiplicity", torch.float32, shape)]
-        sizes = [math.prod(s) * dt.itemsize for _, dt, s in spec]
         # one zeroed allocation carved into the buffers (one device operation, not eight): K/V zeroed so that
         # slots past a row's length stay finite, which the torch backend's masking needs
-        buf = torch.zeros(sum(_round_up(n, 16) for n in sizes), dtype=torch.uint8, device=device)
-        out, off = {}, 0
-        for (name, dt, s), n in zip(spec, sizes):
-            out[name] = buf[off:off + n].view(dt).view(s)
-            off += _round_up(n, 16)
+        out = carve(torch.zeros(carved_nbytes(spec), dtype=torch.uint8, device=device), spec)
         if not self.kernels_on(device):  # the fresh tail (see keeps_fresh_tail): no spatial position is (-1, -1)
             out["spatial"].fill_(-1)
         return out

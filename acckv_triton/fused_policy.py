@@ -38,7 +38,7 @@ import triton.language as tl
 from . import tuning  # noqa: F401  (sets TRITON_INTERPRET before any kernel is defined)
 from .config import AccKVConfig
 from .modality import NUM_MODALITIES
-from .ops._common import next_pow2
+from .ops._common import carve, carved_nbytes, next_pow2
 from .plan import CompactionPlan
 from .policy import POOLED_METHODS, LayerTokens, PolicyResult, head_shared_scores, recent_tokens
 
@@ -750,29 +750,6 @@ def _alloc(nbytes: int, device: torch.device) -> torch.Tensor:
     return torch.empty(nbytes, dtype=torch.uint8, device=device)
 
 
-def _carve(buf: torch.Tensor, spec):
-    """Views of one byte buffer: ``spec`` is a list of (name, dtype, shape); offsets aligned to 16 bytes."""
-    out, off = {}, 0
-    for name, dtype, shape in spec:
-        n = 1
-        for s in shape:
-            n *= s
-        nbytes = n * dtype.itemsize
-        out[name] = buf[off:off + nbytes].view(dtype).view(shape)
-        off += -(-nbytes // 16) * 16
-    return out
-
-
-def _nbytes(spec) -> int:
-    total = 0
-    for _, dtype, shape in spec:
-        n = 1
-        for s in shape:
-            n *= s
-        total += -(-n * dtype.itemsize // 16) * 16
-    return total
-
-
 def supports(cfg: AccKVConfig) -> bool:
     """Whether :func:`plan_layer_fused` runs ``cfg``: every method and switch but AccKV with adaptive head budgets
     (``head_budgets="adaptive"``), which :func:`acckv_triton.policy.plan_layer` runs."""
@@ -850,8 +827,8 @@ def plan_layer_fused(cfg: AccKVConfig, x: LayerTokens, layer: int = 0, num_layer
                 ("merged", i64, (B, H)), ("rho", f32, (B, NUM_MODALITIES)), ("prio", i64, (B,))]
     if has_merge_out:
         out_spec += [("mt", i32, (B, H, N)), ("mw", f32, (B, H, N))]
-    ws = _carve(_alloc(_nbytes(ws_spec), dev), ws_spec)
-    out = _carve(_alloc(_nbytes(out_spec), dev), out_spec)
+    ws = carve(_alloc(carved_nbytes(ws_spec), dev), ws_spec)
+    out = carve(_alloc(carved_nbytes(out_spec), dev), out_spec)
     mod = x.modality
     if mod.dtype != torch.uint8:
         raise TypeError(f"x.modality must be uint8 Modality ids on the fused path, got {mod.dtype}")

@@ -64,14 +64,14 @@ def test_the_reconstruction_pass_is_two_launches_and_its_compression_reads_back_
     assert not cache.awaiting_reconstruction and cache.store.capacity < N
 
 
-MAX_UPKEEP_OPS = 60
+MAX_UPKEEP_OPS = 50
 
 
 @pytest.mark.parametrize("method", [m for m in METHODS if m != "full"])
 def test_a_decode_time_upkeep_reads_nothing_back(method):
     """An upkeep (the policy and an in-place compaction, every slack + 1 decode steps) on the kernel path at 8k
     stored tokens: no host sync for any method, Ada-KV's capped rows included, and a bounded number of device
-    operations (the budget's growth reallocating the storage included)."""
+    operations (the budget's growth reallocating the storage included; 31-47 by method)."""
     n = 8192
     mod, tm, sp = _av_metadata(n, torch.device("cpu"))
     g = torch.Generator().manual_seed(1)

@@ -30,6 +30,22 @@ def next_pow2(x: int) -> int:
     return 1 << max(0, (x - 1).bit_length())
 
 
+def carved_nbytes(spec: Sequence[tuple[str, torch.dtype, tuple[int, ...]]]) -> int:
+    """The bytes :func:`carve` needs for ``spec`` (``(name, dtype, shape)`` entries, each 16-byte aligned)."""
+    return sum(-(-math.prod(shape) * dtype.itemsize // 16) * 16 for _, dtype, shape in spec)
+
+
+def carve(buf: torch.Tensor, spec: Sequence[tuple[str, torch.dtype, tuple[int, ...]]]) -> dict[str, torch.Tensor]:
+    """Views of one byte buffer (``uint8``, at least :func:`carved_nbytes` long) as the ``(name, dtype, shape)``
+    tensors of ``spec``, each starting on a 16-byte boundary: one allocation where there would be one per tensor."""
+    out, off = {}, 0
+    for name, dtype, shape in spec:
+        nbytes = math.prod(shape) * dtype.itemsize
+        out[name] = buf[off:off + nbytes].view(dtype).view(shape)
+        off += -(-nbytes // 16) * 16
+    return out
+
+
 def check_tensor(
     name: str,
     x,

@@ -62,7 +62,7 @@ import triton.language as tl
 
 from .. import tuning
 from . import _common
-from ._common import check_last_dim_contiguous, check_tensor, dtype_name, next_pow2
+from ._common import carve, carved_nbytes, check_last_dim_contiguous, check_tensor, dtype_name, next_pow2
 
 __all__ = ["compact_kv", "compact_kv_"]
 
@@ -535,7 +535,8 @@ def compact_kv_(
         ``k[b, h, j] = sum_{t in S_j} w_t k_old[t] / sum_{t in S_j} w_t`` (fp32 arithmetic, stored in the cache
         dtype; exactly ``k_old[keep[j]]`` without ``merge_target``), the same for v, the metadata as above, and
         ``lengths`` set to ``keep_lengths``. Entries at or beyond the new lengths are unspecified.
-        Race-free by construction: see the module docstring. Uses a scratch strip ``[B, Hkv, K, D]`` for K and V.
+        Race-free by construction: see the module docstring. Scratch: one allocation holding a ``[B, Hkv, K, D]``
+        strip each for K and V and a ``[B, Hkv, K]`` strip per metadata tensor.
 
     Raises:
         ValueError naming the argument for a wrong shape, device or stride, tensors that share written memory, or
@@ -550,14 +551,16 @@ def compact_kv_(
     if B * Hkv > 0 and K > 0:
         plan = _build_plan(lengths, keep, keep_lengths, merge_target, merge_weight, C)
         device = k_cache.device
-        # Metadata first: phase 1 of each into its own [B, Hkv, K] strip, then copied back (it never reads K/V).
-        for tensors, is_sum in ((token_data, False), (token_sums, True)):
-            for x in tensors:
-                strip = torch.empty((B, Hkv, K), dtype=x.dtype, device=device)
-                _compact_metadata(x, strip, plan, is_sum=is_sum)
-                x[:, :, :K].copy_(strip)
-        k_strip = torch.empty((B, Hkv, K, D), dtype=k_cache.dtype, device=device)
-        v_strip = torch.empty((B, Hkv, K, D), dtype=v_cache.dtype, device=device)
+        # every scratch strip from one allocation: K, V [B, Hkv, K, D] and one [B, Hkv, K] per metadata tensor
+        meta = [(x, False) for x in token_data] + [(x, True) for x in token_sums]
+        spec = [("k", k_cache.dtype, (B, Hkv, K, D)), ("v", v_cache.dtype, (B, Hkv, K, D))] + \
+            [(i, x.dtype, (B, Hkv, K)) for i, (x, _) in enumerate(meta)]
+        strips = carve(torch.empty(carved_nbytes(spec), dtype=torch.uint8, device=device), spec)
+        # Metadata first: phase 1 of each into its strip, then copied back (it never reads K/V).
+        for i, (x, is_sum) in enumerate(meta):
+            _compact_metadata(x, strips[i], plan, is_sum=is_sum)
+            x[:, :, :K].copy_(strips[i])
+        k_strip, v_strip = strips["k"], strips["v"]
         _phase1(k_cache, v_cache, k_strip, v_strip, plan, skip_unmoved=True)
         dummy = plan.keep
         _copy_back[lambda meta: (B * Hkv, triton.cdiv(K, meta["BLOCK_K"]))](
