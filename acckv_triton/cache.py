@@ -470,19 +470,21 @@ class LayerKVCache:
         buffers. None before the first append."""
         return self._storage_id
 
-    def select_rows(self, index: torch.Tensor) -> None:
-        """Keep the batch rows ``index`` (``[B']`` int64 on the cache's device, repeats allowed), in that order:
-        beam-search reordering, batch expansion (``num_return_sequences``) or selection. Every buffer, the lengths
-        and the token metadata move together; the storage is reallocated (the decode plans bound to it are dropped).
+    def select_rows(self, index) -> torch.Tensor | None:
+        """Keep the batch rows ``index`` (row ids, repeats allowed, or a bool mask: see :meth:`row_index`), in that
+        order: beam-search reordering, batch expansion (``num_return_sequences``) or selection. Every buffer, the
+        lengths and the token metadata move together; the storage is reallocated (the decode plans bound to it are
+        dropped). Returns the checked int64 row ids (None for an empty cache, which has nothing to move).
         """
         if self.k is None:
-            return
-        index = self.row_index(index)
+            return None
+        index = self.row_index(index)  # checked before anything moves
         fresh = {name: getattr(self, name).index_select(0, index) for name in ("k", "v", *_METADATA)}
         self._install(fresh)
         self.lengths = self.lengths.index_select(0, index)
         self._slot = self._slot.index_select(0, index)
         self._next_position = self._next_position.index_select(0, index)
+        return index
 
     def row_index(self, index) -> torch.Tensor:
         """``index`` as :meth:`select_rows` takes it, checked, as int64 row ids on the cache's device: ``[B']``
@@ -1113,13 +1115,12 @@ class BudgetedLayerCache:
         st = self.store
         st._min_length, st._max_length, st.seen, self._decoded, self._excess = counters
 
-    def select_rows(self, index: torch.Tensor) -> None:
+    def select_rows(self, index) -> None:
         """Keep the batch rows ``index`` (beam reordering, batch expansion or selection): storage, targets, prompt
         counts and padding marks move together (see :meth:`LayerKVCache.select_rows`)."""
-        if self.store.k is None:
+        index = self.store.select_rows(index)  # the checked row ids; None: an empty cache, nothing to move
+        if index is None:
             return
-        index = self.store.row_index(index)  # checked before anything moves
-        self.store.select_rows(index)
         if self.target is not None:
             index = index.to(self.target.device)
             self.target = self.target.index_select(0, index)
