@@ -838,7 +838,8 @@ class BudgetedLayerCache:
 
     def _evidence_rows(self, T: int, cfg: AccKVConfig) -> int:
         """How many of a chunk's last queries give evidence (``cfg.score_evidence``, resolved)."""
-        return {"window": min(cfg.window, T), "observed": T, "mean": T, "last": min(1, T),
+        T = max(T, 1)  # an empty chunk: nothing scores, but the kernel's window stays a count >= 1
+        return {"window": min(cfg.window, T), "observed": T, "mean": T, "last": 1,
                 "reconstruction": min(cfg.window, T)}[cfg.score_evidence]  # a later chunk: its window
 
     def prefill(self, k: torch.Tensor, v: torch.Tensor, *, scores: torch.Tensor, valid: torch.Tensor | None = None,
@@ -941,7 +942,7 @@ class BudgetedLayerCache:
             raise ValueError("reconstruct does not support a padded prompt (prefill got valid=...): prefill prompts "
                              "without padding for reconstruction evidence")
         S = self.store.max_length
-        out, res = self._attend_chunk(q, k, v, scale=scale, window=q.shape[2], reduce="max")
+        out, res = self._attend_chunk(q, k, v, scale=scale, window=max(q.shape[2], 1), reduce="max")
         torch.maximum(self.store.token_mass[:, :, :S], res.stored_mass, out=self.store.token_mass[:, :, :S])
         return out
 

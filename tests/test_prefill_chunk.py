@@ -35,3 +35,23 @@ def test_second_question_matches_across_backends():
     a, b = caches
     assert torch.equal(a.store.lengths, b.store.lengths) and a.store.seen == b.store.seen == 1224
     assert a.compressions == b.compressions == 2
+
+
+def test_an_empty_chunk_changes_nothing_and_an_empty_prompt_reconstructs():
+    """T = 0 (an empty follow-up, an empty prompt under KVzip) is a no-op on both backends, not a refusal of the
+    kernel's window count."""
+    first, (q, k, v) = _prompt(600, 0)
+    for backend in ("torch", "triton"):
+        for method in ("acckv", "snapkv", "tova"):
+            cache = BudgetedLayerCache(AccKVConfig(method=method, budget=0.25, backend=backend), 1, 4)
+            cache.prefill(**first)
+            before = [x.clone() for x in (cache.store.lengths, cache.store.token_mass, cache.store.k)]
+            out = cache.prefill_chunk(q, k, v)
+            assert out.shape == (1, 0, 4, 64)
+            after = (cache.store.lengths, cache.store.token_mass, cache.store.k)
+            assert all(torch.equal(x, y) for x, y in zip(before, after))
+        cache = BudgetedLayerCache(AccKVConfig(method="kvzip", budget=0.25, backend=backend), 1, 4)
+        cache.prefill(k, v, scores=torch.zeros(1, 2, 0, device=k.device))
+        assert cache.reconstruct(q, k, v).shape == (1, 0, 4, 64)
+        cache.end_reconstruction()
+        assert cache.store.lengths.tolist() == [[0, 0]]
