@@ -765,6 +765,7 @@ class BudgetedLayerCache:
         ``"reconstruction"``: zeros (the evidence comes from :meth:`reconstruct`, after :meth:`prefill`).
         Kernels where the cache runs them, their torch twins elsewhere. Pass the result to :meth:`prefill`.
         """
+        self._check_prompt_qk(q, k)
         T = k.shape[2]
         key_start = self._key_start(valid, k)
         cfg = self._resolve(audio_video)
@@ -819,6 +820,20 @@ class BudgetedLayerCache:
             res = torch_ops.observed_attention(q, k, v, scale=scale, key_start=key_start, return_lse=False,
                                                decay=decay, out=out.transpose(1, 2))
         return out, res.key_mass
+
+    @staticmethod
+    def _check_prompt_qk(q, k) -> None:
+        """Raise TypeError / ValueError unless ``q [B, Hq, T, D]`` and ``k [B, Hkv, T, D]`` are tensors of one prompt
+        (same B, T and D): the window's evidence slices q's last queries, so a q of another length would score
+        silently against the wrong keys."""
+        for name, x in (("q", q), ("k", k)):
+            if not isinstance(x, torch.Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+            if x.dim() != 4:
+                raise ValueError(f"{name} must be a [B, H, T, D] tensor, got shape {tuple(x.shape)}")
+        if (q.shape[0], q.shape[2], q.shape[3]) != (k.shape[0], k.shape[2], k.shape[3]):
+            raise ValueError(f"q must be [B, Hq, T, D] with B, T, D = {(k.shape[0], k.shape[2], k.shape[3])} like k "
+                             f"(the same prompt), got {tuple(q.shape)}")
 
     @staticmethod
     def _key_start(valid: torch.Tensor | None, k: torch.Tensor) -> torch.Tensor | None:

@@ -450,6 +450,23 @@ def test_plans_and_budgets_name_what_is_wrong():
             ak.BudgetedLayerCache(ak.AccKVConfig(), layer, num_layers)
 
 
+@pytest.mark.parametrize("evidence", ["window", "mean", "last"])
+def test_prompt_evidence_refuses_queries_of_another_prompt(evidence):
+    """The window's evidence slices q's last queries: a q whose length differs from k's used to score silently."""
+    cache = ak.BudgetedLayerCache(ak.AccKVConfig(evidence=evidence, backend="torch"))
+    B, Hq, Hkv, T, D = 1, 4, 2, 40, 16
+    k = torch.randn(B, Hkv, T, D, device=DEVICE)
+    assert cache.prompt_evidence(torch.randn(B, Hq, T, D, device=DEVICE), k).shape == (B, Hkv, T)
+    for q in (torch.randn(B, Hq, T + 5, D, device=DEVICE), torch.randn(B, Hq, T - 5, D, device=DEVICE),
+              torch.randn(B, Hq, T, D + 1, device=DEVICE), torch.randn(B + 1, Hq, T, D, device=DEVICE)):
+        with pytest.raises(ValueError, match=r"q must be \[B, Hq, T, D\] with B, T, D"):
+            cache.prompt_evidence(q, k)
+    with pytest.raises(ValueError, match=r"q must be a \[B, H, T, D\] tensor"):
+        cache.prompt_evidence(torch.randn(B, Hq, D, device=DEVICE), k)
+    with pytest.raises(TypeError, match="q must be a torch.Tensor"):
+        cache.prompt_evidence(None, k)
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_a_decode_token_with_a_bad_modality_id_is_refused_before_it_is_stored(backend):
     cache = ak.BudgetedLayerCache(ak.AccKVConfig(budget=0.5, backend=backend))
