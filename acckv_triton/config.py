@@ -276,4 +276,5 @@ class AccKVConfig:
         return out
 
     def as_dict(self) -> dict:
+        """Every field by name, in declaration order (the values as stored: numpy scalars already converted)."""
         return {f.name: getattr(self, f.name) for f in fields(self)}

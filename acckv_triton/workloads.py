@@ -179,6 +179,7 @@ class AVWorkload:
 
     @property
     def num_tokens(self) -> int:
+        """N, the number of prompt tokens (the length of ``modality``)."""
         return self.modality.numel()
 
     @property

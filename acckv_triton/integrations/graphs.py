@@ -60,10 +60,12 @@ class CudaGraph:
         self.graph = torch.cuda.CUDAGraph()
 
     def capture(self, fn: Callable[[], Any]) -> Any:
+        """Record ``fn()`` into the graph (under ``torch.cuda.graph``) and return what it returned."""
         with torch.cuda.graph(self.graph):
             return fn()
 
     def replay(self) -> None:
+        """Launch the recorded work again, on the buffers bound at capture."""
         self.graph.replay()
 
 

@@ -260,14 +260,19 @@ class AccKVLayer(CacheLayerMixin):
 
     @property
     def store(self):
+        """The layer's :class:`~acckv_triton.cache.LayerKVCache` (K, V, lengths, metadata)."""
         return self.budgeted.store
 
     # ---- transformers layer API
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """Record the dtype and device of the first ``key_states`` and mark the layer initialised; stores nothing."""
         self.dtype, self.device = key_states.dtype, key_states.device
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """transformers' cache update with a chunk's ``[B, Hkv, T, D]`` K/V. At budget 1.0: append and return the
+        whole stored K/V, as ``DynamicLayer`` does. Below it: stage the chunk for :meth:`attend` and return it
+        unchanged; RuntimeError if the previous chunk was never attended, ValueError if the model is not patched."""
         self._owner.forget_plain_steps()  # an eager step (or a capture) moves the counters itself
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
@@ -287,6 +292,7 @@ class AccKVLayer(CacheLayerMixin):
         return key_states, value_states
 
     def get_seq_length(self) -> int:
+        """Tokens seen (stored or evicted): where positions continue from."""
         return self.store.seen
 
     def _check_patched(self) -> None:
@@ -296,15 +302,19 @@ class AccKVLayer(CacheLayerMixin):
                              "apply_acckv(model, cfg) again, or start a new cache")
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        """``(kv_length, kv_offset)`` for transformers' mask: the longest stored row plus ``query_length``, and the
+        tokens seen beyond that row. Below budget 1.0 only a patched model may ask (ValueError otherwise)."""
         if not self.cfg.is_full:
             self._check_patched()
         stored = self.store.max_length
         return stored + query_length, self.store.seen - stored
 
     def get_max_length(self) -> int:
+        """-1: no fixed maximum length (the storage grows)."""
         return -1
 
     def reset(self) -> None:
+        """Drop everything stored: a fresh, empty :class:`~acckv_triton.cache.BudgetedLayerCache` for this layer."""
         self._owner.forget_plain_steps()
         self.budgeted = BudgetedLayerCache(self.cfg, self.budgeted.layer, self.budgeted.num_layers)
         self._staged = None
@@ -326,13 +336,16 @@ class AccKVLayer(CacheLayerMixin):
         self.store.crop_last(-tokens_to_remove)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Beam search: keep the batch rows ``beam_idx`` ``[B']`` in that order (storage reallocated)."""
         self._select_rows(beam_idx)
 
     def batch_repeat_interleave(self, repeats: int) -> None:
+        """Repeat each batch row ``repeats`` times in place (``num_return_sequences``, beam expansion)."""
         B = self.store.lengths.shape[0] if self.store.lengths is not None else 0
         self._select_rows(torch.arange(B, device=self.device).repeat_interleave(repeats))
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
+        """Keep the batch rows ``indices`` (row ids or a ``[B]`` bool mask, as :meth:`LayerKVCache.row_index`)."""
         self._select_rows(indices)
 
     def _select_rows(self, index: torch.Tensor) -> None:
@@ -801,9 +814,14 @@ def apply_acckv(model, cfg: AccKVConfig | None = None, *, decode_graphs: bool = 
             once per that many tokens.
 
     Raises:
+        TypeError: ``cfg`` not an :class:`~acckv_triton.AccKVConfig`, or ``decode_graphs`` not a bool.
         ValueError: unsupported model (the message names the supported ones), a model already patched, a layer kind
             other than full or sliding-window attention, logit soft-capping, bidirectional attention, or a budget
-            below 1.0 on a model whose every layer is sliding-window attention (nothing to compress).
+            below 1.0 on a model whose every layer is sliding-window attention (nothing to compress); with
+            reconstruction evidence (``method="kvzip"`` or ``evidence="reconstruction"``), a multimodal model or
+            sliding-window layers; with
+            ``decode_graphs``, budget 1.0, a multimodal model, sliding-window layers, ``dynamic``/``longrope`` RoPE
+            or a model spread over devices.
 
     Sliding-window layers (``config.layer_types``, e.g. Gemma 3's five in six, Qwen2's above ``max_window_layers``)
     keep transformers' own window cache and attention: the last ``window - 1`` tokens, uncompressed. AccKV
