@@ -765,7 +765,7 @@ class BudgetedLayerCache:
         ``"reconstruction"``: zeros (the evidence comes from :meth:`reconstruct`, after :meth:`prefill`).
         Kernels where the cache runs them, their torch twins elsewhere. Pass the result to :meth:`prefill`.
         """
-        self._check_prompt_qk(q, k)
+        self._check_q(q, k)
         T = k.shape[2]
         key_start = self._key_start(valid, k)
         cfg = self._resolve(audio_video)
@@ -822,18 +822,20 @@ class BudgetedLayerCache:
         return out, res.key_mass
 
     @staticmethod
-    def _check_prompt_qk(q, k) -> None:
+    def _check_q(q, k) -> None:
         """Raise TypeError / ValueError unless ``q [B, Hq, T, D]`` and ``k [B, Hkv, T, D]`` are tensors of one prompt
-        (same B, T and D): the window's evidence slices q's last queries, so a q of another length would score
-        silently against the wrong keys."""
-        for name, x in (("q", q), ("k", k)):
-            if not isinstance(x, torch.Tensor):
-                raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-            if x.dim() != 4:
-                raise ValueError(f"{name} must be a [B, H, T, D] tensor, got shape {tuple(x.shape)}")
-        if (q.shape[0], q.shape[2], q.shape[3]) != (k.shape[0], k.shape[2], k.shape[3]):
-            raise ValueError(f"q must be [B, Hq, T, D] with B, T, D = {(k.shape[0], k.shape[2], k.shape[3])} like k "
-                             f"(the same prompt), got {tuple(q.shape)}")
+        or chunk: same B, T, D, dtype and device (a window's evidence slices q's last queries, so a q of another
+        length would score silently against the wrong keys)."""
+        if not isinstance(k, torch.Tensor) or k.dim() != 4:
+            raise (ValueError if isinstance(k, torch.Tensor) else TypeError)(
+                f"k must be a [B, Hkv, T, D] tensor, got "
+                f"{tuple(k.shape) if isinstance(k, torch.Tensor) else type(k).__name__}")
+        if not isinstance(q, torch.Tensor) or q.dim() != 4 or (q.shape[0], q.shape[2], q.shape[3]) != \
+                (k.shape[0], k.shape[2], k.shape[3]) or q.dtype != k.dtype or q.device != k.device:
+            raise (ValueError if isinstance(q, torch.Tensor) else TypeError)(
+                f"q must be a [B, Hq, T, D] tensor with B, T, D = {(k.shape[0], k.shape[2], k.shape[3])} like k, "
+                f"{k.dtype} on {k.device}, got "
+                f"{(tuple(q.shape), q.dtype) if isinstance(q, torch.Tensor) else type(q).__name__}")
 
     @staticmethod
     def _key_start(valid: torch.Tensor | None, k: torch.Tensor) -> torch.Tensor | None:
@@ -966,11 +968,7 @@ class BudgetedLayerCache:
         its torch twin elsewhere): ``(out [B, T, Hq, D], ChunkAttention)``."""
         st = self.store
         st.check_kv(k, v)  # the chunk against the storage, and q against both: each named (the op names its own)
-        if not isinstance(q, torch.Tensor) or q.dim() != 4 or (q.shape[0], q.shape[2], q.shape[3]) != \
-                (k.shape[0], k.shape[2], k.shape[3]) or q.dtype != k.dtype or q.device != k.device:
-            raise ValueError(f"q must be a [B, Hq, T, D] tensor with B, T, D = {(k.shape[0], k.shape[2], k.shape[3])} "
-                             f"like k, {k.dtype} on {k.device}, got "
-                             f"{(tuple(q.shape), q.dtype) if isinstance(q, torch.Tensor) else type(q).__name__}")
+        self._check_q(q, k)
         B, Hq, T, D = q.shape
         S = st.max_length
         args = (st.k[:, :, :S], st.v[:, :, :S], st.lengths, k, v)

@@ -459,12 +459,14 @@ def test_prompt_evidence_refuses_queries_of_another_prompt(evidence):
     assert cache.prompt_evidence(torch.randn(B, Hq, T, D, device=DEVICE), k).shape == (B, Hkv, T)
     for q in (torch.randn(B, Hq, T + 5, D, device=DEVICE), torch.randn(B, Hq, T - 5, D, device=DEVICE),
               torch.randn(B, Hq, T, D + 1, device=DEVICE), torch.randn(B + 1, Hq, T, D, device=DEVICE)):
-        with pytest.raises(ValueError, match=r"q must be \[B, Hq, T, D\] with B, T, D"):
+        with pytest.raises(ValueError, match=r"q must be a \[B, Hq, T, D\] tensor with B, T, D = \(1, 40, 16\)"):
             cache.prompt_evidence(q, k)
-    with pytest.raises(ValueError, match=r"q must be a \[B, H, T, D\] tensor"):
+    with pytest.raises(ValueError, match=r"q must be a \[B, Hq, T, D\] tensor .* got \(\(1, 4, 16\)"):
         cache.prompt_evidence(torch.randn(B, Hq, D, device=DEVICE), k)
-    with pytest.raises(TypeError, match="q must be a torch.Tensor"):
+    with pytest.raises(TypeError, match=r"q must be a \[B, Hq, T, D\] tensor .* got NoneType"):
         cache.prompt_evidence(None, k)
+    with pytest.raises(TypeError, match=r"k must be a \[B, Hkv, T, D\] tensor, got list"):
+        cache.prompt_evidence(torch.randn(B, Hq, T, D, device=DEVICE), [1.0])
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
