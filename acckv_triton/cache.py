@@ -121,11 +121,11 @@ class LayerKVCache:
 
     def __init__(self, *, headroom: int = 64, growth: float = 1.5, align: int = 16, proportional: bool = False,
                  backend: str = "triton"):
-        if not (isinstance(headroom, int) and headroom >= 0):
+        if isinstance(headroom, bool) or not (isinstance(headroom, int) and headroom >= 0):
             raise ValueError(f"headroom must be an int >= 0, got {headroom!r}")
         if not (isinstance(growth, (int, float)) and math.isfinite(growth) and growth > 1):
             raise ValueError(f"growth must be a finite float > 1, got {growth!r}")
-        if not (isinstance(align, int) and align >= 1):
+        if isinstance(align, bool) or not (isinstance(align, int) and align >= 1):
             raise ValueError(f"align must be a positive int, got {align!r}")
         if backend not in ("triton", "torch", "auto"):
             raise ValueError(f"backend must be 'triton', 'torch' or 'auto', got {backend!r}")
@@ -865,7 +865,8 @@ class BudgetedLayerCache:
 
         Args:
             k, v: ``[B, Hkv, T, D]`` the chunk's keys (RoPE applied) and values.
-            scores: ``[B, Hkv, T]`` float32 attention mass of these tokens (:meth:`prompt_evidence`).
+            scores: ``[B, Hkv, T]`` real floating-point attention mass of these tokens (:meth:`prompt_evidence`;
+                stored as float32).
             valid: optional ``[B, T]`` or ``[B, Hkv, T]`` bool, False at left padding (never kept, not counted in
                 the budget).
             audio_video: as :meth:`prompt_evidence` took it (the evidence decides what the policy protects and
@@ -873,7 +874,9 @@ class BudgetedLayerCache:
             metadata: ``modality``, ``time``, ``spatial``, ``position`` and ``check_modality`` as
                 :meth:`LayerKVCache.append` takes them.
 
-        Afterwards the storage holds ``max(target) + slack + 1`` slots per row (rounded up to 16). With
+        Afterwards a compressed layer's storage holds ``max(target) + slack + 1`` slots per row (with ``decode_budget="all"``,
+        plus the budget's growth over ``decode_ahead`` more decoded tokens), rounded up to 16 (at budget 1.0 and ``method="full"`` nothing is
+        compressed and the storage grows as :meth:`LayerKVCache.append` grows it). With
         reconstruction evidence (``method="kvzip"``) a first prompt is stored whole and compressed by
         :meth:`end_reconstruction`, after :meth:`reconstruct` has scored it; a later chunk ranks by its window.
         """

@@ -101,6 +101,10 @@ def budget_tokens(cfg: AccKVConfig, n_valid, layer: int, num_layers: int):
     (``layer_budgets="pyramid"`` or ``method="pyramidkv"``) the unprotected part of the budget follows PyramidKV's
     arithmetic schedule over depth (:func:`_pyramid`); the mean over layers stays the uniform budget.
     """
+    if not (isinstance(num_layers, int) and isinstance(layer, int) and 0 <= layer < num_layers) \
+            or isinstance(layer, bool) or isinstance(num_layers, bool):
+        raise ValueError(f"layer must be an int in [0, num_layers) for an int num_layers >= 1, got layer={layer!r}, "
+                         f"num_layers={num_layers!r}")
     host = isinstance(n_valid, int) and not isinstance(n_valid, bool)
     if not host and not (isinstance(n_valid, torch.Tensor) and not n_valid.dtype.is_floating_point):
         raise TypeError(f"n_valid must be an int or an integer tensor of valid counts, got "

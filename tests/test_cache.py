@@ -439,6 +439,12 @@ def test_plans_and_budgets_name_what_is_wrong():
     with pytest.raises(TypeError, match="n_valid must be an int or an integer tensor"):
         budget_tokens(ak.AccKVConfig(budget=0.5), 100.0, 0, 1)
     assert budget_tokens(ak.AccKVConfig(budget=0.5), 100, 0, 1) == 50
+    for layer, num_layers in ((2, 2), (-1, 2), (0, 0), (True, 2), (0.0, 1)):  # pyramid budgets would extrapolate
+        with pytest.raises(ValueError, match=r"layer must be an int in \[0, num_layers\)"):
+            budget_tokens(ak.AccKVConfig(budget=0.5, layer_budgets="pyramid"), 100, layer, num_layers)
+    for name, bad in (("headroom", True), ("align", True), ("headroom", -1)):
+        with pytest.raises(ValueError, match=f"{name} must be"):
+            LayerKVCache(**{name: bad})
     cache, *_ = prefill(20)
     plan = random_plan(cache.lengths, 8, merge=False)
     bad = CompactionPlan(plan.keep, torch.full_like(plan.keep_lengths, -1))
