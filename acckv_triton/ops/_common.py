@@ -7,6 +7,7 @@ No kernels live here; each ``ops/<op>.py`` keeps its own story (docstring, kerne
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Sequence
 
 import torch
@@ -109,21 +110,32 @@ def check_kernel_device(name: str, device: torch.device) -> None:
         raise ValueError(f"{name} must be on a CUDA device (or run with TRITON_INTERPRET=1), got {device}")
 
 
+def _real(x) -> bool:
+    """Whether ``x`` is a real number (numpy's scalars included; bools, numpy's bool_ and tensors are not)."""
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
 def check_scale(scale, head_dim: int) -> float:
-    """The softmax scale: ``head_dim ** -0.5`` when None, else a finite number (ValueError otherwise, or for a
-    head dim below 1)."""
+    """The softmax scale: ``head_dim ** -0.5`` when None, else a finite real number, returned as a float (numpy's
+    scalars accepted). TypeError for anything else (a bool, a tensor, a string), ValueError for a non-finite
+    scale or a head dim below 1."""
     if head_dim < 1:
         raise ValueError(f"the head dim D (the last dim of q and k) must be >= 1, got {head_dim}")
     if scale is None:
         return head_dim**-0.5
-    if not (isinstance(scale, (int, float)) and math.isfinite(scale)):
+    if not _real(scale):
+        raise TypeError(f"scale must be a finite float (or None), got {type(scale).__name__} {scale!r}")
+    if not math.isfinite(scale):
         raise ValueError(f"scale must be a finite float, got {scale!r}")
     return float(scale)
 
 
 def check_decay(decay) -> float:
-    """A recency factor: a float in (0, 1] (ValueError naming ``decay`` otherwise)."""
-    if isinstance(decay, bool) or not (isinstance(decay, (int, float)) and 0.0 < decay <= 1.0):
+    """A recency factor: a real number in (0, 1], returned as a float (numpy's scalars accepted); TypeError naming
+    ``decay`` for anything else (a bool, a tensor, a string), ValueError outside (0, 1]."""
+    if not _real(decay):
+        raise TypeError(f"decay must be a float in (0, 1], got {type(decay).__name__} {decay!r}")
+    if not 0.0 < decay <= 1.0:
         raise ValueError(f"decay must be a float in (0, 1], got {decay!r}")
     return float(decay)
 

@@ -256,6 +256,12 @@ BAD = [
     pytest.param(lambda a: {"scale": float("nan")}, ValueError, "scale must be a finite float", id="scale-nan"),
     pytest.param(lambda a: {"num_splits": 0}, ValueError, "num_splits must be a positive int", id="splits-zero"),
     pytest.param(lambda a: {"decay": 1.01}, ValueError, "decay must be a float in", id="decay-above-1"),
+    pytest.param(lambda a: {"scale": "0.125"}, TypeError, "scale must be a finite float", id="scale-str"),
+    pytest.param(lambda a: {"scale": torch.tensor(0.125)}, TypeError, "scale must be a finite float",
+                 id="scale-tensor"),
+    pytest.param(lambda a: {"scale": True}, TypeError, "scale must be a finite float", id="scale-bool"),
+    pytest.param(lambda a: {"decay": "0.5"}, TypeError, "decay must be a float in", id="decay-str"),
+    pytest.param(lambda a: {"decay": True}, TypeError, "decay must be a float in", id="decay-bool"),
 ]
 
 
@@ -264,6 +270,15 @@ def _poke(x: torch.Tensor, value) -> torch.Tensor:
     x = x.clone()
     x[1, 1, 8] = value
     return x
+
+
+def test_numpy_scalars_are_taken_as_the_scale_and_decay():
+    """A scale or decay computed with numpy (np.float32, np.float64, ...) is a number like a Python float."""
+    np = pytest.importorskip("numpy")
+    args = _good()
+    ref = _call({**args, "token_mass": args["token_mass"].clone()}, scale=0.125, decay=0.5)
+    out = _call({**args, "token_mass": args["token_mass"].clone()}, scale=np.float32(0.125), decay=np.float32(0.5))
+    torch.testing.assert_close(out.out, ref.out, rtol=0, atol=0)
 
 
 def test_values_past_the_lengths_are_not_checked():

@@ -174,9 +174,11 @@ def test_bad_arguments_name_what_was_expected():
         observed_attention(q, k, v.transpose(-1, -2).contiguous().transpose(-1, -2))
     with pytest.raises(ValueError, match="out was given without v"):
         observed_attention(q, k, out=torch.empty_like(q))
-    for bad in (0.0, 1.5, float("nan"), True):
+    for bad in (0.0, 1.5, float("nan")):
         with pytest.raises(ValueError, match=r"decay must be a float in \(0, 1\]"):
             observed_attention(q, k, decay=bad)
+    with pytest.raises(TypeError, match=r"decay must be a float in \(0, 1\]"):  # a bool is not a number here
+        observed_attention(q, k, decay=True)
     with pytest.raises(TypeError, match="out must have dtype float32"):
         observed_attention(q, k, v, out=torch.empty_like(q, dtype=torch.float16))
     with pytest.raises(ValueError, match="out must have shape"):
