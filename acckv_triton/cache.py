@@ -765,7 +765,7 @@ class BudgetedLayerCache:
         ``"reconstruction"``: zeros (the evidence comes from :meth:`reconstruct`, after :meth:`prefill`).
         Kernels where the cache runs them, their torch twins elsewhere. Pass the result to :meth:`prefill`.
         """
-        self._check_q(q, k)
+        self._check_q(q, k, valid)
         T = k.shape[2]
         key_start = self._key_start(valid, k)
         cfg = self._resolve(audio_video)
@@ -809,6 +809,7 @@ class BudgetedLayerCache:
         if not self.reads_every_query(audio_video):
             raise ValueError(f"prompt_attention needs every-query evidence ('observed' or 'mean'); this layer's is "
                              f"{self._resolve(audio_video).score_evidence!r}: run the attention, then prompt_evidence")
+        self._check_q(q, k, valid)
         B, Hq, T, D = q.shape
         key_start = self._key_start(valid, k)
         decay = self._resolve(audio_video).mean_decay
@@ -822,10 +823,11 @@ class BudgetedLayerCache:
         return out, res.key_mass
 
     @staticmethod
-    def _check_q(q, k) -> None:
+    def _check_q(q, k, valid=None) -> None:
         """Raise TypeError / ValueError unless ``q [B, Hq, T, D]`` and ``k [B, Hkv, T, D]`` are tensors of one prompt
-        or chunk: same B, T, D, dtype and device (a window's evidence slices q's last queries, so a q of another
-        length would score silently against the wrong keys)."""
+        or chunk (same B, T, D, dtype and device: a window's evidence slices q's last queries, so a q of another
+        length would score silently against the wrong keys) and ``valid`` is None or a tensor (its shape is checked
+        where it is read)."""
         if not isinstance(k, torch.Tensor) or k.dim() != 4:
             raise (ValueError if isinstance(k, torch.Tensor) else TypeError)(
                 f"k must be a [B, Hkv, T, D] tensor, got "
@@ -836,6 +838,8 @@ class BudgetedLayerCache:
                 f"q must be a [B, Hq, T, D] tensor with B, T, D = {(k.shape[0], k.shape[2], k.shape[3])} like k, "
                 f"{k.dtype} on {k.device}, got "
                 f"{(tuple(q.shape), q.dtype) if isinstance(q, torch.Tensor) else type(q).__name__}")
+        if valid is not None and not isinstance(valid, torch.Tensor):
+            raise TypeError(f"valid must be None or a bool [B, T] tensor, got {type(valid).__name__}")
 
     @staticmethod
     def _key_start(valid: torch.Tensor | None, k: torch.Tensor) -> torch.Tensor | None:

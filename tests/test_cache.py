@@ -430,6 +430,24 @@ def test_a_rejected_decode_step_or_chunk_changes_nothing(backend):
     assert torch.equal(st.lengths, before[0] + 1) and st.seen == before[1] + 1
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_prompt_evidence_and_attention_name_a_bad_argument(backend):
+    """Not a tensor, or not rank 4: TypeError / ValueError naming q, k or valid (not an AttributeError or IndexError
+    from inside), and the layer stays unprefilled."""
+    cache = ak.BudgetedLayerCache(ak.AccKVConfig(budget=0.5, backend=backend))
+    q = torch.randn(B, 2 * HKV, 8, D, device=DEVICE)
+    k, v = rand_kv(8)
+    for call in (cache.prompt_evidence, lambda q, k, **kw: cache.prompt_attention(q, k, v, audio_video=False, **kw)):
+        for args, kw, error, message in (((q.tolist(), k), {}, TypeError, "q must be a"),
+                                         ((q, k.tolist()), {}, TypeError, "k must be a"),
+                                         ((q[0], k), {}, ValueError, "q must be a"),
+                                         ((q, k[0, 0]), {}, ValueError, "k must be a"),
+                                         ((q, k), dict(valid=[[True] * 8] * B), TypeError, "valid must be")):
+            with pytest.raises(error, match=message):
+                call(*args, **kw)
+    assert not cache.store.initialized
+
+
 def test_plans_and_budgets_name_what_is_wrong():
     with pytest.raises(TypeError, match="keep must be a torch.Tensor"):
         CompactionPlan([[0, 1]], torch.tensor([[2]]))
