@@ -84,7 +84,7 @@ def cost_rows(device: torch.device, dtype: torch.dtype, lengths: Iterable[int] =
         mod = modality.view(1, 1, n).expand(1, Hkv, n).contiguous()
         t_attn, backend = _sdpa_best(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True),
                                      timer)
-        t_scores = timer(lambda: window_scores(q[:, :, -window:], k, modality=mod))
+        t_scores = timer(lambda: window_scores(q[:, :, -window:], k, modality=mod, check_modality=False))
         scores = window_scores(q[:, :, -window:], k, modality=mod).scores
         x = LayerTokens(scores=scores, modality=mod, lengths=torch.full((1, Hkv), n, dtype=torch.int32, device=device),
                         time=time.view(1, 1, n).expand(1, Hkv, n).to(torch.int32), keys=k,

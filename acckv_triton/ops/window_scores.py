@@ -224,6 +224,7 @@ def window_scores(
     modality: torch.Tensor | None = None,
     lse: torch.Tensor | None = None,
     key_start: torch.Tensor | None = None,
+    check_modality: bool = True,
 ) -> WindowScores:
     """Observation-window scores of every cached token (Step 0 of docs/algorithm.md), without forming N x N.
 
@@ -238,6 +239,8 @@ def window_scores(
             from the prefill attention); without it a first pass computes it.
         key_start: optional ``[B]`` int32 or int64, ``0 <= key_start <= N``: keys ``t < key_start[b]`` are left padding,
             excluded from every softmax and scored 0.
+        check_modality: read ``modality`` back (one host sync) to check every id is below ``NUM_MODALITIES``; an
+            id out of range would add its token's mass to no modality. False trusts the ids (timed loops).
 
     Returns:
         ``WindowScores(scores [B, Hkv, N] float32, modality_mass [B, Hq, NUM_MODALITIES] float32 or None)`` with
@@ -247,9 +250,11 @@ def window_scores(
 
     Raises:
         TypeError / ValueError naming the argument for a wrong type, rank, shape, dtype, device or stride, a head
-        count not divisible, W outside ``[1, N]``, or key_start outside ``[0, N]``.
+        count not divisible, W outside ``[1, N]``, key_start outside ``[0, N]``, or (with ``check_modality``) a
+        modality id outside ``[0, NUM_MODALITIES)``.
     """
-    scale = check_args(q_window, k, scale=scale, modality=modality, lse=lse, key_start=key_start)
+    scale = check_args(q_window, k, scale=scale, modality=modality, lse=lse, key_start=key_start,
+                       check_modality=check_modality)
     device = q_window.device
     B, Hq, W, D = q_window.shape
     Hkv, N = k.shape[1], k.shape[2]
@@ -294,10 +299,11 @@ def window_scores(
 
 
 def check_args(q_window, k, *, scale=None, modality=None, lse=None, key_start=None,
-               kernel_device: bool = True) -> float:
+               kernel_device: bool = True, check_modality: bool = True) -> float:
     """Every check :func:`window_scores` runs before it launches; returns the softmax scale (``D ** -0.5`` for None).
 
-    Reads ``key_start`` on the host (its min and max: a sync) unless a CUDA graph is being captured.
+    Reads ``key_start`` (its min and max) and, with ``check_modality``, ``modality`` (its max) on the host, a sync
+    each, unless a CUDA graph is being captured.
     ``kernel_device=False`` accepts any device (the torch twin, :func:`acckv_triton.torch_ops.window_scores`).
     """
     device = _common.check_leading("q_window", q_window, dtypes=(torch.float16, torch.bfloat16, torch.float32),
@@ -315,6 +321,10 @@ def check_args(q_window, k, *, scale=None, modality=None, lse=None, key_start=No
     if modality is not None:
         check_tensor("modality", modality, rank=3, dtypes=(torch.uint8,), device=device, like="q_window")
         check_shape("modality", modality, (B, Hkv, N), "[B, Hkv, N]")
+        if check_modality and modality.numel() and not _common.is_capturing(device):  # unknown: its mass dropped
+            hi = int(modality.max())
+            if hi >= NUM_MODALITIES:
+                raise ValueError(f"modality must hold ids in [0, {NUM_MODALITIES}), got max {hi}")
     if lse is not None:
         check_tensor("lse", lse, rank=3, dtypes=(torch.float32,), device=device, like="q_window")
         check_shape("lse", lse, (B, Hq, W), "[B, Hq, W]")

@@ -157,6 +157,8 @@ def _bad(**overrides):
                      id="modality-dtype"),
         pytest.param(dict(modality=torch.zeros(2, 2, 15, dtype=torch.uint8)), ValueError, "modality must have shape",
                      id="modality-shape"),
+        pytest.param(dict(modality=torch.full((2, 2, 16), 4, dtype=torch.uint8)), ValueError,
+                     r"modality must hold ids in \[0, 4\)", id="modality-id-4"),
         pytest.param(dict(lse=torch.zeros(2, 4, 8, dtype=torch.float64)), TypeError, "lse must have dtype",
                      id="lse-dtype"),
         pytest.param(dict(lse=torch.zeros(2, 2, 8)), ValueError, r"lse must have shape \[B, Hq, W\]", id="lse-shape"),
@@ -171,6 +173,19 @@ def test_bad_inputs_name_the_argument(overrides, exc, match):
     args = _bad(**{name: (v.to(DEVICE) if isinstance(v, torch.Tensor) else v) for name, v in overrides.items()})
     with pytest.raises(exc, match=match):
         window_scores(args.pop("q_window"), args.pop("k"), **args)
+
+
+def test_a_modality_id_out_of_range_is_refused_unless_unchecked():
+    """An id >= NUM_MODALITIES matches no modality: its token's mass would vanish from modality_mass silently.
+    Checked by default (one host read); check_modality=False trusts the ids and scores the same."""
+    args = _bad(modality=torch.zeros(2, 2, 16, dtype=torch.uint8, device=DEVICE))
+    q, k = args.pop("q_window"), args.pop("k")
+    bad = args["modality"].clone()
+    bad[1, 0, 5] = 200
+    with pytest.raises(ValueError, match=r"modality must hold ids in \[0, 4\), got max 200"):
+        window_scores(q, k, modality=bad)
+    trusted = window_scores(q, k, modality=bad, check_modality=False)
+    torch.testing.assert_close(trusted.scores, window_scores(q, k, modality=args["modality"]).scores, rtol=0, atol=0)
 
 
 # ---------------------------------------------------------------------------------------------------------------
