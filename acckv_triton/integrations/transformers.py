@@ -422,6 +422,10 @@ class AccKVCache(Cache):
     def __init__(self, cfg: AccKVConfig, num_layers: int, *, model_config=None):
         if not isinstance(cfg, AccKVConfig):
             raise TypeError(f"cfg must be an AccKVConfig, got {type(cfg).__name__}")
+        if isinstance(num_layers, bool) or not isinstance(num_layers, int):
+            raise TypeError(f"num_layers must be an int, got {type(num_layers).__name__}")
+        if num_layers < 1:
+            raise ValueError(f"num_layers must be >= 1 (the model's decoder layers), got {num_layers}")
         kinds = [None] * num_layers if model_config is None else _model_layers(model_config)
         if len(kinds) != num_layers:
             raise ValueError(f"num_layers is {num_layers} but model_config describes {len(kinds)} cache layers")

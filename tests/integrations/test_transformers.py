@@ -282,6 +282,16 @@ def test_caches_the_patch_cannot_compress_are_refused_or_warned_about():
         model(input_ids=ids, past_key_values=cache)
 
 
+def test_a_hand_built_cache_names_a_bad_layer_count():
+    """AccKVCache(cfg, num_layers): a non-int or a count below 1 is named, not a 'can't multiply sequence' TypeError or
+    a complaint about a model_config that was never given."""
+    cfg = ak.AccKVConfig(budget=0.5)
+    for bad, error in (("2", TypeError), (2.0, TypeError), (True, TypeError), (0, ValueError), (-1, ValueError)):
+        with pytest.raises(error, match="num_layers must be"):
+            AccKVCache(cfg, bad)
+    assert len(AccKVCache(cfg, 2).layers) == 2
+
+
 def test_what_the_compressed_attention_cannot_honour_is_refused():
     """Below budget 1.0: an offloaded cache (transformers builds a DynamicCache for it, and the request would be
     lost), output_attentions (the fused attention returns no weights) and an attention implementation
