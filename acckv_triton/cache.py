@@ -37,6 +37,7 @@ from __future__ import annotations
 import functools
 import itertools
 import math
+import numbers
 
 import numpy as np
 import torch
@@ -121,15 +122,18 @@ class LayerKVCache:
 
     def __init__(self, *, headroom: int = 64, growth: float = 1.5, align: int = 16, proportional: bool = False,
                  backend: str = "triton"):
-        if isinstance(headroom, bool) or not (isinstance(headroom, int) and headroom >= 0):
+        for name, x, real in (("headroom", headroom, False), ("growth", growth, True), ("align", align, False)):
+            if isinstance(x, bool) or not isinstance(x, (numbers.Real if real else numbers.Integral)):
+                raise TypeError(f"{name} must be {'a real number' if real else 'an int'}, got {type(x).__name__}")
+        if headroom < 0:
             raise ValueError(f"headroom must be an int >= 0, got {headroom!r}")
-        if not (isinstance(growth, (int, float)) and math.isfinite(growth) and growth > 1):
+        if not (math.isfinite(growth) and growth > 1):
             raise ValueError(f"growth must be a finite float > 1, got {growth!r}")
-        if isinstance(align, bool) or not (isinstance(align, int) and align >= 1):
+        if align < 1:
             raise ValueError(f"align must be a positive int, got {align!r}")
         if backend not in ("triton", "torch", "auto"):
             raise ValueError(f"backend must be 'triton', 'torch' or 'auto', got {backend!r}")
-        self.headroom, self.growth, self.align = headroom, float(growth), align
+        self.headroom, self.growth, self.align = int(headroom), float(growth), int(align)
         self.proportional = bool(proportional)
         self.backend = backend
         self.k: torch.Tensor | None = None

@@ -4,6 +4,7 @@ from __future__ import annotations
 import gc
 import weakref
 
+import numpy as np
 import pytest
 import torch
 
@@ -460,9 +461,12 @@ def test_plans_and_budgets_name_what_is_wrong():
     for layer, num_layers in ((2, 2), (-1, 2), (0, 0), (True, 2), (0.0, 1)):  # pyramid budgets would extrapolate
         with pytest.raises(ValueError, match=r"layer must be an int in \[0, num_layers\)"):
             budget_tokens(ak.AccKVConfig(budget=0.5, layer_budgets="pyramid"), 100, layer, num_layers)
-    for name, bad in (("headroom", True), ("align", True), ("headroom", -1)):
-        with pytest.raises(ValueError, match=f"{name} must be"):
+    for name, bad, error in (("headroom", True, TypeError), ("align", True, TypeError), ("headroom", 2.0, TypeError),
+                             ("growth", "2", TypeError), ("headroom", -1, ValueError), ("growth", 1.0, ValueError),
+                             ("align", 0, ValueError)):
+        with pytest.raises(error, match=f"{name} must be"):
             LayerKVCache(**{name: bad})
+    assert LayerKVCache(headroom=np.int64(8), growth=np.float32(2)).headroom == 8
     cache, *_ = prefill(20)
     plan = random_plan(cache.lengths, 8, merge=False)
     bad = CompactionPlan(plan.keep, torch.full_like(plan.keep_lengths, -1))
