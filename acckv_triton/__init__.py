@@ -2,7 +2,8 @@
 
 Importing the package patches nothing and registers nothing global. The only side effect is the execution mode:
 with no CUDA device, ``TRITON_INTERPRET=1`` is set (unless already set) so kernels run on the CPU through
-Triton's interpreter; see :mod:`acckv_triton.tuning`.
+Triton's interpreter; see :mod:`acckv_triton.tuning`. (Under an interpreter that cannot run a loop bound, Triton 3.6
+with NumPy >= 2.4, that interpreter is made to: :mod:`acckv_triton._interpreter`.)
 """
 from . import tuning  # first: decides the execution mode before any kernel is defined
 from .modality import NUM_MODALITIES, Modality

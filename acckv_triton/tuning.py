@@ -5,6 +5,8 @@ Execution mode
     module sets ``TRITON_INTERPRET=1`` before any ``@triton.jit`` function is defined (the kernel modules import
     it first), unless the user already set the variable. ``INTERPRET`` tells the kernels which mode they are in,
     so they can upcast 16-bit loads (the interpreter stores bf16 as uint16 and silently corrupts its arithmetic).
+    Under the interpreter, where it cannot run a kernel's loop bound (Triton 3.6 with NumPy >= 2.4), it is made to:
+    see :mod:`acckv_triton._interpreter`.
 
 Config resolution, for a kernel launched at a given tuning key (dtype, head_dim, group size, flags; never a
 sequence length):
@@ -51,6 +53,11 @@ import triton  # noqa: E402  (must follow the environment set-up above)
 
 INTERPRET: bool = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 """True when kernels run through Triton's interpreter (no CUDA device, or the user asked for it)."""
+
+if INTERPRET:  # Triton 3.6's interpreter with NumPy >= 2.4 cannot run a loop bound; see acckv_triton._interpreter
+    from ._interpreter import ensure_loop_bounds
+
+    ensure_loop_bounds()
 
 __all__ = [
     "CONFIG_SPACES",

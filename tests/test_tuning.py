@@ -20,6 +20,35 @@ def test_interpreter_is_on_without_cuda():
         assert tuning.INTERPRET and os.environ["TRITON_INTERPRET"] == "1"
 
 
+@pytest.mark.skipif(not tuning.INTERPRET, reason="only the interpreter converts loop bounds in Python")
+def test_loop_bounds_run_under_an_interpreter_that_cannot_convert_them(monkeypatch):
+    """Triton 3.6's interpreter converts a loop bound with int() of a one-element array, which NumPy 2.4 refuses;
+    simulated here whatever Triton and NumPy run the tests: the probe fails, ensure_loop_bounds makes the kernels
+    run, and a kernel with loop bounds gives the reference's scores."""
+    from triton.runtime import interpreter
+
+    from acckv_triton import _interpreter, reference
+    from acckv_triton.ops import window_scores
+
+    current = interpreter._patch_lang_tensor
+
+    def strict_index(self):
+        if self.handle.data.ndim:
+            raise TypeError("only 0-dimensional arrays can be converted to Python scalars")
+        return int(self.handle.data)
+
+    def old_patch_lang_tensor(tensor, scope):
+        current(tensor, scope)
+        scope.set_attr(tensor, "__index__", strict_index)
+
+    monkeypatch.setattr(interpreter, "_patch_lang_tensor", old_patch_lang_tensor)
+    assert not _interpreter.loop_bounds_work()
+    assert _interpreter.ensure_loop_bounds()
+    q, k = torch.randn(1, 4, 3, 16, dtype=torch.float64), torch.randn(1, 2, 40, 16, dtype=torch.float64)
+    got, want = window_scores(q.float(), k.float()), reference.window_scores(q, k)
+    torch.testing.assert_close(got.scores.double(), want.scores.double(), atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("name,folder", [
     pytest.param("NVIDIA H100 80GB HBM3", "NVIDIA_H100_80GB_HBM3", id="h100"),
     pytest.param("  NVIDIA H200 ", "NVIDIA_H200", id="h200-spaces"),
