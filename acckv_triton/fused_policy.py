@@ -55,6 +55,22 @@ its free budget beyond the floor (what it gives to its sequence's pool), 30 its 
 _S_BAD = 26
 
 
+def _f64_bits(x: float) -> int:
+    """``x`` as the int64 that holds its float64 bits, for a kernel argument used in float64 arithmetic.
+
+    A Python float kernel argument is not float64 in a kernel: compiled, Triton types it fp32 (0.2 arrives as
+    0.2000000030); under Triton 3.6's interpreter it becomes an fp32 constant where it meets a float64 block; only
+    Triton 3.9's interpreter keeps it exact. Thresholds and weights compared with the float64 reference's must arrive
+    exactly, so they travel as their bits and :func:`_f64` reads them back."""
+    return struct.unpack("<q", struct.pack("<d", float(x)))[0]
+
+
+@triton.jit
+def _f64(bits):
+    """The float64 whose bits :func:`_f64_bits` packed, exactly (an int32 argument when the bits fit one)."""
+    return bits.to(tl.int64).to(tl.float64, bitcast=True)
+
+
 @triton.jit
 def _max_combine(a, b):
     return tl.maximum(a, b)
@@ -345,13 +361,15 @@ def _level(rank, valid, mod, has_av, n_valid, t, WIN, win_base, inb, SINK, WINDO
 @triton.jit
 def _groups_kernel(
     MOD, sMb, sMh, KEYS, sKb, sKh, sKt, RAW, RANK, SRANK, SHAT, SCORE, GMASS, CAND, ISREP, REP, KEYF,
-    SKEY, SIDX, GID, BEST, GS, GM, GR, STATS, RHO, PRIO, N, H, D, theta_a, theta_v, MAXG, gamma, rho_min,
-    redundancy_min,
+    SKEY, SIDX, GID, BEST, GS, GM, GR, STATS, RHO, PRIO, N, H, D, theta_a_bits, theta_v_bits, MAXG, gamma_bits,
+    rho_min_bits, redundancy_min_bits,
     MERGE: tl.constexpr, FREES: tl.constexpr, FOCUSING: tl.constexpr, GAMMA_ONE: tl.constexpr,
     VIDEO_PRIOR: tl.constexpr, NSTAT: tl.constexpr, BLOCK: tl.constexpr, BLOCK_G: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
     r, b, h, row, st = _row(STATS, N, H, NSTAT)
+    theta_a, theta_v, gamma = _f64(theta_a_bits), _f64(theta_v_bits), _f64(gamma_bits)
+    rho_min, redundancy_min = _f64(rho_min_bits), _f64(redundancy_min_bits)
     m4 = tl.arange(0, 4)
     # ---- Step 1 (focusing): shares of the AV modalities present, the priority modality, this row's budgets ----
     n_b = _batch_vec4(STATS, b, H, 0, NSTAT)
@@ -499,7 +517,7 @@ def _groups_kernel(
 @triton.jit
 def _consume_kernel(
     MOD, sMb, sMh, TIME, sTb, sTh, RAW, RANK, SHAT, SCORE, GMASS, CAND, ISREP, REP, KEPT, KEYF, SVAL, SIDX,
-    BINM, HASP, STATS, PRIO, KEEP, KEEP_LEN, MT, MW, KPM, MERGED, N, H, K, time_bin, lam,
+    BINM, HASP, STATS, PRIO, KEEP, KEEP_LEN, MT, MW, KPM, MERGED, N, H, K, time_bin, lam_bits,
     SORTED: tl.constexpr, PER_MOD: tl.constexpr, BUDGET: tl.constexpr, AFTER: tl.constexpr,
     ALIGN: tl.constexpr, MERGES: tl.constexpr, WEIGHTS: tl.constexpr, NSTAT: tl.constexpr, BLOCK: tl.constexpr,
 ):
@@ -571,7 +589,7 @@ def _consume_kernel(
                 bins = tl.minimum(tl.maximum(tm - t0, 0) // time_bin, N - 1)
                 share = tl.where(total > 0, tl.load(BINM + row + bins, mask=inb, other=0.0) / tl.maximum(total, 1e-12),
                                  0.0)
-                factor = tl.maximum(1.0 + lam * (n_bins_f * share - 1.0), 0.0)
+                factor = tl.maximum(1.0 + _f64(lam_bits) * (n_bins_f * share - 1.0), 0.0)
                 factor = tl.where(valid & is_l & ((tl.zeros_like(share) + total) > 0), factor, 1.0).to(tl.float32)
                 score = score * factor
                 tl.store(SCORE + row + t, score, mask=inb)
@@ -638,7 +656,7 @@ def _ada_pool_kernel(SVAL, POOL, TARGET, sTgb, sTgh, STATS, N, H, max_keep, floo
     """Ada-KV, per row: its floor and cap (see ``policy._adaptive_targets``) and the candidates it offers its
     sequence's pool: ``POOL[row, p]`` = the row's p-th best candidate score where floor <= p < cap, else -inf."""
     r, b, h, row, st = _row(STATS, N, H, NSTAT)
-    ada_floor = floor_bits.to(tl.int64).to(tl.float64, bitcast=True)  # the host's float64 fraction, exactly
+    ada_floor = _f64(floor_bits)  # the host's float64 fraction, exactly
     free0 = tl.load(st + 22)
     protected = tl.load(st + 23) - free0
     requested = tl.load(TARGET + b * sTgb + h * sTgh).to(tl.float64)
@@ -886,7 +904,7 @@ def plan_layer_fused(cfg: AccKVConfig, x: LayerTokens, layer: int = 0, num_layer
     emit = (ws["raw"], ws["rank"], ws["shat"], ws["score"], ws["gmass"], ws["cand"], ws["isrep"], ws["rep"],
             ws["kept"], ws["keyf"], ws["sval"], ws["sidx"], ws.get("gs", ws["raw"]), ws["hasp"], ws["stats"],
             out["prio"], out["keep"], out["keep_len"], out.get("mt", out["keep"]), out.get("mw", ws["raw"]),
-            out["kpm"], out["merged"], N, H, K, cfg.time_bin, cfg.align_lambda)
+            out["kpm"], out["merged"], N, H, K, cfg.time_bin, _f64_bits(cfg.align_lambda))
     t_args = (time, *_strides3(time, "x.time"))
     m_args = (mod, *_strides3(mod, "x.modality"))
 
@@ -901,7 +919,8 @@ def plan_layer_fused(cfg: AccKVConfig, x: LayerTokens, layer: int = 0, num_layer
             *m_args, *k_args, ws["raw"], ws["rank"], ws["srank"], ws["shat"], ws["score"], ws["gmass"], ws["cand"],
             ws["isrep"], ws["rep"], ws["keyf"], ws.get("skey", ws["sidx"]), ws["sidx"], ws["hasp"],
             ws.get("best", ws["sidx"]), ws["gs"], ws["gm"], ws["gr"], ws["stats"], out["rho"], out["prio"], N, H, D,
-            cfg.theta_audio, cfg.theta_video, cfg.max_group, float(cfg.gamma), cfg.rho_min, float(cfg.redundancy_min),
+            _f64_bits(cfg.theta_audio), _f64_bits(cfg.theta_video), cfg.max_group, _f64_bits(cfg.gamma),
+            _f64_bits(cfg.rho_min), _f64_bits(cfg.redundancy_min),
             MERGE=merge, FREES=cfg.merge_frees_budget, FOCUSING=cfg.focusing, GAMMA_ONE=cfg.gamma == 1.0,
             VIDEO_PRIOR=video_prior, BLOCK_G=64 if D > 64 else 128, BLOCK_D=next_pow2(D), **common)
         align = cfg.cross_align and x.time is not None
@@ -922,7 +941,7 @@ def plan_layer_fused(cfg: AccKVConfig, x: LayerTokens, layer: int = 0, num_layer
             sort_keys(ws["keyf"])
         if adaptive:  # Ada-KV: each row's free budget becomes its floor plus what it wins of its sequence's pool
             _ada_pool_kernel[grid](ws["sval"], ws["pool"], target, target.stride(0), target.stride(1), ws["stats"],
-                                   N, H, max_keep, struct.unpack("<q", struct.pack("<d", cfg.ada_floor))[0], **common)
+                                   N, H, max_keep, _f64_bits(cfg.ada_floor), **common)
             torch.sort(ws["pool"].view(B, H * N), dim=-1, descending=True, stable=True,
                        out=(ws["pool_v"], ws["pool_i"]))
             _ada_share_kernel[grid](ws["pool_i"], ws["stats"], N, H, **common)
