@@ -882,10 +882,10 @@ class BudgetedLayerCache:
             metadata: ``modality``, ``time``, ``spatial``, ``position`` and ``check_modality`` as
                 :meth:`LayerKVCache.append` takes them.
 
-        Afterwards a compressed layer's storage holds ``max(target) + slack + 1`` slots per row (with ``decode_budget="all"``,
-        plus the budget's growth over ``decode_ahead`` more decoded tokens), rounded up to 16 (at budget 1.0 and ``method="full"`` nothing is
-        compressed and the storage grows as :meth:`LayerKVCache.append` grows it). With
-        reconstruction evidence (``method="kvzip"``) a first prompt is stored whole and compressed by
+        Afterwards a compressed layer's storage holds ``max(target) + slack + 1`` slots per row (with
+        ``decode_budget="all"``, plus the budget's growth over ``decode_ahead`` more decoded tokens), rounded up to 16;
+        at budget 1.0 and ``method="full"`` nothing is compressed and the storage grows as :meth:`LayerKVCache.append`
+        grows it. With reconstruction evidence (``method="kvzip"``) a first prompt is stored whole and compressed by
         :meth:`end_reconstruction`, after :meth:`reconstruct` has scored it; a later chunk ranks by its window.
         """
         self._check_not_awaiting("prefill")
