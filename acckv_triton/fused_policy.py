@@ -67,8 +67,11 @@ def _f64_bits(x: float) -> int:
 
 @triton.jit
 def _f64(bits):
-    """The float64 whose bits :func:`_f64_bits` packed, exactly (an int32 argument when the bits fit one)."""
-    return bits.to(tl.int64).to(tl.float64, bitcast=True)
+    """The float64 whose bits :func:`_f64_bits` packed, exactly. Compiled, Triton types an int argument by its
+    value: int32 when the bits fit one (0.0 and the smallest denormals; sign-extended here, exact since those bits
+    are >= 0), int64 otherwise, and a constexpr where they equal 1 (5e-324), which has no ``.to``: ``tl.cast``
+    takes all three."""
+    return tl.cast(tl.cast(bits, tl.int64), tl.float64, bitcast=True)
 
 
 @triton.jit

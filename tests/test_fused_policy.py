@@ -6,10 +6,16 @@ poisoned (every byte 0xFF: NaN floats, -1 ints) so any element the kernels leave
 """
 from __future__ import annotations
 
+import os
 import struct
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from acckv_triton import fused_policy, reference, workloads
 from acckv_triton.bench.av import layer_inputs, workload_to
@@ -142,6 +148,61 @@ def test_float64_parameters_reach_the_kernels_exactly(cfg, layer, fp32_float_arg
     GPU makes of a float argument (with rho_min passed as a float, 0.2 became 0.2000000030 and moved a share by an
     ulp; Triton 3.6's interpreter showed it, 3.9's keeps float arguments exact)."""
     assert_same(cfg.replace(budget=0.2), tokens(layer), layer=layer)
+
+
+# every float64 parameter's range admits these: 0.0 and 5e-324 have bits that Triton types i32 and specializes
+# as a constexpr 1 when compiled; -0.0's are INT64_MIN
+F64_EDGES = [0.0, -0.0, 1.0, -1.0, 0.2, 0.9, 5e-324, -5e-324, 1e-320, 2.2250738585072014e-308,
+             1.7976931348623157e308]
+
+
+@triton.jit
+def _read_f64(OUT, bits):
+    tl.store(OUT, fused_policy._f64(bits))
+
+
+def test_f64_reads_back_every_float_exactly():
+    """_f64(_f64_bits(x)) is x, bit for bit, whatever Triton types the bits as (here: the interpreter; on a GPU run
+    of the tests, the compiled kernel)."""
+    for x in F64_EDGES:
+        out = torch.full((1,), 7.0, dtype=torch.float64, device=DEVICE)
+        _read_f64[(1,)](out, fused_policy._f64_bits(x))
+        assert struct.pack("<d", out.item()) == struct.pack("<d", x), x
+
+
+_COMPILE_F64 = """
+import os, sys, torch, triton, triton.language as tl
+from tests.gpu_compile_check import install_compile_only_driver
+reason = install_compile_only_driver(90)
+if reason:
+    print("SKIP", reason); sys.exit(0)
+from acckv_triton import fused_policy
+
+@triton.jit
+def _read_f64(OUT, bits):
+    tl.store(OUT, fused_policy._f64(bits))
+
+out = torch.empty(1, dtype=torch.float64)
+for x in %r:
+    _read_f64.warmup(out, fused_policy._f64_bits(x), grid=(1,))  # specialized as a launch would be, compiled only
+print("OK")
+"""
+
+
+def test_f64_compiles_for_every_typing_of_its_bits(tmp_path):
+    """Compiled (for sm_90, no GPU needed), Triton types an int argument by its value: the bits of 0.0 and of tiny
+    denormals are i32, and those of 5e-324 (== 1) a constexpr 1, which has no ``.to``: rho_min=5e-324 (or any
+    float64 parameter at that value, each admits it) failed to compile."""
+    script = tmp_path / "compile_f64.py"  # a file: @triton.jit reads its kernel's source
+    script.write_text(_COMPILE_F64 % (F64_EDGES,))
+    root = Path(__file__).resolve().parent.parent
+    path = os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))
+    env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=path)
+    done = subprocess.run([sys.executable, str(script)], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=300)
+    if done.stdout.startswith("SKIP"):
+        pytest.skip(done.stdout.strip())
+    assert done.returncode == 0 and done.stdout.strip().endswith("OK"), done.stderr[-3000:]
 
 
 @pytest.mark.parametrize("cfg", METHOD_CFGS)
