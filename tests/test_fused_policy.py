@@ -6,6 +6,7 @@ poisoned (every byte 0xFF: NaN floats, -1 ints) so any element the kernels leave
 """
 from __future__ import annotations
 
+import inspect
 import os
 import struct
 import subprocess
@@ -148,6 +149,45 @@ def test_float64_parameters_reach_the_kernels_exactly(cfg, layer, fp32_float_arg
     GPU makes of a float argument (with rho_min passed as a float, 0.2 became 0.2000000030 and moved a share by an
     ulp; Triton 3.6's interpreter showed it, 3.9's keeps float arguments exact)."""
     assert_same(cfg.replace(budget=0.2), tokens(layer), layer=layer)
+
+
+def test_every_float64_parameter_travels_as_its_bits(monkeypatch):
+    """Each threshold and weight the kernels use in float64 reaches its kernel as the bits of the config's value, at
+    the parameter that reads it; no kernel argument is a Python float but the pool lift (fp32 in both policies). The
+    rounding fixture above shows a float only where the data moves a result by its fp32 ulp (rho_min and gamma do
+    here; theta_audio, theta_video, redundancy_min, align_lambda and ada_floor passed as floats went unnoticed)."""
+    launches = []
+
+    class Spy:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                names = list(inspect.signature(self.kernel.fn).parameters)
+                launches.append((self.kernel.fn.__name__, dict(zip(names, args))))
+                return self.kernel[grid](*args, **kwargs)
+            return launch
+
+    for name, value in list(vars(fused_policy).items()):
+        if name.endswith("_kernel"):
+            monkeypatch.setattr(fused_policy, name, Spy(value))
+    acckv = AccKVConfig(budget=0.2, theta_audio=0.91, theta_video=0.93, gamma=0.7, rho_min=0.11,
+                        redundancy_min=0.07, align_lambda=0.3)
+    adakv = AccKVConfig(budget=0.2, method="adakv", ada_floor=0.3, align_lambda=0.3)
+    assert_same(acckv, tokens(1))
+    assert_same(adakv, tokens(1))
+    want = {("_groups_kernel", "theta_a_bits"): 0.91, ("_groups_kernel", "theta_v_bits"): 0.93,
+            ("_groups_kernel", "gamma_bits"): 0.7, ("_groups_kernel", "rho_min_bits"): 0.11,
+            ("_groups_kernel", "redundancy_min_bits"): 0.07, ("_consume_kernel", "lam_bits"): 0.3,
+            ("_ada_pool_kernel", "floor_bits"): 0.3}
+    got = {}
+    for kernel, args in launches:
+        for name, value in args.items():
+            assert type(value) is not float or (kernel, name) == ("_evidence_kernel", "lift"), (kernel, name, value)
+            if name.endswith("_bits"):
+                got[kernel, name] = struct.unpack("<d", struct.pack("<q", value))[0]
+    assert got == want
 
 
 # every float64 parameter's range admits these: 0.0 and 5e-324 have bits that Triton types i32 and specializes
