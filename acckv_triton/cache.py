@@ -55,7 +55,7 @@ from .ops.observed_attention import observed_attention
 from .ops.window_scores import window_scores
 from .plan import CompactionPlan
 from .fused_policy import plan_layer_fused
-from .policy import LayerTokens, PolicyResult, budget_tokens, plan_layer
+from .policy import LayerTokens, PolicyResult, budget_tokens, check_layer, plan_layer
 from .reference import query_weight_sum
 
 __all__ = ["BudgetedLayerCache", "LayerKVCache"]
@@ -723,11 +723,7 @@ class BudgetedLayerCache:
     def __init__(self, cfg: AccKVConfig, layer: int = 0, num_layers: int = 1):
         if not isinstance(cfg, AccKVConfig):
             raise TypeError(f"cfg must be an AccKVConfig, got {type(cfg).__name__}")
-        for name, x in (("layer", layer), ("num_layers", num_layers)):
-            if isinstance(x, bool) or not isinstance(x, int):
-                raise TypeError(f"{name} must be an int, got {type(x).__name__}")
-        if not (0 <= layer < num_layers):
-            raise ValueError(f"layer must lie in [0, num_layers={num_layers}), got {layer}")
+        check_layer(layer, num_layers)
         self.cfg, self.layer, self.num_layers = cfg, layer, num_layers
         self.store = LayerKVCache(headroom=cfg.slack, proportional=cfg.uses_multiplicity, backend=cfg.backend)
         self.target: torch.Tensor | None = None

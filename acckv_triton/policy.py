@@ -93,6 +93,18 @@ class PolicyResult(NamedTuple):
     merged: torch.Tensor  # [B, Hkv] int64 evicted tokens merged into a kept slot
 
 
+def check_layer(layer, num_layers) -> None:
+    """Raise unless ``layer`` and ``num_layers`` are ints (not bools) with ``0 <= layer < num_layers``: TypeError
+    naming the one of a wrong type, ValueError naming ``num_layers`` below 1, else ``layer`` outside the range."""
+    for name, x in (("layer", layer), ("num_layers", num_layers)):
+        if isinstance(x, bool) or not isinstance(x, int):
+            raise TypeError(f"{name} must be an int, got {type(x).__name__}")
+    if num_layers < 1:
+        raise ValueError(f"num_layers must be an int >= 1, got {num_layers}")
+    if not 0 <= layer < num_layers:
+        raise ValueError(f"layer must be an int in [0, num_layers) = [0, {num_layers}), got {layer}")
+
+
 def budget_tokens(cfg: AccKVConfig, n_valid, layer: int, num_layers: int):
     """Tokens kept per row for ``layer``: the budget applied to each row's valid count ``n_valid``.
 
@@ -100,11 +112,12 @@ def budget_tokens(cfg: AccKVConfig, n_valid, layer: int, num_layers: int):
     double-precision arithmetic: the host's bound on every row's target, no device read). With pyramid layer budgets
     (``layer_budgets="pyramid"`` or ``method="pyramidkv"``) the unprotected part of the budget follows PyramidKV's
     arithmetic schedule over depth (:func:`_pyramid`); the mean over layers stays the uniform budget.
+
+    Raises TypeError for an ``n_valid``, ``layer`` or ``num_layers`` of the wrong type, ValueError for
+    ``num_layers < 1`` or ``layer`` outside ``[0, num_layers)`` (:func:`check_layer`).
     """
-    if not (isinstance(num_layers, int) and isinstance(layer, int) and 0 <= layer < num_layers) \
-            or isinstance(layer, bool) or isinstance(num_layers, bool):
-        raise ValueError(f"layer must be an int in [0, num_layers) for an int num_layers >= 1, got layer={layer!r}, "
-                         f"num_layers={num_layers!r}")
+    if type(layer) is not int or type(num_layers) is not int or not 0 <= layer < num_layers:  # a decode step's
+        check_layer(layer, num_layers)  # host bound comes here: the full check only where the fast one fails
     host = isinstance(n_valid, int) and not isinstance(n_valid, bool)
     if not host and not (isinstance(n_valid, torch.Tensor) and not n_valid.dtype.is_floating_point):
         raise TypeError(f"n_valid must be an int or an integer tensor of valid counts, got "

@@ -458,9 +458,18 @@ def test_plans_and_budgets_name_what_is_wrong():
     with pytest.raises(TypeError, match="n_valid must be an int or an integer tensor"):
         budget_tokens(ak.AccKVConfig(budget=0.5), 100.0, 0, 1)
     assert budget_tokens(ak.AccKVConfig(budget=0.5), 100, 0, 1) == 50
-    for layer, num_layers in ((2, 2), (-1, 2), (0, 0), (True, 2), (0.0, 1)):  # pyramid budgets would extrapolate
-        with pytest.raises(ValueError, match=r"layer must be an int in \[0, num_layers\)"):
+    for layer, num_layers, error, message in (  # pyramid budgets would extrapolate; each names what is wrong
+            (2, 2, ValueError, r"layer must be an int in \[0, num_layers\) = \[0, 2\), got 2"),
+            (-1, 2, ValueError, r"layer must be an int in \[0, num_layers\)"),
+            (0, 0, ValueError, "num_layers must be an int >= 1, got 0"),
+            (True, 2, TypeError, "layer must be an int, got bool"),
+            (0.0, 1, TypeError, "layer must be an int, got float"),
+            (0, 2.0, TypeError, "num_layers must be an int, got float"),
+            (0, True, TypeError, "num_layers must be an int, got bool")):
+        with pytest.raises(error, match=message):
             budget_tokens(ak.AccKVConfig(budget=0.5, layer_budgets="pyramid"), 100, layer, num_layers)
+        with pytest.raises(error, match=message):  # the cache runs the same check
+            ak.BudgetedLayerCache(ak.AccKVConfig(), layer, num_layers)
     for name, bad, error in (("headroom", True, TypeError), ("align", True, TypeError), ("headroom", 2.0, TypeError),
                              ("growth", "2", TypeError), ("headroom", -1, ValueError), ("growth", 1.0, ValueError),
                              ("align", 0, ValueError)):
