@@ -741,6 +741,7 @@ class BudgetedLayerCache:
         self._excess = 0  # bound on max over rows of (stored - target), on the host: upkeep is due past cfg.slack
         self._longest = 0  # the host's bound on the longest row after the latest compression
         self.awaiting_reconstruction = False  # reconstruction evidence: the first prompt is stored, not compressed
+        self._broad: tuple[torch.Tensor, torch.Tensor] | None = None  # (broad [B], shared [B, T]): cfg.broad_entropy
 
     @property
     def reads_mass(self) -> bool:
@@ -764,18 +765,23 @@ class BudgetedLayerCache:
         T x T); the mean is taken when the layer is compressed, over the queries that saw each token by then;
         ``"reconstruction"``: zeros (the evidence comes from :meth:`reconstruct`, after :meth:`prefill`).
         Kernels where the cache runs them, their torch twins elsewhere. Pass the result to :meth:`prefill`.
+        With ``cfg.broad_entropy`` and the mean as evidence it also stashes which rows are broad, as
+        :meth:`prompt_attention` does.
         """
         self._check_q(q, k, valid)
         T = k.shape[2]
         key_start = self._key_start(valid, k)
         cfg = self._resolve(audio_video)
         self._evidence_av = audio_video  # what the next prefill's policy follows unless it is told otherwise
+        self._broad = None
         if cfg.score_evidence == "reconstruction" or T == 0:  # (an empty prompt: no query, no evidence)
             return torch.zeros(k.shape[:3], dtype=torch.float32, device=k.device)
         if self.reads_every_query(audio_video):  # the mean divides by the queries at compression time
             op = observed_attention if self.store.kernels_on(q.device) else \
                 functools.partial(torch_ops.observed_attention, return_lse=False)
-            return op(q, k, scale=scale, key_start=key_start, decay=cfg.mean_decay).key_mass
+            mass = op(q, k, scale=scale, key_start=key_start, decay=cfg.mean_decay).key_mass
+            self._stash_broad(q, k, scale, key_start, cfg)
+            return mass
         W = self._evidence_rows(T, cfg)
         op = window_scores if self.store.kernels_on(q.device) else torch_ops.window_scores
         return op(q[:, :, T - W:], k, scale=scale, key_start=key_start).scores
@@ -802,6 +808,11 @@ class BudgetedLayerCache:
             ``(out, scores)``: ``out [B, T, Hq, D]`` in q's dtype (transformers' layout; 0 at a padded query) and the
             ``[B, Hkv, T]`` float32 scores to pass to :meth:`prefill`.
 
+        With ``cfg.broad_entropy`` and the mean as evidence it also computes, from q's last position and k, which
+        rows' last query attends broadly and that query's head-shared attention (a few device ops, no sync); the
+        next :meth:`prefill`'s compression ranks those rows by it (the returned scores and the stored token mass
+        stay the every-query mass).
+
         Raises:
             ValueError when the evidence is not every query's (:meth:`reads_every_query`) or ``valid`` has the wrong
             shape.
@@ -814,13 +825,40 @@ class BudgetedLayerCache:
         key_start = self._key_start(valid, k)
         decay = self._resolve(audio_video).mean_decay
         self._evidence_av = audio_video
+        self._broad = None
         out = torch.empty(B, T, Hq, D, dtype=q.dtype, device=q.device)  # written straight into transformers' layout
         if self.store.kernels_on(q.device):
             res = observed_attention(q, k, v, scale=scale, key_start=key_start, out=out.transpose(1, 2), decay=decay)
         else:
             res = torch_ops.observed_attention(q, k, v, scale=scale, key_start=key_start, return_lse=False,
                                                decay=decay, out=out.transpose(1, 2))
+        self._stash_broad(q, k, scale, key_start, self._resolve(audio_video))
         return out, res.key_mass
+
+    def _stash_broad(self, q: torch.Tensor, k: torch.Tensor, scale: float | None, key_start: torch.Tensor | None,
+                     cfg: AccKVConfig) -> None:
+        """``cfg.broad_entropy`` on a first prompt ranked by the every-query mean: stash ``(broad [B] bool, shared
+        [B, T] float32)`` for the next prefill's compression, else nothing. ``shared`` is the last query's attention
+        (float32, keys before ``key_start`` masked) averaged over all the layer's query heads; ``broad`` marks the
+        rows whose entropy of it (nats, mean over the query heads) exceeds ``broad_entropy x ln(valid keys)`` (a row
+        with fewer than 2 valid keys never is). Torch ops on the device, nothing read back."""
+        frac, T = cfg.broad_entropy, k.shape[2]
+        if frac is None or cfg.score_evidence != "mean" or T == 0:
+            return
+        B, Hkv, _, D = k.shape
+        ql = q[:, :, -1].float().view(B, Hkv, q.shape[1] // Hkv, D)
+        logits = ql @ k.float().transpose(-1, -2) * (D ** -0.5 if scale is None else scale)  # [B, Hkv, G, T]
+        if key_start is None:
+            n = torch.full((B,), float(T), device=k.device)
+        else:
+            key_start = key_start.to(k.device).long()
+            pad = torch.arange(T, device=k.device) < key_start[:, None]  # [B, T]
+            logits = logits.masked_fill(pad[:, None, None], -math.inf)
+            n = (T - key_start).float()
+        p = torch.softmax(logits, -1)
+        entropy = torch.special.entr(p).sum(-1).mean((1, 2))  # [B] nats
+        broad = (entropy > frac * n.clamp(min=1.0).log()) & (n >= 2)
+        self._broad = (broad, p.mean((1, 2)))
 
     @staticmethod
     def _check_q(q, k, valid=None) -> None:
@@ -907,6 +945,8 @@ class BudgetedLayerCache:
         mass = scores.float() if valid_rows is None else torch.where(valid_rows, scores.float(), 0.0)
         st = self.store
         first = st.k is None
+        if not first:  # the broad-row stash ranks a first prompt only (a later chunk, a second question: dropped)
+            self._broad = None
         defer = first and self.cfg.score_evidence == "reconstruction" and not self.cfg.is_full
         chunk_max = T + self._decoded  # tokens decoded since the last prefill become part of the prompt
         prompt_max = self._prompt_max + chunk_max
@@ -1148,6 +1188,8 @@ class BudgetedLayerCache:
             self.prompt_tokens = self.prompt_tokens.index_select(0, index)
         if self._valid is not None:
             self._valid = self._valid.index_select(0, index.to(self._valid.device))
+        if self._broad is not None:
+            self._broad = tuple(x.index_select(0, index.to(x.device)) for x in self._broad)
         self.last = None  # the latest plan described the old rows
 
     def _capacity_for(self, target_max: int, seen: int) -> int:
@@ -1193,9 +1235,13 @@ class BudgetedLayerCache:
         layer get different lengths: a prefill reads the longest row back (one sync) to size the storage, and an
         upkeep caps every row at the room the storage has (nothing read back). The kernel backend runs the fused
         policy (AccKV with adaptive head budgets: the torch policy), the torch backend ``policy.plan_layer``.
+        A prefill's compression (``upkeep=False``) ranks the rows :meth:`prompt_attention` / :meth:`prompt_evidence`
+        found broad (``cfg.broad_entropy``) by their last query's head-shared attention; any compression clears
+        that stash.
         """
         st = self.store
         cfg = self.policy_cfg
+        broad, self._broad = self._broad, None  # consumed (or dropped) by any compression
         if cfg.is_full or st.k is None:
             return
         if upkeep and cfg.decode_budget == "all":  # the budget of every token seen so far
@@ -1211,6 +1257,9 @@ class BudgetedLayerCache:
                                                cfg.mean_decay)
         if cfg.ranks_by_value:  # evidence x ||v||: a token that is attended but adds little to the output ranks lower
             scores = scores * st.v[:, :, :w].float().norm(dim=-1)
+        if broad is not None and not upkeep and cfg.score_evidence == "mean" and broad[1].shape == (st.k.shape[0], w):
+            # cfg.broad_entropy: a broad row's first compression ranks by its last query's head-shared attention
+            scores = torch.where(broad[0][:, None, None], broad[1][:, None, :w], scores)
         x = LayerTokens(
             scores=scores, modality=st.modality[:, :, :w], lengths=st.lengths,
             time=st.time[:, :, :w], keys=st.k[:, :, :w], spatial=st.spatial[:, :, :w],

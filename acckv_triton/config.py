@@ -39,6 +39,7 @@ _RULES = {
     "evidence": (EVIDENCE, True, None, None),
     "value_aware": (bool, True, None, None),
     "recency": (float, True, lambda x: x > 0.0, "a finite number of tokens > 0"),
+    "broad_entropy": (float, True, lambda x: 0.0 < x <= 1.0, "a number in (0, 1]"),
     "protect_positions": (bool, False, None, None),
     "protect_sinks": (bool, True, None, None),
     "head_budgets": (("uniform", "adaptive"), False, None, None),
@@ -102,6 +103,12 @@ class AccKVConfig:
     #   attention each token receives). None: every query weighs alike. Read only by the "mean" evidence. Opt-in:
     #   on real weights τ = 256 lowered the KL at 50% and 25% by 17-63% on three texts and doubled it on a fourth,
     #   whose continuation copies a table from far back in the prompt (benchmarks/NOTES.md)
+    broad_entropy: float | None = None  # AccKV on the every-query mean: a sequence whose last prompt query's
+    #   attention entropy (nats, mean over the layer's query heads) exceeds broad_entropy x ln(valid keys) ranks its
+    #   first prefill compression by that query's attention averaged over the layer's query heads (the same in every
+    #   kv head); protections, the stored token_mass and decode-time evidence unchanged. None: off. Opt-in: 0.7
+    #   lowered the KL in all six real-weight cells measured (SmolLM2: only layer 0 is broad), but the real-weight
+    #   tables have not been re-run with it (benchmarks/results/cpu-2026-12-07/code50-diagnosis/)
     protect_positions: bool = True  # keep the S sinks and R recent tokens whatever their evidence (in the methods
     #   that protect them: AccKV, H2O, KVzip, StreamingLLM); False: they rank by their evidence like any token.
     #   On AccKV's every-query mean False lowered the decode KL in 10 of 12 real-weight cells but lost top-1 in the
@@ -197,6 +204,9 @@ class AccKVConfig:
         if self.protect_sinks and not self.protect_positions:
             raise ValueError("protect_sinks=True keeps the sinks by position, which protect_positions=False turns off; "
                              "leave protect_sinks None (or False), or set protect_positions=True")
+        if self.broad_entropy is not None and self.method != "acckv":
+            raise ValueError(f"broad_entropy applies to method='acckv' only (its every-query mean evidence), got "
+                             f"method={self.method!r}; leave broad_entropy None")
         if self.method == "tova" and self.head_budgets == "adaptive":
             raise ValueError("head_budgets='adaptive' does not apply to method='tova': TOVA keeps the same tokens in "
                              "every head of a layer (one selection from the heads' mean); use head_budgets='uniform'")
