@@ -88,21 +88,41 @@ def row(model, ctx, cont, full, variant: str, budget: float) -> dict:
                 kl=kl.mean().item(), kept=kept, kl_pos=[round(x, 6) for x in kl.tolist()])
 
 
-def main():
-    texts, budgets, out, variants = sys.argv[1].split(","), [float(b) for b in sys.argv[2].split(",")], sys.argv[3], \
-        sys.argv[4].split(";")
+def run(texts, budgets, out: str, modes, make_row) -> None:
+    """For each text, budget and mode: ``make_row(model, ctx, cont, full, budget, mode)`` (a row dict), printed and
+    appended to ``out`` (JSON, rows already there kept)."""
     torch.set_num_threads(1)
     model, tok = realmodel.load_smollm2()
     rows = json.load(open(out)) if os.path.exists(out) else []
     for name in texts:
         ctx, cont, full = reference(model, tok, TEXTS[name]())
         for budget in budgets:
-            for v in variants:
-                r = {"text": name, **row(model, ctx, cont, full, v, budget)}
+            for mode in modes:
+                r = {"text": name, **make_row(model, ctx, cont, full, budget, mode)}
                 rows.append(r)
-                print(name, budget, v, round(r["top1"], 4), round(r["kl"], 5), flush=True)
+                print(name, budget, mode, round(r["top1"], 4), round(r["kl"], 5), r.get("switched", ""), flush=True)
                 with open(out, "w") as f:
                     json.dump(rows, f, indent=0)
+
+
+def switch_rows(on: list, switched: list, frac: float):
+    """``make_row`` for the rule scripts: plain AccKV for mode "acckv", else with ``on[0]`` set (their patch's
+    switch), recording the layers the patch appended to ``switched``."""
+    def make_row(model, ctx, cont, full, budget, mode):
+        on[0] = mode != "acckv"
+        switched.clear()
+        try:
+            r = row(model, ctx, cont, full, "acckv", budget)
+        finally:
+            on[0] = False
+        return {**r, "variant": mode, "switched": sorted(set(switched)), "frac": frac}
+    return make_row
+
+
+def main():
+    texts, budgets, out, variants = sys.argv[1].split(","), [float(b) for b in sys.argv[2].split(",")], sys.argv[3], \
+        sys.argv[4].split(";")
+    run(texts, budgets, out, variants, lambda model, ctx, cont, full, budget, v: row(model, ctx, cont, full, v, budget))
 
 
 if __name__ == "__main__":

@@ -12,14 +12,12 @@ Rows "acckv" (plain, same run) and "broad->tova"; each rule row lists the layers
 patching BudgetedLayerCache.prompt_attention (AccKV's one-pass prompt attention on text): after the attention
 and its every-query evidence, the last query's entropy is measured; above the threshold the layer's config becomes
 TOVA's (same budget) and its scores the last query's attention (torch_ops.window_scores over that one query)."""
-import json
 import math
-import os
 import sys
 
 import torch
 
-from layermix import TEXTS, reference, row
+from layermix import run, switch_rows
 
 from acckv_triton import cache as cache_mod, torch_ops
 
@@ -54,25 +52,8 @@ cache_mod.BudgetedLayerCache.prompt_attention = prompt_attention
 
 
 def main():
-    from acckv_triton.bench import realmodel
-
     texts, budgets, out = sys.argv[1].split(","), [float(b) for b in sys.argv[2].split(",")], sys.argv[3]
-    torch.set_num_threads(1)
-    model, tok = realmodel.load_smollm2()
-    rows = json.load(open(out)) if os.path.exists(out) else []
-    for name in texts:
-        ctx, cont, full = reference(model, tok, TEXTS[name]())
-        for budget in budgets:
-            for mode in MODES:
-                ON[0] = mode != "acckv"
-                SWITCHED.clear()
-                r = {"text": name, **row(model, ctx, cont, full, "acckv", budget), "variant": mode,
-                     "switched": sorted(set(SWITCHED)), "frac": FRAC}
-                ON[0] = False
-                rows.append(r)
-                print(name, budget, mode, round(r["top1"], 4), round(r["kl"], 5), r["switched"], flush=True)
-                with open(out, "w") as f:
-                    json.dump(rows, f, indent=0)
+    run(texts, budgets, out, MODES, switch_rows(ON, SWITCHED, FRAC))
 
 
 if __name__ == "__main__":

@@ -6,7 +6,6 @@ default decode budget ("all"). Plain AccKV rows in the same run.
 
     python rule_inside.py TEXT[,TEXT] BUDGET[,BUDGET] OUT.json [FRAC=0.7]
 """
-import json
 import math
 import os
 import sys
@@ -14,7 +13,7 @@ import sys
 import torch
 
 import layermix
-from layermix import TEXTS, reference, row
+from layermix import run, switch_rows
 
 from acckv_triton import AccKVConfig, cache as cache_mod
 
@@ -50,25 +49,8 @@ patch_compress("    x = LayerTokens(\n        scores=scores,",  # compress's sou
 
 
 def main():
-    from acckv_triton.bench import realmodel
-
     texts, budgets, out = sys.argv[1].split(","), [float(b) for b in sys.argv[2].split(",")], sys.argv[3]
-    torch.set_num_threads(1)
-    model, tok = realmodel.load_smollm2()
-    rows = json.load(open(out)) if os.path.exists(out) else []
-    for name in texts:
-        ctx, cont, full = reference(model, tok, TEXTS[name]())
-        for budget in budgets:
-            for mode in ("acckv", "broad->last-shared"):
-                ON[0] = mode != "acckv"
-                SWITCHED.clear()
-                r = {"text": name, **row(model, ctx, cont, full, "acckv", budget), "variant": mode,
-                     "switched": sorted(set(SWITCHED)), "frac": FRAC}
-                ON[0] = False
-                rows.append(r)
-                print(name, budget, mode, round(r["top1"], 4), round(r["kl"], 5), r["switched"], flush=True)
-                with open(out, "w") as f:
-                    json.dump(rows, f, indent=0)
+    run(texts, budgets, out, ("acckv", "broad->last-shared"), switch_rows(ON, SWITCHED, FRAC))
 
 
 if __name__ == "__main__":
