@@ -741,7 +741,7 @@ class BudgetedLayerCache:
         self._excess = 0  # bound on max over rows of (stored - target), on the host: upkeep is due past cfg.slack
         self._longest = 0  # the host's bound on the longest row after the latest compression
         self.awaiting_reconstruction = False  # reconstruction evidence: the first prompt is stored, not compressed
-        self._broad: tuple[torch.Tensor, torch.Tensor] | None = None  # (broad [B], shared [B, T]): cfg.broad_entropy
+        self._broad: tuple[torch.Tensor, torch.Tensor] | None = None  # (broad [B], shared [B, T]): cfg.broad_threshold
 
     @property
     def reads_mass(self) -> bool:
@@ -765,8 +765,8 @@ class BudgetedLayerCache:
         T x T); the mean is taken when the layer is compressed, over the queries that saw each token by then;
         ``"reconstruction"``: zeros (the evidence comes from :meth:`reconstruct`, after :meth:`prefill`).
         Kernels where the cache runs them, their torch twins elsewhere. Pass the result to :meth:`prefill`.
-        With ``cfg.broad_entropy`` and the mean as evidence it also stashes which rows are broad, as
-        :meth:`prompt_attention` does.
+        With the mean as evidence (and ``cfg.broad_threshold`` on, its default there) it also stashes which rows are
+        broad, as :meth:`prompt_attention` does.
         """
         self._check_q(q, k, valid)
         T = k.shape[2]
@@ -808,10 +808,10 @@ class BudgetedLayerCache:
             ``(out, scores)``: ``out [B, T, Hq, D]`` in q's dtype (transformers' layout; 0 at a padded query) and the
             ``[B, Hkv, T]`` float32 scores to pass to :meth:`prefill`.
 
-        With ``cfg.broad_entropy`` and the mean as evidence it also computes, from q's last position and k, which
-        rows' last query attends broadly and that query's head-shared attention (a few device ops, no sync); the
-        next :meth:`prefill`'s compression ranks those rows by it (the returned scores and the stored token mass
-        stay the every-query mass).
+        With the mean as evidence (and ``cfg.broad_threshold`` on, its default there) it also computes, from q's last
+        position and k, which rows' last query attends broadly and that query's head-shared attention (a few device
+        ops, no sync); the next :meth:`prefill`'s compression ranks those rows by it (the returned scores and the
+        stored token mass stay the every-query mass).
 
         Raises:
             ValueError when the evidence is not every query's (:meth:`reads_every_query`) or ``valid`` has the wrong
@@ -837,13 +837,13 @@ class BudgetedLayerCache:
 
     def _stash_broad(self, q: torch.Tensor, k: torch.Tensor, scale: float | None, key_start: torch.Tensor | None,
                      cfg: AccKVConfig) -> None:
-        """``cfg.broad_entropy`` on a first prompt ranked by the every-query mean: stash ``(broad [B] bool, shared
+        """``cfg.broad_threshold`` on a first prompt ranked by the every-query mean: stash ``(broad [B] bool, shared
         [B, T] float32)`` for the next prefill's compression, else nothing. ``shared`` is the last query's attention
         (float32, keys before ``key_start`` masked) averaged over all the layer's query heads; ``broad`` marks the
-        rows whose entropy of it (nats, mean over the query heads) exceeds ``broad_entropy x ln(valid keys)`` (a row
+        rows whose entropy of it (nats, mean over the query heads) exceeds ``broad_threshold x ln(valid keys)`` (a row
         with fewer than 2 valid keys never is). Torch ops on the device, nothing read back."""
-        frac, T = cfg.broad_entropy, k.shape[2]
-        if frac is None or cfg.score_evidence != "mean" or T == 0:
+        frac, T = cfg.broad_threshold, k.shape[2]
+        if frac is None or T == 0:
             return
         B, Hkv, _, D = k.shape
         ql = q[:, :, -1].float().view(B, Hkv, q.shape[1] // Hkv, D)
@@ -947,6 +947,9 @@ class BudgetedLayerCache:
         first = st.k is None
         if not first:  # the broad-row stash ranks a first prompt only (a later chunk, a second question: dropped)
             self._broad = None
+        elif self._broad is not None and tuple(self._broad[1].shape) != (B, T):
+            raise ValueError(f"k holds a prompt of {(B, T)} (batch, tokens), but the last prompt_attention / "
+                             f"prompt_evidence scored {tuple(self._broad[1].shape)}: pass that call's prompt")
         defer = first and self.cfg.score_evidence == "reconstruction" and not self.cfg.is_full
         chunk_max = T + self._decoded  # tokens decoded since the last prefill become part of the prompt
         prompt_max = self._prompt_max + chunk_max
@@ -1236,7 +1239,7 @@ class BudgetedLayerCache:
         upkeep caps every row at the room the storage has (nothing read back). The kernel backend runs the fused
         policy (AccKV with adaptive head budgets: the torch policy), the torch backend ``policy.plan_layer``.
         A prefill's compression (``upkeep=False``) ranks the rows :meth:`prompt_attention` / :meth:`prompt_evidence`
-        found broad (``cfg.broad_entropy``) by their last query's head-shared attention; any compression clears
+        found broad (``cfg.broad_threshold``) by their last query's head-shared attention; any compression clears
         that stash.
         """
         st = self.store
@@ -1258,7 +1261,7 @@ class BudgetedLayerCache:
         if cfg.ranks_by_value:  # evidence x ||v||: a token that is attended but adds little to the output ranks lower
             scores = scores * st.v[:, :, :w].float().norm(dim=-1)
         if broad is not None and not upkeep and cfg.score_evidence == "mean" and broad[1].shape == (st.k.shape[0], w):
-            # cfg.broad_entropy: a broad row's first compression ranks by its last query's head-shared attention
+            # cfg.broad_threshold: a broad row's first compression ranks by its last query's head-shared attention
             scores = torch.where(broad[0][:, None, None], broad[1][:, None, :w], scores)
         x = LayerTokens(
             scores=scores, modality=st.modality[:, :, :w], lengths=st.lengths,

@@ -10,6 +10,7 @@ __all__ = ["AccKVConfig", "EVIDENCE", "METHODS"]
 
 METHODS = ("acckv", "snapkv", "h2o", "tova", "streaming", "pyramidkv", "adakv", "lookm", "kvzip", "full")
 EVIDENCE = ("auto", "window", "observed", "mean", "last", "reconstruction")
+BROAD_ENTROPY = 0.7  # broad_entropy's default on AccKV's every-query mean (chosen on real weights, see the field)
 _METHOD_EVIDENCE = {"acckv": "auto", "h2o": "observed", "tova": "last",  # each paper's own; the rest: the window
                     "kvzip": "reconstruction"}
 
@@ -103,12 +104,13 @@ class AccKVConfig:
     #   attention each token receives). None: every query weighs alike. Read only by the "mean" evidence. Opt-in:
     #   on real weights τ = 256 lowered the KL at 50% and 25% by 17-63% on three texts and doubled it on a fourth,
     #   whose continuation copies a table from far back in the prompt (benchmarks/NOTES.md)
-    broad_entropy: float | None = None  # AccKV on the every-query mean: a sequence whose last prompt query's
-    #   attention entropy (nats, mean over the layer's query heads) exceeds broad_entropy x ln(valid keys) ranks its
-    #   first prefill compression by that query's attention averaged over the layer's query heads (the same in every
-    #   kv head); protections, the stored token_mass and decode-time evidence unchanged. None: off. Opt-in: 0.7
-    #   lowered the KL in all six real-weight cells measured (SmolLM2: only layer 0 is broad), but the real-weight
-    #   tables have not been re-run with it (benchmarks/results/cpu-2026-12-07/code50-diagnosis/)
+    broad_entropy: float | None = None  # f: AccKV on the every-query mean: a sequence whose last prompt query's
+    #   attention entropy (nats, mean over the layer's query heads) exceeds f x ln(valid keys) ranks its first
+    #   prefill compression by that query's attention averaged over the layer's query heads (the same in every kv
+    #   head); protections, the stored token_mass and decode-time evidence unchanged. None: 0.7 where AccKV ranks
+    #   by every query's mean (its text evidence), off elsewhere; 1.0: off (no entropy exceeds ln n). On real
+    #   weights 0.7 lowered the KL in all six cells of the real suite (SmolLM2: only layer 0 is broad;
+    #   benchmarks/NOTES.md, benchmarks/results/cpu-2026-12-07/code50-diagnosis/)
     protect_positions: bool = True  # keep the S sinks and R recent tokens whatever their evidence (in the methods
     #   that protect them: AccKV, H2O, KVzip, StreamingLLM); False: they rank by their evidence like any token.
     #   On AccKV's every-query mean False lowered the decode KL in 10 of 12 real-weight cells but lost top-1 in the
@@ -249,6 +251,16 @@ class AccKVConfig:
         if self.protect_sinks is not None:
             return self.protect_sinks
         return not (self.method == "acckv" and self.score_evidence == "mean")
+
+    @property
+    def broad_threshold(self) -> float | None:
+        """The fraction f of ``ln(valid keys)`` above which a row's last-query entropy counts as broad
+        (``broad_entropy``): ``broad_entropy``, or when it is None 0.7 where AccKV ranks by every query's mean; None
+        where the rule is off (another method or evidence, or f = 1.0). ``"auto"`` evidence must be resolved first."""
+        if self.method != "acckv" or self.score_evidence != "mean":
+            return None
+        f = BROAD_ENTROPY if self.broad_entropy is None else self.broad_entropy
+        return None if f >= 1.0 else f
 
     @property
     def mean_decay(self) -> float:

@@ -1,6 +1,7 @@
 """``AccKVConfig.broad_entropy``: a row whose last prompt query attends almost uniformly ranks its first prefill
 compression by that query's attention averaged over the layer's query heads, instead of the every-query mean
-(benchmarks/results/cpu-2026-12-07/code50-diagnosis/, rule_inside.py); computed on the device, no host sync."""
+(benchmarks/results/cpu-2026-12-07/code50-diagnosis/, rule_inside.py); computed on the device, no host sync. On by
+default (0.7) where AccKV ranks by the mean; 1.0 turns it off."""
 from __future__ import annotations
 
 import math
@@ -63,7 +64,7 @@ def test_a_broad_row_ranks_by_the_last_query_and_a_peaked_row_is_unchanged(backe
     assert broad.tolist() == [True, False] and entropy[0] == pytest.approx(math.log(T)) and entropy[1] < 1.0
     torch.testing.assert_close(shared.double(), want, atol=1e-6, rtol=1e-5)
 
-    plain, none = _run(cfg.replace(broad_entropy=None), q, k, v)
+    plain, none = _run(cfg.replace(broad_entropy=1.0), q, k, v)
     assert none is None
     assert _kept(cache)[1] == _kept(plain)[1]  # the peaked row: as without the feature
     # the broad row: what the policy keeps when given the shared last-query scores (the same in both kv heads)
@@ -93,10 +94,20 @@ def test_the_backends_keep_the_same_tokens():
     assert torch.equal(caches[0].store.lengths.cpu(), caches[1].store.lengths.cpu())
 
 
-def test_off_by_default_and_off_the_mean():
+def test_on_by_default_on_the_mean_only_and_off_at_one():
     q, k, v = _prompt()
-    assert AccKVConfig().broad_entropy is None
-    for cfg, av in ((AccKVConfig(budget=0.25, recent=8), False), (CFG, True)):  # default; window evidence (AV)
+    assert AccKVConfig().broad_entropy is None and AccKVConfig().evidence_for(False) == "mean"
+    assert AccKVConfig().replace(evidence="mean").broad_threshold == 0.7
+    assert AccKVConfig(evidence="mean", broad_entropy=0.5).broad_threshold == 0.5
+    for off in (AccKVConfig(evidence="window"), AccKVConfig(method="tova"), AccKVConfig(method="h2o"),
+                AccKVConfig(evidence="mean", broad_entropy=1.0), AccKVConfig(evidence="observed", broad_entropy=0.7)):
+        assert off.broad_threshold is None, off
+    default = AccKVConfig(budget=0.25, recent=8)
+    cache, stash = _run(default, q, k, v)  # the default on a text prompt: the rule runs
+    assert stash[0].tolist() == [True, False]
+    assert _kept(cache) == _kept(_run(CFG, q, k, v)[0])
+    # off: 1.0, or window evidence (an AV prompt under "auto"): nothing stashed, the plain ranking
+    for cfg, av in ((default.replace(broad_entropy=1.0), False), (CFG, True)):
         cache = BudgetedLayerCache(cfg, 0, 1)
         if av:
             scores = cache.prompt_evidence(q, k, audio_video=True)
@@ -112,6 +123,18 @@ def test_off_by_default_and_off_the_mean():
     a.prompt_attention(q, k, v, audio_video=False)
     b.prompt_evidence(q, k, audio_video=False)
     assert torch.equal(a._broad[0], b._broad[0]) and torch.equal(a._broad[1], b._broad[1])
+
+
+def test_a_prefill_of_another_prompt_than_the_scored_one_is_refused_and_changes_nothing():
+    q, k, v = _prompt()
+    cache = BudgetedLayerCache(CFG, 0, 1)
+    _, scores = cache.prompt_attention(q, k, v, audio_video=False)
+    stash = cache._broad
+    with pytest.raises(ValueError, match="the last prompt_attention / prompt_evidence scored"):
+        cache.prefill(k[:, :, 1:], v[:, :, 1:], scores=scores[:, :, 1:])
+    assert cache.store.k is None and cache._broad is stash
+    cache.prefill(k, v, scores=scores)  # the scored prompt still goes in
+    assert _kept(cache) == _kept(_run(CFG, q, k, v)[0])
 
 
 @pytest.mark.parametrize("kwargs, exc, match", [
