@@ -310,7 +310,7 @@ def generate_timing_rows(model, ids: torch.Tensor, budgets: Iterable[float] = (0
     takes each row's best (by total time) of that many rounds, every round running every variant once, so a slow
     spell of a shared machine falls on all of them.
     """
-    from ..integrations.transformers import apply_acckv
+    from ..integrations.transformers import apply_acckv, cache_keyword
 
     device = ids.device
     graphs = device.type == "cuda" if graphs is None else graphs
@@ -323,7 +323,7 @@ def generate_timing_rows(model, ids: torch.Tensor, budgets: Iterable[float] = (0
         if mode == "static":
             from transformers import StaticCache
 
-            name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+            name = cache_keyword(model)
             if not static:
                 static[name] = StaticCache(config=model.config, max_cache_len=ids.shape[1] + new_tokens + 1)
             static[name].reset()

@@ -159,7 +159,8 @@ def text_named(name: str) -> str:
 
 def _kv_bytes_per_token(model, ids: torch.Tensor) -> float:
     """Bytes of K and V per token in transformers' own ``DynamicCache`` for this model (all layers)."""
-    cache = model(ids[:, :4], use_cache=True).past_key_values
+    out = model(ids[:, :4], use_cache=True)
+    cache = getattr(out, "cache", None) or out.past_key_values  # transformers >= 5.24 names it cache
     total = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
     return total / 4
 
@@ -186,22 +187,22 @@ def _logprobs_under(model, cfg: AccKVConfig | None, context: torch.Tensor, conti
     end with the rows they lie in (:func:`_stored_by_modality`), and the seconds of the context's forward.
     ``first``: more inputs of the first forward (the media tensors of :func:`media_inputs`, their attention mask);
     the continuation's steps take ids alone."""
-    from ..integrations.transformers import apply_acckv
+    from ..integrations.transformers import apply_acckv, cache_keyword
     from .machine import wall_timed
 
     with apply_acckv(model, cfg) as handle:
         cache = handle.new_cache()
+        kw = {cache_keyword(model): cache, "use_cache": True}
         first = first or {}
-        logits, prefill_s = wall_timed(lambda: model(context, **first, past_key_values=cache, use_cache=True,
-                                                 logits_to_keep=1).logits, context.device)
+        logits, prefill_s = wall_timed(lambda: model(context, **first, **kw, logits_to_keep=1).logits, context.device)
         out = [logits[:, -1:]]
         held = [cache.nbytes()]
         if step == "chunk":
-            out.append(model(continuation[:, :-1], past_key_values=cache, use_cache=True).logits)
+            out.append(model(continuation[:, :-1], **kw).logits)
             held.append(cache.nbytes())
         else:
             for t in range(continuation.shape[1] - 1):
-                out.append(model(continuation[:, t:t + 1], past_key_values=cache, use_cache=True).logits)
+                out.append(model(continuation[:, t:t + 1], **kw).logits)
                 held.append(cache.nbytes())
         kept = cache.stored_tokens().float().mean().item() / cache.get_seq_length()
         by_modality = _stored_by_modality(cache)
@@ -384,12 +385,14 @@ def _best_plain_prefill(model, ctx: torch.Tensor, first: dict) -> float:
     default SDPA dispatch and pinned to each SDPA backend that takes it: the baseline of ``prefill×``."""
     from transformers import DynamicCache
 
+    from ..integrations.transformers import cache_keyword
     from .e2e import sdpa_backends, sdpa_pin
     from .machine import wall_timed
 
+    name = cache_keyword(model)
+
     def run():
-        return model(ctx, **first, past_key_values=DynamicCache(config=model.config), use_cache=True,
-                     logits_to_keep=1)
+        return model(ctx, **first, **{name: DynamicCache(config=model.config)}, use_cache=True, logits_to_keep=1)
 
     best = float("inf")
     for backend in [None, *sdpa_backends(ctx.device).values()]:

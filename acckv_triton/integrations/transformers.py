@@ -2,7 +2,8 @@
 
     handle = apply_acckv(model, AccKVConfig(budget=0.25))   # this model instance only; importing patched nothing
     out = model.generate(**inputs)                           # unchanged call; the cache is an AccKVCache
-    cache = handle.new_cache()                               # for hand-written loops: model(ids, past_key_values=cache)
+    cache = handle.new_cache()                               # hand-written loops: model(ids, cache=cache), or
+                                                             # past_key_values=cache before transformers 5.24
     handle.revert()                                          # exactly the original model again
 
 Design (data flows integration -> cache -> policy -> ops):
@@ -60,6 +61,7 @@ Design (data flows integration -> cache -> policy -> ops):
 """
 from __future__ import annotations
 
+import inspect
 import sys
 import threading
 import warnings
@@ -78,7 +80,7 @@ from ..modality import Modality
 from .graphs import GRAPH_DECODE_AHEAD, DecodeGraphs
 
 __all__ = ["AccKVCache", "AccKVHandle", "AccKVLayer", "MODEL_SPECS", "ModelSpec", "SUPPORTED_MODELS", "acckv",
-           "apply_acckv"]
+           "apply_acckv", "cache_keyword"]
 
 
 # ------------------------------------------------------------------------------------------------------ spec table
@@ -229,6 +231,12 @@ def _find_decoder(model, spec: ModelSpec):
 
 _CACHE_KWARGS = ("cache", "past_key_values")
 """The cache's keyword in forward() and generate(): transformers 5.24 renamed ``past_key_values`` to ``cache``."""
+
+
+def cache_keyword(model) -> str:
+    """The keyword under which ``model.forward`` takes the cache in this transformers version: ``"cache"`` (5.24 and
+    later, where ``past_key_values`` still works with a FutureWarning) or ``"past_key_values"`` (before)."""
+    return _CACHE_KWARGS[0] if _CACHE_KWARGS[0] in inspect.signature(model.forward).parameters else _CACHE_KWARGS[1]
 
 
 def _cache_argument(kwargs: dict):
@@ -622,7 +630,8 @@ class AccKVHandle:
 
     # ---- public
     def new_cache(self) -> AccKVCache:
-        """An empty compressed cache for this model: ``model(ids, past_key_values=cache)``."""
+        """An empty compressed cache for this model: ``model(ids, **{cache_keyword(model): cache})`` (``cache=`` from
+        transformers 5.24, ``past_key_values=`` before)."""
         return AccKVCache(self.cfg, self.num_layers, model_config=self.model.config)
 
     def revert(self) -> None:

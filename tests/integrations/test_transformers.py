@@ -20,7 +20,7 @@ from transformers import AttentionInterface, DynamicCache  # noqa: E402
 from transformers.masking_utils import AttentionMaskInterface  # noqa: E402
 
 import acckv_triton as ak  # noqa: E402
-from acckv_triton.integrations.transformers import AccKVCache, acckv, apply_acckv  # noqa: E402
+from acckv_triton.integrations.transformers import AccKVCache, acckv, apply_acckv, cache_keyword  # noqa: E402
 
 from tests.conftest import DEVICE  # noqa: E402
 
@@ -318,6 +318,26 @@ def test_a_base_model_can_be_patched_for_hand_written_loops():
         model.model(input_ids=ids, past_key_values=cache, use_cache=True)
         assert (cache.stored_tokens() == 10).all()
     assert model.config._attn_implementation == "sdpa"
+
+
+def test_cache_keyword_names_the_forward_argument_this_transformers_version_takes():
+    """``cache=`` from transformers 5.24 (``past_key_values`` warns there), ``past_key_values=`` before: a
+    hand-written loop that passes the cache under ``cache_keyword`` fills it, without a deprecation warning."""
+    import inspect
+    import warnings
+
+    model = tiny_causal_lm("llama")
+    name = cache_keyword(model)
+    assert name in ("cache", "past_key_values") and name in inspect.signature(model.forward).parameters
+    if "cache" in inspect.signature(model.forward).parameters:
+        assert name == "cache"
+    ids = _left_padded((40, 40))["input_ids"]
+    with acckv(model, ak.AccKVConfig(budget=0.25)) as handle:
+        cache = handle.new_cache()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", FutureWarning)
+            model(input_ids=ids, use_cache=True, **{name: cache})
+        assert (cache.stored_tokens() == 10).all()
 
 
 def test_other_models_stay_untouched_even_when_sharing_the_config():
