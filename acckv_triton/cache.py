@@ -283,8 +283,8 @@ class LayerKVCache:
             _check_modality(modality, on_device=check_modality)
         B, Hkv, T = k.shape[:3]
         device, shape = k.device, (B, Hkv, T)
-        position = self._token_meta(position, "position", self.seen + torch.arange(T, device=device),
-                                    torch.int32, shape, device)
+        position = self._token_meta(position, "position", torch.arange(self.seen, self.seen + T, dtype=torch.int32,
+                                                                       device=device), torch.int32, shape, device)
         return dict(
             modality=self._token_meta(modality, "modality", int(Modality.TEXT), torch.uint8, shape, device),
             time=self._token_meta(time, "time", position, torch.int32, shape, device),
@@ -843,21 +843,22 @@ class BudgetedLayerCache:
         rows whose entropy of it (nats, mean over the query heads) exceeds ``broad_threshold x ln(valid keys)`` (a row
         with fewer than 2 valid keys never is). Torch ops on the device, nothing read back."""
         frac, T = cfg.broad_threshold, k.shape[2]
-        if frac is None or T == 0:
+        if frac is None or T < 2:  # (fewer than 2 keys: no row is broad)
             return
         B, Hkv, _, D = k.shape
         ql = q[:, :, -1].float().view(B, Hkv, q.shape[1] // Hkv, D)
         logits = ql @ k.float().transpose(-1, -2) * (D ** -0.5 if scale is None else scale)  # [B, Hkv, G, T]
-        if key_start is None:
-            n = torch.full((B,), float(T), device=k.device)
-        else:
+        if key_start is not None:
             key_start = key_start.to(k.device).long()
             pad = torch.arange(T, device=k.device) < key_start[:, None]  # [B, T]
             logits = logits.masked_fill(pad[:, None, None], -math.inf)
-            n = (T - key_start).float()
         p = torch.softmax(logits, -1)
         entropy = torch.special.entr(p).sum(-1).mean((1, 2))  # [B] nats
-        broad = (entropy > frac * n.clamp(min=1.0).log()) & (n >= 2)
+        if key_start is None:  # every row has T keys: the threshold is a host number
+            broad = entropy > frac * math.log(T)
+        else:
+            n = (T - key_start).float()
+            broad = (entropy > frac * n.clamp(min=1.0).log()) & (n >= 2)
         self._broad = (broad, p.mean((1, 2)))
 
     @staticmethod
@@ -1256,10 +1257,9 @@ class BudgetedLayerCache:
         w = st.max_length
         scores = st.token_mass[:, :, :w]
         if cfg.score_evidence == "mean":  # every query from a token on adds to its mass: rank by the mean per query
-            scores = scores / query_weight_sum((st.seen - st.position[:, :, :w].float()).clamp(min=1.0),
-                                               cfg.mean_decay)
+            scores = scores / query_weight_sum((st.seen - st.position[:, :, :w]).clamp_(min=1), cfg.mean_decay)
         if cfg.ranks_by_value:  # evidence x ||v||: a token that is attended but adds little to the output ranks lower
-            scores = scores * st.v[:, :, :w].float().norm(dim=-1)
+            scores = scores * torch.linalg.vector_norm(st.v[:, :, :w], dim=-1, dtype=torch.float32)  # (no fp32 copy)
         if broad is not None and not upkeep and cfg.score_evidence == "mean" and broad[1].shape == (st.k.shape[0], w):
             # cfg.broad_threshold: a broad row's first compression ranks by its last query's head-shared attention
             scores = torch.where(broad[0][:, None, None], broad[1][:, None, :w], scores)

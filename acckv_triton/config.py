@@ -109,8 +109,8 @@ class AccKVConfig:
     #   prefill compression by that query's attention averaged over the layer's query heads (the same in every kv
     #   head); protections, the stored token_mass and decode-time evidence unchanged. None: 0.7 where AccKV ranks
     #   by every query's mean (its text evidence), off elsewhere; 1.0: off (no entropy exceeds ln n). On real
-    #   weights 0.7 lowered the KL in all six cells of the real suite (SmolLM2: only layer 0 is broad;
-    #   benchmarks/NOTES.md, benchmarks/results/cpu-2026-12-07/code50-diagnosis/)
+    #   weights 0.7 lowered the KL in all six cells of the real suite, by 0.7-10% (SmolLM2: only layer 0 is broad;
+    #   benchmarks/results/cpu-2026-12-07/real-weights-night/)
     protect_positions: bool = True  # keep the S sinks and R recent tokens whatever their evidence (in the methods
     #   that protect them: AccKV, H2O, KVzip, StreamingLLM); False: they rank by their evidence like any token.
     #   On AccKV's every-query mean False lowered the decode KL in 10 of 12 real-weight cells but lost top-1 in the

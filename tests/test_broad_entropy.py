@@ -163,6 +163,21 @@ def test_no_host_sync_on_the_kernel_backend():
     assert ops.syncs == 0, dict(ops.sync_ops)
 
 
+def test_the_rule_costs_a_dozen_device_ops_per_layer():
+    """Without padding: the last query's product, its softmax and entropy, the head means and one comparison with a
+    host threshold (11 torch ops on the kernel backend); nothing else in prompt_attention or prefill changes."""
+    q, k, v = _prompt()
+    counts = []
+    for frac in (0.7, 1.0):
+        cache = BudgetedLayerCache(CFG.replace(backend="triton", broad_entropy=frac), 3, 28)
+        with count_triton_launches(dry_run=True) as launches, OpCounter() as ops:
+            _, scores = cache.prompt_attention(q, k, v, audio_video=False)
+            cache.prefill(k, v, scores=scores)
+        counts.append((ops.ops, dict(launches)))
+    assert counts[0][1] == counts[1][1]  # the same kernels
+    assert counts[0][0] - counts[1][0] <= 12, counts  # 11 ops and the prefill's torch.where
+
+
 def test_padded_keys_never_count():
     """Row 0: 88 padded keys built to draw the last query's attention, 8 valid keys it attends uniformly: entropy
     ln 8, broad against 0.7 ln 8 (not against 0.7 ln T). Row 1: one valid key: never broad. Row 2: a random query

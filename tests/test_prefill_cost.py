@@ -45,6 +45,24 @@ def test_end_of_prefill_is_a_few_device_operations(cfg, prompt):
     assert cache.store.capacity < N  # compacted out of the prompt: the prefill-size storage is gone
 
 
+def test_acckv_on_a_text_prompt_too(prompt):
+    """AccKV on a text prompt ranks by every query's mean (the mass divided by the queries that saw each token, times
+    ||v||) and, on the rows prompt_attention found broad, by the last query (``broad_entropy``): its prefill stays
+    within the 40 device operations, with no sync (the rule's own dozen ops run in prompt_attention, with the
+    attention)."""
+    k, v = prompt["k"], prompt["v"]
+    q = k.repeat_interleave(2, dim=1)  # G = 2 (queries: the keys; only the counts matter)
+    cache = BudgetedLayerCache(AccKVConfig(backend="triton"), layer=3, num_layers=28)
+    with count_triton_launches(dry_run=True), OpCounter() as ops:
+        _, scores = cache.prompt_attention(q, k, v, audio_video=False)
+    assert ops.syncs == 0 and cache._broad is not None
+    with count_triton_launches(dry_run=True) as launches, OpCounter() as ops:
+        cache.prefill(k, v, scores=scores)
+    assert ops.syncs == 0, dict(ops.sync_ops)
+    assert ops.ops + sum(launches.values()) <= MAX_DEVICE_OPS, (dict(ops.by_name), dict(launches))
+    assert ops.by_name["where"] == 1 and ops.by_name["linalg_vector_norm"] == 1  # the rule and ||v|| did run
+
+
 def test_the_reconstruction_pass_is_two_launches_and_its_compression_reads_back_like_ada_kv(prompt):
     """kvzip: prefill stores the prompt whole (no compression, nothing read back); the second pass's attention over
     it is two launches and no sync; the compression after it shares the budget across heads as Ada-KV does (its
