@@ -228,7 +228,8 @@ def test_acckv_weighs_its_text_evidence_by_value_norm(audio_video):
     v = torch.randn(1, 2, T, 16, generator=g) * (0.1 + 3 * torch.rand(1, 2, T, 1, generator=g))  # norms vary
 
     def kept(**switch):
-        cache = BudgetedLayerCache(AccKVConfig(budget=0.25, backend="torch", **switch), 0, 1)
+        # (broad_entropy off: this random prompt's last query attends broadly, and a broad row ranks by it alone)
+        cache = BudgetedLayerCache(AccKVConfig(budget=0.25, backend="torch", broad_entropy=1.0, **switch), 0, 1)
         cache.prefill(k, v, scores=cache.prompt_evidence(q, k, audio_video=audio_video), audio_video=audio_video)
         n = cache.store.lengths.long()
         return [cache.store.position[0, h, :int(n[0, h])].tolist() for h in range(2)]

@@ -54,7 +54,9 @@ def test_prompt_ranks_by_the_recency_weighted_mean(backend):
     divides by): the compression divides by the weights' sum, not by the count."""
     q, k, v, _ = _prompt()
     T = q.shape[2]
-    cfg = AccKVConfig(budget=0.25, recency=TAU, recent=8, backend=backend)  # 36 of the 48 slots ranked
+    # 36 of the 48 slots ranked; broad_entropy off: this random prompt's last query attends broadly, and a broad row
+    # would rank by it rather than by the (weighted) mean under test
+    cfg = AccKVConfig(budget=0.25, recency=TAU, recent=8, backend=backend, broad_entropy=1.0)
     cache = BudgetedLayerCache(cfg, 0, 1)
     want = reference.observed_attention(q, k, v, decay=DECAY)
     evidence = cache.prompt_evidence(q, k, audio_video=False)
