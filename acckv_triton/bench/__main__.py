@@ -370,7 +370,8 @@ def main(argv=None) -> int:
         _say(_table("decode_attention vs float64 reference (max abs error)", tables["decode_accuracy"]))
         tables["prefill_device_ops"] = prefill.device_op_rows()
         _say(_table("End of prefill, one 32k-token layer through BudgetedLayerCache.prefill on the kernel path "
-                    "(4 kv heads, D 128, AV layout, budget 20%): device operations counted, any machine",
+                    "(4 kv heads, D 128, AV layout but the last row's text prompt, budget 20%): device operations "
+                    "counted, any machine",
                     tables["prefill_device_ops"]))
 
     if device.type == "cuda" and args.suite in ("kernels", "all"):
