@@ -426,7 +426,7 @@ def chunk_attention(q, k_cache, v_cache, lengths, k_new, v_new, *, scale=None, m
             else:
                 p_old, p_new = p_old[..., w0:, :], p_new[..., w0:, :]
             old_mass += p_old.sum(dim=(2, 3))
-            new_mass[..., :t1] += p_new.sum(dim=(2, 3))
+            new_mass[..., :t1].add_(p_new.sum(dim=(2, 3)))  # (add_: `slice +=` copies the slice onto itself)
     return reference.ChunkAttention(out.view(B, Hq, T, D).to(q.dtype), lse.view(B, Hq, T), old_mass, new_mass)
 
 
@@ -490,10 +490,11 @@ def observed_attention(q, k, v=None, *, scale=None, key_start=None, decay: float
         p = torch.softmax(logits, dim=-1)
         if ragged:  # a padding query of a later-starting row sees no key: it adds nothing
             p = p.nan_to_num_(0.0)
+        # (add_ on the slice: `slice += x` would copy the slice back onto itself)
         if rows_w is None:
-            key_mass[:, :, first:t1] += p.sum(dim=-2)
+            key_mass[:, :, first:t1].add_(p.sum(dim=-2))
         else:  # the block's n*G rows, each query weighing decay^(T - 1 - i)
-            key_mass[:, :, first:t1] += torch.matmul(rows_w[r0:r1][None, None, None, :], p)[:, :, 0]
+            key_mass[:, :, first:t1].add_(torch.matmul(rows_w[r0:r1][None, None, None, :], p)[:, :, 0])
         if v is not None:
             torch.matmul(p, vf[:, :, first:t1], out=acc[:, :, r0:r1])  # straight into the rows: no copy
     if acc is not None:
