@@ -843,7 +843,7 @@ class BudgetedLayerCache:
         rows whose entropy of it (nats, mean over the query heads) exceeds ``broad_threshold x ln(valid keys)`` (a row
         with fewer than 2 valid keys never is). Torch ops on the device, nothing read back."""
         frac, T = cfg.broad_threshold, k.shape[2]
-        if frac is None or T < 2:  # (fewer than 2 keys: no row is broad)
+        if frac is None or T < 2 or cfg.is_full:  # (fewer than 2 keys: no row is broad; nothing is compressed)
             return
         B, Hkv, _, D = k.shape
         ql = q[:, :, -1].float().view(B, Hkv, q.shape[1] // Hkv, D)
@@ -1072,8 +1072,8 @@ class BudgetedLayerCache:
             window=self._evidence_rows(T, cfg), decay=cfg.mean_decay)
         st._own()  # (a first prompt still borrowed, when its compression failed) the mass changes in place below
         if cfg.mean_decay != 1.0:  # the stored tokens' evidence ages by the chunk's T queries
-            st.token_mass[:, :, :S] *= cfg.mean_decay ** T
-        st.token_mass[:, :, :S] += res.stored_mass  # the window's evidence on stored tokens, as decode adds its own
+            st.token_mass[:, :, :S].mul_(cfg.mean_decay ** T)  # (mul_ / add_ on the slice: `slice *=` copies it back)
+        st.token_mass[:, :, :S].add_(res.stored_mass)  # the window's evidence on stored tokens, as decode adds its own
         self.prefill(k, v, scores=res.chunk_mass, valid=valid, audio_video=audio_video, **metadata)
         return out
 

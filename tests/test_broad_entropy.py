@@ -165,7 +165,8 @@ def test_no_host_sync_on_the_kernel_backend():
 
 def test_the_rule_costs_a_dozen_device_ops_per_layer():
     """Without padding: the last query's product, its softmax and entropy, the head means and one comparison with a
-    host threshold (11 torch ops on the kernel backend); nothing else in prompt_attention or prefill changes."""
+    host threshold (9 torch ops on this float32 prompt, 11 with a half-precision one's two casts) and the prefill's
+    torch.where; nothing else in prompt_attention or prefill changes."""
     q, k, v = _prompt()
     counts = []
     for frac in (0.7, 1.0):
@@ -175,7 +176,7 @@ def test_the_rule_costs_a_dozen_device_ops_per_layer():
             cache.prefill(k, v, scores=scores)
         counts.append((ops.ops, dict(launches)))
     assert counts[0][1] == counts[1][1]  # the same kernels
-    assert counts[0][0] - counts[1][0] <= 12, counts  # 11 ops and the prefill's torch.where
+    assert 0 < counts[0][0] - counts[1][0] <= 12, counts  # the rule ran (> 0), within a dozen ops
 
 
 def test_padded_keys_never_count():

@@ -26,7 +26,6 @@ the weight reads a user pays are in the ratio); the CPU on SmolLM2-135M's real w
 from __future__ import annotations
 
 import contextlib
-import inspect
 import time
 from typing import Callable, Iterable
 
