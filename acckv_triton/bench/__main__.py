@@ -174,12 +174,13 @@ REAL_CONTEXT, REAL_CONTINUATION = 1536, 128
 def _real_configs():
     """AccKV in its other decode budget mode (decoded tokens kept, only the prompt compressed), next to the
     baselines (which run in the default mode, the budget on every token seen), the ablations of AccKV's text
-    defaults (without value-aware evidence; with its sinks kept by position; with its recent tokens ranked by
-    evidence too, not kept by position) and its opt-in recency-weighted evidence (``recency=256``)."""
+    defaults (without value-aware evidence; without the broad-row rule; with its sinks kept by position; with its
+    recent tokens ranked by evidence too, not kept by position) and its opt-in recency-weighted evidence
+    (``recency=256``)."""
     from ..config import AccKVConfig
 
     return {"acckv-prompt": AccKVConfig(decode_budget="prompt"), "acckv-no-value": AccKVConfig(value_aware=False),
-            "acckv-sinks-kept": AccKVConfig(protect_sinks=True),
+            "acckv-no-broad": AccKVConfig(broad_entropy=1.0), "acckv-sinks-kept": AccKVConfig(protect_sinks=True),
             "acckv-unprotected": AccKVConfig(protect_positions=False), "acckv-recency": AccKVConfig(recency=256.0)}
 
 
