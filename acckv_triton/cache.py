@@ -987,7 +987,8 @@ class BudgetedLayerCache:
         if defer:
             self.awaiting_reconstruction = True
             return
-        self.compress()
+        broad, self._broad = self._broad, None  # (a first prompt's, checked above against this prompt)
+        self._compress(broad=broad)
 
     def reconstruct(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
                     scale: float | None = None) -> torch.Tensor:
@@ -1239,13 +1240,16 @@ class BudgetedLayerCache:
         layer get different lengths: a prefill reads the longest row back (one sync) to size the storage, and an
         upkeep caps every row at the room the storage has (nothing read back). The kernel backend runs the fused
         policy (AccKV with adaptive head budgets: the torch policy), the torch backend ``policy.plan_layer``.
-        A prefill's compression (``upkeep=False``) ranks the rows :meth:`prompt_attention` / :meth:`prompt_evidence`
-        found broad (``cfg.broad_threshold``) by their last query's head-shared attention; any compression clears
-        that stash.
+        (:meth:`prefill`'s own compression also ranks the rows :meth:`prompt_attention` / :meth:`prompt_evidence`
+        found broad, ``cfg.broad_threshold``, by their last query's head-shared attention.)
         """
+        self._compress(upkeep=upkeep)
+
+    def _compress(self, *, upkeep: bool = False, broad: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+        """:meth:`compress`; ``broad``: a first prompt's broad-row stash (``(broad [B], shared [B, T])``, T the
+        stored width), whose broad rows rank by ``shared``."""
         st = self.store
         cfg = self.policy_cfg
-        broad, self._broad = self._broad, None  # consumed (or dropped) by any compression
         if cfg.is_full or st.k is None:
             return
         if upkeep and cfg.decode_budget == "all":  # the budget of every token seen so far
@@ -1260,7 +1264,7 @@ class BudgetedLayerCache:
             scores = scores / query_weight_sum((st.seen - st.position[:, :, :w]).clamp_(min=1), cfg.mean_decay)
         if cfg.ranks_by_value:  # evidence x ||v||: a token that is attended but adds little to the output ranks lower
             scores = scores * torch.linalg.vector_norm(st.v[:, :, :w], dim=-1, dtype=torch.float32)  # (no fp32 copy)
-        if broad is not None and not upkeep and cfg.score_evidence == "mean" and broad[1].shape == (st.k.shape[0], w):
+        if broad is not None and cfg.score_evidence == "mean":
             # cfg.broad_threshold: a broad row's first compression ranks by its last query's head-shared attention
             scores = torch.where(broad[0][:, None, None], broad[1][:, None, :w], scores)
         x = LayerTokens(
