@@ -309,7 +309,7 @@ def generate_timing_rows(model, ids: torch.Tensor, budgets: Iterable[float] = (0
     takes each row's best (by total time) of that many rounds, every round running every variant once, so a slow
     spell of a shared machine falls on all of them.
     """
-    from ..integrations.transformers import apply_acckv, cache_keyword
+    from ..integrations.transformers import apply_acckv, cache_keyword, output_cache
 
     device = ids.device
     graphs = device.type == "cuda" if graphs is None else graphs
@@ -383,8 +383,7 @@ def generate_timing_rows(model, ids: torch.Tensor, budgets: Iterable[float] = (0
                     replays = handle.graphs.stats["replayed"] if handle.graphs is not None else None
                     handle.revert()
             if name not in best or tn < best[name][1]:
-                cache = getattr(res, "cache", None)  # transformers >= 5.24 names it cache, before past_key_values
-                best[name] = (t1, tn, _cache_nbytes(cache if cache is not None else res.past_key_values), replays)
+                best[name] = (t1, tn, _cache_nbytes(output_cache(res)), replays)
             del res
     rows = []
     for name, _, _, mode in variants:

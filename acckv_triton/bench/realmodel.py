@@ -159,9 +159,9 @@ def text_named(name: str) -> str:
 
 def _kv_bytes_per_token(model, ids: torch.Tensor) -> float:
     """Bytes of K and V per token in transformers' own ``DynamicCache`` for this model (all layers)."""
-    out = model(ids[:, :4], use_cache=True)
-    cache = getattr(out, "cache", None)  # transformers >= 5.24 names it cache (an empty Cache is falsy: no `or`)
-    cache = out.past_key_values if cache is None else cache
+    from ..integrations.transformers import output_cache
+
+    cache = output_cache(model(ids[:, :4], use_cache=True))
     total = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
     return total / 4
 

@@ -80,7 +80,7 @@ from ..modality import Modality
 from .graphs import GRAPH_DECODE_AHEAD, DecodeGraphs
 
 __all__ = ["AccKVCache", "AccKVHandle", "AccKVLayer", "MODEL_SPECS", "ModelSpec", "SUPPORTED_MODELS", "acckv",
-           "apply_acckv", "cache_keyword"]
+           "apply_acckv", "cache_keyword", "output_cache"]
 
 
 # ------------------------------------------------------------------------------------------------------ spec table
@@ -237,6 +237,13 @@ def cache_keyword(model) -> str:
     """The keyword under which ``model.forward`` takes the cache in this transformers version: ``"cache"`` (5.24 and
     later, where ``past_key_values`` still works with a FutureWarning) or ``"past_key_values"`` (before)."""
     return _CACHE_KWARGS[0] if _CACHE_KWARGS[0] in inspect.signature(model.forward).parameters else _CACHE_KWARGS[1]
+
+
+def output_cache(out):
+    """The cache a forward's or ``generate``'s output carries: ``out.cache`` (transformers 5.24 and later) or
+    ``out.past_key_values`` (before)."""
+    cache = getattr(out, _CACHE_KWARGS[0], None)  # (an empty Cache is falsy: compared with None, not `or`)
+    return getattr(out, _CACHE_KWARGS[1]) if cache is None else cache
 
 
 def _cache_argument(kwargs: dict):

@@ -20,7 +20,7 @@ from transformers import AttentionInterface, DynamicCache  # noqa: E402
 from transformers.masking_utils import AttentionMaskInterface  # noqa: E402
 
 import acckv_triton as ak  # noqa: E402
-from acckv_triton.integrations.transformers import AccKVCache, acckv, apply_acckv, cache_keyword  # noqa: E402
+from acckv_triton.integrations.transformers import AccKVCache, acckv, apply_acckv, cache_keyword, output_cache  # noqa: E402
 
 from tests.conftest import DEVICE  # noqa: E402
 
@@ -336,8 +336,9 @@ def test_cache_keyword_names_the_forward_argument_this_transformers_version_take
         cache = handle.new_cache()
         with warnings.catch_warnings():
             warnings.simplefilter("error", FutureWarning)
-            model(input_ids=ids, use_cache=True, **{name: cache})
+            out = model(input_ids=ids, use_cache=True, **{name: cache})
         assert (cache.stored_tokens() == 10).all()
+        assert output_cache(out) is cache  # and the output carries it under this version's name
 
 
 def test_other_models_stay_untouched_even_when_sharing_the_config():
