@@ -20,7 +20,8 @@ from transformers import AttentionInterface, DynamicCache  # noqa: E402
 from transformers.masking_utils import AttentionMaskInterface  # noqa: E402
 
 import acckv_triton as ak  # noqa: E402
-from acckv_triton.integrations.transformers import AccKVCache, acckv, apply_acckv, cache_keyword, output_cache  # noqa: E402
+from acckv_triton.integrations.transformers import (  # noqa: E402
+    AccKVCache, acckv, apply_acckv, cache_keyword, output_cache)
 
 from tests.conftest import DEVICE  # noqa: E402
 
