@@ -491,7 +491,9 @@ def observed_attention(q, k, v=None, *, scale=None, key_start=None, decay: float
             logits.masked_fill_(pad[..., first:t1], -math.inf)
         if return_lse:
             lse[:, :, r0:r1] = torch.logsumexp(logits, dim=-1)
-        p = torch.softmax(logits, dim=-1)
+        # in place: no fresh [B, Hkv, n*G, t1 - first] tensor a block (each output element is written after its own
+        # input element is read, so the aliasing is safe)
+        p = torch.ops.aten._softmax.out(logits, -1, False, out=logits)
         if ragged:  # a padding query of a later-starting row sees no key: it adds nothing
             p = p.nan_to_num_(0.0)
         # (add_ on the slice: `slice += x` would copy the slice back onto itself)
