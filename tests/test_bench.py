@@ -351,8 +351,15 @@ def test_real_suite_runs_on_a_users_checkpoint_and_text(tmp_path, capsys):
     assert "ckpt (LlamaForCausalLM)" in report and "notes.txt" in report
     rows = json.loads((tmp_path / "out" / "bench.json").read_text())["tables"]["real_fidelity"]
     assert {r["method"] for r in rows} == {"full", "acckv", "snapkv", "h2o", "streaming", "kvzip"}
-    kvzip = [r for r in rows if r["method"] == "kvzip"]
-    assert all(r["prefill×"] > 0 for r in rows) and len(kvzip) == 2  # its two passes, timed against DynamicCache's
+    assert len([r for r in rows if r["method"] == "kvzip"]) == 2 and not [k for r in rows for k in r if "prefill" in k]
     assert all(0.0 <= r["top1"] <= 1.0 and r["kl"] >= 0.0 for r in rows)
+    # what each method's prefill costs: its own table, every method once a round against DynamicCache's forward
+    cost = json.loads((tmp_path / "out" / "bench.json").read_text())["tables"]["real_prefill"]
+    assert [r["method"] for r in cost] == ["full", "acckv", "snapkv", "h2o", "streaming", "kvzip"]
+    assert cost[0]["prefill×"] == 1.0 and "fastest plain variant" in cost[0]["note"]
+    assert all(r["prefill s"] > 0 and r["prefill×"] == r["prefill s"] / cost[0]["prefill s"] for r in cost)
     with pytest.raises(FileNotFoundError, match="--model"):
         main(["--suite", "real", "--model", str(tmp_path / "missing")])
+    for rounds in (0, True, 1.5):
+        with pytest.raises(ValueError, match="rounds must be a positive int"):
+            realmodel.prefill_cost_rows(checkpoint.model, checkpoint.tokenizer, rounds=rounds)

@@ -186,7 +186,8 @@ def _real_configs():
 
 def _real(args, device, tables, full: bool = True) -> None:
     """The real-weight fidelity table: prose and code, 1,536 tokens compressed, 128 decoded one by one (``full``;
-    else the e2e suite's small run: 512 + 64 tokens of code as one chunk, four methods)."""
+    else the e2e suite's small run: 512 + 64 tokens of code as one chunk, four methods); with ``full`` also what each
+    method's prefill costs on the first text (:func:`realmodel.prefill_cost_rows`)."""
     from . import realmodel
 
     if args.model is None and realmodel.smollm2_folder() is None:
@@ -227,6 +228,18 @@ def _real(args, device, tables, full: bool = True) -> None:
                 f"compressed, then {size['continuation']} {how}; agreement with the full cache (top-1, mean KL), KV "
                 "kept at the end and bytes held on average over the steps (allocated, with metadata) over the full "
                 "cache's K/V", rows))
+    if full:  # what each method's prefill costs, timed apart from the fidelity rows (interleaved rounds)
+        text_name, text = texts[0]
+        source = dict(text_name=text_name) if text is None else dict(text=text)
+        with torch.no_grad():
+            cost = realmodel.prefill_cost_rows(model.to(device), tokenizer, context=size["context"], budget=0.25,
+                                               methods=size["methods"], **source, media=media,
+                                               progress=_progress("prefill cost"))
+        tables["real_prefill"] = [{"text": text_name, **media_row, **r} for r in cost]
+        _say(_table(f"{name} (float32, {device.type}): the context's forward ({media_note}{size['context']} "
+                    f"{'text ' if media else ''}tokens, {text_name}) with each method at 25%, its evidence and "
+                    "compression included, over the fastest plain forward into transformers' DynamicCache; every "
+                    "variant once a round, each its best of 3 rounds", tables["real_prefill"]))
 
 
 def _check_media_args(args) -> None:

