@@ -195,15 +195,17 @@ def test_decoded_tokens_count_in_the_budget_of_a_second_question():
     """As a new user tries it: a 40-token prompt, 10 generated tokens, an 8-token second question, budget 0.5.
     The second prompt's budget counts everything seen before it: ceil(0.5 * (40 + 9 + 9)) = 29 stored tokens."""
     apply_acckv, tiny_causal_lm = _transformers()
+    from acckv_triton.integrations.transformers import cache_keyword, output_cache
+
     model = tiny_causal_lm("llama")
     g = torch.Generator().manual_seed(5)
     ids = torch.randint(3, 100, (1, 40), generator=g)
     greedy = dict(do_sample=False, pad_token_id=0, return_dict_in_generate=True)
     with apply_acckv(model, ak.AccKVConfig(budget=0.5)):
         out = model.generate(ids, max_new_tokens=10, min_new_tokens=10, **greedy)
-        cache = out.past_key_values
+        cache = output_cache(out)
         ids2 = torch.cat([out.sequences, torch.randint(3, 100, (1, 8), generator=g)], dim=1)
-        model.generate(ids2, max_new_tokens=1, min_new_tokens=1, past_key_values=cache, **greedy)
+        model.generate(ids2, max_new_tokens=1, min_new_tokens=1, **{cache_keyword(model): cache}, **greedy)
     assert cache.get_seq_length() == 58
     assert (cache.stored_tokens() == math.ceil(0.5 * 58)).all()
 
@@ -215,7 +217,10 @@ def test_a_patched_decode_forward_syncs_no_more_than_the_unpatched_model(backend
     import transformers
 
     apply_acckv, tiny_causal_lm = _transformers()
+    from acckv_triton.integrations.transformers import cache_keyword
+
     model = tiny_causal_lm("llama").to(DEVICE)
+    name = cache_keyword(model)
     ids = torch.randint(3, 100, (2, 40), generator=torch.Generator().manual_seed(1)).to(DEVICE)
     cfg = ak.AccKVConfig(budget=0.5, slack=16, backend=backend)
     steps = []
@@ -229,18 +234,18 @@ def test_a_patched_decode_forward_syncs_no_more_than_the_unpatched_model(backend
 
     with torch.no_grad():
         plain = transformers.DynamicCache()
-        logits = model(ids, past_key_values=plain).logits
+        logits = model(ids, **{name: plain}).logits
         with OpCounter() as unpatched:
-            model(logits[:, -1:].argmax(-1), past_key_values=plain)
+            model(logits[:, -1:].argmax(-1), **{name: plain})
         with apply_acckv(model, cfg) as handle:
             cache = handle.new_cache()
-            logits = model(ids, past_key_values=cache).logits
+            logits = model(ids, **{name: cache}).logits
             BudgetedLayerCache.decode_step = counted_step
             try:
                 forwards = []
                 for _ in range(5):
                     with count_triton_launches(), OpCounter() as c:
-                        logits = model(logits[:, -1:].argmax(-1), past_key_values=cache).logits
+                        logits = model(logits[:, -1:].argmax(-1), **{name: cache}).logits
                     forwards.append(c)
             finally:
                 BudgetedLayerCache.decode_step = real_step

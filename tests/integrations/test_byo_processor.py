@@ -16,7 +16,7 @@ pytest.importorskip("transformers")
 import acckv_triton as ak  # noqa: E402
 from acckv_triton.bench import media, realmodel  # noqa: E402
 from acckv_triton.bench.__main__ import main  # noqa: E402
-from acckv_triton.integrations.transformers import apply_acckv  # noqa: E402
+from acckv_triton.integrations.transformers import apply_acckv, cache_keyword  # noqa: E402
 
 def _video_processors_buildable() -> bool:
     from transformers.utils import is_torchvision_available
@@ -180,7 +180,7 @@ def _stored_modalities(model, inputs) -> dict:
     """Tokens of each modality a budget-1.0 AccKV cache stores after the media forward (layer 0, kv head 0)."""
     with apply_acckv(model, ak.AccKVConfig(budget=1.0)) as handle:
         cache = handle.new_cache()
-        model(**inputs, past_key_values=cache, use_cache=True)
+        model(**inputs, **{cache_keyword(model): cache}, use_cache=True)
     mod = cache.layers[0].store.modality[0, 0, :inputs["input_ids"].shape[1]]
     return {m.name.lower(): int((mod == int(m)).sum()) for m in ak.Modality if (mod == int(m)).any()}
 

@@ -16,7 +16,7 @@ from tests.graph_stand_in import HostFrozenGraph
 
 pytest.importorskip("transformers")
 from acckv_triton.integrations.graphs import GRAPH_DECODE_AHEAD  # noqa: E402
-from acckv_triton.integrations.transformers import apply_acckv  # noqa: E402
+from acckv_triton.integrations.transformers import apply_acckv, cache_keyword, output_cache  # noqa: E402
 from tests.integrations.tiny_models import tiny_causal_lm, tiny_gemma3, tiny_vl  # noqa: E402
 
 GREEDY = dict(do_sample=False, pad_token_id=0, return_dict_in_generate=True, output_logits=True)
@@ -40,13 +40,13 @@ def _patched(model, cfg, factory):
 
 
 def _hand_loop(model, ids, handle, steps: int, *, cache_position: bool = False) -> torch.Tensor:
-    """Greedy ``model(ids, past_key_values=cache)`` then ``steps`` single tokens: ``[steps + 1, B, V]`` logits;
-    ``cache_position``: each decode call passes it (and no position_ids)."""
-    cache = handle.new_cache()
-    logits = [model(ids, past_key_values=cache).logits[:, -1]]
+    """Greedy ``model(ids, cache=cache)`` (``past_key_values=`` before transformers 5.24) then ``steps`` single
+    tokens: ``[steps + 1, B, V]`` logits; ``cache_position``: each decode call passes it (and no position_ids)."""
+    cache, name = handle.new_cache(), cache_keyword(model)
+    logits = [model(ids, **{name: cache}).logits[:, -1]]
     for i in range(steps):
         extra = dict(cache_position=torch.tensor([ids.shape[1] + i])) if cache_position else {}
-        logits.append(model(logits[-1].argmax(-1, keepdim=True), past_key_values=cache, **extra).logits[:, -1])
+        logits.append(model(logits[-1].argmax(-1, keepdim=True), **{name: cache}, **extra).logits[:, -1])
     return torch.stack(logits)
 
 
@@ -81,7 +81,7 @@ def test_generate_replays_the_decode_graph_between_upkeeps_and_matches_eager(sta
             out = model.generate(ids, max_new_tokens=new, min_new_tokens=new, **GREEDY)
     _assert_same(out, ref)
     stats = handle.graphs.stats
-    layers = out.past_key_values.compressed_layers
+    layers = output_cache(out).compressed_layers
     upkeeps = max(layer.budgeted.compressions for layer in layers) - 1
     grown = max(sum(store is layer.store and n > 0 for store, n in installs) for layer in layers)
     assert upkeeps >= 1 and stats["eager: upkeep or growth due"] == upkeeps, stats
@@ -123,7 +123,7 @@ def test_replayed_steps_ask_the_layers_once_per_run(stand_in, monkeypatch):
     with torch.no_grad(), _patched(model, cfg, stand_in) as handle:
         out = model.generate(ids, max_new_tokens=30, min_new_tokens=30, **GREEDY)
     stats = handle.graphs.stats
-    layers = len(out.past_key_values.compressed_layers)
+    layers = len(output_cache(out).compressed_layers)
     eager = sum(n for reason, n in stats.items() if reason.startswith("eager") and reason != "eager: not a "
                 "single-token step")
     walks = len(asked) / layers
@@ -149,8 +149,8 @@ def test_a_left_padded_batch_and_a_second_question_replay_like_eager(stand_in):
         replayed.append(0 if graphs is None else graphs.stats["replayed"])
         ids2 = torch.cat([first.sequences, follow], dim=1)
         mask2 = torch.cat([mask, torch.ones(2, ids2.shape[1] - ids.shape[1], dtype=mask.dtype)], dim=1)
-        second = model.generate(ids2, attention_mask=mask2, past_key_values=first.past_key_values, max_new_tokens=12,
-                                min_new_tokens=12, **GREEDY)
+        second = model.generate(ids2, attention_mask=mask2, **{cache_keyword(model): output_cache(first)},
+                                max_new_tokens=12, min_new_tokens=12, **GREEDY)
         replayed.append(0 if graphs is None else graphs.stats["replayed"])
         return first, second
 
@@ -167,7 +167,8 @@ def test_a_left_padded_batch_and_a_second_question_replay_like_eager(stand_in):
 
 
 def test_a_hand_written_loop_without_positions_replays_like_eager(stand_in):
-    """``model(ids, past_key_values=cache)`` with no cache_position: the graph's is filled from the cache's count."""
+    """``model(ids, cache=cache)`` (``past_key_values=`` before transformers 5.24) with no cache_position: the
+    graph's is filled from the cache's count."""
     model = tiny_causal_lm("qwen3")
     ids = torch.randint(3, 150, (1, 30), generator=torch.Generator().manual_seed(1))
     cfg = ak.AccKVConfig(budget=0.5, slack=4, backend="torch")
@@ -177,7 +178,8 @@ def test_a_hand_written_loop_without_positions_replays_like_eager(stand_in):
             ref = _hand_loop(model, ids, handle, 16)
         with _patched(model, cfg, stand_in) as handle:
             out = _hand_loop(model, ids, handle, 16)
-            kept = [model(ids[:, :1], past_key_values=handle.new_cache()).logits]  # a fresh cache: a prompt, eager
+            fresh = {cache_keyword(model): handle.new_cache()}  # a fresh cache: a prompt, eager
+            kept = [model(ids[:, :1], **fresh).logits]
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     assert handle.graphs.stats["replayed"] >= 8 and kept[0].shape[1] == 1, handle.graphs.stats
 
@@ -188,11 +190,11 @@ def test_replayed_logits_are_the_callers_own():
     ids = torch.randint(3, 150, (1, 24), generator=torch.Generator().manual_seed(2))
     with torch.no_grad(), _patched(model, ak.AccKVConfig(budget=0.5, slack=32, backend="torch"),
                                    HostFrozenGraph) as handle:
-        cache = handle.new_cache()
-        tok = model(ids, past_key_values=cache).logits[:, -1:].argmax(-1)
-        outs = [model(tok, past_key_values=cache).logits for _ in range(5)]
+        kw = {cache_keyword(model): handle.new_cache()}
+        tok = model(ids, **kw).logits[:, -1:].argmax(-1)
+        outs = [model(tok, **kw).logits for _ in range(5)]
         first = outs[-2].clone()
-        model(tok, past_key_values=cache)
+        model(tok, **kw)
     assert handle.graphs.stats["replayed"] >= 2
     assert torch.equal(outs[-2], first)
 
@@ -222,7 +224,7 @@ def test_steps_that_cannot_replay_run_eager_with_their_reason():
     with torch.no_grad(), apply_acckv(model, cfg, decode_graphs=True) as handle:
         out = model.generate(ids, max_new_tokens=4, min_new_tokens=4, **GREEDY)
         with torch.enable_grad():
-            model(out.sequences[:, -1:], past_key_values=out.past_key_values)
+            model(out.sequences[:, -1:], **{cache_keyword(model): output_cache(out)})
     stats = handle.graphs.stats
     assert stats["eager: not a single-token step"] == 1 and stats["eager: cpu tensors"] == 3, stats
     assert stats["eager: autograd on"] == 1 and "replayed" not in stats, stats
@@ -279,7 +281,7 @@ def test_the_graph_holds_no_cache_and_a_new_prompt_releases_it(stand_in):
         out = model.generate(ids, max_new_tokens=6, min_new_tokens=6, **GREEDY)
         captured = handle.graphs._captured
         assert captured is not None and set(captured.tensors) == {"logits"} and captured.cache_fields
-        assert not any(v is out.past_key_values for v in vars(captured).values())
+        assert not any(v is output_cache(out) for v in vars(captured).values())
         model.generate(ids[:, :10], max_new_tokens=1, **GREEDY)
         assert handle.graphs._captured is None
 

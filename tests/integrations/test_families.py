@@ -9,7 +9,7 @@ import torch
 pytest.importorskip("transformers")
 
 import acckv_triton as ak  # noqa: E402
-from acckv_triton.integrations.transformers import apply_acckv  # noqa: E402
+from acckv_triton.integrations.transformers import apply_acckv, cache_keyword, output_cache  # noqa: E402
 
 from .test_transformers import _left_padded  # noqa: E402
 from .tiny_models import tiny_gemma3, tiny_mistral, tiny_vl, vl_image_inputs  # noqa: E402
@@ -42,7 +42,7 @@ def test_budget_is_held_and_a_second_question_continues(family):
     model, inputs = _model_and_inputs(family)
     with apply_acckv(model, ak.AccKVConfig(budget=0.5, window=4, recent=2)):
         out = model.generate(**inputs, **GEN)
-        cache = out.past_key_values
+        cache = output_cache(out)
         valid = inputs["attention_mask"].sum(-1)
         bound = torch.ceil(valid.double() * 0.5).long() + GEN["max_new_tokens"] - 1
         assert (cache.stored_tokens() <= bound[None, :, None]).all()
@@ -50,8 +50,8 @@ def test_budget_is_held_and_a_second_question_continues(family):
         ids2 = torch.cat([out.sequences, question], dim=1)
         mask = inputs["attention_mask"]
         mask2 = torch.cat([mask, torch.ones_like(ids2[:, mask.shape[1]:])], dim=1)
-        out2 = model.generate(input_ids=ids2, attention_mask=mask2, past_key_values=cache, **GEN)
-    assert out2.past_key_values is cache and torch.equal(out2.sequences[:, :ids2.shape[1]], ids2)
+        out2 = model.generate(input_ids=ids2, attention_mask=mask2, **{cache_keyword(model): cache}, **GEN)
+    assert output_cache(out2) is cache and torch.equal(out2.sequences[:, :ids2.shape[1]], ids2)
     assert cache.get_seq_length() == ids2.shape[1] + GEN["max_new_tokens"] - 1
     assert torch.isfinite(torch.stack(out2.logits)).all()
 
@@ -61,7 +61,7 @@ def test_image_tokens_carry_modality_and_patch_position(family):
     model, inputs = _model_and_inputs(family)
     with apply_acckv(model, ak.AccKVConfig(budget=1.0)) as handle:  # nothing evicted: every token is inspectable
         cache = handle.new_cache()
-        model(**inputs, past_key_values=cache)
+        model(**inputs, **{cache_keyword(model): cache})
     store = cache.layers[0].store
     image = inputs["input_ids"][0] == 150
     mod = store.modality[0, 0, :image.numel()]

@@ -11,7 +11,7 @@ import torch
 pytest.importorskip("transformers")
 
 import acckv_triton as ak  # noqa: E402
-from acckv_triton.integrations.transformers import AccKVCache, apply_acckv  # noqa: E402
+from acckv_triton.integrations.transformers import AccKVCache, apply_acckv, cache_keyword, output_cache  # noqa: E402
 
 from .test_transformers import _left_padded  # noqa: E402
 from .tiny_models import tiny_causal_lm  # noqa: E402
@@ -26,7 +26,7 @@ def test_beam_search_at_budget_one_is_the_unpatched_model():
     ref = model.generate(**inputs, **BEAMS)
     with apply_acckv(model, ak.AccKVConfig(budget=1.0)):
         out = model.generate(**inputs, **BEAMS)
-    assert isinstance(out.past_key_values, AccKVCache)
+    assert isinstance(output_cache(out), AccKVCache)
     assert torch.equal(out.sequences, ref.sequences)
     assert torch.equal(out.sequences_scores, ref.sequences_scores)
 
@@ -38,7 +38,7 @@ def test_beam_search_on_the_compressed_cache_reorders_every_row():
     inputs = _left_padded((40, 40))
     with apply_acckv(model, ak.AccKVConfig(budget=0.5, window=8, recent=4)):
         out = model.generate(**inputs, **BEAMS)
-    stored = out.past_key_values.stored_tokens()
+    stored = output_cache(out).stored_tokens()
     assert stored.shape[1] == 2 * 3  # B x num_beams rows
     assert (stored <= 20 + 8).all()  # the budget of the 40-token prompt plus the new tokens (no upkeep yet)
 
@@ -79,7 +79,7 @@ def test_crop_below_budget_one_names_the_mode():
     model = tiny_causal_lm("llama")
     handle = apply_acckv(model, ak.AccKVConfig(budget=0.5))
     cache = handle.new_cache()
-    model(**_left_padded((30,)), past_key_values=cache)
+    model(**_left_padded((30,)), **{cache_keyword(model): cache})
     with pytest.raises(ValueError, match="assisted decoding, crop"):
         cache.crop(-2)
     handle.revert()

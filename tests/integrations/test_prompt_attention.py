@@ -31,7 +31,7 @@ def _prefill(model, cfg, ids, **kw):
     with integration.apply_acckv(model, cfg) as handle:
         cache = handle.new_cache()
         with torch.no_grad():
-            logits = model(ids, past_key_values=cache, **kw).logits
+            logits = model(ids, **{integration.cache_keyword(model): cache}, **kw).logits
     return logits, cache
 
 

@@ -12,7 +12,7 @@ import torch
 pytest.importorskip("transformers")
 
 import acckv_triton as ak  # noqa: E402
-from acckv_triton.integrations.transformers import apply_acckv  # noqa: E402
+from acckv_triton.integrations.transformers import apply_acckv, cache_keyword, output_cache  # noqa: E402
 
 from .checks import assert_unpatched_at_budget_one  # noqa: E402
 from .tiny_models import AUDIO, VIDEO, qwen3_omni_av_inputs, tiny_qwen3_omni_thinker  # noqa: E402
@@ -49,7 +49,7 @@ def test_modality_time_and_patch_come_from_the_placeholders_and_the_tmrope_rows(
     model, inputs = tiny_qwen3_omni_thinker(), qwen3_omni_av_inputs()
     with apply_acckv(model, ak.AccKVConfig(budget=1.0)) as handle:  # nothing evicted: every token is inspectable
         cache = handle.new_cache()
-        model(**inputs, past_key_values=cache)
+        model(**inputs, **{cache_keyword(model): cache})
     ids, rows = inputs["input_ids"][0], _tmrope_rows(model, inputs)[:, 0]
     audio, video = ids == AUDIO, ids == VIDEO
     n = ids.numel()
@@ -71,12 +71,12 @@ def test_budget_is_held_on_left_padded_rows_and_the_kept_tokens_keep_their_metad
     model, inputs = tiny_qwen3_omni_thinker(), qwen3_omni_av_inputs(question_lens=(12, 5))
     with apply_acckv(model, ak.AccKVConfig(budget=0.4, window=4, recent=2)) as handle:
         cache = handle.new_cache()
-        model(**inputs, past_key_values=cache)
+        model(**inputs, **{cache_keyword(model): cache})
         valid = inputs["attention_mask"].sum(-1)
         assert (cache.stored_tokens() <= torch.ceil(valid.double() * 0.4).long()[None, :, None]).all()
         out = model.generate(**inputs, **GEN)
         bound = torch.ceil(valid.double() * 0.4).long() + GEN["max_new_tokens"] - 1
-        assert (out.past_key_values.stored_tokens() <= bound[None, :, None]).all()
+        assert (output_cache(out).stored_tokens() <= bound[None, :, None]).all()
     for b in range(2):
         store = cache.layers[0].store
         L = int(store.lengths[b, 0])
@@ -93,14 +93,14 @@ def test_generate_with_a_budget_and_continue_with_a_second_question():
     model, inputs = tiny_qwen3_omni_thinker(), qwen3_omni_av_inputs()
     with apply_acckv(model, ak.AccKVConfig(budget=0.5)):
         out = model.generate(**inputs, **GEN)
-        cache = out.past_key_values
+        cache = output_cache(out)
         n = inputs["input_ids"].shape[1]
         assert (cache.stored_tokens() <= math.ceil(0.5 * n) + GEN["max_new_tokens"] - 1).all()
         question = torch.randint(3, 100, (1, 9), generator=torch.Generator().manual_seed(3))
         ids2 = torch.cat([out.sequences, question], dim=1)
-        out2 = model.generate(input_ids=ids2, attention_mask=torch.ones_like(ids2), past_key_values=cache,
+        out2 = model.generate(input_ids=ids2, attention_mask=torch.ones_like(ids2), **{cache_keyword(model): cache},
                               **{**GEN, "max_new_tokens": 4, "min_new_tokens": 4})
-    assert out2.past_key_values is cache
+    assert output_cache(out2) is cache
     assert torch.equal(out2.sequences[:, :ids2.shape[1]], ids2)
     assert cache.get_seq_length() == ids2.shape[1] + 3
     assert (cache.stored_tokens() <= math.ceil(0.5 * ids2.shape[1]) + 3).all()

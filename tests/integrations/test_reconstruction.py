@@ -7,7 +7,7 @@ import torch
 
 import acckv_triton as ak
 from acckv_triton.cache import BudgetedLayerCache
-from acckv_triton.integrations.transformers import apply_acckv
+from acckv_triton.integrations.transformers import apply_acckv, cache_keyword, output_cache
 from tests.integrations.checks import assert_unpatched_at_budget_one
 from tests.integrations.tiny_models import tiny_causal_lm, tiny_gemma3, tiny_vl
 
@@ -53,7 +53,7 @@ def test_the_second_pass_scores_each_token_by_its_largest_attention(family, back
     with torch.no_grad(), apply_acckv(model, cfg) as handle:
         hook = handle.decoder.register_forward_pre_hook(lambda *a, **k: calls.append(1), with_kwargs=True)
         cache = handle.new_cache()
-        logits = model(ids, past_key_values=cache, use_cache=True).logits
+        logits = model(ids, **{cache_keyword(model): cache}, use_cache=True).logits
         hook.remove()
     assert len(calls) == 2  # the prompt, then its reconstruction
     torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=1e-5)  # the first pass is the model's own
@@ -88,12 +88,13 @@ def test_generate_decodes_after_the_pass_and_a_second_question_ranks_by_its_wind
     with apply_acckv(model, cfg) as handle:
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
                              return_dict_in_generate=True)
-        cache = out.past_key_values
+        cache = output_cache(out)
         assert cache.get_seq_length() == T + 11
         # the budget of every token seen, shared by the kv heads of each (layer, sequence), + the slack
         assert (cache.stored_tokens().sum(-1) <= 2 * ((T + 11 + 1) // 2 + 4 + 1)).all()
         more = torch.cat([out.sequences, _ids(B=1, n=9, seed=3)], dim=1)
-        logits = model(more[:, -9:], past_key_values=cache, use_cache=True).logits  # a later chunk: no second pass
+        # a later chunk: no second pass
+        logits = model(more[:, -9:], **{cache_keyword(model): cache}, use_cache=True).logits
         assert torch.isfinite(logits).all()
         assert cache.compressed_layers[0].budgeted.policy_cfg.score_evidence == "window"
         assert not cache.awaiting_reconstruction
@@ -110,9 +111,9 @@ def test_a_left_padded_batch_is_refused_before_the_forward():
     with torch.no_grad(), apply_acckv(model, cfg) as handle:
         cache = handle.new_cache()
         with pytest.raises(ValueError, match="does not support a left-padded batch"):
-            model(ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+            model(ids, attention_mask=mask, **{cache_keyword(model): cache}, use_cache=True)
         assert cache.get_seq_length() == 0 and not cache.awaiting_reconstruction
-        model(ids, attention_mask=torch.ones_like(ids), past_key_values=cache, use_cache=True)  # unpadded: runs
+        model(ids, attention_mask=torch.ones_like(ids), **{cache_keyword(model): cache}, use_cache=True)  # unpadded
         assert cache.get_seq_length() == T and not cache.awaiting_reconstruction
     layer = BudgetedLayerCache(cfg)  # the cache API says the same
     k = torch.randn(1, 2, 4, 16)

@@ -12,7 +12,7 @@ import torch
 pytest.importorskip("transformers")
 
 import acckv_triton as ak  # noqa: E402
-from acckv_triton.integrations.transformers import AccKVLayer, apply_acckv  # noqa: E402
+from acckv_triton.integrations.transformers import AccKVLayer, apply_acckv, cache_keyword, output_cache  # noqa: E402
 
 from .test_transformers import _left_padded  # noqa: E402
 from .checks import assert_unpatched_at_budget_one  # noqa: E402
@@ -42,10 +42,10 @@ def test_sliding_layers_hold_their_window_and_full_layers_their_budget(family):
 
     model, inputs = MODELS[family](), _left_padded((30, 21))
     types = model.config.layer_types
-    ref = model.generate(**inputs, **GEN).past_key_values
+    ref = output_cache(model.generate(**inputs, **GEN))
     with apply_acckv(model, ak.AccKVConfig(budget=0.5, window=4, recent=2)):
         out = model.generate(**inputs, **GEN)
-    cache = out.past_key_values
+    cache = output_cache(out)
     assert isinstance(ref, DynamicCache)
     for i, (layer, kind) in enumerate(zip(cache.layers, types)):
         if kind == "sliding_attention":
@@ -71,10 +71,10 @@ def _layer0_outputs(model, cache, ids: torch.Tensor, steps: int, chunk: int) -> 
     hook = model.model.layers[0].self_attn.register_forward_hook(lambda m, a, o: outs.append(o[0].detach().clone()))
     try:
         n = ids.shape[1] - steps - chunk
-        model(ids[:, :n], past_key_values=cache, use_cache=True)
+        model(ids[:, :n], **{cache_keyword(model): cache}, use_cache=True)
         for t in range(n, n + steps):
-            model(ids[:, t:t + 1], past_key_values=cache, use_cache=True)
-        model(ids[:, n + steps:], past_key_values=cache, use_cache=True)
+            model(ids[:, t:t + 1], **{cache_keyword(model): cache}, use_cache=True)
+        model(ids[:, n + steps:], **{cache_keyword(model): cache}, use_cache=True)
     finally:
         hook.remove()
     return outs
@@ -93,7 +93,7 @@ def test_a_sliding_layer_attends_within_its_window_at_decode_and_in_a_later_chun
     with apply_acckv(model, ak.AccKVConfig(budget=budget, window=4, recent=2, slack=4)) as handle:
         cache = handle.new_cache()
         got = _layer0_outputs(model, cache, ids, steps=14, chunk=6)
-        logits = model(ids[:, -1:], past_key_values=cache, use_cache=True).logits
+        logits = model(ids[:, -1:], **{cache_keyword(model): cache}, use_cache=True).logits
     assert len(got) == len(ref) == 16
     assert all(torch.equal(a, b) for a, b in zip(got, ref))
     assert torch.isfinite(logits).all()

@@ -59,13 +59,13 @@ def test_budget_one_is_the_unpatched_model(family):
     ref = _generate(model, inputs)
     with apply_acckv(model, ak.AccKVConfig(budget=1.0)):
         out = _generate(model, inputs)
-    assert isinstance(out.past_key_values, AccKVCache)
+    assert isinstance(output_cache(out), AccKVCache)
     assert torch.equal(out.sequences, ref.sequences)
     for a, b in zip(out.logits, ref.logits):
         assert torch.equal(a, b)
-    stored = out.past_key_values.stored_tokens()
+    stored = output_cache(out).stored_tokens()
     assert stored.shape == (2, 2, 2)  # [layers, B, Hkv]
-    assert (stored == out.past_key_values.get_seq_length()).all()
+    assert (stored == output_cache(out).get_seq_length()).all()
 
 
 def test_budget_one_is_the_unpatched_omni_thinker_with_audio_and_video():
@@ -89,14 +89,14 @@ def test_budget_that_evicts_nothing_matches_the_model_through_every_compressed_p
     question = torch.randint(3, VOCAB - 20, (2, 7), generator=torch.Generator().manual_seed(1))
     with apply_acckv(model, ak.AccKVConfig(budget=10_000)):
         out = _generate(model, inputs, n=6)  # prefill + decode
-        assert all(layer.budgeted.compressions == 1 for layer in out.past_key_values.layers)
+        assert all(layer.budgeted.compressions == 1 for layer in output_cache(out).layers)
         # continuation: a cache holding only the prompt (one token generated from the prefill), then a second
         # question as one 8-token chunk over the compressed cache, then decode steps after it
         first = _generate(model, inputs, n=1)
-        cache = first.past_key_values
+        cache = output_cache(first)
         ids2 = torch.cat([first.sequences, question], dim=1)
         mask2 = torch.cat([inputs["attention_mask"], torch.ones(2, 8, dtype=torch.long)], dim=1)
-        out2 = _generate(model, dict(input_ids=ids2, attention_mask=mask2), n=4, past_key_values=cache)
+        out2 = _generate(model, dict(input_ids=ids2, attention_mask=mask2), n=4, **{cache_keyword(model): cache})
     assert torch.equal(out.sequences, ref.sequences)
     for a, b in zip(out.logits, ref.logits):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
@@ -128,7 +128,7 @@ def test_prefill_stores_at_most_the_budget_then_grows_one_per_decode_step(budget
     inputs = _left_padded((57, 40))
     handle = apply_acckv(model, ak.AccKVConfig(budget=budget, window=8, recent=4))
     cache = handle.new_cache()
-    logits = model(**inputs, past_key_values=cache).logits
+    logits = model(**inputs, **{cache_keyword(model): cache}).logits
     valid = inputs["attention_mask"].sum(-1)
     bound = valid.float().mul(budget).ceil().long() if isinstance(budget, float) else valid.clamp(max=budget)
     after_prefill = cache.stored_tokens()
@@ -137,7 +137,7 @@ def test_prefill_stores_at_most_the_budget_then_grows_one_per_decode_step(budget
     for step in range(1, 4):
         nxt = logits[:, -1].argmax(-1, keepdim=True)
         mask = torch.cat([mask, torch.ones_like(nxt)], dim=1)
-        logits = model(input_ids=nxt, attention_mask=mask, past_key_values=cache).logits
+        logits = model(input_ids=nxt, attention_mask=mask, **{cache_keyword(model): cache}).logits
         assert torch.equal(cache.stored_tokens(), after_prefill + step)
     assert cache.get_seq_length() == inputs["input_ids"].shape[1] + 3
     assert cache.nbytes() > 0
@@ -149,7 +149,7 @@ def test_omni_thinker_budget_with_modality_time_and_patch_metadata():
     inputs = omni_av_inputs()
     with acckv(model, ak.AccKVConfig(budget=0.4)) as handle:
         cache = handle.new_cache()
-        model(**inputs, past_key_values=cache)
+        model(**inputs, **{cache_keyword(model): cache})
         n = inputs["input_ids"].shape[1]
         assert (cache.stored_tokens() <= math.ceil(0.4 * n)).all()
         store = cache.layers[0].store
@@ -170,13 +170,13 @@ def test_upkeep_keeps_the_budget_over_a_long_generation():
     prompt = _left_padded((64,))
     with apply_acckv(model, cfg) as handle:
         cache = handle.new_cache()
-        logits = model(**prompt, past_key_values=cache).logits
+        logits = model(**prompt, **{cache_keyword(model): cache}).logits
         target = cache.layers[0].budgeted.target
         assert (target == 16).all()
         peak = 0
         for _ in range(60):
             nxt = logits[:, -1:].argmax(-1)
-            logits = model(nxt, past_key_values=cache).logits
+            logits = model(nxt, **{cache_keyword(model): cache}).logits
             stored = cache.stored_tokens()
             peak = max(peak, int(stored.max()))
             assert (stored <= 16 + 8).all()
@@ -190,14 +190,14 @@ def test_generate_with_a_budget_on_the_omni_thinker_and_continue_with_a_second_q
     inputs = omni_av_inputs()
     with apply_acckv(model, ak.AccKVConfig(budget=0.5)):
         out = _generate(model, inputs, n=6)
-        cache = out.past_key_values
+        cache = output_cache(out)
         n = inputs["input_ids"].shape[1]
         assert (cache.stored_tokens() <= math.ceil(0.5 * n) + 5).all()
         question = torch.randint(3, 100, (1, 9), generator=torch.Generator().manual_seed(3))
         ids2 = torch.cat([out.sequences, question], dim=1)
         out2 = _generate(model, dict(input_ids=ids2, attention_mask=torch.ones_like(ids2)), n=4,
-                         past_key_values=cache)
-    assert out2.past_key_values is cache
+                         **{cache_keyword(model): cache})
+    assert output_cache(out2) is cache
     assert torch.equal(out2.sequences[:, :ids2.shape[1]], ids2)
     assert cache.get_seq_length() == ids2.shape[1] + 3
     prompt_tokens = ids2.shape[1]  # the first prompt, the 5 answer tokens decoded into the cache, the second chunk
@@ -221,14 +221,15 @@ def test_triton_backend_matches_the_torch_backend_inside_the_model(family):
     for backend in ("torch", "triton"):
         with apply_acckv(model, ak.AccKVConfig(budget=0.4, window=8, recent=4, backend=backend)) as handle:
             cache = handle.new_cache()
-            logits = [model(**inputs, past_key_values=cache).logits[:, -1]]
+            logits = [model(**inputs, **{cache_keyword(model): cache}).logits[:, -1]]
             mask = inputs["attention_mask"]
             for _ in range(3):
                 nxt = logits[-1].argmax(-1, keepdim=True)
                 mask = torch.cat([mask, torch.ones_like(nxt)], dim=1)
                 # (the thinker derives decode positions from a 2-D mask only inside generate: give it none)
                 step_mask = None if family == "omni" else mask
-                logits.append(model(input_ids=nxt, attention_mask=step_mask, past_key_values=cache).logits[:, -1])
+                logits.append(model(input_ids=nxt, attention_mask=step_mask, **{cache_keyword(model): cache})
+                              .logits[:, -1])
             store = cache.layers[0].store
             stored = torch.arange(store.capacity, device=DEVICE) < store.lengths.long()[..., None]
             outs[backend] = (torch.stack(logits), cache.stored_tokens(), store.token_mass[stored],
@@ -259,7 +260,7 @@ def test_revert_restores_the_model_exactly():
     assert not model._forward_pre_hooks and not model.model._forward_pre_hooks and not model.model._forward_hooks
     assert not any(hasattr(layer.self_attn, "_acckv_state") for layer in model.model.layers)
     out = _generate(model, inputs)
-    assert isinstance(out.past_key_values, DynamicCache)
+    assert isinstance(output_cache(out), DynamicCache)
     assert torch.equal(out.sequences, ref.sequences)
     for a, b in zip(out.logits, ref.logits):
         assert torch.equal(a, b)
@@ -275,12 +276,12 @@ def test_caches_the_patch_cannot_compress_are_refused_or_warned_about():
         with pytest.raises(ValueError, match="cache_implementation='static'"):
             _generate(model, inputs, n=2, cache_implementation="static")
         with pytest.warns(UserWarning, match="DynamicCache was passed .* not compressed"):
-            model(**inputs, past_key_values=DynamicCache())
-        cache = _generate(model, inputs, n=2).past_key_values
+            model(**inputs, **{cache_keyword(model): DynamicCache()})
+        cache = output_cache(_generate(model, inputs, n=2))
     assert isinstance(cache, AccKVCache)
     ids = torch.randint(3, VOCAB - 20, (2, 6), generator=torch.Generator().manual_seed(1))
     with pytest.raises(ValueError, match="only a model patched by apply_acckv"):
-        model(input_ids=ids, past_key_values=cache)
+        model(input_ids=ids, **{cache_keyword(model): cache})
 
 
 def test_a_hand_built_cache_names_a_bad_layer_count():
@@ -303,7 +304,7 @@ def test_what_the_compressed_attention_cannot_honour_is_refused():
         with pytest.raises(ValueError, match="cache_implementation='offloaded'"):
             _generate(model, inputs, n=2, cache_implementation="offloaded")
         with pytest.raises(ValueError, match="output_attentions=True"):
-            model(**inputs, past_key_values=handle.new_cache(), output_attentions=True)
+            model(**inputs, **{cache_keyword(model): handle.new_cache()}, output_attentions=True)
         model.set_attn_implementation("eager")
         with pytest.raises(ValueError, match="switched to 'eager' after apply_acckv"):
             _generate(model, inputs, n=2)
@@ -316,7 +317,7 @@ def test_a_base_model_can_be_patched_for_hand_written_loops():
     with acckv(model.model, ak.AccKVConfig(budget=0.25)) as handle:
         assert "_prepare_cache_for_generation" not in model.model.__dict__  # no generate to hook
         cache = handle.new_cache()
-        model.model(input_ids=ids, past_key_values=cache, use_cache=True)
+        model.model(input_ids=ids, **{cache_keyword(model.model): cache}, use_cache=True)
         assert (cache.stored_tokens() == 10).all()
     assert model.config._attn_implementation == "sdpa"
 
@@ -351,7 +352,7 @@ def test_other_models_stay_untouched_even_when_sharing_the_config():
     with acckv(patched, ak.AccKVConfig(budget=0.3)):
         for m, ref in zip((other, sharing), refs):
             out = _generate(m, inputs)
-            assert isinstance(out.past_key_values, DynamicCache)
+            assert isinstance(output_cache(out), DynamicCache)
             assert torch.equal(out.sequences, ref.sequences)
             for a, b in zip(out.logits, ref.logits):
                 assert torch.equal(a, b)

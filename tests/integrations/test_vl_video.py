@@ -11,7 +11,7 @@ import torch
 pytest.importorskip("transformers")
 
 import acckv_triton as ak  # noqa: E402
-from acckv_triton.integrations.transformers import AccKVCache, apply_acckv  # noqa: E402
+from acckv_triton.integrations.transformers import AccKVCache, apply_acckv, cache_keyword, output_cache  # noqa: E402
 
 from .checks import assert_unpatched_at_budget_one  # noqa: E402
 from .tiny_models import (VL_IMAGE, VL_SECONDS_PER_GRID, VL_VIDEO, tiny_vl, vl_padded_image_inputs,  # noqa: E402
@@ -20,7 +20,6 @@ from .tiny_models import (VL_IMAGE, VL_SECONDS_PER_GRID, VL_VIDEO, tiny_vl, vl_p
 GEN = dict(do_sample=False, pad_token_id=0, max_new_tokens=6, min_new_tokens=6, return_dict_in_generate=True,
            output_logits=True)
 FAMILIES = ["qwen2_5_vl", "qwen3_vl"]
-pytestmark = pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated:FutureWarning")
 CASES = {  # name -> (visual, question_lens)
     "video-one-row": ("video", (6,)),
     "video-left-padded": ("video", (6, 2)),
@@ -81,12 +80,12 @@ def test_budget_one_second_question_on_left_padded_video_is_the_unpatched_model(
         ids2 = torch.cat([out.sequences, question], dim=1)
         mask = inputs["attention_mask"]
         mask2 = torch.cat([mask, torch.ones_like(ids2[:, mask.shape[1]:])], dim=1)
-        return model.generate(input_ids=ids2, attention_mask=mask2, past_key_values=out.past_key_values, **GEN)
+        return model.generate(input_ids=ids2, attention_mask=mask2, **{cache_keyword(model): output_cache(out)}, **GEN)
 
     ref = two_questions()
     with apply_acckv(model, ak.AccKVConfig(budget=1.0)):
         out = two_questions()
-    assert isinstance(out.past_key_values, AccKVCache)
+    assert isinstance(output_cache(out), AccKVCache)
     assert torch.equal(out.sequences, ref.sequences)
     assert all(torch.equal(a, b) for a, b in zip(out.logits, ref.logits))
 
@@ -104,11 +103,11 @@ def test_modality_time_and_patch_come_from_the_placeholders_and_the_mrope_rows(f
         with apply_acckv(model, ak.AccKVConfig(budget=1.0)) as handle:
             if how == "forward":
                 cache = handle.new_cache()
-                model(**inputs, past_key_values=cache)
+                model(**inputs, **{cache_keyword(model): cache})
                 fed = inputs["input_ids"]
             else:
                 out = model.generate(**inputs, **GEN)
-                cache, fed = out.past_key_values, out.sequences[:, :-1]  # the last token generated is never fed
+                cache, fed = output_cache(out), out.sequences[:, :-1]  # the last token generated is never fed
     finally:
         hook.remove()
     rows = _rope_rows(model, inputs)
@@ -154,13 +153,13 @@ def test_budget_is_held_on_left_padded_rows_and_the_kept_tokens_keep_their_metad
     visual = int(ak.Modality.VIDEO if CASES[case][0] == "video" else ak.Modality.IMAGE)
     with apply_acckv(model, ak.AccKVConfig(budget=0.5, window=4, recent=2)) as handle:
         cache = handle.new_cache()
-        model(**inputs, past_key_values=cache)
+        model(**inputs, **{cache_keyword(model): cache})
         valid = inputs["attention_mask"].sum(-1)
         assert valid[0] > valid[1]  # rows of different lengths: row 1 is left padded
         assert (cache.stored_tokens() <= torch.ceil(valid.double() * 0.5).long()[None, :, None]).all()
         out = model.generate(**inputs, **GEN)
         bound = torch.ceil(valid.double() * 0.5).long() + GEN["max_new_tokens"] - 1
-        assert (out.past_key_values.stored_tokens() <= bound[None, :, None]).all()
+        assert (output_cache(out).stored_tokens() <= bound[None, :, None]).all()
     mod, time, hw = _expected_meta(inputs, _rope_rows(model, inputs))
     mask = inputs["attention_mask"].bool()
     for layer in cache.layers:  # a kept (or merged-into) slot carries the metadata of the prompt token it keeps
@@ -184,14 +183,14 @@ def test_generate_with_a_budget_and_continue_with_a_second_question(family, case
     model, inputs = tiny_vl(family), _inputs(family, case)
     with apply_acckv(model, ak.AccKVConfig(budget=0.5, window=4, recent=2)):
         out = model.generate(**inputs, **GEN)
-        cache = out.past_key_values
+        cache = output_cache(out)
         question = torch.randint(1, 140, (2, 7), generator=torch.Generator().manual_seed(3))
         ids2 = torch.cat([out.sequences, question], dim=1)
         mask = inputs["attention_mask"]
         mask2 = torch.cat([mask, torch.ones_like(ids2[:, mask.shape[1]:])], dim=1)
-        out2 = model.generate(input_ids=ids2, attention_mask=mask2, past_key_values=cache,
+        out2 = model.generate(input_ids=ids2, attention_mask=mask2, **{cache_keyword(model): cache},
                               **{**GEN, "max_new_tokens": 4, "min_new_tokens": 4})
-    assert out2.past_key_values is cache
+    assert output_cache(out2) is cache
     assert torch.equal(out2.sequences[:, :ids2.shape[1]], ids2)
     assert cache.get_seq_length() == ids2.shape[1] + 3
     valid2 = mask2.sum(-1)
@@ -213,8 +212,8 @@ def test_a_second_question_stores_the_time_the_model_gives_it(family):
             ids2 = torch.cat([out.sequences, question], dim=1)
             mask = inputs["attention_mask"]
             mask2 = torch.cat([mask, torch.ones_like(ids2[:, mask.shape[1]:])], dim=1)
-            cache = model.generate(input_ids=ids2, attention_mask=mask2, past_key_values=out.past_key_values,
-                                   **GEN).past_key_values
+            cache = output_cache(model.generate(input_ids=ids2, attention_mask=mask2,
+                                                **{cache_keyword(model): output_cache(out)}, **GEN))
     finally:
         hook.remove()
     ran = torch.cat([p[-3:][0] for p in positions], dim=1)  # [B, seen]: the temporal row of every forward
