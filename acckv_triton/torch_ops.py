@@ -437,8 +437,9 @@ def observed_attention(q, k, v=None, *, scale=None, key_start=None, decay: float
 
     The queries are scaled and laid out once as ``[B, Hkv, T*G, D]`` (row ``t*G + g``: a kv head's G query heads
     side by side per position, K never repeated) and K once as float32 ``[B, Hkv, D, T]``, so a block is a
-    contiguous slice and one matmul of two row-major operands gives its logits over the keys up to its last position; then one fused ``softmax``: the key mass is its sum over the rows, the
-    output its product with V. The causal mask of a block's own keys is built once. Rows below every sequence's
+    contiguous slice and one matmul of two row-major operands gives its logits over the keys up to its last
+    position; then one fused ``softmax``, in place: the key mass is its sum over the rows, the output its product
+    with V. The causal mask of a block's own keys is built once. Rows below every sequence's
     ``key_start`` are skipped (two host reads: ``key_start.min()`` and ``.max()``, the launcher's range check).
     ``return_lse=False`` skips the logsumexp (a pass over the logits; the prompt paths never read it) and returns
     ``lse`` None. With ``decay`` < 1 query i weighs ``decay ** (T - 1 - i)`` in the key mass (its rows of a block

@@ -436,14 +436,17 @@ def prefill_cost_rows(model=None, tokenizer=None, *, context: int = 1024, budget
     run = _inputs(model, tokenizer, context, 0, text_name, text, media)
     keyword, first = cache_keyword(model), run.first or {}
 
+    def forward_seconds(cache) -> float:  # the timed window: the forward alone, the cache built before it
+        return wall_timed(lambda: model(run.context, **first, **{keyword: cache}, use_cache=True, logits_to_keep=1),
+                          run.context.device)[1]
+
     def plain(backend):
         with sdpa_pin(backend):
-            return model(run.context, **first, **{keyword: DynamicCache(config=model.config)}, use_cache=True,
-                         logits_to_keep=1)
+            return forward_seconds(DynamicCache(config=model.config))
 
     def ours(cfg):
         with apply_acckv(model, cfg) as handle:
-            return model(run.context, **first, **{keyword: handle.new_cache()}, use_cache=True, logits_to_keep=1)
+            return forward_seconds(handle.new_cache())
 
     variants = {"default SDPA dispatch": lambda: plain(None)}
     variants.update({f"SDPA {name}": (lambda b=b: plain(b)) for name, b in sdpa_backends(run.context.device).items()})
@@ -458,7 +461,7 @@ def prefill_cost_rows(model=None, tokenizer=None, *, context: int = 1024, budget
             if name in failed:
                 continue
             try:
-                seconds = wall_timed(fn, run.context.device)[1]
+                seconds = fn()
             except RuntimeError:  # a pinned SDPA backend that does not take these inputs
                 if name not in plain_names:
                     raise
