@@ -79,8 +79,7 @@ def row(model, ctx, cont, full, variant: str, budget: float) -> dict:
     OVERRIDE.update(over)
     try:
         with torch.no_grad():
-            logp, kept, held, _, prefill_s = realmodel._logprobs_under(model, base.replace(budget=budget), ctx, cont,
-                                                                       "decode")
+            logp, kept, held, _ = realmodel._logprobs_under(model, base.replace(budget=budget), ctx, cont, "decode")
     finally:
         OVERRIDE.clear()
     kl = (full.exp() * (full - logp)).sum(-1)
