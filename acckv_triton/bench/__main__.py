@@ -215,9 +215,9 @@ def _real(args, device, tables, full: bool = True) -> None:
         _say(f"\n{m} does not run on this model: {why}")
     size["methods"] = tuple(m for m in methods if m not in refused)
     rows = []
+    sources = [(text_name, dict(text_name=text_name) if text is None else dict(text=text)) for text_name, text in texts]
     with torch.no_grad():
-        for text_name, text in texts:
-            source = dict(text_name=text_name) if text is None else dict(text=text)
+        for text_name, source in sources:
             got = realmodel.fidelity_rows(model.to(device), tokenizer, **size, **source, media=media,
                                           progress=_progress(f"real weights, {text_name}"))
             # wall seconds per row say nothing about speed (and without a GPU could pass for a timing): dropped
@@ -229,8 +229,7 @@ def _real(args, device, tables, full: bool = True) -> None:
                 "kept at the end and bytes held on average over the steps (allocated, with metadata) over the full "
                 "cache's K/V", rows))
     if full:  # what each method's prefill costs, timed apart from the fidelity rows (interleaved rounds)
-        text_name, text = texts[0]
-        source = dict(text_name=text_name) if text is None else dict(text=text)
+        text_name, source = sources[0]
         with torch.no_grad():
             cost = realmodel.prefill_cost_rows(model.to(device), tokenizer, context=size["context"], budget=0.25,
                                                methods=size["methods"], **source, media=media,
