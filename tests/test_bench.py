@@ -355,7 +355,9 @@ def test_real_suite_runs_on_a_users_checkpoint_and_text(tmp_path, capsys):
     assert all(0.0 <= r["top1"] <= 1.0 and r["kl"] >= 0.0 for r in rows)
     # what each method's prefill costs: its own table, every method once a round against DynamicCache's forward
     cost = json.loads((tmp_path / "out" / "bench.json").read_text())["tables"]["real_prefill"]
-    assert [r["method"] for r in cost] == ["full", "acckv", "snapkv", "h2o", "streaming", "kvzip"]
+    assert [r["method"] for r in cost] == ["full", "our cache, budget 1.0", "acckv", "snapkv", "h2o", "streaming",
+                                           "kvzip"]
+    assert [r["budget"] for r in cost] == [1.0, 1.0] + [0.25] * 5
     assert cost[0]["prefill×"] == 1.0 and "fastest plain variant" in cost[0]["note"]
     assert all(r["prefill s"] > 0 and r["prefill×"] == r["prefill s"] / cost[0]["prefill s"] for r in cost)
     with pytest.raises(FileNotFoundError, match="--model"):

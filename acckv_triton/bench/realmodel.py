@@ -421,7 +421,8 @@ def prefill_cost_rows(model=None, tokenizer=None, *, context: int = 1024, budget
     untimed warm-up round. Our rows run the model's own SDPA calls under the default dispatch.
 
     Returns dicts ``method, budget, prefill s, prefill×``, ``prefill×`` over the fastest plain variant, which is the
-    first row, ``full`` (its ``note`` names the dispatch).
+    first row, ``full`` (its ``note`` names the dispatch); the second row is our cache at budget 1.0 (storing,
+    nothing compressed), then each method.
     """
     from transformers import DynamicCache
 
@@ -451,6 +452,8 @@ def prefill_cost_rows(model=None, tokenizer=None, *, context: int = 1024, budget
     variants = {"default SDPA dispatch": lambda: plain(None)}
     variants.update({f"SDPA {name}": (lambda b=b: plain(b)) for name, b in sdpa_backends(run.context.device).items()})
     plain_names = list(variants)
+    uncompressed = "our cache, budget 1.0"  # what storing into our cache costs, with nothing compressed
+    variants[uncompressed] = lambda: ours(AccKVConfig(budget=1.0, backend=backend))
     named = _named_configs(methods, configs, backend)
     variants.update({name: (lambda c=cfg.replace(budget=budget): ours(c)) for name, cfg in named.items()})
     best: dict[str, float] = {}
@@ -472,8 +475,8 @@ def prefill_cost_rows(model=None, tokenizer=None, *, context: int = 1024, budget
     fastest = min((n for n in plain_names if n in best), key=best.__getitem__)
     rows = [{"method": "full", "budget": 1.0, "prefill s": best[fastest], "prefill×": 1.0,
              "note": f"transformers' DynamicCache, {fastest} (the fastest plain variant)"}]
-    rows += [{"method": name, "budget": budget, "prefill s": best[name], "prefill×": best[name] / best[fastest]}
-             for name in named]
+    rows += [{"method": name, "budget": 1.0 if name == uncompressed else budget, "prefill s": best[name],
+              "prefill×": best[name] / best[fastest]} for name in (uncompressed, *named)]
     return rows
 
 
