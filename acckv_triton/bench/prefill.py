@@ -183,6 +183,12 @@ def device_op_rows(n: int = 32768, num_kv_heads: int = 4, head_dim: int = 128, b
     prompt = dict(k=k, v=torch.randn_like(k), scores=torch.rand(1, num_kv_heads, n, generator=g),
                   modality=modality.view(1, n), time=time.view(1, n).int(), spatial=spatial.view(1, n, 2).int())
     rows = []
+
+    def row(method: str, ops, launches, syncs: int, note: str) -> dict:
+        n_launches = sum(launches.values())
+        return {"method": method, "N": n, "torch ops": ops.ops, "Triton launches": n_launches,
+                "device ops": ops.ops + n_launches, "host syncs": syncs, "note": note}
+
     for method in METHODS:
         cfg = AccKVConfig(budget=budget, method=method, backend="triton")
         cache = BudgetedLayerCache(cfg, 3, 28)
@@ -192,9 +198,8 @@ def device_op_rows(n: int = 32768, num_kv_heads: int = 4, head_dim: int = 128, b
             cache.prefill(**prompt)
             if cache.awaiting_reconstruction:  # kvzip compresses after its second pass (a model forward, not here)
                 cache.end_reconstruction()
-        rows.append({"method": method, "N": n, "torch ops": ops.ops, "Triton launches": sum(launches.values()),
-                     "device ops": ops.ops + sum(launches.values()), "host syncs": ops.syncs,
-                     "note": "+ a second forward over the prompt (reconstruction)" if method == "kvzip" else ""})
+        rows.append(row(method, ops, launches, ops.syncs,
+                        "+ a second forward over the prompt (reconstruction)" if method == "kvzip" else ""))
     # AccKV on a text prompt: every query's mean as evidence, from prompt_attention (the prompt's attention and its
     # evidence in one pass, which also finds the broad rows), then the prefill
     cache = BudgetedLayerCache(AccKVConfig(budget=budget, backend="triton"), 3, 28)
@@ -204,11 +209,9 @@ def device_op_rows(n: int = 32768, num_kv_heads: int = 4, head_dim: int = 128, b
     attention_ops, attention_syncs, attention_launches = ops.ops, ops.syncs, sum(launches.values())
     with count_triton_launches(dry_run=True) as launches, OpCounter() as ops:
         cache.prefill(k, prompt["v"], scores=scores)
-    rows.append({"method": "acckv, text prompt", "N": n, "torch ops": ops.ops,
-                 "Triton launches": sum(launches.values()), "device ops": ops.ops + sum(launches.values()),
-                 "host syncs": ops.syncs + attention_syncs,
-                 "note": f"+ prompt_attention's {attention_launches} launches and {attention_ops} torch ops "
-                         "(outputs, broad-row rule)"})
+    rows.append(row("acckv, text prompt", ops, launches, ops.syncs + attention_syncs,
+                    f"+ prompt_attention's {attention_launches} launches and {attention_ops} torch ops "
+                    "(outputs, broad-row rule)"))
     return rows
 
 
