@@ -250,12 +250,13 @@ def append_token_(k_cache, v_cache, lengths, k_new, v_new, *, position, next_pos
 
     Args as :func:`acckv_triton.ops.append_token.append_token_`: the new slot gets K/V, ``position =
     next_position``, ``modality = modality_new`` or 0, ``time = time_new`` or the position, ``spatial =
-    spatial_new`` or (-1, -1), ``token_mass = 0`` and ``multiplicity = 1``. A row at capacity writes nothing.
+    spatial_new`` or (-1, -1), ``token_mass = 0`` and ``multiplicity = 1``. A row at capacity, or with a negative
+    length, writes nothing (and still advances).
     Written with device-side indices only (no sync, no allocation beyond views), so the torch backend runs it too.
     """
     B, Hkv, C, D = k_cache.shape
-    slot = lengths.long().clamp(max=max(C - 1, 0)).unsqueeze(-1)  # [B, Hkv, 1]
-    room = (lengths < C).unsqueeze(-1)  # a full row writes nothing: its old value is written back
+    slot = lengths.long().clamp(min=0, max=max(C - 1, 0)).unsqueeze(-1)  # [B, Hkv, 1]
+    room = ((lengths >= 0) & (lengths < C)).unsqueeze(-1)  # a full row writes nothing: its old value is written back
     for buf, new in ((k_cache, k_new), (v_cache, v_new)):
         index = slot.unsqueeze(-1).expand(B, Hkv, 1, D)
         buf.scatter_(2, index, torch.where(room.unsqueeze(-1), new, buf.gather(2, index)))

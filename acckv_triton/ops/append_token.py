@@ -7,7 +7,8 @@ dozen small ops (each a launch on a GPU) is one program per row; the slot comes 
 needs no sync and replays correctly in a CUDA graph. The spec is :func:`acckv_triton.reference.append_token_`.
 
 Grid (B*Hkv,). Bytes per row: 2·D·e for K/V read and written, about 30 bytes of metadata. A row already at
-capacity C writes nothing (the cache grows its storage on the host before that can happen) but still advances.
+capacity C (or, from a caller's bad input, with a negative length) writes nothing, never outside its row, but still
+advances (the cache grows its storage on the host before a row can fill).
 """
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ def _append_token_kernel(
     row = b * Hkv + h  # lengths, counter and the [B, Hkv, C] metadata are contiguous (the cache owns them)
     t = tl.load(lengths_ptr + row)
     pos = tl.load(next_position_ptr + row)
-    if t < C:
+    if (t >= 0) & (t < C):  # never outside the row, whatever lengths holds (reading it would need a sync)
         t64 = t.to(tl.int64)
         offs_d = tl.arange(0, BLOCK_D)
         d_mask = offs_d < HEAD_DIM
@@ -75,8 +76,9 @@ def append_token_(k_cache: torch.Tensor, v_cache: torch.Tensor, lengths: torch.T
                   check: bool = True) -> None:
     """Write one token per (b, kv head) at ``lengths[b, h]`` and advance ``lengths`` and ``next_position``.
 
-    The caller guarantees room (``lengths < C``; not checked, it would need a sync): a row already at capacity
-    writes nothing but still advances, leaving ``lengths`` past C (the cache grows its storage on the host first).
+    The caller guarantees room (``0 <= lengths < C``; not checked, it would need a sync): a row already at capacity
+    writes nothing but still advances, leaving ``lengths`` past C (the cache grows its storage on the host first); a
+    row with a negative length writes nothing either (never before its row's memory).
 
     Args:
         k_cache, v_cache: ``[B, Hkv, C, D]``, last dim contiguous, updated in place.

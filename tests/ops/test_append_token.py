@@ -1,5 +1,5 @@
 """append_token_ (the decode step's one-launch append) against reference.append_token_: every dtype, defaults and
-given metadata, odd head dims, a row at capacity, untouched slots bit for bit (the cache poisoned with NaN)."""
+given metadata, odd head dims, a row at capacity and one with a negative length, untouched slots bit for bit (the cache poisoned with NaN)."""
 from __future__ import annotations
 
 import pytest
@@ -14,6 +14,7 @@ def _state(B, Hkv, C, D, dtype, g, given, full_row):
     lengths = torch.randint(0, C, (B, Hkv), generator=g, dtype=torch.int32)
     if full_row:
         lengths[0, 0] = C
+        lengths[-1, -1] = -1  # a caller's bad length: nothing written, never before the row (it would corrupt memory)
     k = torch.full((B, Hkv, C, D), float("nan")).to(dtype)  # slots the kernel must not touch stay NaN
     k[:, :, : C // 2] = torch.randn(B, Hkv, C // 2, D, generator=g).to(dtype)
     state = dict(
