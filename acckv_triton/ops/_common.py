@@ -88,6 +88,27 @@ def check_last_dim_contiguous(name: str, x: torch.Tensor) -> None:
         raise ValueError(f"{name} must be contiguous in its last dim (stride 1), got strides {x.stride()}")
 
 
+def memory_span(x: torch.Tensor) -> tuple[int, int]:
+    """The byte range [start, end) that x's elements can touch."""
+    start = x.data_ptr()
+    if x.numel() == 0:
+        return start, start
+    extent = sum((size - 1) * stride for size, stride in zip(x.shape, x.stride()) if size > 0)
+    return start, start + (extent + 1) * x.element_size()
+
+
+def check_not_self_overlapping(name: str, x: torch.Tensor) -> None:
+    """Raise ValueError unless x, which a launch writes, has no two elements in the same memory. Conservative: an
+    expand's stride 0, or a stride no larger than what the dims of smaller strides reach, is refused; a dense or
+    sliced layout passes."""
+    inner = 0  # the largest offset the dims with smaller strides reach
+    for stride, size in sorted((abs(t), s) for s, t in zip(x.shape, x.stride()) if s > 1):
+        if stride <= inner:
+            raise ValueError(f"{name} must not overlap itself (it is written; an expand or another view whose "
+                             f"elements share memory): got shape {tuple(x.shape)}, strides {tuple(x.stride())}")
+        inner += (size - 1) * stride
+
+
 def check_leading(name: str, x, *, dtypes: Sequence[torch.dtype], kernel_device: bool = True) -> torch.device:
     """Check the rank-4 tensor that fixes an op's device and dtype (:func:`check_tensor`) and, with
     ``kernel_device``, that the kernels run on its device (:func:`check_kernel_device`; the torch twins pass

@@ -62,7 +62,8 @@ import triton.language as tl
 
 from .. import tuning
 from . import _common
-from ._common import carve, carved_nbytes, check_last_dim_contiguous, check_tensor, dtype_name, next_pow2
+from ._common import (carve, carved_nbytes, check_last_dim_contiguous, check_not_self_overlapping, check_tensor,
+                      dtype_name, memory_span, next_pow2)
 
 __all__ = ["compact_kv", "compact_kv_"]
 
@@ -276,22 +277,16 @@ def _check_kv(name: str, x, device=None, dtype=None) -> None:
     check_last_dim_contiguous(name, x)
 
 
-def _span(x: torch.Tensor) -> tuple[int, int]:
-    """The byte range [start, end) that x's elements can touch."""
-    start = x.data_ptr()
-    if x.numel() == 0:
-        return start, start
-    extent = sum((size - 1) * stride for size, stride in zip(x.shape, x.stride()) if size > 0)
-    return start, start + (extent + 1) * x.element_size()
-
-
 def _spans(named: Sequence[tuple[str, torch.Tensor | None]]) -> list[tuple[str, torch.Tensor, int, int]]:
-    """``(name, x, start, end)`` for each named tensor that is not None (see :func:`_span`)."""
-    return [(name, x, *_span(x)) for name, x in named if x is not None]
+    """``(name, x, start, end)`` for each named tensor that is not None (see :func:`~acckv_triton.ops._common.memory_span`)."""
+    return [(name, x, *memory_span(x)) for name, x in named if x is not None]
 
 
 def _check_no_overlap(named: Sequence[tuple[str, torch.Tensor]]) -> list[tuple[str, torch.Tensor, int, int]]:
-    """No two of the named tensors, which are all written, may share memory. Returns their spans."""
+    """No two of the named tensors, which are all written, may share memory, nor two elements of one. Returns their
+    spans."""
+    for name, x in named:
+        check_not_self_overlapping(name, x)
     spans = _spans(named)
     for i, (name_a, _, a0, a1) in enumerate(spans):
         for name_b, _, b0, b1 in spans[i + 1:]:

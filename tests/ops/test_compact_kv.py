@@ -374,6 +374,14 @@ INVALID = [
                  id="keep_lengths-overlapping-lengths"),
     pytest.param(_token_data_sharing_one_element, r"token_data\[0\] and token_data\[1\] must not share memory",
                  id="token_data-sharing-one-element"),
+    # a written tensor whose elements share memory: refused before anything is written (the kernels wrote the
+    # metadata, then failed at the expanded one)
+    pytest.param(_replace("token_sums", lambda a: [a["token_sums"][0][:, :, :1].expand_as(a["token_sums"][0])]),
+                 r"token_sums\[0\] must not overlap itself", id="token_sums-expanded"),
+    pytest.param(_replace("lengths", lambda a: a["lengths"][:, :1].expand_as(a["lengths"])),
+                 "lengths must not overlap itself", id="lengths-expanded"),
+    pytest.param(_replace("k", lambda a: a["k"][:1].expand_as(a["k"])), "k_cache must not overlap itself",
+                 id="k_cache-expanded"),
 ]
 WRONG_DTYPE = [  # a wrong dtype raises TypeError, like every launcher (acckv_triton/ops/_common.py)
     pytest.param(_replace("keep", lambda a: a["keep"].long()), "keep", id="keep-int64"),

@@ -262,6 +262,11 @@ BAD = [
     pytest.param(lambda a: {"scale": True}, TypeError, "scale must be a finite float", id="scale-bool"),
     pytest.param(lambda a: {"decay": "0.5"}, TypeError, "decay must be a float in", id="decay-str"),
     pytest.param(lambda a: {"decay": True}, TypeError, "decay must be a float in", id="decay-bool"),
+    # token_mass is written at every run: never over what the run reads, nor over itself
+    pytest.param(lambda a: {"token_mass": a["k_cache"].view(torch.float32)[..., 0]}, ValueError,
+                 "token_mass must not share memory with k_cache", id="token-mass-inside-k"),
+    pytest.param(lambda a: {"token_mass": a["token_mass"][:, :1].expand_as(a["token_mass"])}, ValueError,
+                 "token_mass must not overlap itself", id="token-mass-expanded"),
 ]
 
 
