@@ -62,6 +62,21 @@ __all__ = ["BudgetedLayerCache", "LayerKVCache"]
 
 _KV_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _METADATA = ("modality", "time", "spatial", "position", "token_mass", "multiplicity")
+_PREFILL_METADATA = frozenset({"modality", "time", "spatial", "position", "check_modality"})  # a prefill's **metadata
+
+
+def _is_int(x) -> bool:
+    """A Python int, not a bool."""
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _check_meta_dtype(name: str, x: torch.Tensor, dtype: torch.dtype) -> None:
+    """Metadata stored as integers (ids, times, positions, patch coordinates) must be given as integers, and mass as
+    real numbers: a float time would be truncated, a bool read as 0/1. TypeError naming the argument."""
+    ok = x.dtype != torch.bool and not x.dtype.is_complex and (dtype.is_floating_point or not x.dtype.is_floating_point)
+    if not ok:
+        raise TypeError(f"{name} must be {'a real' if dtype.is_floating_point else 'an integer'} tensor (stored as "
+                        f"{dtype}), got {x.dtype}")
 
 
 def _check_modality(x, *, on_device: bool) -> None:
@@ -133,8 +148,10 @@ class LayerKVCache:
             raise ValueError(f"align must be a positive int, got {align!r}")
         if backend not in ("triton", "torch", "auto"):
             raise ValueError(f"backend must be 'triton', 'torch' or 'auto', got {backend!r}")
+        if not isinstance(proportional, bool):
+            raise TypeError(f"proportional must be a bool, got {type(proportional).__name__}")
         self.headroom, self.growth, self.align = int(headroom), float(growth), int(align)
-        self.proportional = bool(proportional)
+        self.proportional = proportional
         self.backend = backend
         self.k: torch.Tensor | None = None
         self.v: torch.Tensor | None = None
@@ -263,6 +280,7 @@ class LayerKVCache:
         if x is None and not isinstance(default, torch.Tensor):  # a scalar default: a fill, no host-to-device copy
             return torch.full(shape, default, dtype=dtype, device=device)
         x = default if x is None else torch.as_tensor(x, device=device)
+        _check_meta_dtype(name, x, dtype)
         extra = len(shape) - 3
         if x.dim() == 0:  # a scalar
             x = x.view((1,) * len(shape))
@@ -404,13 +422,17 @@ class LayerKVCache:
         """
         if self.k is None:
             raise ValueError("the cache is empty: append the prompt first")
+        for name, x in (("k", k), ("v", v)):
+            if not isinstance(x, torch.Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
         if k.requires_grad or v.requires_grad:
             k, v = k.detach(), v.detach()
         B, Hkv, _, D = self.k.shape
         if k.shape != (B, Hkv, 1, D) or v.shape != k.shape or k.dtype != self.k.dtype or v.dtype != k.dtype \
-                or k.device != self.k.device or v.device != k.device:
+                or k.device != self.k.device or v.device != k.device or k.stride(-1) != 1 or v.stride(-1) != 1:
             raise ValueError(f"k and v must be [B, Hkv, 1, D] = {(B, Hkv, 1, D)} {self.k.dtype} on {self.k.device} "
-                             f"like the cache, got {tuple(k.shape)} {k.dtype} and {tuple(v.shape)} {v.dtype}")
+                             f"like the cache, with a contiguous last dim, got {tuple(k.shape)} {k.dtype} strides "
+                             f"{k.stride()} and {tuple(v.shape)} {v.dtype} strides {v.stride()}")
         new = {}
         for name, x, dtype in (("modality", modality, torch.uint8), ("time", time, torch.int32),
                                ("spatial", spatial, torch.int32)):
@@ -418,6 +440,7 @@ class LayerKVCache:
                 continue
             if not isinstance(x, torch.Tensor):
                 raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+            _check_meta_dtype(name, x, dtype)
             if name == "modality":  # read on the host for CPU ids; device ids are trusted (a decode step never syncs)
                 _check_modality(x, on_device=False)
             trail = (2,) if name == "spatial" else ()
@@ -518,7 +541,9 @@ class LayerKVCache:
     def crop_last(self, n: int) -> None:
         """Forget the last ``n`` tokens of every row (assisted decoding's rollback). Only for rows of one length
         that were never compressed (a compressed row's last slots are not its last tokens): else ValueError."""
-        if not (isinstance(n, int) and n >= 0):
+        if isinstance(n, bool) or not isinstance(n, int):
+            raise TypeError(f"n must be an int >= 0, got {type(n).__name__}")
+        if n < 0:
             raise ValueError(f"n must be an int >= 0, got {n!r}")
         if n == 0 or self.k is None:
             return
@@ -602,7 +627,7 @@ class LayerKVCache:
                 raise ValueError(f"plan.keep_lengths must be >= 0, got a row keeping {n_min}")
         else:
             n_min, n_max = length_bounds
-            if not (isinstance(n_min, int) and isinstance(n_max, int) and 0 <= n_min <= n_max):
+            if not (_is_int(n_min) and _is_int(n_max) and 0 <= n_min <= n_max):
                 raise ValueError(f"length_bounds must be ints 0 <= lo <= hi, got {length_bounds!r}")
             if check_plan:  # the plan's check reads the device anyway: the bounds must hold (lo == hi: all equal)
                 lo, hi = host_range(keep_lengths)
@@ -616,7 +641,7 @@ class LayerKVCache:
                 raise ValueError(f"plan.merge_target must be [B, Hkv, W] with max_length={self._max_length} <= W <= "
                                  f"capacity={self.capacity}, got shape {tuple(plan.merge_target.shape)}")
         keep = plan.keep[..., :max(n_max, 0)] if plan.keep.dim() == 3 else plan.keep  # later entries are ignored
-        if capacity is not None and not (isinstance(capacity, int) and capacity >= max(n_max, 0)):
+        if capacity is not None and not (_is_int(capacity) and capacity >= max(n_max, 0)):
             raise ValueError(f"capacity must be an int >= the longest kept row ({n_max}), got {capacity!r}")
         if capacity is None:
             capacity = min(_round_up(max(n_max, 0) + self.headroom, self.align), self.capacity)
@@ -672,6 +697,7 @@ class LayerKVCache:
         """
         if self.k is None:
             raise ValueError("the cache is empty: append tokens before attending")
+        self.check_query(q, scale)  # q against this storage (the launcher would name k_cache for q's dtype)
         if accumulate_mass:
             self._own()  # the mass is added in place
         w = self._max_length  # views over the stored part keep the kernel's scratch sized by what is stored
@@ -756,7 +782,8 @@ class BudgetedLayerCache:
         Args:
             q: ``[B, Hq, T, D]`` the prompt's queries (RoPE applied); k: ``[B, Hkv, T, D]`` its keys.
             scale: softmax scale (default ``D ** -0.5``).
-            valid: optional ``[B, T]`` bool, False at left padding (excluded from every softmax).
+            valid: optional ``[B, T]`` bool, False at left padding (excluded from every softmax; a row's False
+                entries come first: one after its first True is read as valid).
             audio_video: whether the prompt holds audio, video or image tokens (a host flag); ``"auto"`` evidence
                 (AccKV's default) is the window's on such prompts and every query's on text; None: the window's.
 
@@ -882,16 +909,20 @@ class BudgetedLayerCache:
 
     @staticmethod
     def _key_start(valid: torch.Tensor | None, k: torch.Tensor) -> torch.Tensor | None:
-        """``[B]`` int32 first valid token of each sequence (None without ``valid``), checking ``valid``'s shape."""
+        """``[B]`` int32 first valid token of each sequence, T for a row with none (None without ``valid``),
+        checking ``valid``'s shape. ``valid`` is left padding: a False after a row's first True is not seen (reading
+        it would need a host sync)."""
         B, T = k.shape[0], k.shape[2]
         if valid is None:
             return None
         if valid.dim() != 2 or tuple(valid.shape) != (B, T):
             raise ValueError(f"valid must be a [B, T] = {(B, T)} bool tensor, got {tuple(valid.shape)}")
-        return valid.int().argmax(-1).to(torch.int32)
+        return torch.where(valid.any(-1), valid.int().argmax(-1), T).to(torch.int32)
 
     def _resolve(self, audio_video: bool | None) -> AccKVConfig:
         """The config the policy runs for a prompt: ``"auto"`` evidence resolved (None: the window)."""
+        if audio_video is not None and not isinstance(audio_video, bool):
+            raise TypeError(f"audio_video must be a bool or None, got {type(audio_video).__name__}")
         if self.cfg.score_evidence != "auto":
             return self.cfg
         return self.cfg.replace(evidence=self.cfg.evidence_for(audio_video is None or bool(audio_video)))
@@ -924,6 +955,7 @@ class BudgetedLayerCache:
         :meth:`end_reconstruction`, after :meth:`reconstruct` has scored it; a later chunk ranks by its window.
         """
         self._check_not_awaiting("prefill")
+        self._check_metadata("prefill", metadata)
         self.store.check_kv(k, v)
         if audio_video is None:  # the scores' own evidence, not the window's default
             audio_video = self._evidence_av
@@ -1038,6 +1070,15 @@ class BudgetedLayerCache:
         self.awaiting_reconstruction = False
         self.compress()
 
+    @staticmethod
+    def _check_metadata(what: str, metadata: dict) -> None:
+        """A prefill's ``**metadata`` holds only what :meth:`LayerKVCache.append` takes beside the mass (the scores
+        give it): an unknown name raises TypeError, before anything changes."""
+        for name in metadata:
+            if name not in _PREFILL_METADATA:
+                raise TypeError(f"{what}() got an unexpected keyword argument {name!r} (metadata: "
+                                f"{', '.join(sorted(_PREFILL_METADATA))})")
+
     def _check_not_awaiting(self, what: str) -> None:
         if self.awaiting_reconstruction:
             raise ValueError(f"{what}: the first prompt waits for its reconstruction pass (method='kvzip'); call "
@@ -1063,13 +1104,21 @@ class BudgetedLayerCache:
         if st.k is None:
             raise ValueError("prefill_chunk needs a prefilled cache: call prefill(k, v, scores=...) first")
         self._check_not_awaiting("prefill_chunk")
-        st.check_kv(k, v)  # and the chunk's metadata: checked before the stored tokens' mass changes
+        self._check_metadata("prefill_chunk", metadata)
+        st.check_kv(k, v)  # and the chunk's metadata and mask: checked before the stored tokens' mass changes
         st.token_metadata(k, **metadata)
-        S, T = st.max_length, q.shape[2]
+        B, T = k.shape[0], k.shape[2]
+        if valid is not None and not isinstance(valid, torch.Tensor):
+            raise TypeError(f"valid must be a bool [B, T] tensor, got {type(valid).__name__}")
+        if valid is not None and (tuple(valid.shape) != (B, T) or valid.dtype != torch.bool):
+            raise ValueError(f"valid must be a bool [B, T] = {(B, T)} tensor (one mask per sequence: the chunk's "
+                             f"queries attend over the keys of every kv head alike), got {tuple(valid.shape)} "
+                             f"{valid.dtype}")
+        S = st.max_length
         cfg = self._resolve(audio_video)
         out, res = self._attend_chunk(
             q, k, v, scale=scale, multiplicity=st.multiplicity[:, :, :S] if st.proportional else None,
-            key_valid=None if valid is None else (valid if valid.dim() == 2 else valid[:, 0]),
+            key_valid=valid,
             window=self._evidence_rows(T, cfg), decay=cfg.mean_decay)
         st._own()  # (a first prompt still borrowed, when its compression failed) the mass changes in place below
         if cfg.mean_decay != 1.0:  # the stored tokens' evidence ages by the chunk's T queries

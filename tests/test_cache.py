@@ -289,6 +289,10 @@ def test_decode_attention_accumulates_mass_into_the_cache(backend, poison_empty)
     torch.testing.assert_close(rows(cache.token_mass, n), rows(want_mass, n), atol=atol, rtol=rtol)
     added = torch.where(stored, cache.token_mass - mass_before, 0.0).sum(dim=2)  # [B, Hkv]
     torch.testing.assert_close(added, torch.full((B, HKV), 3.0, device=DEVICE))  # G = 3 heads' probabilities each
+    mass_before = cache.token_mass.clone()
+    with pytest.raises(ValueError, match="q must be"):  # q named (not the cache) for a dtype the cache does not hold
+        cache.decode_attention(torch.randn(B, 3 * HKV, D, device=DEVICE).half())
+    assert torch.equal(cache.token_mass, mass_before)
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
@@ -309,6 +313,10 @@ def test_invalid_plan_leaves_the_cache_unchanged(backend):
     n = int(plan.keep_lengths.max())
     with pytest.raises(ValueError, match="length_bounds"):  # bounds that do not hold would misplace the next append
         cache.compress(plan, length_bounds=(n + 1, n + 1))
+    with pytest.raises(ValueError, match="length_bounds must be ints"):  # a bool is not a count
+        cache.compress(plan, length_bounds=(False, True))
+    with pytest.raises(ValueError, match="capacity must be an int"):
+        cache.compress(plan, capacity=True)
     after = snapshot(cache)
     for name, x in before.items():
         assert torch.equal(x.contiguous().view(torch.uint8), after[name].contiguous().view(torch.uint8)), name
@@ -335,6 +343,14 @@ def test_append_rejects_mismatched_tokens():
         cache.append(torch.randn(B, HKV, 1, D + 1, device=DEVICE), torch.randn(B, HKV, 1, D + 1, device=DEVICE))
     with pytest.raises(ValueError, match="modality"):
         cache.append(*rand_kv(2), modality=torch.zeros(3, dtype=torch.uint8))
+    with pytest.raises(TypeError, match="time must be an integer tensor"):  # not truncated to 0 and 1
+        cache.append(*rand_kv(2), time=[0.7, 1.9])
+    with pytest.raises(TypeError, match="spatial must be an integer tensor"):
+        cache.append(*rand_kv(2), spatial=torch.ones(2, 2, dtype=torch.bool))
+    with pytest.raises(TypeError, match="n must be an int"):
+        cache.crop_last(True)
+    with pytest.raises(TypeError, match="proportional must be a bool"):  # "no" was read as True
+        LayerKVCache(proportional="no")
     assert cache.seen == 8 and torch.all(cache.lengths == 8)
 
 
@@ -424,6 +440,15 @@ def test_a_rejected_decode_step_or_chunk_changes_nothing(backend):
         cache.prefill_chunk(torch.randn(B, 2 * HKV, 4, D, device=DEVICE), kc, vc, modality=[0, 0, 7, 0])
     with pytest.raises(ValueError, match="k must be"):
         cache.prefill_chunk(torch.randn(B, 2 * HKV, 4, D, device=DEVICE), kc[:, :1], vc[:, :1])
+    qc = torch.randn(B, 2 * HKV, 4, D, device=DEVICE)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'token_mass'"):  # the scores give the mass
+        cache.prefill_chunk(qc, kc, vc, token_mass=torch.zeros(B, HKV, 4, device=DEVICE))
+    with pytest.raises(TypeError, match="valid must be a bool"):
+        cache.prefill_chunk(qc, kc, vc, valid=[[True] * 4] * B)
+    with pytest.raises(ValueError, match=r"valid must be a bool \[B, T\]"):  # one mask per sequence
+        cache.prefill_chunk(qc, kc, vc, valid=torch.ones(B, HKV, 4, dtype=torch.bool, device=DEVICE))
+    with pytest.raises(TypeError, match="audio_video must be a bool"):  # "no" was read as True
+        cache.prefill_chunk(qc, kc, vc, audio_video="no")
     after = state()
     assert torch.equal(after[0], before[0]) and after[1] == before[1]
     assert torch.equal(after[2], before[2]) and torch.equal(after[3], before[3])
@@ -518,6 +543,14 @@ def test_a_decode_token_with_a_bad_modality_id_is_refused_before_it_is_stored(ba
         cache.decode_step(q, k1, v1, modality=torch.tensor([[9], [0]], dtype=torch.uint8))
     with pytest.raises(TypeError, match="modality must be a torch.Tensor"):
         cache.decode_step(q, k1, v1, modality=[[1], [0]])
+    # a time that is not integers (it would be truncated), a k that is not a tensor, a strided head dim (the kernel
+    # reads the last dim as contiguous: it stored the wrong elements)
+    with pytest.raises(TypeError, match="time must be an integer tensor"):
+        cache.decode_step(q, k1, v1, time=torch.full((B, 1), 1.7, device=DEVICE))
+    with pytest.raises(TypeError, match="k must be a torch.Tensor"):
+        cache.decode_step(q, k1.tolist(), v1)
+    with pytest.raises(ValueError, match="contiguous last dim"):
+        cache.decode_step(q, torch.randn(B, HKV, 1, 2 * D, device=DEVICE)[..., ::2], v1)
     assert torch.equal(st.lengths, lengths) and st.seen == seen and st.capacity == capacity
 
 
@@ -592,3 +625,16 @@ def test_select_rows_checks_its_index():
     assert cache.k.shape[0] == 1 and torch.equal(cache.position, position[1:])
     cache.select_rows([0, 0])  # a sequence of ids
     assert torch.equal(cache.position, position[[1, 1]])
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_a_row_with_no_valid_token_gets_no_evidence(backend):
+    """valid all False for one sequence: its row sees nothing and scores nothing (the first valid token was read as
+    argmax, 0 for an all-False row, so the whole row was scored as valid)."""
+    cache = ak.BudgetedLayerCache(ak.AccKVConfig(budget=0.5, backend=backend))
+    q, (k, _) = torch.randn(B, 2 * HKV, 8, D, device=DEVICE), rand_kv(8)
+    valid = torch.ones(B, 8, dtype=torch.bool, device=DEVICE)
+    valid[-1] = False
+    scores = cache.prompt_evidence(q, k, valid=valid, audio_video=False)
+    assert torch.equal(scores[-1], torch.zeros_like(scores[-1]))
+    torch.testing.assert_close(scores[0].sum(-1), torch.full((HKV,), 16.0, device=DEVICE))  # 8 queries x G 2

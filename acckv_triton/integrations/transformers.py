@@ -761,6 +761,8 @@ class AccKVHandle:
         if (self.spec.mrope and isinstance(pos, torch.Tensor) and pos.dim() == 3 and pos.shape[0] in (1, 3, 4)
                 and pos.shape[-1] == T):  # 1: a continuation's text positions, one row for all three
             rows = pos[-3:].expand(3, B, T)
+            if rows.dtype.is_floating_point:  # Qwen3-Omni's are float (times in position units); the cache keeps
+                rows = rows.to(torch.int32)  # int32 times and patch coordinates, truncated as it always stored them
             step["time"] = rows[0]
             if modality is not None:
                 patch = (modality == Modality.VIDEO) | (modality == Modality.IMAGE)

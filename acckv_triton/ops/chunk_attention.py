@@ -301,7 +301,7 @@ def check_args(q, k_cache, v_cache, lengths, k_new, v_new, *, scale=None, multip
         check_shape(name, x, (B, Hkv, n, D), "[B, Hkv, " + ("S" if name.endswith("cache") else "T") + ", D]")
         check_last_dim_contiguous(name, x)
     check_last_dim_contiguous("q", q)
-    if Hkv == 0 or Hq % Hkv != 0:
+    if Hkv == 0 or Hq == 0 or Hq % Hkv != 0:
         raise ValueError(f"the query head count Hq={Hq} (q) must be a positive multiple of Hkv={Hkv} (k_cache)")
     check_tensor("lengths", lengths, shape=(B, Hkv), what="[B, Hkv]", dtypes=(torch.int32,), device=device, like="q")
     if multiplicity is not None:
@@ -314,7 +314,7 @@ def check_args(q, k_cache, v_cache, lengths, k_new, v_new, *, scale=None, multip
                      like="q")
         if key_valid.stride(-1) != 1:
             raise ValueError("key_valid must have a contiguous last dim")
-    if not (isinstance(window, int) and window >= 1):
+    if isinstance(window, bool) or not (isinstance(window, int) and window >= 1):
         raise ValueError(f"window must be an int >= 1, got {window!r}")
     if reduce not in ("sum", "max"):
         raise ValueError(f"reduce must be 'sum' or 'max', got {reduce!r}")
@@ -324,4 +324,5 @@ def check_args(q, k_cache, v_cache, lengths, k_new, v_new, *, scale=None, multip
     if out is not None:
         check_tensor("out", out, shape=(B, Hq, T, D), what="[B, Hq, T, D]", dtypes=(q.dtype,), device=device,
                      like="q")
+        check_last_dim_contiguous("out", out)  # the kernel writes each row's D values as one contiguous vector
     return _common.check_scale(scale, D), log2_decay

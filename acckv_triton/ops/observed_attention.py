@@ -266,7 +266,7 @@ def check_args(q, k, v=None, *, scale=None, key_start=None, out=None, decay: flo
     check_tensor("k", k, rank=4, dtypes=(q.dtype,), device=device, like="q")
     Hkv = k.shape[1]
     check_shape("k", k, (B, Hkv, T, D), "[B, Hkv, T, D]")
-    if Hkv == 0 or Hq % Hkv != 0:
+    if Hkv == 0 or Hq == 0 or Hq % Hkv != 0:
         raise ValueError(f"the query head count Hq={Hq} (q) must be a positive multiple of Hkv={Hkv} (k)")
     check_last_dim_contiguous("q", q)
     check_last_dim_contiguous("k", k)

@@ -312,7 +312,7 @@ def check_args(q_window, k, *, scale=None, modality=None, lse=None, key_start=No
     B, Hq, W, D = q_window.shape
     Hkv, N = k.shape[1], k.shape[2]
     check_shape("k", k, (B, Hkv, N, D), "[B, Hkv, N, D]")
-    if Hkv == 0 or Hq % Hkv != 0:
+    if Hkv == 0 or Hq == 0 or Hq % Hkv != 0:
         raise ValueError(f"the query head count Hq={Hq} (q_window) must be a positive multiple of Hkv={Hkv} (k)")
     if not 1 <= W <= N:
         raise ValueError(f"the window size W={W} (q_window dim 2) must satisfy 1 <= W <= N={N} (k dim 2)")

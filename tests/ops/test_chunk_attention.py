@@ -130,3 +130,7 @@ def test_bad_arguments_name_what_was_expected():
         chunk_attention(q, kc, vc, lengths, kn, vn, reduce="max", decay=0.5)
     with pytest.raises(TypeError, match="key_valid must have dtype bool"):
         chunk_attention(q, kc, vc, lengths, kn, vn, key_valid=opts["key_valid"].int())
+    out = torch.zeros(1, 4, 64, 5, device=q.device).transpose(2, 3)  # [B, Hq, T, D] with a strided last dim
+    with pytest.raises(ValueError, match="out must be contiguous in its last dim"):  # (it was written as if it were)
+        chunk_attention(q, kc, vc, lengths, kn, vn, out=out)
+    assert torch.equal(out, torch.zeros_like(out))
