@@ -239,7 +239,8 @@ def _protect_kernel(
     RAW, RANK, SRANK, SHAT, KEYF, KEY64, CAND, KEPT, STATS, N, H, SINK, WINDOW, RECENT, win_lo, win_hi,
     P_SINK: tl.constexpr, P_WINDOW: tl.constexpr, P_RECENT: tl.constexpr, P_TEXT: tl.constexpr,
     P_ALL: tl.constexpr, WIN_MODE: tl.constexpr, MODE: tl.constexpr, REDIST: tl.constexpr, RENORM: tl.constexpr,
-    MERGE_KEYS: tl.constexpr, HAS_SPATIAL: tl.constexpr, NSTAT: tl.constexpr, BLOCK: tl.constexpr,
+    MERGE_KEYS: tl.constexpr, HAS_SPATIAL: tl.constexpr, CAP_RECENT: tl.constexpr, NSTAT: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     """MODE 0: one ranking by pooled score (keys in KEYF); 1: StreamingLLM (selects here); 2: AccKV."""
     r, b, h, row, st = _row(STATS, N, H, NSTAT)
@@ -248,6 +249,8 @@ def _protect_kernel(
     has_av = (tl.sum(tl.where(m4 >= 1, n_b, 0.0), 0) > 0).to(tl.int32)
     n_valid = tl.load(st + 20).to(tl.int32)
     target = tl.minimum(tl.load(TARGET + b * sTgb + h * sTgh).to(tl.int32), n_valid)
+    if CAP_RECENT:  # AccKV: the recent tokens protect at most half the row's target (policy.recent_cap)
+        RECENT = tl.minimum(RECENT, target // 2)
     if REDIST:
         a_b = _batch_vec4(STATS, b, H, 4, NSTAT)
         s_b = _batch_vec4(STATS, b, H, 8, NSTAT)
@@ -897,7 +900,7 @@ def plan_layer_fused(cfg: AccKVConfig, x: LayerTokens, layer: int = 0, num_layer
         N, H, cfg.sink, cfg.window, recent_tokens(cfg), lo, hi,
         P_SINK=flags[0], P_WINDOW=flags[1], P_RECENT=flags[2], P_TEXT=flags[3], P_ALL=flags[4], WIN_MODE=win_mode,
         MODE=mode, REDIST=acckv and cfg.redistribution, RENORM=acckv and cfg.head_renorm, MERGE_KEYS=merge,
-        HAS_SPATIAL=spatial is not None, NSTAT=_NSTAT, BLOCK=_BLOCK)
+        HAS_SPATIAL=spatial is not None, CAP_RECENT=cfg.method == "acckv", NSTAT=_NSTAT, BLOCK=_BLOCK)
     keys = x.keys if x.keys is not None else s.unsqueeze(-1)
     D = keys.shape[-1]
     if keys.stride(-1) != 1:

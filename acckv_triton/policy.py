@@ -54,6 +54,16 @@ def recent_tokens(cfg: AccKVConfig) -> int:
     return cfg.window if cfg.method in _WINDOWED_BASELINES else cfg.recent
 
 
+def recent_cap(cfg: AccKVConfig, target):
+    """The recent tokens a row protects: :func:`recent_tokens`, and for AccKV at most half the row's ``target``
+    (``[B, Hkv]``; an int or a tensor) so that at a budget of a few dozen tokens (a short chat prompt) the evidence
+    still chooses half of what is kept, the sinks among it, rather than the newest tokens taking it all."""
+    R = recent_tokens(cfg)
+    if cfg.method != "acckv":  # the baselines as their papers define them
+        return R
+    return torch.clamp(target // 2, max=R)[..., None] if isinstance(target, torch.Tensor) else min(R, target // 2)
+
+
 @dataclass
 class LayerTokens:
     """One layer's evidence about its cached tokens, one row per (sequence, kv head).
@@ -349,7 +359,7 @@ def plan_layer(cfg: AccKVConfig, x: LayerTokens, layer: int = 0, num_layers: int
         window = valid & (x.position >= x.window_range[0]) & (x.position < x.window_range[1])
     else:
         window = valid & (rank_valid >= n_valid[..., None] - cfg.window)
-    recent = valid & (rank_valid >= n_valid[..., None] - recent_tokens(cfg))
+    recent = valid & (rank_valid >= n_valid[..., None] - recent_cap(cfg, target))
     if not cfg.windowed:  # every-query / last-query evidence: the window is ranked like any token
         window = torch.zeros_like(window)
     has_av = (valid & (mod != Modality.TEXT)).flatten(1).any(-1)[:, None, None]  # [B,1,1]

@@ -11,6 +11,7 @@ from acckv_triton.cache import BudgetedLayerCache
 from acckv_triton.config import METHODS, AccKVConfig
 from acckv_triton.modality import Modality
 from acckv_triton.policy import LayerTokens, _alignment_boost, _merge_groups, budget_tokens, plan_layer
+from tests.conftest import DEVICE
 
 W = workloads.generate_av_workload(num_chunks=3, grid_h=4, grid_w=4, batch=2, num_layers=2, seed=1)
 N = W.num_tokens
@@ -145,6 +146,34 @@ def test_protection_beyond_budget_keeps_priority_order():
     assert torch.all(kept[..., :cfg.sink])  # sinks first
     assert torch.all(kept[..., N - 8:])  # then the newest window tokens
     assert int(kept[0, 0].sum()) == 12
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["torch", "fused"])
+def test_acckv_recent_tokens_take_at_most_half_a_small_target(fused):
+    """A short text prompt (37 tokens at 75%: target 28 < 2R): AccKV protects its newest 14 tokens and ranks the
+    rest by the evidence, so the first token, the sink every query attends, stays (with all 28 slots going to the
+    newest 32 it was evicted); SnapKV keeps its paper's window whatever the budget."""
+    from acckv_triton.fused_policy import plan_layer_fused
+    n = 37
+    g = torch.Generator().manual_seed(5)
+    scores = torch.rand(1, 2, n, generator=g) * 0.1
+    scores[..., 0] = 5.0  # the sink
+    x = LayerTokens(scores=scores.to(DEVICE), modality=torch.zeros(1, 2, n, dtype=torch.uint8, device=DEVICE),
+                    lengths=torch.full((1, 2), n, dtype=torch.int32, device=DEVICE),
+                    keys=torch.randn(1, 2, n, 16, generator=g).to(DEVICE))
+    def run(cfg):
+        target = budget_tokens(cfg, torch.full((1, 2), n, device=DEVICE), 0, 1)  # 28
+        plan = plan_layer_fused(cfg, x, 0, 1, target=target, max_keep=int(target.max())).plan if fused else \
+            plan_layer(cfg, x, 0, 1, check=False).plan
+        keep, lengths = plan.keep.cpu().long(), plan.keep_lengths.cpu().long()
+        return torch.zeros(1, 2, n + 1, dtype=torch.bool).scatter_(
+            2, torch.where(torch.arange(keep.shape[-1]) < lengths[..., None], keep, n), True)[..., :n]
+
+    acckv = run(AccKVConfig(budget=0.75, evidence="mean"))
+    assert acckv.sum(-1).eq(28).all() and acckv[..., 0].all()
+    assert acckv[..., n - 14:].all() and not acckv[..., n - 28:n - 14].all()  # 14 newest protected, not 28
+    snap = run(AccKVConfig(budget=0.75, method="snapkv"))
+    assert snap[..., n - 28:].all() and not snap[..., 0].any()
 
 
 def test_merges_stay_inside_a_modality_and_carry_multiplicity():
