@@ -940,7 +940,8 @@ class BudgetedLayerCache:
         Args:
             k, v: ``[B, Hkv, T, D]`` the chunk's keys (RoPE applied) and values.
             scores: ``[B, Hkv, T]`` real floating-point attention mass of these tokens (:meth:`prompt_evidence`;
-                stored as float32).
+                stored as float32). Not read back to be checked (that would sync): the policy reads NaN and
+                negative values as 0 and +inf as the largest float.
             valid: optional ``[B, T]`` or ``[B, Hkv, T]`` bool, False at left padding (never kept, not counted in
                 the budget).
             audio_video: as :meth:`prompt_evidence` took it (the evidence decides what the policy protects and
