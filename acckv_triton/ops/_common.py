@@ -97,6 +97,11 @@ def memory_span(x: torch.Tensor) -> tuple[int, int]:
     return start, start + (extent + 1) * x.element_size()
 
 
+def spans_overlap(a: tuple[int, int], b: tuple[int, int]) -> bool:
+    """Whether two :func:`memory_span` ranges share a byte (an empty one shares none)."""
+    return a[0] < a[1] and b[0] < b[1] and a[0] < b[1] and b[0] < a[1]
+
+
 def check_not_self_overlapping(name: str, x: torch.Tensor) -> None:
     """Raise ValueError unless x, which a launch writes, has no two elements in the same memory. Conservative: an
     expand's stride 0, or a stride no larger than what the dims of smaller strides reach, is refused; a dense or

@@ -63,7 +63,7 @@ import triton.language as tl
 from .. import tuning
 from . import _common
 from ._common import (carve, carved_nbytes, check_last_dim_contiguous, check_not_self_overlapping, check_tensor,
-                      dtype_name, memory_span, next_pow2)
+                      dtype_name, memory_span, next_pow2, spans_overlap)
 
 __all__ = ["compact_kv", "compact_kv_"]
 
@@ -278,7 +278,7 @@ def _check_kv(name: str, x, device=None, dtype=None) -> None:
 
 
 def _spans(named: Sequence[tuple[str, torch.Tensor | None]]) -> list[tuple[str, torch.Tensor, int, int]]:
-    """``(name, x, start, end)`` for each named tensor that is not None (see :func:`~acckv_triton.ops._common.memory_span`)."""
+    """``(name, x, start, end)`` for each named tensor that is not None (see :func:`._common.memory_span`)."""
     return [(name, x, *memory_span(x)) for name, x in named if x is not None]
 
 
@@ -290,7 +290,7 @@ def _check_no_overlap(named: Sequence[tuple[str, torch.Tensor]]) -> list[tuple[s
     spans = _spans(named)
     for i, (name_a, _, a0, a1) in enumerate(spans):
         for name_b, _, b0, b1 in spans[i + 1:]:
-            if a0 < b1 and b0 < a1:
+            if spans_overlap((a0, a1), (b0, b1)):
                 raise ValueError(f"{name_a} and {name_b} must not share memory (both are written)")
     return spans
 
@@ -302,7 +302,7 @@ def _check_plan_not_written(written, keep, keep_lengths, merge_target, merge_wei
                    ("merge_weight", merge_weight)])
     for w_name, w, a0, a1 in written:
         for p_name, p, b0, b1 in plan:
-            if a0 < b1 and b0 < a1 and not (w_name == "lengths" and p_name == "keep_lengths" and p is w):
+            if spans_overlap((a0, a1), (b0, b1)) and not (w_name == "lengths" and p_name == "keep_lengths" and p is w):
                 raise ValueError(f"{p_name} must not share memory with {w_name}, which is written")
 
 

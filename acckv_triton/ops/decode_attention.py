@@ -270,13 +270,11 @@ def check_plan_args(k_cache, v_cache, lengths, *, num_q_heads, scale=None, modal
             check_shape(name, x, (B, Hkv, C), "[B, Hkv, C]")
     if token_mass is not None:  # written at every run: no element twice, nothing the run reads
         _common.check_not_self_overlapping("token_mass", token_mass)
-        t0, t1 = _common.memory_span(token_mass)
+        span = _common.memory_span(token_mass)
         for name, x in (("k_cache", k_cache), ("v_cache", v_cache), ("lengths", lengths), ("modality", modality),
                         ("multiplicity", multiplicity)):
-            if x is not None and x.numel() and token_mass.numel():
-                a0, a1 = _common.memory_span(x)
-                if a0 < t1 and t0 < a1:
-                    raise ValueError(f"token_mass must not share memory with {name} (token_mass is written)")
+            if x is not None and _common.spans_overlap(span, _common.memory_span(x)):
+                raise ValueError(f"token_mass must not share memory with {name} (token_mass is written)")
     return _common.check_scale(scale, D), _common.check_decay(decay)
 
 
