@@ -73,6 +73,8 @@ def _is_int(x) -> bool:
 def _check_meta_dtype(name: str, x: torch.Tensor, dtype: torch.dtype) -> None:
     """Metadata stored as integers (ids, times, positions, patch coordinates) must be given as integers, and mass as
     real numbers: a float time would be truncated, a bool read as 0/1. TypeError naming the argument."""
+    if x.device.type == "meta":
+        raise ValueError(f"{name} must hold data (on the cache's device or the CPU), got a meta tensor")
     ok = x.dtype != torch.bool and not x.dtype.is_complex and (dtype.is_floating_point or not x.dtype.is_floating_point)
     if not ok:
         raise TypeError(f"{name} must be {'a real' if dtype.is_floating_point else 'an integer'} tensor (stored as "
@@ -86,6 +88,8 @@ def _check_modality(x, *, on_device: bool) -> None:
     if isinstance(x, torch.Tensor):
         if x.dtype == torch.bool or x.dtype.is_floating_point or x.dtype.is_complex:
             raise TypeError(f"modality must hold integer Modality ids, got dtype {x.dtype}")
+        if x.device.type == "meta":
+            raise ValueError("modality must hold data (on the cache's device or the CPU), got a meta tensor")
         if x.device.type != "cpu":
             if on_device and bool(((x < 0) | (x >= NUM_MODALITIES)).any()):
                 raise ValueError(f"modality must hold Modality ids in [0, {NUM_MODALITIES}), got values outside it")
@@ -279,6 +283,8 @@ class LayerKVCache:
         """Metadata given as ``[T]``, ``[B, T]`` or ``[B, Hkv, T]`` (plus trailing dims), as a ``shape`` view."""
         if x is None and not isinstance(default, torch.Tensor):  # a scalar default: a fill, no host-to-device copy
             return torch.full(shape, default, dtype=dtype, device=device)
+        if isinstance(x, torch.Tensor):
+            _check_meta_dtype(name, x, dtype)  # before the copy to the device (a meta tensor has nothing to copy)
         x = default if x is None else torch.as_tensor(x, device=device)
         _check_meta_dtype(name, x, dtype)
         extra = len(shape) - 3
@@ -621,6 +627,9 @@ class LayerKVCache:
         keep_lengths = plan.keep_lengths
         if not isinstance(keep_lengths, torch.Tensor) or keep_lengths.numel() != self.lengths.numel():
             raise ValueError(f"plan.keep_lengths must be a [B, Hkv] = {tuple(self.lengths.shape)} tensor")
+        if keep_lengths.device != self.k.device:  # (read below before the ops' own checks)
+            raise ValueError(f"plan.keep_lengths must be on the cache's device {self.k.device}, got "
+                             f"{keep_lengths.device}")
         if length_bounds is None:
             n_min, n_max = host_range(keep_lengths)
             if n_min < 0:

@@ -351,6 +351,13 @@ def test_append_rejects_mismatched_tokens():
         cache.crop_last(True)
     with pytest.raises(TypeError, match="proportional must be a bool"):  # "no" was read as True
         LayerKVCache(proportional="no")
+    for name, x in (("modality", torch.zeros(2, dtype=torch.uint8)), ("time", torch.zeros(2, dtype=torch.int32))):
+        with pytest.raises(ValueError, match=f"{name} must hold data"):  # not torch's NotImplementedError
+            cache.append(*rand_kv(2), **{name: x.to("meta")})
+    plan = CompactionPlan(torch.zeros(B, HKV, 3, dtype=torch.int32, device=DEVICE),
+                          torch.full((B, HKV), 3, dtype=torch.int32, device="meta"))
+    with pytest.raises(ValueError, match="plan.keep_lengths must be on the cache's device"):
+        cache.compress(plan)
     assert cache.seen == 8 and torch.all(cache.lengths == 8)
 
 

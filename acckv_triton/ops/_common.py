@@ -131,7 +131,10 @@ def host_range(x: torch.Tensor) -> tuple[int, int]:
 
 
 def check_kernel_device(name: str, device: torch.device) -> None:
-    """Raise ValueError unless kernels can run on ``device``: CUDA, or anything under Triton's interpreter."""
+    """Raise ValueError unless kernels can run on ``device``: CUDA, or anything that holds data under Triton's
+    interpreter (a meta tensor has none to launch on)."""
+    if device.type == "meta":
+        raise ValueError(f"{name} must be on a CUDA device (or a CPU with TRITON_INTERPRET=1), got a meta tensor")
     if not tuning.INTERPRET and device.type != "cuda":
         raise ValueError(f"{name} must be on a CUDA device (or run with TRITON_INTERPRET=1), got {device}")
 

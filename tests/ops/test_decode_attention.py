@@ -262,6 +262,8 @@ BAD = [
     pytest.param(lambda a: {"scale": True}, TypeError, "scale must be a finite float", id="scale-bool"),
     pytest.param(lambda a: {"decay": "0.5"}, TypeError, "decay must be a float in", id="decay-str"),
     pytest.param(lambda a: {"decay": True}, TypeError, "decay must be a float in", id="decay-bool"),
+    pytest.param(lambda a: {name: x.to("meta") for name, x in a.items()}, ValueError,
+                 "q must be on a CUDA device", id="meta-tensors"),  # no data to launch on, interpreted or not
     # token_mass is written at every run: never over what the run reads, nor over itself
     pytest.param(lambda a: {"token_mass": a["k_cache"].view(torch.float32)[..., 0]}, ValueError,
                  "token_mass must not share memory with k_cache", id="token-mass-inside-k"),
