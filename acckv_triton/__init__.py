@@ -7,7 +7,8 @@ with NumPy >= 2.4, that interpreter is made to: :mod:`acckv_triton._interpreter`
 """
 from . import tuning  # first: decides the execution mode before any kernel is defined
 from .modality import NUM_MODALITIES, Modality
-from .cache import BudgetedLayerCache, LayerKVCache
+from .cache import BudgetedLayerCache
+from .storage import LayerKVCache
 from .config import METHODS, AccKVConfig
 from .fused_policy import plan_layer_fused
 from .ops import (ChunkAttention, DecodeAttentionOutput, DecodeAttentionPlan, ObservedAttention, WindowScores,

@@ -10,7 +10,7 @@ import torch
 
 import acckv_triton as ak
 from acckv_triton import reference
-from acckv_triton.cache import LayerKVCache
+from acckv_triton.storage import LayerKVCache
 from acckv_triton.plan import CompactionPlan
 from tests.conftest import DEVICE, TOL
 

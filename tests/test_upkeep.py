@@ -6,7 +6,8 @@ import torch
 
 from acckv_triton import reference, workloads
 from acckv_triton.bench.av import workload_to
-from acckv_triton.cache import BudgetedLayerCache, LayerKVCache
+from acckv_triton.cache import BudgetedLayerCache
+from acckv_triton.storage import LayerKVCache
 from acckv_triton.config import AccKVConfig
 from tests.conftest import DEVICE
 

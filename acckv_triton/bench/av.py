@@ -220,10 +220,10 @@ MODEL_SHAPES = (("Qwen2.5-Omni-7B thinker", 28, 4, 128), ("Qwen2.5-Omni-3B think
 def memory_rows(prompt_tokens: int = 32768, budgets: Iterable[float] = DEFAULT_BUDGETS) -> list[dict]:
     """Bytes a compressed cache holds per sequence for real model shapes against the full bf16 KV.
 
-    Held bytes count what a :class:`~acckv_triton.cache.LayerKVCache` allocates after compression: the kept tokens
+    Held bytes count what a :class:`~acckv_triton.storage.LayerKVCache` allocates after compression: the kept tokens
     plus the decode headroom (rounded to its alignment), with K, V and every metadata field of each token.
     """
-    from ..cache import LayerKVCache
+    from ..storage import LayerKVCache
 
     rows = []
     for name, layers, hkv, d in MODEL_SHAPES:

@@ -275,7 +275,7 @@ class AccKVLayer(CacheLayerMixin):
 
     @property
     def store(self):
-        """The layer's :class:`~acckv_triton.cache.LayerKVCache` (K, V, lengths, metadata)."""
+        """The layer's :class:`~acckv_triton.storage.LayerKVCache` (K, V, lengths, metadata)."""
         return self.budgeted.store
 
     # ---- transformers layer API
@@ -501,7 +501,7 @@ class AccKVCache(Cache):
         self._plain_steps = 0
 
     def graph_binding(self) -> tuple:
-        """Every layer's storage binding (:attr:`~acckv_triton.cache.LayerKVCache.binding`): a captured graph is
+        """Every layer's storage binding (:attr:`~acckv_triton.storage.LayerKVCache.binding`): a captured graph is
         valid while this is unchanged."""
         return tuple(layer.store.binding for layer in self.compressed_layers)
 

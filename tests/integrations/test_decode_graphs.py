@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import acckv_triton as ak
-from acckv_triton.cache import LayerKVCache
+from acckv_triton.storage import LayerKVCache
 from tests.graph_stand_in import HostFrozenGraph
 
 pytest.importorskip("transformers")
