@@ -270,16 +270,19 @@ class BudgetedLayerCache:
         if audio_video is None:  # the scores' own evidence, not the window's default
             audio_video = self._evidence_av
         B, Hkv, T = k.shape[:3]
-        if not isinstance(scores, torch.Tensor) or tuple(scores.shape) != (B, Hkv, T):
-            raise ValueError(f"scores must be a [B, Hkv, T] = {(B, Hkv, T)} tensor, got "
-                             f"{tuple(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__}")
+        if not isinstance(scores, torch.Tensor):
+            raise TypeError(f"scores must be a [B, Hkv, T] = {(B, Hkv, T)} tensor, got {type(scores).__name__}")
+        if tuple(scores.shape) != (B, Hkv, T):
+            raise ValueError(f"scores must be a [B, Hkv, T] = {(B, Hkv, T)} tensor, got {tuple(scores.shape)}")
         if not scores.dtype.is_floating_point:  # attention mass: a real float (complex and ints are refused)
             raise TypeError(f"scores must be a real floating-point tensor of attention mass, got {scores.dtype}")
         if valid is not None and not isinstance(valid, torch.Tensor):
             raise TypeError(f"valid must be a bool [B, T] or [B, Hkv, T] tensor, got {type(valid).__name__}")
-        if valid is not None and (tuple(valid.shape) not in ((B, T), (B, Hkv, T)) or valid.dtype != torch.bool):
+        if valid is not None and valid.dtype != torch.bool:
+            raise TypeError(f"valid must be a bool [B, T] or [B, Hkv, T] tensor, got dtype {valid.dtype}")
+        if valid is not None and tuple(valid.shape) not in ((B, T), (B, Hkv, T)):
             raise ValueError(f"valid must be a bool [B, T] or [B, Hkv, T] tensor for {(B, Hkv, T)}, "
-                             f"got {tuple(valid.shape)} {valid.dtype}")
+                             f"got {tuple(valid.shape)}")
         valid_rows = None if valid is None else valid[:, None, :].expand(B, Hkv, T) if valid.dim() == 2 else valid
         before = None
         if valid_rows is not None or self._valid is not None:
@@ -420,10 +423,11 @@ class BudgetedLayerCache:
         B, T = k.shape[0], k.shape[2]
         if valid is not None and not isinstance(valid, torch.Tensor):
             raise TypeError(f"valid must be a bool [B, T] tensor, got {type(valid).__name__}")
-        if valid is not None and (tuple(valid.shape) != (B, T) or valid.dtype != torch.bool):
+        if valid is not None and valid.dtype != torch.bool:
+            raise TypeError(f"valid must be a bool [B, T] tensor, got dtype {valid.dtype}")
+        if valid is not None and tuple(valid.shape) != (B, T):
             raise ValueError(f"valid must be a bool [B, T] = {(B, T)} tensor (one mask per sequence: the chunk's "
-                             f"queries attend over the keys of every kv head alike), got {tuple(valid.shape)} "
-                             f"{valid.dtype}")
+                             f"queries attend over the keys of every kv head alike), got {tuple(valid.shape)}")
         S = st.max_length
         cfg = self._resolve(audio_video)
         out, res = self._attend_chunk(

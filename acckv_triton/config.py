@@ -112,9 +112,10 @@ class AccKVConfig:
     #   weights 0.7 lowered the KL in all six cells of the real suite, by 0.7-10% (SmolLM2: only layer 0 is broad;
     #   benchmarks/results/cpu-2026-12-07/real-weights-night/)
     protect_positions: bool = True  # keep the S sinks and R recent tokens whatever their evidence (in the methods
-    #   that protect them: AccKV, H2O, KVzip, StreamingLLM); False: they rank by their evidence like any token.
-    #   On AccKV's every-query mean False lowered the decode KL in 10 of 12 real-weight cells but lost top-1 in the
-    #   CI's chunk check, and a later chunk's tokens hold only its window's mass (benchmarks/NOTES.md): True
+    #   that protect them: sinks in AccKV and StreamingLLM, recent tokens in every method but TOVA and StreamingLLM,
+    #   the windowed baselines' W newest); False: they rank by their evidence like any token, in any method.
+    #   On AccKV's every-query mean False lowered the decode KL in 10 of 12 real-weight cells but raised it on a
+    #   held-back text and lost top-1 in the CI's chunk check (benchmarks/NOTES.md): True
     protect_sinks: bool | None = None  # with protect_positions, keep the S first tokens whatever their evidence
     #   (in the methods that have sinks: AccKV and StreamingLLM; True without protect_positions is refused).
     #   None: off where AccKV ranks by every query's mean (its text evidence: the mean already counts every query's

@@ -140,6 +140,8 @@ class LayerKVCache:
             raise ValueError(f"growth must be a finite float > 1, got {growth!r}")
         if align < 1:
             raise ValueError(f"align must be a positive int, got {align!r}")
+        if not isinstance(backend, str):
+            raise TypeError(f"backend must be 'triton', 'torch' or 'auto', got {type(backend).__name__}")
         if backend not in ("triton", "torch", "auto"):
             raise ValueError(f"backend must be 'triton', 'torch' or 'auto', got {backend!r}")
         if not isinstance(proportional, bool):

@@ -394,6 +394,8 @@ def test_prefill_and_reconstruct_name_a_bad_argument():
         cache.prefill(k, k, scores=torch.rand(1, 2, 12), valid=torch.ones(1, 13, dtype=torch.bool))
     with pytest.raises(TypeError, match="valid"):
         cache.prefill(k, k, scores=torch.rand(1, 2, 12), valid=[[True] * 12])
+    with pytest.raises(TypeError, match="valid must be a bool"):  # a wrong dtype: a TypeError
+        cache.prefill(k, k, scores=torch.rand(1, 2, 12), valid=torch.ones(1, 12, dtype=torch.int64))
     cache.prefill(k, k, scores=torch.rand(1, 2, 12))
     q = torch.randn(1, 4, 12, 16, generator=g)
     with pytest.raises(ValueError, match="^k must be"):  # the chunk against the stored prompt, not "k_cache"

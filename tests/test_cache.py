@@ -375,6 +375,8 @@ def test_rejected_first_append_leaves_the_cache_empty():
 def test_backend_is_checked_and_auto_follows_the_storage_device():
     with pytest.raises(ValueError, match="backend"):
         LayerKVCache(backend="cuda")
+    with pytest.raises(TypeError, match="backend"):  # a wrong type is a TypeError, as README's bad-input rule says
+        LayerKVCache(backend=1)
     cache, *_ = prefill(20, backend="auto")
     assert cache.uses_kernels == (DEVICE.type == "cuda")  # the kernels for CUDA storage, the reference otherwise
     assert prefill(20, backend="torch")[0].uses_kernels is False

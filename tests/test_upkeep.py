@@ -97,6 +97,8 @@ def test_prefill_rejects_bad_scores():
     cache = BudgetedLayerCache(AccKVConfig())
     with pytest.raises(ValueError, match="scores must be a"):
         cache.prefill(LT.k, LT.v, scores=torch.zeros(2, 2, 5))
+    with pytest.raises(TypeError, match="scores must be a"):  # not a tensor: a TypeError
+        cache.prefill(LT.k, LT.v, scores=[0.0] * 5)
     for dtype in (torch.complex64, torch.int64, torch.bool):
         with pytest.raises(TypeError, match="scores must be a real floating-point tensor"):
             cache.prefill(LT.k, LT.v, scores=torch.zeros(LT.k.shape[:3], dtype=dtype, device=LT.k.device))

@@ -314,7 +314,9 @@ def check_args(q, k_cache, v_cache, lengths, k_new, v_new, *, scale=None, multip
                      like="q")
         if key_valid.stride(-1) != 1:
             raise ValueError("key_valid must have a contiguous last dim")
-    if isinstance(window, bool) or not (isinstance(window, int) and window >= 1):
+    if isinstance(window, bool) or not isinstance(window, int):
+        raise TypeError(f"window must be an int >= 1, got {type(window).__name__}")
+    if window < 1:
         raise ValueError(f"window must be an int >= 1, got {window!r}")
     if reduce not in ("sum", "max"):
         raise ValueError(f"reduce must be 'sum' or 'max', got {reduce!r}")
