@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -81,6 +82,11 @@ def test_cli_writes_json_and_csv(tmp_path, capsys):
     rows = results["tables"]["decode_accuracy"]
     assert rows and all(r["max|Δlse|"] < 1e-4 for r in rows)
     assert (tmp_path / "decode_accuracy.csv").read_text().startswith("dtype,")
+    # every Markdown table row has its header's cell count (a | inside a name such as max|Δlse| is escaped)
+    cells = lambda line: len(re.split(r"(?<!\\)\|", line))  # noqa: E731
+    for block in (tmp_path / "bench.md").read_text().split("\n## ")[1:]:
+        table = [line for line in block.splitlines() if line.startswith("|")]
+        assert table and all(cells(line) == cells(table[0]) for line in table), block.splitlines()[0]
 
 
 def test_av_fidelity_through_the_kernels():
@@ -360,8 +366,10 @@ def test_real_suite_runs_on_a_users_checkpoint_and_text(tmp_path, capsys):
     assert [r["budget"] for r in cost] == [1.0, 1.0] + [0.25] * 5
     assert cost[0]["prefill×"] == 1.0 and "fastest plain variant" in cost[0]["note"]
     assert all(r["prefill s"] > 0 and r["prefill×"] == r["prefill s"] / cost[0]["prefill s"] for r in cost)
-    with pytest.raises(FileNotFoundError, match="--model"):
+    with pytest.raises(SystemExit, match="--model .*missing: not a checkpoint folder"):  # before any suite runs
         main(["--suite", "real", "--model", str(tmp_path / "missing")])
+    with pytest.raises(SystemExit, match="--text .*missing.txt: no such file"):
+        main(["--suite", "real", "--model", str(tmp_path / "ckpt"), "--text", str(tmp_path / "missing.txt")])
     for rounds in (0, True, 1.5):
         with pytest.raises(ValueError, match="rounds must be a positive int"):
             realmodel.prefill_cost_rows(checkpoint.model, checkpoint.tokenizer, rounds=rounds)

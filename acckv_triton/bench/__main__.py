@@ -127,6 +127,8 @@ def _say(text: str) -> None:
 
 def _table(title: str, rows: list[dict]) -> str:
     floatfmt = ".3g"
+    pipe = lambda x: x.replace("|", "\\|") if isinstance(x, str) else x  # noqa: E731 (a | in a name splits a cell)
+    rows = [{pipe(k): pipe(v) for k, v in row.items()} for row in rows]
     return f"\n## {title}\n" + tabulate(rows, headers="keys", floatfmt=floatfmt, tablefmt="github")
 
 
@@ -351,9 +353,23 @@ def _e2e_cpu(args, tables) -> None:
                 f"the timed window; best of {1 if args.quick else 3} runs of each row", rows))
 
 
+def _check_inputs(args) -> None:
+    """The files the options name, checked before any suite runs (a bad path fails now, not after minutes of
+    measuring): ``--text`` a readable file, ``--model`` a checkpoint folder, the media options as
+    :func:`_check_media_args` says. SystemExit with a one-line error."""
+    try:
+        if getattr(args, "text", None) is not None and not args.text.is_file():
+            raise ValueError(f"--text {args.text}: no such file")
+        if getattr(args, "model", None) is not None and not (args.model / "config.json").is_file():
+            raise ValueError(f"--model {args.model}: not a checkpoint folder (no config.json in it)")
+        _check_media_args(args)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"python -m acckv_triton.bench: error: {e}")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
-    _check_media_args(args)
+    _check_inputs(args)
     if args.out is not None:  # before any suite runs: a bad folder fails now, not after minutes of measuring
         try:
             args.out.mkdir(parents=True, exist_ok=True)

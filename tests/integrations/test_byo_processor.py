@@ -247,20 +247,20 @@ def test_media_options_name_what_is_wrong(omni_checkpoint, files, tmp_path):
     tiny_causal_lm("llama").save_pretrained(tmp_path / "llama")
     real = ["--suite", "real", "--quick", "--text", str(files["text"])]
 
-    with pytest.raises(ValueError, match="--audio: media need --model PATH"):
+    with pytest.raises(SystemExit, match="--audio: media need --model PATH"):
         main(real + ["--audio", str(files["audio"])])
-    with pytest.raises(ValueError, match=r"--video: --model .*llama has no processor"):
+    with pytest.raises(SystemExit, match=r"--video: --model .*llama has no processor"):
         main(real + ["--model", str(tmp_path / "llama"), "--video", str(files["video"])])
-    with pytest.raises(ValueError, match="--image, --audio: media feed the real-weight table"):
+    with pytest.raises(SystemExit, match="--image, --audio: media feed the real-weight table"):
         main(["--suite", "kernels", "--model", str(omni_checkpoint), "--image", str(files["image"]),
               "--audio", str(files["audio"])])
     mp3 = tmp_path / "speech.mp3"
     mp3.write_bytes(b"ID3")
-    with pytest.raises(ValueError, match=r"--audio .*speech.mp3: audio is read from .wav files"):
+    with pytest.raises(SystemExit, match=r"--audio .*speech.mp3: audio is read from .wav files"):
         main(real + ["--model", str(omni_checkpoint), "--audio", str(mp3)])
-    with pytest.raises(ValueError, match=r"--image .*notes.txt: not an image format PIL reads"):
+    with pytest.raises(SystemExit, match=r"--image .*notes.txt: not an image format PIL reads"):
         main(real + ["--model", str(omni_checkpoint), "--image", str(files["text"])])
-    with pytest.raises(FileNotFoundError, match=r"--video .*missing.npy: no such file"):
+    with pytest.raises(SystemExit, match=r"--video .*missing.npy: no such file"):
         main(real + ["--model", str(omni_checkpoint), "--video", str(tmp_path / "missing.npy")])
     flat = tmp_path / "flat.npy"
     np.save(flat, np.zeros((56, 56, 3), np.uint8))
