@@ -366,10 +366,34 @@ def test_real_suite_runs_on_a_users_checkpoint_and_text(tmp_path, capsys):
     assert [r["budget"] for r in cost] == [1.0, 1.0] + [0.25] * 5
     assert cost[0]["prefill×"] == 1.0 and "fastest plain variant" in cost[0]["note"]
     assert all(r["prefill s"] > 0 and r["prefill×"] == r["prefill s"] / cost[0]["prefill s"] for r in cost)
-    with pytest.raises(SystemExit, match="--model .*missing: not a checkpoint folder"):  # before any suite runs
+    with pytest.raises(SystemExit, match="--model .*missing: neither a checkpoint folder"):  # before any suite runs
         main(["--suite", "real", "--model", str(tmp_path / "missing")])
     with pytest.raises(SystemExit, match="--text .*missing.txt: no such file"):
         main(["--suite", "real", "--model", str(tmp_path / "ckpt"), "--text", str(tmp_path / "missing.txt")])
     for rounds in (0, True, 1.5):
         with pytest.raises(ValueError, match="rounds must be a positive int"):
             realmodel.prefill_cost_rows(checkpoint.model, checkpoint.tokenizer, rounds=rounds)
+
+
+def test_cli_checks_model_and_text_paths_before_running(tmp_path):
+    """--model takes a checkpoint folder or a .gguf file, --text an existing file; anything else is refused before any
+    suite runs, with a one-line error."""
+    import argparse
+
+    from acckv_triton.bench.__main__ import _check_inputs
+
+    def args(**kw):
+        return argparse.Namespace(**{"text": None, "model": None, "suite": "real", "image": None, "video": None,
+                                     "audio": None, **kw})
+
+    (tmp_path / "m.gguf").write_bytes(b"")
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "config.json").write_text("{}")
+    (tmp_path / "t.txt").write_text("hello")
+    for ok in (args(model=tmp_path / "m.gguf"), args(model=tmp_path / "ckpt", text=tmp_path / "t.txt")):
+        _check_inputs(ok)
+    for bad, message in ((args(model=tmp_path / "m.bin"), "--model .*m.bin: neither"),
+                         (args(model=tmp_path), "--model .*: neither a checkpoint folder"),
+                         (args(text=tmp_path / "none.txt"), "--text .*none.txt: no such file")):
+        with pytest.raises(SystemExit, match=message):
+            _check_inputs(bad)

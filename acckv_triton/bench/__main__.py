@@ -355,13 +355,15 @@ def _e2e_cpu(args, tables) -> None:
 
 def _check_inputs(args) -> None:
     """The files the options name, checked before any suite runs (a bad path fails now, not after minutes of
-    measuring): ``--text`` a readable file, ``--model`` a checkpoint folder, the media options as
+    measuring): ``--text`` a readable file, ``--model`` a checkpoint folder or a ``.gguf`` file, the media options as
     :func:`_check_media_args` says. SystemExit with a one-line error."""
     try:
         if getattr(args, "text", None) is not None and not args.text.is_file():
             raise ValueError(f"--text {args.text}: no such file")
-        if getattr(args, "model", None) is not None and not (args.model / "config.json").is_file():
-            raise ValueError(f"--model {args.model}: not a checkpoint folder (no config.json in it)")
+        model = getattr(args, "model", None)
+        if model is not None and not ((model / "config.json").is_file() or
+                                      (model.suffix == ".gguf" and model.is_file())):
+            raise ValueError(f"--model {model}: neither a checkpoint folder (no config.json in it) nor a .gguf file")
         _check_media_args(args)
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"python -m acckv_triton.bench: error: {e}")
