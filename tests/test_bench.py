@@ -74,11 +74,15 @@ def test_cli_refuses_an_out_folder_it_cannot_create_before_running_anything(tmp_
 
 
 def test_cli_writes_json_and_csv(tmp_path, capsys):
+    (tmp_path / "av_fidelity.csv").write_text("budget\n")  # an earlier run's table, which this one does not write
     assert main(["--suite", "kernels", "--out", str(tmp_path)]) == 0
     printed = capsys.readouterr().out
+    assert "also holds av_fidelity.csv from an earlier run" in printed
     assert "no kernel timing is reported" in printed or "GB/s" in printed
     results = json.loads((tmp_path / "bench.json").read_text())
     assert results["header"]["torch"] == torch.__version__
+    assert results["args"]["suite"] == "kernels" and results["args"]["quick"] is False  # JSON types, not strings
+    assert results["args"]["out"] == str(tmp_path)
     rows = results["tables"]["decode_accuracy"]
     assert rows and all(r["max|Δlse|"] < 1e-4 for r in rows)
     assert (tmp_path / "decode_accuracy.csv").read_text().startswith("dtype,")

@@ -383,7 +383,7 @@ def main(argv=None) -> int:
     _say("# acckv_triton bench")
     _say(tabulate(list(header.items()), tablefmt="plain"))
     tables: dict[str, list[dict]] = {}
-    results = {"header": header, "args": {k: str(v) for k, v in vars(args).items()}, "tables": tables}
+    results = {"header": header, "args": dict(vars(args)), "tables": tables}  # (paths written as strings)
 
     def checkpoint() -> None:  # after each suite, so a run cut short keeps what it measured
         if args.out:
@@ -444,6 +444,9 @@ def main(argv=None) -> int:
     if args.out:
         checkpoint()
         print(f"\nwrote {args.out}/bench.json, bench.md and one CSV per table")
+        stale = sorted(p.name for p in args.out.glob("*.csv") if not tables.get(p.stem))
+        if stale:  # another run's tables: kept (they are the user's files now), but named so none is read as this run's
+            print(f"note: {args.out} also holds {', '.join(stale)} from an earlier run, not written by this one")
     if args.plot:
         from .plot import plot_tables
 

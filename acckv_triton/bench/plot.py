@@ -59,7 +59,10 @@ def _method_style(method: str, index: int) -> dict:
         return dict(color="black", lw=3.2, marker="o", zorder=1.8)
     if method in BASELINE_COLORS:
         return dict(color=BASELINE_COLORS[method], lw=1.4, marker="o", ms=4)
-    return dict(color=f"C{5 + index % 5}", lw=1.0, ls="--", marker=".", alpha=0.85)
+    import matplotlib  # (loaded by _pyplot before any figure is drawn)
+
+    # a palette of its own: tab10's colours are the baselines' (C0-C7), and an ablation drawn in one read as it
+    return dict(color=matplotlib.colormaps["Dark2"](index % 8), lw=1.0, ls="--", marker=".", alpha=0.85)
 
 
 def _by_method(rows: list[dict]) -> dict[str, list[dict]]:
