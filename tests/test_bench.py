@@ -398,6 +398,7 @@ def test_cli_checks_model_and_text_paths_before_running(tmp_path):
         _check_inputs(ok)
     for bad, message in ((args(model=tmp_path / "m.bin"), "--model .*m.bin: neither"),
                          (args(model=tmp_path), "--model .*: neither a checkpoint folder"),
-                         (args(text=tmp_path / "none.txt"), "--text .*none.txt: no such file")):
+                         (args(text=tmp_path / "none.txt"), "--text .*none.txt: no such file"),
+                         (args(text=tmp_path / "t.txt", suite="kernels"), "--text: they feed the real-weight table")):
         with pytest.raises(SystemExit, match=message):
             _check_inputs(bad)

@@ -358,6 +358,11 @@ def _check_inputs(args) -> None:
     measuring): ``--text`` a readable file, ``--model`` a checkpoint folder or a ``.gguf`` file, the media options as
     :func:`_check_media_args` says. SystemExit with a one-line error."""
     try:
+        given = [f"--{name}" for name in ("model", "text") if getattr(args, name, None) is not None]
+        media = any(getattr(args, name, None) is not None for name in ("image", "video", "audio"))
+        if given and not media and args.suite not in ("real", "e2e", "all"):  # said, not ignored (media: below)
+            raise ValueError(f"{', '.join(given)}: they feed the real-weight table, run by --suite real (or e2e, "
+                             f"all); got --suite {args.suite}")
         if getattr(args, "text", None) is not None and not args.text.is_file():
             raise ValueError(f"--text {args.text}: no such file")
         model = getattr(args, "model", None)
