@@ -27,6 +27,19 @@ __all__ = ["BudgetedLayerCache", "LayerKVCache"]  # (LayerKVCache lives in acckv
 _PREFILL_METADATA = frozenset({"modality", "time", "spatial", "position", "check_modality"})  # a prefill's **metadata
 
 
+def _check_valid(valid, shapes: tuple[tuple[int, ...], ...], what: str) -> None:
+    """A prefill's padding mask: None, or a bool tensor of one of ``shapes``; ``what`` describes them in the error
+    (TypeError for a non-tensor or another dtype, ValueError for another shape)."""
+    if valid is None:
+        return
+    if not isinstance(valid, torch.Tensor):
+        raise TypeError(f"valid must be a bool {what}, got {type(valid).__name__}")
+    if valid.dtype != torch.bool:
+        raise TypeError(f"valid must be a bool {what}, got dtype {valid.dtype}")
+    if tuple(valid.shape) not in shapes:
+        raise ValueError(f"valid must be a bool {what}, got shape {tuple(valid.shape)}")
+
+
 class BudgetedLayerCache:
     """One layer's KV cache held at an AccKV budget: compressed after prefill, re-compressed as decoding grows it.
 
@@ -276,13 +289,7 @@ class BudgetedLayerCache:
             raise ValueError(f"scores must be a [B, Hkv, T] = {(B, Hkv, T)} tensor, got {tuple(scores.shape)}")
         if not scores.dtype.is_floating_point:  # attention mass: a real float (complex and ints are refused)
             raise TypeError(f"scores must be a real floating-point tensor of attention mass, got {scores.dtype}")
-        if valid is not None and not isinstance(valid, torch.Tensor):
-            raise TypeError(f"valid must be a bool [B, T] or [B, Hkv, T] tensor, got {type(valid).__name__}")
-        if valid is not None and valid.dtype != torch.bool:
-            raise TypeError(f"valid must be a bool [B, T] or [B, Hkv, T] tensor, got dtype {valid.dtype}")
-        if valid is not None and tuple(valid.shape) not in ((B, T), (B, Hkv, T)):
-            raise ValueError(f"valid must be a bool [B, T] or [B, Hkv, T] tensor for {(B, Hkv, T)}, "
-                             f"got {tuple(valid.shape)}")
+        _check_valid(valid, ((B, T), (B, Hkv, T)), f"[B, T] or [B, Hkv, T] tensor for {(B, Hkv, T)}")
         valid_rows = None if valid is None else valid[:, None, :].expand(B, Hkv, T) if valid.dim() == 2 else valid
         before = None
         if valid_rows is not None or self._valid is not None:
@@ -421,13 +428,8 @@ class BudgetedLayerCache:
         st.check_kv(k, v)  # and the chunk's metadata and mask: checked before the stored tokens' mass changes
         st.token_metadata(k, **metadata)
         B, T = k.shape[0], k.shape[2]
-        if valid is not None and not isinstance(valid, torch.Tensor):
-            raise TypeError(f"valid must be a bool [B, T] tensor, got {type(valid).__name__}")
-        if valid is not None and valid.dtype != torch.bool:
-            raise TypeError(f"valid must be a bool [B, T] tensor, got dtype {valid.dtype}")
-        if valid is not None and tuple(valid.shape) != (B, T):
-            raise ValueError(f"valid must be a bool [B, T] = {(B, T)} tensor (one mask per sequence: the chunk's "
-                             f"queries attend over the keys of every kv head alike), got {tuple(valid.shape)}")
+        _check_valid(valid, ((B, T),), f"[B, T] = {(B, T)} tensor (one mask per sequence: the chunk's queries "
+                     "attend over the keys of every kv head alike)")
         S = st.max_length
         cfg = self._resolve(audio_video)
         out, res = self._attend_chunk(

@@ -251,10 +251,7 @@ def _check_media_args(args) -> None:
     if not given:
         return
     from .media import PROCESSOR_FILES, check_media_path, has_processor
-    options = ", ".join(f"--{name}" for name in given)
-    if args.suite not in ("real", "e2e", "all"):
-        raise ValueError(f"{options}: media feed the real-weight table, run by --suite real (or e2e, all); "
-                         f"got --suite {args.suite}")
+    options = ", ".join(f"--{name}" for name in given)  # (the suite is checked by _check_inputs, for every option)
     if args.model is None:
         raise ValueError(f"{options}: media need --model PATH, a checkpoint folder of a multimodal family "
                          "(Qwen2.5-VL, Qwen3-VL, Qwen2.5-Omni thinker) that holds its processor")
@@ -358,11 +355,11 @@ def _check_inputs(args) -> None:
     measuring): ``--text`` a readable file, ``--model`` a checkpoint folder or a ``.gguf`` file, the media options as
     :func:`_check_media_args` says. SystemExit with a one-line error."""
     try:
-        given = [f"--{name}" for name in ("model", "text") if getattr(args, name, None) is not None]
-        media = any(getattr(args, name, None) is not None for name in ("image", "video", "audio"))
-        if given and not media and args.suite not in ("real", "e2e", "all"):  # said, not ignored (media: below)
-            raise ValueError(f"{', '.join(given)}: they feed the real-weight table, run by --suite real (or e2e, "
-                             f"all); got --suite {args.suite}")
+        media = [f"--{name}" for name in ("image", "video", "audio") if getattr(args, name, None) is not None]
+        given = media or [f"--{name}" for name in ("model", "text") if getattr(args, name, None) is not None]
+        if given and args.suite not in ("real", "e2e", "all"):  # said, not ignored
+            raise ValueError(f"{', '.join(given)}: {'media' if media else 'they'} feed the real-weight table, run by "
+                             f"--suite real (or e2e, all); got --suite {args.suite}")
         if getattr(args, "text", None) is not None and not args.text.is_file():
             raise ValueError(f"--text {args.text}: no such file")
         model = getattr(args, "model", None)
